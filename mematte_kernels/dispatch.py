@@ -1,0 +1,87 @@
+"""The one place where an implementation is chosen for each op.
+
+A backend is a table of ops (:class:`OpTable`). The model asks :func:`resolve` once per
+forward for the tensors' device and calls the table; it never checks what is installed.
+
+Backends:
+  ``reference``  plain PyTorch (:mod:`mematte_kernels.reference`), the oracle.
+  ``triton``     Triton kernels for the routed path (router, gather/scatter, varlen
+                 attention); LTRM ops from the compiled extension when it has them for the
+                 device. Runs on CPU tensors under ``TRITON_INTERPRET=1``.
+  ``cuda``       the GPU fast path: Triton routed path + CUDA LTRM ops.
+  ``cpu``        the CPU fast path: fused PyTorch routed path + C++ LTRM ops.
+  ``auto``       ``cuda`` for CUDA tensors, ``cpu`` otherwise.
+
+``MEMATTE_BACKEND`` overrides whatever the caller asked for.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import reference
+
+log = logging.getLogger("mematte_kernels")
+
+BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
+ENV_VAR = "MEMATTE_BACKEND"
+
+
+@dataclass(frozen=True)
+class OpTable:
+    name: str
+    router_scores: Callable
+    cap_tokens: Callable
+    token_index: Callable
+    gather_layernorm: Callable
+    scatter_residual_: Callable
+    varlen_attention: Callable
+    dwconv_gelu: Callable
+    eca: Callable
+
+
+REFERENCE = OpTable(
+    name="reference",
+    router_scores=reference.router_scores,
+    cap_tokens=reference.cap_tokens,
+    token_index=reference.token_index,
+    gather_layernorm=reference.gather_layernorm,
+    scatter_residual_=reference.scatter_residual_,
+    varlen_attention=reference.varlen_attention,
+    dwconv_gelu=reference.dwconv_gelu,
+    eca=reference.eca,
+)
+
+
+def requested_backend(backend: str = "auto") -> str:
+    """The backend in force: ``MEMATTE_BACKEND`` if set, else ``backend``."""
+    name = os.environ.get(ENV_VAR, "").strip().lower() or backend
+    if name not in BACKENDS:
+        source = ENV_VAR if os.environ.get(ENV_VAR, "").strip() else "backend"
+        raise ValueError(f"unknown {source} {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+_logged: set[tuple[str, str]] = set()
+
+
+def resolve(backend: str, device: torch.device | str) -> OpTable:
+    """The op table for ``backend`` on ``device`` (after ``MEMATTE_BACKEND``)."""
+    device = torch.device(device)
+    name = requested_backend(backend)
+    table = _build(name, device)
+    key = (table.name, device.type)
+    if key not in _logged:
+        _logged.add(key)
+        log.info("mematte_kernels: backend %r on %s (asked for %r)", table.name, device.type, name)
+    return table
+
+
+def _build(name: str, device: torch.device) -> OpTable:
+    if name in ("auto", "reference"):
+        return REFERENCE
+    raise NotImplementedError(f"backend {name!r} is not available in this build")

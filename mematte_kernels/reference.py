@@ -1,0 +1,139 @@
+"""Plain PyTorch references for every op in :mod:`mematte_kernels`.
+
+Each function here is the oracle its kernel is tested and benchmarked against, and the
+``reference`` backend of the model runs exactly these. They follow the published MEMatte
+computation step by step and favour being obviously right over being fast.
+
+Shapes follow the model: tokens are channels-last, (B, N, C) or (B, H, W, C); packed
+(varlen) tensors follow flash-attention's convention: (T, heads, head_dim) with
+``cu_seqlens`` (B + 1,) int32 and ``max_seqlen``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- router
+
+
+def router_scores(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    in_weight: torch.Tensor,
+    in_bias: torch.Tensor,
+    out0_weight: torch.Tensor,
+    out0_bias: torch.Tensor,
+    out1_weight: torch.Tensor,
+    out1_bias: torch.Tensor,
+    out2_weight: torch.Tensor,
+    out2_bias: torch.Tensor,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEMatte's router on (B, N, C) tokens.
+
+    Returns ``scores`` (B, N, 2) float32 log-probabilities and ``keep`` (B, N) bool: a
+    token goes to global attention iff ``scores[..., 0] > scores[..., 1]``.
+    """
+    B, N, C = x.shape
+    h = F.gelu(F.linear(F.layer_norm(x, (C,), norm_weight, norm_bias, eps), in_weight, in_bias))
+    local = h[..., : C // 2]
+    glob = h[..., C // 2 :].mean(dim=1, keepdim=True)
+    z = torch.cat([local, glob.expand(B, N, C // 2)], dim=-1)
+    z = F.gelu(F.linear(z, out0_weight, out0_bias))
+    z = F.gelu(F.linear(z, out1_weight, out1_bias))
+    scores = F.log_softmax(F.linear(z, out2_weight, out2_bias), dim=-1).float()
+    return scores, scores[..., 0] > scores[..., 1]
+
+
+def cap_tokens(keep: torch.Tensor, scores: torch.Tensor, max_tokens: int | None) -> torch.Tensor:
+    """Keep at most ``max_tokens`` tokens per image: those with the largest margin
+    ``scores[..., 0] - scores[..., 1]``. Images under the cap are returned untouched, and
+    ``topk`` runs only for images over it."""
+    if max_tokens is None:
+        return keep
+    counts = keep.sum(dim=1)
+    over = (counts > max_tokens).nonzero().flatten().tolist()
+    if not over:
+        return keep
+    keep = keep.clone()
+    margin = scores[..., 0] - scores[..., 1]
+    for b in over:
+        top = torch.topk(margin[b], max_tokens).indices
+        keep[b].zero_()
+        keep[b, top] = True
+    return keep
+
+
+# ----------------------------------------------------------------- gather / scatter
+
+
+def token_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """From ``keep`` (B, N) bool: flat indices (T,) int64 into the (B*N) rows, in image
+    then token order; ``cu_seqlens`` (B + 1,) int32; and the longest sequence."""
+    counts = keep.sum(dim=1, dtype=torch.int32)
+    cu_seqlens = F.pad(torch.cumsum(counts, 0, dtype=torch.int32), (1, 0))
+    index = keep.flatten().nonzero().flatten()
+    max_seqlen = int(counts.max()) if counts.numel() else 0
+    return index, cu_seqlens, max_seqlen
+
+
+def gather_layernorm(
+    x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """Rows ``index`` of ``x`` (M, C), each LayerNorm-ed: (T, C) in x's dtype."""
+    return F.layer_norm(x[index], (x.shape[-1],), weight, bias, eps)
+
+
+def scatter_residual_(out: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> None:
+    """In place: ``out[index] = residual[index] + rows`` for ``out``/``residual`` (M, C)
+    and ``rows`` (T, C). The other rows of ``out`` are left as they are."""
+    out[index] = residual[index] + rows
+
+
+# ---------------------------------------------------------------- routed attention
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Softmax attention within each packed sequence: q, k, v (T, heads, d) -> (T, heads, d).
+
+    Sequence b is rows ``cu_seqlens[b]:cu_seqlens[b+1]``; no token attends across
+    sequences. Computed as upstream does: ``softmax((q * scale) @ k^T) @ v`` per sequence.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (heads, n, d)
+        attn = ((qs * scale) @ ks.transpose(-2, -1)).softmax(dim=-1)
+        out[start:end] = (attn @ vs).transpose(0, 1)
+    return out
+
+
+# ------------------------------------------------------------------------- LTRM ops
+
+
+def dwconv_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Depthwise 5x5 conv (padding 2) + bias + exact GELU on channels-last (B, H, W, C)."""
+    C = x.shape[-1]
+    y = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=weight.shape[-1] // 2, groups=C)
+    return F.gelu(y).permute(0, 2, 3, 1).contiguous()
+
+
+def eca(z: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Efficient channel attention on (B, H, W, C): ``z + z * sigmoid(conv1d(mean_hw(z)))``,
+    plus ``residual`` when given. ``weight`` is the (1, 1, k) Conv1d kernel (no bias)."""
+    B, H, W, C = z.shape
+    m = z.mean(dim=(1, 2))  # (B, C)
+    s = torch.sigmoid(F.conv1d(m[:, None, :], weight, padding=(weight.shape[-1] - 1) // 2))[:, 0]
+    out = z + z * s[:, None, None, :]
+    return out if residual is None else out + residual
