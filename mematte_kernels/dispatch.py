@@ -42,6 +42,7 @@ class OpTable:
     varlen_attention: Callable
     dwconv_gelu: Callable
     eca: Callable
+    rel_pos_attention: Callable
 
 
 REFERENCE = OpTable(
@@ -54,6 +55,7 @@ REFERENCE = OpTable(
     varlen_attention=reference.varlen_attention,
     dwconv_gelu=reference.dwconv_gelu,
     eca=reference.eca,
+    rel_pos_attention=reference.rel_pos_attention,
 )
 
 

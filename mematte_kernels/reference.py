@@ -137,3 +137,27 @@ def eca(z: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = N
     s = torch.sigmoid(F.conv1d(m[:, None, :], weight, padding=(weight.shape[-1] - 1) // 2))[:, 0]
     out = z + z * s[:, None, None, :]
     return out if residual is None else out + residual
+
+
+# ------------------------------------------------------------- window attention
+
+
+def rel_pos_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention with decomposed relative position, as in ViTDet/ViTMatte windows.
+
+    q, k, v: (B, heads, H*W, d) over an H×W grid; rel_h (H, H, d) and rel_w (W, W, d) are the
+    gathered position tables (``Rh[i, j] = rel_pos_h[i - j + H - 1]``). Logits are
+    ``(q * scale) @ k^T + q·Rh + q·Rw`` with the UNSCALED q in the position terms.
+    Returns (B, heads, H*W, d).
+    """
+    B, heads, N, d = q.shape
+    H, W = rel_h.shape[0], rel_w.shape[0]
+    attn = (q * scale) @ k.transpose(-2, -1)
+    r_q = q.reshape(B * heads, H, W, d)
+    bias_h = torch.einsum("bhwc,hkc->bhwk", r_q, rel_h)
+    bias_w = torch.einsum("bhwc,wkc->bhwk", r_q, rel_w)
+    attn = attn.view(B * heads, H, W, H, W) + bias_h[:, :, :, :, None] + bias_w[:, :, :, None, :]
+    attn = attn.view(B, heads, N, N).softmax(dim=-1)
+    return attn @ v

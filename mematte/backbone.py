@@ -1,0 +1,333 @@
+"""MEMatte's ViT backbone: window blocks, and global blocks whose routers send only the
+informative tokens to attention while all tokens take the light LTRM path.
+
+Module and parameter names are those of the official checkpoints. Tokens are channels-last
+(B, h, w, C) with h = H/16. Every op that has a kernel goes through the op table
+(:class:`mematte_kernels.OpTable`) the caller passes in.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mematte_kernels import OpTable
+
+WINDOW_SIZE = 14
+GLOBAL_BLOCKS = (2, 5, 8, 11)
+VARIANTS = {
+    # name: (embed dim, heads)
+    "vit_s": (384, 6),
+    "vit_b": (768, 12),
+}
+DEPTH = 12
+PATCH = 16
+
+
+# ----------------------------------------------------------------- embeddings
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d(4, C, 16, stride 16): (B, 4, H, W) -> (B, H/16, W/16, C)."""
+
+    def __init__(self, in_chans: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, PATCH, stride=PATCH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+def abs_pos(pos_embed: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The 14×14 pretraining grid of ``pos_embed`` (class token dropped), bicubic-resized
+    to h×w: (1, h, w, C)."""
+    grid = pos_embed[:, 1:]
+    size = int(math.sqrt(grid.shape[1]))
+    grid = grid.reshape(1, size, size, -1)
+    if (size, size) == (h, w):
+        return grid
+    grid = F.interpolate(grid.permute(0, 3, 1, 2), size=(h, w), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1)
+
+
+# ------------------------------------------------------ window attention blocks
+
+
+def rel_pos_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """Gather relative positions for a q_size × k_size grid axis: (q_size, k_size, d) with
+    ``R[i, j] = rel_pos[i - j + k_size - 1]`` (scaled when q_size != k_size). The table is
+    linearly resized first when its length is not ``2 * max(q_size, k_size) - 1``."""
+    length = 2 * max(q_size, k_size) - 1
+    if rel_pos.shape[0] != length:
+        rel_pos = F.interpolate(rel_pos.T[None], size=length, mode="linear")[0].T
+    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
+    relative = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return rel_pos[relative.long()]
+
+
+class Attention(nn.Module):
+    """Multi-head attention; window blocks add decomposed relative position."""
+
+    def __init__(self, dim: int, num_heads: int, rel_pos_size: int | None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        if rel_pos_size is not None:
+            self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_pos_size - 1, self.head_dim))
+            self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos_size - 1, self.head_dim))
+
+    def forward(self, x: torch.Tensor, ops: OpTable) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C), every token attending to every other of its grid."""
+        B, H, W, C = x.shape
+        qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, heads, H*W, d)
+        rel_h = rel_pos_table(H, H, self.rel_pos_h)
+        rel_w = rel_pos_table(W, W, self.rel_pos_w)
+        out = ops.rel_pos_attention(q, k, v, rel_h, rel_w, self.scale)
+        return self.proj(out.transpose(1, 2).reshape(B, H, W, C))
+
+
+def window_partition(x: torch.Tensor, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(B, H, W, C) zero-padded bottom/right to multiples of ``size`` and cut into windows:
+    (B * nH * nW, size, size, C), plus the padded (H, W)."""
+    B, H, W, C = x.shape
+    pad_h, pad_w = (size - H % size) % size, (size - W % size) % size
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    Hp, Wp = H + pad_h, W + pad_w
+    x = x.view(B, Hp // size, size, Wp // size, size, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, size, size, C), (Hp, Wp)
+
+
+def window_unpartition(windows: torch.Tensor, size: int, padded: tuple[int, int], hw: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`window_partition`, cropping the padding: (B, H, W, C)."""
+    Hp, Wp = padded
+    H, W = hw
+    B = windows.shape[0] // (Hp * Wp // size // size)
+    x = windows.view(B, Hp // size, Wp // size, size, size, -1)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, -1)
+    return x[:, :H, :W, :].contiguous()
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class WindowBlock(nn.Module):
+    """x = x + WinAttn(norm1(x)); x = x + MLP(norm2(x)). Windows are 14×14; norm1's output
+    is zero-padded to a multiple of 14 and the padding tokens take part as keys."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, rel_pos_size=WINDOW_SIZE)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, 4 * dim)
+
+    def forward(self, x: torch.Tensor, ops: OpTable) -> torch.Tensor:
+        H, W = x.shape[1:3]
+        windows, padded = window_partition(self.norm1(x), WINDOW_SIZE)
+        x = x + window_unpartition(self.attn(windows, ops), WINDOW_SIZE, padded, (H, W))
+        return x + self.mlp(self.norm2(x))
+
+
+# ---------------------------------------------------------------------- router
+
+
+class Router(nn.Module):
+    """Scores each token: (B, N, C) -> log-probabilities (B, N, 2); index 0 means global
+    attention. ``in_conv`` = LayerNorm(eps 1e-5), Linear(C, C), GELU; the second half of its
+    output is averaged over the image and appended to the first half of every token;
+    ``out_conv`` = Linear(C, C/2), GELU, Linear(C/2, C/4), GELU, Linear(C/4, 2), LogSoftmax."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.in_conv = nn.Sequential(nn.LayerNorm(dim, eps=1e-5), nn.Linear(dim, dim), nn.GELU())
+        self.out_conv = nn.Sequential(
+            nn.Linear(dim, dim // 2),
+            nn.GELU(),
+            nn.Linear(dim // 2, dim // 4),
+            nn.GELU(),
+            nn.Linear(dim // 4, 2),
+            nn.LogSoftmax(dim=-1),
+        )
+
+    def forward(self, tokens: torch.Tensor, ops: OpTable) -> tuple[torch.Tensor, torch.Tensor]:
+        norm, fc_in = self.in_conv[0], self.in_conv[1]
+        fc0, fc1, fc2 = self.out_conv[0], self.out_conv[2], self.out_conv[4]
+        return ops.router_scores(
+            tokens,
+            norm.weight, norm.bias,
+            fc_in.weight, fc_in.bias,
+            fc0.weight, fc0.bias,
+            fc1.weight, fc1.bias,
+            fc2.weight, fc2.bias,
+            norm.eps,
+        )  # fmt: skip
+
+
+# ------------------------------------------------------------------------ LTRM
+
+
+def eca_kernel_size(channels: int) -> int:
+    """ECA's adaptive kernel size: t = int(|log2(C)/2 + 1/2|), made odd."""
+    t = int(abs(math.log2(channels) / 2 + 0.5))
+    return t if t % 2 else t + 1
+
+
+class ECA(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        k = eca_kernel_size(channels)
+        self.conv = nn.Conv1d(1, 1, k, padding=(k - 1) // 2, bias=False)
+
+
+class LTRM(nn.Module):
+    """The light path every token of a global block takes (``efficient_block``):
+    GELU(fc1) -> GELU(depthwise 5×5) -> fc2 -> ECA, on (B, h, w, C)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.dwconv = nn.Conv2d(2 * dim, 2 * dim, 5, padding=2, groups=2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+        self.eca = ECA(dim)
+
+    def forward(self, x: torch.Tensor, ops: OpTable, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``z + z * s`` with s the ECA gate, plus ``residual`` when given."""
+        a = ops.dwconv_gelu(F.gelu(self.fc1(x)), self.dwconv.weight, self.dwconv.bias)
+        return ops.eca(self.fc2(a), self.eca.conv.weight, residual)
+
+
+# ------------------------------------------------------------- ResBottleneck
+
+
+class ChannelsFirstLayerNorm(nn.Module):
+    """LayerNorm over the channel axis of (B, C, H, W), written out as upstream does."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class ResBottleneck(nn.Module):
+    """x + norm3(conv3(GELU(norm2(conv2(GELU(norm1(conv1(x)))))))) on (B, C, H, W)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        mid = dim // 2
+        self.conv1 = nn.Conv2d(dim, mid, 1, bias=False)
+        self.norm1 = ChannelsFirstLayerNorm(mid)
+        self.act1 = nn.GELU()
+        self.conv2 = nn.Conv2d(mid, mid, 3, padding=1, bias=False)
+        self.norm2 = ChannelsFirstLayerNorm(mid)
+        self.act2 = nn.GELU()
+        self.conv3 = nn.Conv2d(mid, dim, 1, bias=False)
+        self.norm3 = ChannelsFirstLayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act1(self.norm1(self.conv1(x)))
+        out = self.act2(self.norm2(self.conv2(out)))
+        return x + self.norm3(self.conv3(out))
+
+
+# ------------------------------------------------------------ routed block
+
+
+class RoutedBlock(nn.Module):
+    """A MEMatte global block at inference:
+
+        msa = LTRM(x)                             on all tokens
+        msa[sel] = proj(attn(qkv(norm1(x[sel]))))  plain attention among the selected
+        x = x + msa;  x = x + MLP(norm2(x));  x = ResBottleneck(x)
+
+    The selection attends per image (varlen), so a batch equals separate calls.
+    """
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, rel_pos_size=None)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, 4 * dim)
+        self.efficient_block = LTRM(dim)
+        self.residual = ResBottleneck(dim)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor, ops: OpTable) -> torch.Tensor:
+        B, h, w, C = x.shape
+        attn = self.attn
+        rows_in = x.reshape(B * h * w, C)
+        # x + msa for every token; the selected rows are overwritten below.
+        out = self.efficient_block(x, ops, residual=x).reshape(B * h * w, C)
+
+        index, cu_seqlens, max_seqlen = ops.token_index(keep)
+        if index.numel():
+            packed = ops.gather_layernorm(rows_in, index, self.norm1.weight, self.norm1.bias, self.norm1.eps)
+            qkv = attn.qkv(packed).view(-1, 3, attn.num_heads, attn.head_dim)
+            q, k, v = qkv.unbind(1)  # (T, heads, d)
+            o = ops.varlen_attention(q, k, v, cu_seqlens, max_seqlen, attn.scale)
+            ops.scatter_residual_(out, rows_in, attn.proj(o.reshape(-1, C)), index)
+
+        x = out.view(B, h, w, C)
+        x = x + self.mlp(self.norm2(x))
+        return self.residual(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+# -------------------------------------------------------------------- backbone
+
+
+class ViT(nn.Module):
+    """Patch embedding + absolute positions, then 12 blocks; blocks 2, 5, 8, 11 are routed
+    (``routers.0..3`` in that order). Returns features (B, C, h, w) and per routed block the
+    router scores (B, h, w, 2) and decisions (B, h, w, 1) bool."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        dim, heads = VARIANTS[variant]
+        self.embed_dim = dim
+        self.patch_embed = PatchEmbed(4, dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 14 * 14 + 1, dim))
+        self.blocks = nn.ModuleList(
+            RoutedBlock(dim, heads) if i in GLOBAL_BLOCKS else WindowBlock(dim, heads) for i in range(DEPTH)
+        )
+        self.routers = nn.ModuleList(Router(dim) for _ in GLOBAL_BLOCKS)
+
+    def forward(
+        self, x: torch.Tensor, ops: OpTable, max_tokens: int | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        x = self.patch_embed(x)
+        B, h, w, C = x.shape
+        x = x + abs_pos(self.pos_embed, h, w)
+        scores, decisions = [], []
+        routers = iter(self.routers)
+        for block in self.blocks:
+            if isinstance(block, RoutedBlock):
+                score, keep = next(routers)(x.reshape(B, h * w, C), ops)
+                keep = ops.cap_tokens(keep, score, max_tokens)
+                x = block(x, keep, ops)
+                scores.append(score.view(B, h, w, 2))
+                decisions.append(keep.view(B, h, w, 1))
+            else:
+                x = block(x, ops)
+        return x.permute(0, 3, 1, 2), scores, decisions

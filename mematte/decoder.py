@@ -1,0 +1,137 @@
+"""Detail Capture decoder (``decoder.*``) and tiled ("patch") decoding.
+
+ConvStream extracts detail features D1..D3 (1/2, 1/4, 1/8) from the 4-channel input D0;
+four fusion blocks upsample the ViT features ×2 each and fuse them with D3..D0; a small
+head gives alpha = sigmoid(conv).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+TILE = 512  # pixels each tile contributes
+CONTEXT = 64  # pixels of context decoded around a tile, where the input has them
+PATCH = 16
+
+
+class BasicConv3x3(nn.Module):
+    """Conv3×3 (no bias) -> BatchNorm -> ReLU."""
+
+    def __init__(self, in_chans: int, out_chans: int, stride: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chans, out_chans, 3, stride, 1, bias=False)
+        self.bn = nn.BatchNorm2d(out_chans)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn(self.conv(x)))
+
+
+class ConvStream(nn.Module):
+    """Three stride-2 BasicConv3x3, 4 -> 48 -> 96 -> 192: returns [D0, D1, D2, D3]."""
+
+    def __init__(self, in_chans: int = 4, out_chans: tuple[int, ...] = (48, 96, 192)):
+        super().__init__()
+        chans = (in_chans, *out_chans)
+        self.convs = nn.ModuleList(BasicConv3x3(a, b, stride=2) for a, b in zip(chans[:-1], chans[1:]))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        details = [x]
+        for conv in self.convs:
+            details.append(conv(details[-1]))
+        return details
+
+
+class FusionBlock(nn.Module):
+    """Bilinear ×2 upsample (align_corners=False), concat [D, F], BasicConv3x3 stride 1."""
+
+    def __init__(self, in_chans: int, out_chans: int):
+        super().__init__()
+        self.conv = BasicConv3x3(in_chans, out_chans, stride=1)
+
+    def forward(self, x: torch.Tensor, detail: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        return self.conv(torch.cat([detail, up], dim=1))
+
+
+class MattingHead(nn.Module):
+    """Conv3×3(32 -> 16, bias) -> BatchNorm -> ReLU -> Conv1×1(16 -> 1, bias): logits."""
+
+    def __init__(self, in_chans: int = 32, mid_chans: int = 16):
+        super().__init__()
+        self.matting_convs = nn.Sequential(
+            nn.Conv2d(in_chans, mid_chans, 3, 1, 1),
+            nn.BatchNorm2d(mid_chans),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(mid_chans, 1, 1, 1, 0),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matting_convs(x)
+
+
+class DetailCapture(nn.Module):
+    def __init__(self, in_chans: int, fusion_out: tuple[int, ...] = (256, 128, 64, 32)):
+        super().__init__()
+        self.convstream = ConvStream()
+        detail_chans = (4, 48, 96, 192)
+        fusion_in = (in_chans, *fusion_out[:-1])
+        self.fusion_blks = nn.ModuleList(
+            FusionBlock(fusion_in[i] + detail_chans[-(i + 1)], fusion_out[i]) for i in range(len(fusion_out))
+        )
+        self.matting_head = MattingHead(fusion_out[-1])
+
+    def forward(self, features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """features (B, C, h, w) and images (B, 4, 16h, 16w) -> alpha (B, 1, 16h, 16w)."""
+        details = self.convstream(images)
+        x = features
+        for i, fuse in enumerate(self.fusion_blks):
+            x = fuse(x, details[-(i + 1)])
+        return torch.sigmoid(self.matting_head(x).float())
+
+
+def tile_grid(height: int, width: int) -> list[tuple[tuple[int, int, int, int], tuple[int, int]]]:
+    """Tiles of a (height, width) input, both multiples of 512: for each tile, its crop
+    (top, bottom, left, right) with up to 64 px of context per side, and the tile's offset
+    inside that crop."""
+    tiles = []
+    for y in range(0, height, TILE):
+        for x in range(0, width, TILE):
+            top, left = max(y - CONTEXT, 0), max(x - CONTEXT, 0)
+            bottom, right = min(y + TILE + CONTEXT, height), min(x + TILE + CONTEXT, width)
+            tiles.append(((top, bottom, left, right), (y - top, x - left)))
+    return tiles
+
+
+def decode_tiled(
+    decoder: DetailCapture, features: torch.Tensor, images: torch.Tensor, max_batch: int = 1
+) -> torch.Tensor:
+    """Decode 512×512 tiles with 64 px of context and stitch their centres.
+
+    The input is zero-padded bottom/right to a multiple of 512 px and the features to a
+    multiple of 32 tokens. Tiles of the same crop size are decoded ``max_batch`` at a time
+    (BatchNorm is in eval mode, so tiles are independent). Returns (B, 1, Hp, Wp) for the
+    512-padded size; the caller crops.
+    """
+    B, _, H, W = images.shape
+    Hp, Wp = -(-H // TILE) * TILE, -(-W // TILE) * TILE
+    images = F.pad(images, (0, Wp - W, 0, Hp - H))
+    features = F.pad(features, (0, Wp // PATCH - features.shape[-1], 0, Hp // PATCH - features.shape[-2]))
+    alpha = images.new_empty((B, 1, Hp, Wp), dtype=torch.float32)
+
+    by_shape: dict[tuple[int, int], list] = {}
+    for crop, offset in tile_grid(Hp, Wp):
+        by_shape.setdefault((crop[1] - crop[0], crop[3] - crop[2]), []).append((crop, offset))
+    for group in by_shape.values():
+        for start in range(0, len(group), max_batch):
+            chunk = group[start : start + max_batch]
+            imgs = torch.cat([images[:, :, t:b, l:r] for (t, b, l, r), _ in chunk])
+            feats = torch.cat(
+                [features[:, :, t // PATCH : b // PATCH, l // PATCH : r // PATCH] for (t, b, l, r), _ in chunk]
+            )
+            out = decoder(feats, imgs)
+            for i, ((t, _, l, _), (dy, dx)) in enumerate(chunk):
+                tile = out[i * B : (i + 1) * B, :, dy : dy + TILE, dx : dx + TILE]
+                alpha[:, :, t + dy : t + dy + TILE, l + dx : l + dx + TILE] = tile
+    return alpha

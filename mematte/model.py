@@ -1,0 +1,225 @@
+"""FastMEMatte: MEMatte with the official module tree, so official checkpoints load
+unchanged, and with every kernel-backed op behind one dispatch point.
+
+Input -> normalise, append trimap, pad -> ViT backbone (routed global blocks) -> Detail
+Capture decoder (tiled by default) -> crop.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from mematte_kernels import dispatch
+
+from .backbone import VARIANTS, ViT
+from .checkpoint import infer_variant, load_checkpoint_state_dict, state_dict_of
+from .decoder import DetailCapture, decode_tiled
+
+PIXEL_MEAN = (123.675 / 255, 116.280 / 255, 103.530 / 255)
+PIXEL_STD = (58.395 / 255, 57.120 / 255, 57.375 / 255)
+PAD_MULTIPLE = 32
+DEFAULT_MAX_TOKENS = 18500
+
+
+def padded_size(size: int) -> int:
+    """The published padding: ``size + 32 - size % 32`` whenever either side of the image
+    is not a multiple of 32 — so a side that already is one still grows by 32."""
+    return size + PAD_MULTIPLE - size % PAD_MULTIPLE
+
+
+class FastMEMatte(nn.Module):
+    """MEMatte (ViT-S or ViT-B) for inference.
+
+    ``model({"image": img, "trimap": tri}, patch_decoder=True)`` takes ``image``
+    (B, 3, H, W) RGB in [0, 1] and ``trimap`` (B, 1, H, W) in [0, 1] and returns
+    ``(outputs, scores, decisions)`` as upstream does: ``outputs["phas"]`` (B, 1, H, W),
+    and per routed block the router log-probabilities (B, h, w, 2) and decisions
+    (B, h, w, 1). Routing and attention are per image, and ``max_tokens`` caps the tokens
+    routed to global attention per image (by router margin).
+    """
+
+    def __init__(self, variant: str = "vit_s", backend: str = "auto", max_tokens: int | None = DEFAULT_MAX_TOKENS):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+        if backend not in dispatch.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(dispatch.BACKENDS)}")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive number of tokens or None, got {max_tokens}")
+        self.variant = variant
+        self.backend = backend
+        self.max_tokens = max_tokens
+        self.backbone = ViT(variant)
+        self.decoder = DetailCapture(in_chans=self.backbone.embed_dim)
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), persistent=False)
+        self.eval()
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: str | os.PathLike | Mapping, map_location: str | torch.device = "cpu", **kwargs
+    ) -> "FastMEMatte":
+        """Build the model a checkpoint was trained as and load it strictly.
+
+        ``checkpoint`` is a path (detectron2 ``.pth`` holding ``{"model": sd}``, a bare
+        state dict, or ``.safetensors``) or an already-loaded state dict. The variant is
+        inferred from shapes; ``teacher_backbone.*`` is dropped. ``kwargs`` go to the
+        constructor (``backend``, ``max_tokens``).
+        """
+        if isinstance(checkpoint, Mapping):
+            state_dict = state_dict_of(checkpoint)
+        else:
+            state_dict = load_checkpoint_state_dict(checkpoint, map_location)
+        variant = infer_variant(state_dict)
+        model = cls(variant, **kwargs)
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
+        mismatched = sorted(
+            k for k in set(expected) & set(state_dict) if tuple(expected[k].shape) != tuple(state_dict[k].shape)
+        )
+        if missing or unexpected or mismatched:
+            raise ValueError(_mismatch_message(variant, missing, unexpected, mismatched, expected, state_dict))
+        model.load_state_dict(state_dict, strict=True)
+        return model.to(map_location)
+
+    # ------------------------------------------------------------------ forward
+
+    def preprocess(self, image: torch.Tensor, trimap: torch.Tensor) -> torch.Tensor:
+        """Normalise RGB, append the trimap as the 4th channel, and zero-pad bottom/right
+        with the published rule when H or W is not a multiple of 32: (B, 4, Hp, Wp)."""
+        x = torch.cat([(image - self.pixel_mean) / self.pixel_std, trimap], dim=1)
+        H, W = x.shape[-2:]
+        if H % PAD_MULTIPLE or W % PAD_MULTIPLE:
+            padded = x.new_zeros((*x.shape[:2], padded_size(H), padded_size(W)))
+            padded[:, :, :H, :W] = x
+            x = padded
+        return x
+
+    def forward(self, batched_inputs: Mapping[str, torch.Tensor], patch_decoder: bool = True):
+        image, trimap = batched_inputs["image"], batched_inputs["trimap"]
+        _check_batch(image, trimap)
+        H, W = image.shape[-2:]
+        x = self.preprocess(image.to(self.pixel_mean), trimap.to(self.pixel_mean))
+        ops = dispatch.resolve(self.backend, x.device)
+        features, scores, decisions = self.backbone(x, ops, self.max_tokens)
+        if patch_decoder:
+            alpha = decode_tiled(self.decoder, features, x)
+        else:
+            alpha = self.decoder(features, x)
+        return {"phas": alpha[:, :, :H, :W]}, scores, decisions
+
+    # ------------------------------------------------------------------ one image
+
+    @torch.inference_mode()
+    def predict(self, image, trimap, patch_decoder: bool = True) -> np.ndarray:
+        """Alpha matte of one image: H×W float32 in [0, 1].
+
+        ``image``: H×W×3 uint8 or float in [0, 1] (numpy, PIL, or a tensor, also 3×H×W);
+        ``trimap``: H×W uint8 0/128/255 or float in [0, 1]. As the upstream inference
+        script does, alpha is 0 where the trimap is 0 and 1 where it is 1.
+        """
+        img = _image_tensor(image)
+        tri = _trimap_tensor(trimap)
+        if img.shape[-2:] != tri.shape[-2:]:
+            raise ValueError(
+                f"image is {img.shape[-1]}×{img.shape[-2]} (W×H) but trimap is {tri.shape[-1]}×{tri.shape[-2]}"
+            )
+        device = self.pixel_mean.device
+        outputs, _, _ = self(
+            {"image": img[None].to(device), "trimap": tri[None, None].to(device)}, patch_decoder=patch_decoder
+        )
+        alpha = outputs["phas"][0, 0].float()
+        tri = tri.to(alpha.device)
+        alpha[tri == 0] = 0
+        alpha[tri == 1] = 1
+        return alpha.cpu().numpy()
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _mismatch_message(variant, missing, unexpected, mismatched, expected, state_dict, shown=5) -> str:
+    def first(keys):
+        more = f" … (+{len(keys) - shown} more)" if len(keys) > shown else ""
+        return ", ".join(keys[:shown]) + more
+
+    parts = [f"checkpoint does not match FastMEMatte({variant!r}) (variant guessed from backbone.pos_embed)"]
+    if missing:
+        parts.append(f"missing {len(missing)} keys: {first(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} keys: {first(unexpected)}")
+    if mismatched:
+        shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}" for k in mismatched]
+        parts.append(f"{len(mismatched)} shape mismatches (checkpoint vs model): {first(shapes)}")
+    return "; ".join(parts)
+
+
+def _check_batch(image: torch.Tensor, trimap: torch.Tensor) -> None:
+    if not isinstance(image, torch.Tensor) or not isinstance(trimap, torch.Tensor):
+        raise ValueError("'image' and 'trimap' must be tensors; use predict() for numpy or PIL inputs")
+    if image.dim() != 4 or image.shape[1] != 3:
+        raise ValueError(f"'image' must be (B, 3, H, W), got {tuple(image.shape)}")
+    if trimap.dim() != 4 or trimap.shape[1] != 1:
+        raise ValueError(f"'trimap' must be (B, 1, H, W), got {tuple(trimap.shape)}")
+    if image.shape[0] != trimap.shape[0] or image.shape[-2:] != trimap.shape[-2:]:
+        raise ValueError(f"'image' {tuple(image.shape)} and 'trimap' {tuple(trimap.shape)} differ in batch or size")
+    if image.shape[-2] == 0 or image.shape[-1] == 0:
+        raise ValueError(f"empty image: {tuple(image.shape)}")
+
+
+def _as_array(x, what: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    try:
+        return np.asarray(x)
+    except Exception as e:  # PIL images convert; anything else is not an image
+        raise ValueError(f"{what} must be a numpy array, PIL image or tensor, got {type(x).__name__}") from e
+
+
+def _to_unit_float(a: np.ndarray, what: str) -> np.ndarray:
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 255.0
+    if a.dtype == np.uint16:
+        return a.astype(np.float32) / 65535.0
+    if a.dtype == bool:
+        return a.astype(np.float32)
+    if not np.issubdtype(a.dtype, np.floating):
+        raise ValueError(f"{what} must be uint8, uint16 or float in [0, 1], got dtype {a.dtype}")
+    a = a.astype(np.float32)
+    if not np.isfinite(a).all():
+        raise ValueError(f"{what} contains NaN or Inf")
+    if a.size and (a.min() < 0 or a.max() > 1):
+        raise ValueError(f"{what} values must lie in [0, 1] for float input, got [{a.min():g}, {a.max():g}]")
+    return a
+
+
+def _image_tensor(image) -> torch.Tensor:
+    """(3, H, W) float32 in [0, 1] from H×W×3 / 3×H×W arrays, PIL images or tensors."""
+    if isinstance(image, torch.Tensor) and image.dim() == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
+        a = _as_array(image, "image").transpose(1, 2, 0)
+    else:
+        a = _as_array(image, "image")
+    if a.ndim != 3 or a.shape[-1] != 3:
+        raise ValueError(f"image must be H×W×3 RGB (or 3×H×W), got shape {a.shape}")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"image is empty: shape {a.shape}")
+    return torch.from_numpy(np.ascontiguousarray(_to_unit_float(a, "image").transpose(2, 0, 1)))
+
+
+def _trimap_tensor(trimap) -> torch.Tensor:
+    """(H, W) float32 in [0, 1]."""
+    a = _as_array(trimap, "trimap")
+    if a.ndim == 3 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim != 2:
+        raise ValueError(f"trimap must be H×W (one channel), got shape {a.shape}")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"trimap is empty: shape {a.shape}")
+    return torch.from_numpy(np.ascontiguousarray(_to_unit_float(a, "trimap")))
