@@ -169,7 +169,7 @@ class Router(nn.Module):
         norm, fc_in = self.in_conv[0], self.in_conv[1]
         fc0, fc1, fc2 = self.out_conv[0], self.out_conv[2], self.out_conv[4]
         return ops.router_scores(
-            tokens,
+            tokens.to(fc_in.weight.dtype),
             norm.weight, norm.bias,
             fc_in.weight, fc_in.bias,
             fc0.weight, fc0.bias,
@@ -225,10 +225,13 @@ class ChannelsFirstLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        stats = torch.promote_types(dtype, torch.float32)  # at least fp32, whatever the model's dtype
+        x = x.to(stats)
         u = x.mean(1, keepdim=True)
         s = (x - u).pow(2).mean(1, keepdim=True)
         x = (x - u) / torch.sqrt(s + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
+        return (self.weight[:, None, None].to(stats) * x + self.bias[:, None, None].to(stats)).to(dtype)
 
 
 class ResBottleneck(nn.Module):

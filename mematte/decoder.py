@@ -13,6 +13,9 @@ import torch.nn.functional as F
 TILE = 512  # pixels each tile contributes
 CONTEXT = 64  # pixels of context decoded around a tile, where the input has them
 PATCH = 16
+# Channels alive at once per full-resolution pixel at the decoder's peak (the last fusion
+# block: detail maps, upsampled features, their concatenation, conv and BatchNorm outputs).
+PEAK_CHANNELS_PER_PIXEL = 224
 
 
 class BasicConv3x3(nn.Module):
@@ -82,8 +85,11 @@ class DetailCapture(nn.Module):
         )
         self.matting_head = MattingHead(fusion_out[-1])
 
-    def forward(self, features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """features (B, C, h, w) and images (B, 4, 16h, 16w) -> alpha (B, 1, 16h, 16w)."""
+    def forward(self, features: torch.Tensor, images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+        """features (B, C, h, w) and images (B, 4, 16h, 16w) -> alpha (B, 1, 16h, 16w) fp32."""
+        if channels_last:
+            features = features.contiguous(memory_format=torch.channels_last)
+            images = images.contiguous(memory_format=torch.channels_last)
         details = self.convstream(images)
         x = features
         for i, fuse in enumerate(self.fusion_blks):
@@ -104,15 +110,25 @@ def tile_grid(height: int, width: int) -> list[tuple[tuple[int, int, int, int], 
     return tiles
 
 
+def tiles_per_batch(crop_pixels: int, images_per_tile: int, element_size: int, memory: int) -> int:
+    """How many tiles of ``crop_pixels`` fit the decoder's ``memory`` budget (at least 1)."""
+    per_tile = crop_pixels * images_per_tile * PEAK_CHANNELS_PER_PIXEL * element_size
+    return max(1, memory // per_tile)
+
+
 def decode_tiled(
-    decoder: DetailCapture, features: torch.Tensor, images: torch.Tensor, max_batch: int = 1
+    decoder: DetailCapture,
+    features: torch.Tensor,
+    images: torch.Tensor,
+    memory: int | None = None,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """Decode 512×512 tiles with 64 px of context and stitch their centres.
 
     The input is zero-padded bottom/right to a multiple of 512 px and the features to a
-    multiple of 32 tokens. Tiles of the same crop size are decoded ``max_batch`` at a time
-    (BatchNorm is in eval mode, so tiles are independent). Returns (B, 1, Hp, Wp) for the
-    512-padded size; the caller crops.
+    multiple of 32 tokens. Tiles of the same crop size are decoded together, as many as fit
+    ``memory`` bytes (one at a time when None); BatchNorm is in eval mode, so tiles are
+    independent. Returns fp32 (B, 1, Hp, Wp) for the 512-padded size; the caller crops.
     """
     B, _, H, W = images.shape
     Hp, Wp = -(-H // TILE) * TILE, -(-W // TILE) * TILE
@@ -123,14 +139,15 @@ def decode_tiled(
     by_shape: dict[tuple[int, int], list] = {}
     for crop, offset in tile_grid(Hp, Wp):
         by_shape.setdefault((crop[1] - crop[0], crop[3] - crop[2]), []).append((crop, offset))
-    for group in by_shape.values():
+    for (crop_h, crop_w), group in by_shape.items():
+        max_batch = 1 if memory is None else tiles_per_batch(crop_h * crop_w, B, images.element_size(), memory)
         for start in range(0, len(group), max_batch):
             chunk = group[start : start + max_batch]
             imgs = torch.cat([images[:, :, t:b, l:r] for (t, b, l, r), _ in chunk])
             feats = torch.cat(
                 [features[:, :, t // PATCH : b // PATCH, l // PATCH : r // PATCH] for (t, b, l, r), _ in chunk]
             )
-            out = decoder(feats, imgs)
+            out = decoder(feats, imgs, channels_last)
             for i, ((t, _, l, _), (dy, dx)) in enumerate(chunk):
                 tile = out[i * B : (i + 1) * B, :, dy : dy + TILE, dx : dx + TILE]
                 alpha[:, :, t + dy : t + dy + TILE, l + dx : l + dx + TILE] = tile

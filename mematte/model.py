@@ -23,6 +23,8 @@ PIXEL_MEAN = (123.675 / 255, 116.280 / 255, 103.530 / 255)
 PIXEL_STD = (58.395 / 255, 57.120 / 255, 57.375 / 255)
 PAD_MULTIPLE = 32
 DEFAULT_MAX_TOKENS = 18500
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DECODER_MEMORY = 1 << 30  # bytes of decoder activations per batch of tiles
 
 
 def padded_size(size: int) -> int:
@@ -42,8 +44,17 @@ class FastMEMatte(nn.Module):
     routed to global attention per image (by router margin).
     """
 
-    def __init__(self, variant: str = "vit_s", backend: str = "auto", max_tokens: int | None = DEFAULT_MAX_TOKENS):
+    def __init__(
+        self,
+        variant: str = "vit_s",
+        backend: str = "auto",
+        max_tokens: int | None = DEFAULT_MAX_TOKENS,
+        dtype: torch.dtype = torch.float32,
+        decoder_memory: int = DECODER_MEMORY,
+    ):
         super().__init__()
+        if dtype not in DTYPES:
+            raise ValueError(f"unsupported dtype {dtype}; expected one of {', '.join(map(str, DTYPES))}")
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
         if backend not in dispatch.BACKENDS:
@@ -55,9 +66,21 @@ class FastMEMatte(nn.Module):
         self.max_tokens = max_tokens
         self.backbone = ViT(variant)
         self.decoder = DetailCapture(in_chans=self.backbone.embed_dim)
+        self.decoder_memory = decoder_memory
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), persistent=False)
+        if dtype != torch.float32:
+            # Routers decide which tokens get attention: their margins stay in fp32, as do
+            # the input statistics above.
+            self.to(dtype)
+            self.backbone.routers.float()
+            self.pixel_mean, self.pixel_std = self.pixel_mean.float(), self.pixel_std.float()
         self.eval()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype of the backbone and decoder."""
+        return self.backbone.patch_embed.proj.weight.dtype
 
     # ------------------------------------------------------------------ loading
 
@@ -70,7 +93,7 @@ class FastMEMatte(nn.Module):
         ``checkpoint`` is a path (detectron2 ``.pth`` holding ``{"model": sd}``, a bare
         state dict, or ``.safetensors``) or an already-loaded state dict. The variant is
         inferred from shapes; ``teacher_backbone.*`` is dropped. ``kwargs`` go to the
-        constructor (``backend``, ``max_tokens``).
+        constructor (``backend``, ``max_tokens``, ``dtype``).
         """
         if isinstance(checkpoint, Mapping):
             state_dict = state_dict_of(checkpoint)
@@ -92,27 +115,33 @@ class FastMEMatte(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def preprocess(self, image: torch.Tensor, trimap: torch.Tensor) -> torch.Tensor:
-        """Normalise RGB, append the trimap as the 4th channel, and zero-pad bottom/right
-        with the published rule when H or W is not a multiple of 32: (B, 4, Hp, Wp)."""
-        x = torch.cat([(image - self.pixel_mean) / self.pixel_std, trimap], dim=1)
-        H, W = x.shape[-2:]
+        """Normalise RGB (in fp32), append the trimap as the 4th channel, and zero-pad
+        bottom/right with the published rule when H or W is not a multiple of 32:
+        (B, 4, Hp, Wp) in the model's dtype."""
+        B, _, H, W = image.shape
         if H % PAD_MULTIPLE or W % PAD_MULTIPLE:
-            padded = x.new_zeros((*x.shape[:2], padded_size(H), padded_size(W)))
-            padded[:, :, :H, :W] = x
-            x = padded
+            H, W = padded_size(H), padded_size(W)
+        x = image.new_zeros((B, 4, H, W), dtype=self.dtype)
+        for b in range(B):  # one image at a time bounds the fp32 temporaries
+            x[b, :3, : image.shape[-2], : image.shape[-1]] = (image[b].float() - self.pixel_mean) / self.pixel_std
+            x[b, 3:, : image.shape[-2], : image.shape[-1]] = trimap[b]
         return x
 
     def forward(self, batched_inputs: Mapping[str, torch.Tensor], patch_decoder: bool = True):
         image, trimap = batched_inputs["image"], batched_inputs["trimap"]
         _check_batch(image, trimap)
         H, W = image.shape[-2:]
-        x = self.preprocess(image.to(self.pixel_mean), trimap.to(self.pixel_mean))
-        ops = dispatch.resolve(self.backend, x.device)
+        device = self.pixel_mean.device
+        x = self.preprocess(image.to(device), trimap.to(device))
+        ops = dispatch.resolve(self.backend, device)
         features, scores, decisions = self.backbone(x, ops, self.max_tokens)
+        # The reference keeps upstream's NCHW layout; the fast paths let the convolution
+        # libraries run channels-last.
+        channels_last = ops is not dispatch.REFERENCE
         if patch_decoder:
-            alpha = decode_tiled(self.decoder, features, x)
+            alpha = decode_tiled(self.decoder, features, x, self.decoder_memory, channels_last)
         else:
-            alpha = self.decoder(features, x)
+            alpha = self.decoder(features, x, channels_last)
         return {"phas": alpha[:, :, :H, :W]}, scores, decisions
 
     # ------------------------------------------------------------------ one image

@@ -180,23 +180,24 @@ class _CropRecorder(torch.nn.Module):
         super().__init__()
         self.shapes = []
 
-    def forward(self, features, images):
+    def forward(self, features, images, channels_last=False):
         self.shapes.append((tuple(features.shape), tuple(images.shape)))
         assert features.shape[-2] * 16 == images.shape[-2] and features.shape[-1] * 16 == images.shape[-1]
         return images[:, :1]
 
 
-@pytest.mark.parametrize("max_batch", [1, 4])
-def test_decode_tiled_stitches_each_tile_centre_in_place(max_batch):
+@pytest.mark.parametrize("memory", [None, 1 << 34], ids=["one-by-one", "all-at-once"])
+def test_decode_tiled_stitches_each_tile_centre_in_place(memory):
     images = torch.randn(2, 4, 544, 608)
     features = torch.randn(2, 8, 34, 38)
     recorder = _CropRecorder()
-    alpha = decode_tiled(recorder, features, images, max_batch=max_batch)
+    alpha = decode_tiled(recorder, features, images, memory=memory)
     assert alpha.shape == (2, 1, 1024, 1024)
     torch.testing.assert_close(alpha[:, :, :544, :608], images[:, :1], rtol=0, atol=0)
     assert alpha[:, :, 544:, :].eq(0).all() and alpha[:, :, :, 608:].eq(0).all()
     image_crops = sorted({s[1][-2:] for s in recorder.shapes})
     assert image_crops == [(576, 576)]  # 2×2 tiles, each with 64 px of context inward only
+    assert [s[1][0] for s in recorder.shapes] == ([2] * 4 if memory is None else [8])
 
 
 def test_tiled_and_whole_image_decoding_agree_away_from_tile_seams(model_s):
