@@ -1,0 +1,20 @@
+"""Triton kernels for MEMatte's routed path: the router, gather + LayerNorm, scatter +
+residual, and varlen (per-image) attention.
+
+Each public function takes the arguments and returns what the function of the same name in
+:mod:`mematte_kernels.reference` does, and calls a ``torch.library`` custom op
+(``mematte::<name>``) so that models using them stay ``torch.compile``-able. Under
+``TRITON_INTERPRET=1`` the kernels run on CPU tensors in Triton's interpreter.
+"""
+from ._common import INTERPRET
+
+if INTERPRET:
+    from . import _interpreter
+
+    _interpreter.apply()
+
+from .gather_scatter import gather_layernorm, scatter_residual_
+from .router import router_scores
+from .varlen_attention import varlen_attention
+
+__all__ = ["gather_layernorm", "router_scores", "scatter_residual_", "varlen_attention"]

@@ -1,0 +1,42 @@
+"""What the Triton wrappers share: the interpreter switch and input checks with clear errors."""
+from __future__ import annotations
+
+import torch
+from triton import knobs
+
+# Read once: kernels are decorated at import, and the interpreter decides how.
+INTERPRET = bool(knobs.runtime.interpret)
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_float(op: str, name: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """``t`` is float16/bfloat16/float32, and ``dtype`` when given."""
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{op}: {name} must have the same dtype as the input ({dtype}), got {t.dtype}")
+
+
+def check_shape(op: str, name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_ndim(op: str, name: str, t: torch.Tensor, ndim: int, layout: str) -> None:
+    if t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
+
+
+def check_devices(op: str, **tensors: torch.Tensor) -> None:
+    """All on one device, and a CUDA one unless the interpreter runs the kernels."""
+    devices = {name: t.device for name, t in tensors.items()}
+    first_name, first = next(iter(devices.items()))
+    for name, device in devices.items():
+        if device != first:
+            raise ValueError(f"{op}: {name} is on {device} but {first_name} is on {first}")
+    if first.type != "cuda" and not INTERPRET and first.type != "meta":
+        raise ValueError(
+            f"{op}: tensors are on {first}; the Triton kernels need CUDA tensors "
+            "(set TRITON_INTERPRET=1 before import to run them on CPU)"
+        )
