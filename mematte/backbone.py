@@ -216,7 +216,7 @@ class LTRM(nn.Module):
 
 
 class ChannelsFirstLayerNorm(nn.Module):
-    """LayerNorm over the channel axis of (B, C, H, W), written out as upstream does."""
+    """LayerNorm over the channel axis of (B, C, H, W)."""
 
     def __init__(self, channels: int, eps: float = 1e-6):
         super().__init__()
@@ -224,14 +224,8 @@ class ChannelsFirstLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        stats = torch.promote_types(dtype, torch.float32)  # at least fp32, whatever the model's dtype
-        x = x.to(stats)
-        u = x.mean(1, keepdim=True)
-        s = (x - u).pow(2).mean(1, keepdim=True)
-        x = (x - u) / torch.sqrt(s + self.eps)
-        return (self.weight[:, None, None].to(stats) * x + self.bias[:, None, None].to(stats)).to(dtype)
+    def forward(self, x: torch.Tensor, ops: OpTable) -> torch.Tensor:
+        return ops.channels_first_layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class ResBottleneck(nn.Module):
@@ -249,10 +243,10 @@ class ResBottleneck(nn.Module):
         self.conv3 = nn.Conv2d(mid, dim, 1, bias=False)
         self.norm3 = ChannelsFirstLayerNorm(dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.act1(self.norm1(self.conv1(x)))
-        out = self.act2(self.norm2(self.conv2(out)))
-        return x + self.norm3(self.conv3(out))
+    def forward(self, x: torch.Tensor, ops: OpTable) -> torch.Tensor:
+        out = self.act1(self.norm1(self.conv1(x), ops))
+        out = self.act2(self.norm2(self.conv2(out), ops))
+        return x + self.norm3(self.conv3(out), ops)
 
 
 # ------------------------------------------------------------ routed block
@@ -294,7 +288,7 @@ class RoutedBlock(nn.Module):
 
         x = out.view(B, h, w, C)
         x = x + self.mlp(self.norm2(x))
-        return self.residual(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.residual(x.permute(0, 3, 1, 2), ops).permute(0, 2, 3, 1)
 
 
 # -------------------------------------------------------------------- backbone

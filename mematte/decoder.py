@@ -18,6 +18,20 @@ PATCH = 16
 PEAK_CHANNELS_PER_PIXEL = 224
 
 
+def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, fold: bool) -> torch.Tensor:
+    """BatchNorm(conv(x)) in eval mode. With ``fold``, BatchNorm's affine map is folded into
+    the convolution's weight and bias (computed in fp32): one pass over the output instead
+    of two."""
+    if not fold:
+        return bn(conv(x))
+    scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
+    shift = bn.bias.float() - bn.running_mean.float() * scale
+    if conv.bias is not None:
+        shift = shift + conv.bias.float() * scale
+    weight = conv.weight.float() * scale[:, None, None, None]
+    return F.conv2d(x, weight.to(x.dtype), shift.to(x.dtype), conv.stride, conv.padding)
+
+
 class BasicConv3x3(nn.Module):
     """Conv3×3 (no bias) -> BatchNorm -> ReLU."""
 
@@ -27,8 +41,8 @@ class BasicConv3x3(nn.Module):
         self.bn = nn.BatchNorm2d(out_chans)
         self.relu = nn.ReLU(inplace=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.bn(self.conv(x)))
+    def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+        return self.relu(conv_bn(self.conv, self.bn, x, fold=fast))
 
 
 class ConvStream(nn.Module):
@@ -39,10 +53,10 @@ class ConvStream(nn.Module):
         chans = (in_chans, *out_chans)
         self.convs = nn.ModuleList(BasicConv3x3(a, b, stride=2) for a, b in zip(chans[:-1], chans[1:]))
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, fast: bool = False) -> list[torch.Tensor]:
         details = [x]
         for conv in self.convs:
-            details.append(conv(details[-1]))
+            details.append(conv(details[-1], fast))
         return details
 
 
@@ -53,9 +67,9 @@ class FusionBlock(nn.Module):
         super().__init__()
         self.conv = BasicConv3x3(in_chans, out_chans, stride=1)
 
-    def forward(self, x: torch.Tensor, detail: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, detail: torch.Tensor, fast: bool = False) -> torch.Tensor:
         up = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-        return self.conv(torch.cat([detail, up], dim=1))
+        return self.conv(torch.cat([detail, up], dim=1), fast)
 
 
 class MattingHead(nn.Module):
@@ -70,8 +84,9 @@ class MattingHead(nn.Module):
             nn.Conv2d(mid_chans, 1, 1, 1, 0),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matting_convs(x)
+    def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+        conv1, bn, relu, conv2 = self.matting_convs
+        return conv2(relu(conv_bn(conv1, bn, x, fold=fast)))
 
 
 class DetailCapture(nn.Module):
@@ -85,16 +100,19 @@ class DetailCapture(nn.Module):
         )
         self.matting_head = MattingHead(fusion_out[-1])
 
-    def forward(self, features: torch.Tensor, images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-        """features (B, C, h, w) and images (B, 4, 16h, 16w) -> alpha (B, 1, 16h, 16w) fp32."""
-        if channels_last:
+    def forward(self, features: torch.Tensor, images: torch.Tensor, fast: bool = False) -> torch.Tensor:
+        """features (B, C, h, w) and images (B, 4, 16h, 16w) -> alpha (B, 1, 16h, 16w) fp32.
+
+        ``fast`` runs the convolutions channels-last with BatchNorm folded into them; the
+        default follows upstream's computation exactly."""
+        if fast:
             features = features.contiguous(memory_format=torch.channels_last)
             images = images.contiguous(memory_format=torch.channels_last)
-        details = self.convstream(images)
+        details = self.convstream(images, fast)
         x = features
         for i, fuse in enumerate(self.fusion_blks):
-            x = fuse(x, details[-(i + 1)])
-        return torch.sigmoid(self.matting_head(x).float())
+            x = fuse(x, details[-(i + 1)], fast)
+        return torch.sigmoid(self.matting_head(x, fast).float())
 
 
 def tile_grid(height: int, width: int) -> list[tuple[tuple[int, int, int, int], tuple[int, int]]]:
@@ -121,7 +139,7 @@ def decode_tiled(
     features: torch.Tensor,
     images: torch.Tensor,
     memory: int | None = None,
-    channels_last: bool = False,
+    fast: bool = False,
 ) -> torch.Tensor:
     """Decode 512×512 tiles with 64 px of context and stitch their centres.
 
@@ -147,7 +165,7 @@ def decode_tiled(
             feats = torch.cat(
                 [features[:, :, t // PATCH : b // PATCH, l // PATCH : r // PATCH] for (t, b, l, r), _ in chunk]
             )
-            out = decoder(feats, imgs, channels_last)
+            out = decoder(feats, imgs, fast)
             for i, ((t, _, l, _), (dy, dx)) in enumerate(chunk):
                 tile = out[i * B : (i + 1) * B, :, dy : dy + TILE, dx : dx + TILE]
                 alpha[:, :, t + dy : t + dy + TILE, l + dx : l + dx + TILE] = tile

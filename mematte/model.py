@@ -24,7 +24,9 @@ PIXEL_STD = (58.395 / 255, 57.120 / 255, 57.375 / 255)
 PAD_MULTIPLE = 32
 DEFAULT_MAX_TOKENS = 18500
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-DECODER_MEMORY = 1 << 30  # bytes of decoder activations per batch of tiles
+# Bytes of decoder activations per batch of tiles: GPUs gain from batching tiles, CPUs
+# hardly do and keep the peak low instead.
+DECODER_MEMORY = {"cuda": 2 << 30, "cpu": 256 << 20}
 
 
 def padded_size(size: int) -> int:
@@ -42,6 +44,11 @@ class FastMEMatte(nn.Module):
     and per routed block the router log-probabilities (B, h, w, 2) and decisions
     (B, h, w, 1). Routing and attention are per image, and ``max_tokens`` caps the tokens
     routed to global attention per image (by router margin).
+
+    ``backend`` picks the ops (see :mod:`mematte_kernels.dispatch`); ``dtype`` is
+    ``torch.float32`` (exact, the default), ``torch.bfloat16`` or, on GPUs,
+    ``torch.float16``; ``decoder_memory`` bounds the decoder's activations per batch of
+    tiles in bytes (a per-device default when None).
     """
 
     def __init__(
@@ -50,7 +57,7 @@ class FastMEMatte(nn.Module):
         backend: str = "auto",
         max_tokens: int | None = DEFAULT_MAX_TOKENS,
         dtype: torch.dtype = torch.float32,
-        decoder_memory: int = DECODER_MEMORY,
+        decoder_memory: int | None = None,
     ):
         super().__init__()
         if dtype not in DTYPES:
@@ -135,13 +142,13 @@ class FastMEMatte(nn.Module):
         x = self.preprocess(image.to(device), trimap.to(device))
         ops = dispatch.resolve(self.backend, device)
         features, scores, decisions = self.backbone(x, ops, self.max_tokens)
-        # The reference keeps upstream's NCHW layout; the fast paths let the convolution
-        # libraries run channels-last.
-        channels_last = ops is not dispatch.REFERENCE
+        # The reference decodes exactly as upstream; every other backend decodes fast.
+        fast = ops is not dispatch.REFERENCE
         if patch_decoder:
-            alpha = decode_tiled(self.decoder, features, x, self.decoder_memory, channels_last)
+            memory = self.decoder_memory or DECODER_MEMORY.get(device.type, DECODER_MEMORY["cpu"])
+            alpha = decode_tiled(self.decoder, features, x, memory, fast)
         else:
-            alpha = self.decoder(features, x, channels_last)
+            alpha = self.decoder(features, x, fast)
         return {"phas": alpha[:, :, :H, :W]}, scores, decisions
 
     # ------------------------------------------------------------------ one image

@@ -43,6 +43,7 @@ class OpTable:
     dwconv_gelu: Callable
     eca: Callable
     rel_pos_attention: Callable
+    channels_first_layer_norm: Callable
 
 
 REFERENCE = OpTable(
@@ -56,6 +57,7 @@ REFERENCE = OpTable(
     dwconv_gelu=reference.dwconv_gelu,
     eca=reference.eca,
     rel_pos_attention=reference.rel_pos_attention,
+    channels_first_layer_norm=reference.channels_first_layer_norm,
 )
 
 

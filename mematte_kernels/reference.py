@@ -139,6 +139,21 @@ def eca(z: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = N
     return out if residual is None else out + residual
 
 
+# ---------------------------------------------------------- ResBottleneck norms
+
+
+def channels_first_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the channel axis of (B, C, H, W), written out as upstream does;
+    statistics in at least fp32."""
+    dtype = x.dtype
+    stats = torch.promote_types(dtype, torch.float32)
+    x = x.to(stats)
+    u = x.mean(1, keepdim=True)
+    s = (x - u).pow(2).mean(1, keepdim=True)
+    x = (x - u) / torch.sqrt(s + eps)
+    return (weight[:, None, None].to(stats) * x + bias[:, None, None].to(stats)).to(dtype)
+
+
 # ------------------------------------------------------------- window attention
 
 

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from mematte import FastMEMatte
 from mematte.backbone import (
-    ChannelsFirstLayerNorm,
     abs_pos,
     eca_kernel_size,
     rel_pos_table,
@@ -131,14 +130,10 @@ def test_model_eca_modules_use_kernel_5():
 
 
 def test_channels_first_layernorm_equals_layernorm_over_channels():
-    norm = ChannelsFirstLayerNorm(6)
-    with torch.no_grad():
-        norm.weight.normal_()
-        norm.bias.normal_()
+    weight, bias = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     x = torch.randn(2, 6, 5, 7, dtype=torch.float64)
-    norm = norm.double()
-    expected = F.layer_norm(x.permute(0, 2, 3, 1), (6,), norm.weight, norm.bias, 1e-6).permute(0, 3, 1, 2)
-    torch.testing.assert_close(norm(x), expected)
+    expected = F.layer_norm(x.permute(0, 2, 3, 1), (6,), weight, bias, 1e-6).permute(0, 3, 1, 2)
+    torch.testing.assert_close(reference.channels_first_layer_norm(x, weight, bias, 1e-6), expected)
 
 
 def test_router_global_half_is_a_per_image_bias():
@@ -180,7 +175,7 @@ class _CropRecorder(torch.nn.Module):
         super().__init__()
         self.shapes = []
 
-    def forward(self, features, images, channels_last=False):
+    def forward(self, features, images, fast=False):
         self.shapes.append((tuple(features.shape), tuple(images.shape)))
         assert features.shape[-2] * 16 == images.shape[-2] and features.shape[-1] * 16 == images.shape[-1]
         return images[:, :1]
