@@ -131,7 +131,7 @@ def _check_scatter_inputs(out, residual, rows, index) -> None:
 def _gather_layernorm_op(
     x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    out = torch.empty((index.shape[0], x.shape[1]), device=x.device, dtype=x.dtype)
+    out = x.new_empty((index.numel(), x.shape[-1]))
     launch_gather_layernorm(x, index, weight, bias, eps, out=out)
     return out
 

@@ -296,9 +296,8 @@ def _router_scores_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     params = (norm_weight, norm_bias, in_weight, in_bias, out0_weight, out0_bias,
               out1_weight, out1_bias, out2_weight, out2_bias)
-    B, N, _ = x.shape
-    scores = torch.empty((B, N, 2), device=x.device, dtype=torch.float32)
-    keep = torch.empty((B, N), device=x.device, dtype=torch.bool)
+    scores = x.new_empty((*x.shape[:-1], 2), dtype=torch.float32)
+    keep = x.new_empty(x.shape[:-1], dtype=torch.bool)
     launch_router_scores(x, params, eps, scores=scores, keep=keep)
     return scores, keep
 

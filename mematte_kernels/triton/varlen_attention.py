@@ -184,7 +184,7 @@ def _varlen_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
     scale: float | None = None,
 ) -> torch.Tensor:
-    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    out = q.new_empty(q.shape)
     launch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, out=out)
     return out
 

@@ -1,0 +1,183 @@
+"""Ahead-of-time compilation of every Triton kernel, in every config its wrapper can launch,
+for sm_80 (A100) and sm_90 (H100), without a GPU.
+
+Each compiled config must fit the card's shared memory per block, and the dots must take
+the intended path: tensor-core MMA for fp16/bf16, exact fp32 FMA (no TF32 MMA) for fp32.
+
+The compiling runs in a subprocess, which runs this file as a script: the test session sets
+TRITON_INTERPRET=1 without a GPU, and kernels decorated under it are interpreter wrappers
+that cannot be compiled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Shared memory one block may use (opt-in maximum): A100 163 KiB, H100 227 KiB.
+SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
+DTYPES = ("fp32", "bf16", "fp16")
+# MEMatte's widths: ViT-S and ViT-B. They set the router head's padded C/4 and the row tiles.
+WIDTHS = (384, 768)
+
+# Each kernel's runtime arguments as MEMatte's launches pass them, with what the JIT would
+# specialise on, since that sets the loads' vector width and the pipelining (and so the
+# shared memory): "act" is a pointer of the dtype under test; "i32/16" an integer that is a
+# multiple of 16 (C = 384 or 768 and the strides built from it); an int value an argument
+# the JIT turns into that constant (unit strides).
+ACT = "act"
+I32_16 = "i32/16"
+SIGNATURES = {
+    "_router_hidden_kernel": dict(
+        x_ptr=ACT, norm_weight_ptr=ACT, norm_bias_ptr=ACT, in_weight_ptr=ACT, in_bias_ptr=ACT,
+        local_ptr=ACT, partial_ptr="*fp32", N="i32", C=I32_16, eps="fp32",
+        stride_xb=I32_16, stride_xn=I32_16, stride_xc=1,
+    ),
+    "_router_fold_kernel": dict(
+        partial_ptr="*fp32", out0_weight_ptr=ACT, out0_bias_ptr=ACT, folded_bias_ptr="*fp32",
+        N="i32", C=I32_16, num_tiles="i32",
+    ),
+    "_router_head_kernel": dict(
+        local_ptr=ACT, folded_bias_ptr="*fp32", out0_weight_ptr=ACT, out1_weight_ptr=ACT, out1_bias_ptr=ACT,
+        out2_weight_ptr=ACT, out2_bias_ptr=ACT, scores_ptr="*fp32", keep_ptr="*i1", N="i32", C=I32_16,
+    ),
+    "_gather_layernorm_kernel": dict(
+        x_ptr=ACT, index_ptr="*i64", weight_ptr=ACT, bias_ptr=ACT, out_ptr=ACT,
+        T="i32", C=I32_16, eps="fp32", stride_xm=I32_16, stride_xc=1,
+    ),
+    "_scatter_residual_kernel": dict(
+        out_ptr=ACT, residual_ptr=ACT, rows_ptr=ACT, index_ptr="*i64", T="i32", C=I32_16,
+        stride_om=I32_16, stride_oc=1, stride_rm=I32_16, stride_rc=1, stride_tm=I32_16, stride_tc=1,
+    ),
+    "_varlen_attention_kernel": dict(
+        q_ptr=ACT, k_ptr=ACT, v_ptr=ACT, out_ptr=ACT, cu_seqlens_ptr="*i32", num_heads="i32", qk_scale="fp32",
+        stride_qt=I32_16, stride_qh=I32_16, stride_kt=I32_16, stride_kh=I32_16,
+        stride_vt=I32_16, stride_vh=I32_16, stride_ot=I32_16, stride_oh=I32_16,
+    ),
+}
+# Kernels whose tl.dot decides between tensor cores and FMA.
+DOT_KERNELS = {"_router_hidden_kernel", "_router_head_kernel", "_varlen_attention_kernel"}
+
+
+def launch_variants(dtype):
+    """(kernel, constexprs, num_warps, num_stages) for every config the wrappers launch on
+    ``dtype`` inputs of MEMatte's widths. Runs in the compiling subprocess."""
+    import torch
+
+    from mematte_kernels.triton import gather_scatter, router
+    from mematte_kernels.triton.varlen_attention import _varlen_attention_kernel, configs_for
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+    def split(tile):
+        return {k: v for k, v in tile.items() if k != "num_warps"}, tile["num_warps"]
+
+    hidden, hidden_warps = split(router.hidden_tile(torch_dtype))
+    fold, fold_warps = split(router.FOLD_TILE)
+    head, head_warps = split(router.HEAD_TILE)
+    variants = [(router._router_hidden_kernel, hidden, hidden_warps, 3), (router._router_fold_kernel, fold, fold_warps, 3)]
+    for C in WIDTHS:
+        variants.append((router._router_head_kernel, {**head, "QUARTER_PAD": router.quarter_pad(C)}, head_warps, 3))
+        rows, rows_warps = split(gather_scatter._row_tile(C))
+        variants += [(gather_scatter._gather_layernorm_kernel, rows, rows_warps, 3),
+                     (gather_scatter._scatter_residual_kernel, rows, rows_warps, 3)]
+    # The autotuner's own list, after its per-dtype pruning.
+    assert all(config in _varlen_attention_kernel.configs for config in configs_for(torch_dtype))
+    for config in configs_for(torch_dtype):
+        variants.append((_varlen_attention_kernel.fn, {**config.kwargs, "HEAD_DIM": 64}, config.num_warps,
+                         config.num_stages))
+    return variants
+
+
+def ast_source(kernel, dtype, constexprs):
+    import triton
+
+    runtime_args = SIGNATURES[kernel.__name__]
+    assert set(runtime_args) | set(constexprs) == set(kernel.arg_names), f"{kernel.__name__}: signature out of date"
+    signature, constants, attrs = {}, dict(constexprs), {}
+    for position, name in enumerate(kernel.arg_names):
+        kind = runtime_args.get(name)
+        if kind is None or isinstance(kind, int):
+            signature[name] = "constexpr"
+            constants.setdefault(name, kind)
+        else:
+            signature[name] = f"*{dtype}" if kind == ACT else kind.removesuffix("/16")
+            # Pointers: torch allocations (and MEMatte's q/k/v views) are 16-byte aligned.
+            if kind == I32_16 or signature[name].startswith("*"):
+                attrs[(position,)] = [["tt.divisibility", 16]]
+    return triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
+
+
+def compile_all() -> list[dict]:
+    """Compile every variant for every dtype and target; one record each."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    records = []
+    for dtype in DTYPES:
+        for kernel, constexprs, num_warps, num_stages in launch_variants(dtype):
+            source = ast_source(kernel, dtype, constexprs)
+            for arch in SHARED_MEMORY_LIMIT:
+                compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                          options=dict(num_warps=num_warps, num_stages=num_stages))
+                records.append(dict(
+                    kernel=kernel.__name__, dtype=dtype, arch=arch, shared=compiled.metadata.shared,
+                    config=f"{constexprs} warps={num_warps} stages={num_stages}",
+                    mma="mma" in compiled.asm["ptx"],
+                ))
+    return records
+
+
+def _find_ptxas() -> str | None:
+    from triton.backends.nvidia import __file__ as nvidia_backend
+
+    bundled = Path(nvidia_backend).parent / "bin" / "ptxas"
+    for candidate in (os.environ.get("TRITON_PTXAS_PATH"), str(bundled), "/usr/local/cuda/bin/ptxas", shutil.which("ptxas")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    ptxas = _find_ptxas()
+    if ptxas is None:
+        pytest.skip("no ptxas: neither Triton's bundled one nor a CUDA toolkit's")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_PTXAS_PATH=ptxas, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"AOT compilation failed:\n{result.stderr[-6000:]}"
+    return json.loads(result.stdout)
+
+
+def test_every_config_compiles(compiled):
+    # Per dtype and target: router 2 + 2 head widths, gather/scatter 2 per width, attention configs.
+    from mematte_kernels.triton.varlen_attention import FP32_CONFIGS, TENSOR_CORE_CONFIGS
+
+    per_arch = sum(2 + 3 * len(WIDTHS) + len(FP32_CONFIGS if dtype == "fp32" else TENSOR_CORE_CONFIGS)
+                   for dtype in DTYPES)
+    assert len(compiled) == per_arch * len(SHARED_MEMORY_LIMIT)
+
+
+@pytest.mark.parametrize("arch", [pytest.param(arch, id=f"sm{arch}") for arch in SHARED_MEMORY_LIMIT])
+def test_shared_memory_fits(compiled, arch):
+    over = [r for r in compiled if r["arch"] == arch and r["shared"] > SHARED_MEMORY_LIMIT[arch]]
+    assert not over, f"over {SHARED_MEMORY_LIMIT[arch]} bytes of shared memory: {over}"
+
+
+def test_dots_take_the_intended_path(compiled):
+    for record in compiled:
+        if record["kernel"] in DOT_KERNELS:
+            tensor_cores = record["dtype"] != "fp32"
+            assert record["mma"] == tensor_cores, record
+
+
+if __name__ == "__main__":
+    json.dump(compile_all(), sys.stdout)

@@ -1,0 +1,150 @@
+"""Varlen flash attention (Triton) against the per-sequence reference loop, and in fp32 also
+against torch's scaled_dot_product_attention run sequence by sequence.
+
+Without a GPU the kernel runs in Triton's interpreter (see conftest.py); the sizes are odd on
+purpose (not multiples of the 64-row blocks) and include empty and one-token sequences.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mematte_kernels import reference
+from mematte_kernels.triton import varlen_attention
+from mematte_kernels.triton.varlen_attention import launch_varlen_attention
+from triton_tolerance import DTYPE_NAMES, DTYPES, assert_close
+
+HEAD_DIM = 64
+
+# (sequence lengths, heads): B = len(lengths), T = sum(lengths).
+SHAPES = {
+    "B1-T1": ([1], 1),
+    "B1-T63": ([63], 2),
+    "B1-T65": ([65], 2),
+    "B1-T1000": ([1000], 1),
+    "B3-T128-one-empty": ([63, 0, 65], 2),
+    "B3-T1-two-empty": ([0, 1, 0], 1),
+    "B4-T1000-one-empty": ([300, 0, 650, 50], 1),
+    "B1-T0": ([0], 2),
+    "B0-T0": ([], 2),
+}
+
+
+def cases(shapes=SHAPES, dtypes=DTYPES):
+    return [
+        pytest.param(lengths, heads, dtype, id=f"{name}-{DTYPE_NAMES[dtype]}")
+        for (name, (lengths, heads)), dtype in itertools.product(shapes.items(), dtypes)
+    ]
+
+
+def packed_qkv(lengths: list[int], heads: int, dtype: torch.dtype, seed: int = 0):
+    """q, k, v as strided views of one (T, 3, heads, 64) tensor, as the model's qkv gives
+    them, with ``cu_seqlens`` and ``max_seqlen``."""
+    generator = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(sum(lengths), 3, heads, HEAD_DIM, generator=generator).to(dtype)
+    cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    return (*qkv.unbind(1), cu_seqlens, max(lengths, default=0))
+
+
+def run_kernel(q, k, v, cu_seqlens, max_seqlen, scale=None):
+    """The kernel into a NaN-filled output, so any element it fails to write fails the test."""
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype)
+    launch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, out=out)
+    return out
+
+
+def check_against_reference(q, k, v, cu_seqlens, max_seqlen, scale=None):
+    out = run_kernel(q, k, v, cu_seqlens, max_seqlen, scale)
+    expected = reference.varlen_attention(q.float(), k.float(), v.float(), cu_seqlens, max_seqlen, scale)
+    low_precision = None
+    if q.dtype != torch.float32:
+        low_precision = reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale)
+    assert_close(out, expected, low_precision)
+
+
+@pytest.mark.parametrize("lengths, heads, dtype", cases())
+def test_matches_reference(lengths, heads, dtype):
+    check_against_reference(*packed_qkv(lengths, heads, dtype))
+
+
+@pytest.mark.parametrize(
+    "lengths, heads, dtype",
+    cases({name: SHAPES[name] for name in ("B1-T63", "B1-T1000", "B4-T1000-one-empty")}, [torch.float32]),
+)
+def test_fp32_matches_sdpa(lengths, heads, dtype):
+    """An independent fp32 check: torch's own attention, one sequence at a time."""
+    q, k, v, cu_seqlens, max_seqlen = packed_qkv(lengths, heads, dtype, seed=1)
+    out = run_kernel(q, k, v, cu_seqlens, max_seqlen)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start:
+            per_head = [t[start:end].transpose(0, 1) for t in (q, k, v)]  # (heads, n, 64)
+            expected = F.scaled_dot_product_attention(*per_head).transpose(0, 1)
+            assert_close(out[start:end], expected)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(d, id=DTYPE_NAMES[d]) for d in DTYPES])
+def test_custom_scale_and_contiguous_inputs(dtype):
+    q, k, v, cu_seqlens, max_seqlen = packed_qkv([70, 0, 33], 2, dtype, seed=2)
+    check_against_reference(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, max_seqlen, scale=0.3)
+
+
+def test_public_function_runs_the_kernel():
+    q, k, v, cu_seqlens, max_seqlen = packed_qkv([40, 0, 9], 2, torch.float32, seed=3)
+    out = varlen_attention(q, k, v, cu_seqlens, max_seqlen)
+    assert out.shape == q.shape and out.is_contiguous()
+    assert torch.equal(out, run_kernel(q, k, v, cu_seqlens, max_seqlen))
+
+
+def test_opcheck():
+    q, k, v, cu_seqlens, max_seqlen = packed_qkv([5, 0, 3], 2, torch.float32, seed=4)
+    torch.library.opcheck(torch.ops.mematte.varlen_attention.default, (q, k, v, cu_seqlens, max_seqlen, None))
+
+
+def _bad_inputs():
+    q, k, v, cu, n = packed_qkv([3, 2], 2, torch.float32)
+    narrow = torch.randn(5, 2, 32)
+    yield "head-dim-32", (narrow, narrow, narrow, cu, n), ValueError, "head_dim 64"
+    yield "cu-seqlens-int64", (q, k, v, cu.long(), n), TypeError, "cu_seqlens must be int32"
+    yield "float64", (q.double(), k.double(), v.double(), cu, n), TypeError, "float16, bfloat16 or float32"
+    yield "mixed-dtypes", (q, k.half(), v, cu, n), TypeError, "k must have the same dtype"
+    yield "k-shape", (q, k[:4], v, cu, n), ValueError, "one shape"
+    yield "2d-q", (q[:, 0], k[:, 0], v[:, 0], cu, n), ValueError, r"q must be 3-D \(T, heads, head_dim\)"
+    strided = torch.randn(5, 2, 128)[..., ::2]
+    yield "head-dim-not-contiguous", (strided, strided, strided, cu, n), ValueError, "contiguous in the head dimension"
+    yield "cu-seqlens-2d", (q, k, v, cu[None], n), ValueError, "cu_seqlens must be 1-D"
+    yield "negative-max-seqlen", (q, k, v, cu, -1), ValueError, "max_seqlen must be >= 0"
+
+
+@pytest.mark.parametrize(
+    "args, error, message",
+    [pytest.param(args, error, message, id=name) for name, args, error, message in _bad_inputs()],
+)
+def test_rejects_bad_input(args, error, message):
+    with pytest.raises(error, match=message):
+        varlen_attention(*args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [pytest.param(d, id=DTYPE_NAMES[d]) for d in DTYPES])
+def test_gpu_matches_reference(dtype):
+    """The compiled kernel, every autotuned path, on MEMatte-sized sequences (ViT-S heads)."""
+    q, k, v, cu_seqlens, max_seqlen = (
+        t.cuda() if isinstance(t, torch.Tensor) else t for t in packed_qkv([4099, 0, 1, 777, 2048], 6, dtype, seed=5)
+    )
+    out = varlen_attention(q, k, v, cu_seqlens, max_seqlen)
+    expected = reference.varlen_attention(q.float(), k.float(), v.float(), cu_seqlens, max_seqlen)
+    low_precision = None if dtype == torch.float32 else reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen)
+    assert_close(out, expected, low_precision)
+
+
+@pytest.mark.gpu
+def test_gpu_compiles_with_torch_compile():
+    q, k, v, cu_seqlens, max_seqlen = (
+        t.cuda() if isinstance(t, torch.Tensor) else t for t in packed_qkv([300, 0, 129], 6, torch.bfloat16, seed=6)
+    )
+    compiled = torch.compile(lambda q, k, v: varlen_attention(q, k, v, cu_seqlens, max_seqlen) * 2, fullgraph=True)
+    assert torch.equal(compiled(q, k, v), varlen_attention(q, k, v, cu_seqlens, max_seqlen) * 2)
