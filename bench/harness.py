@@ -1,0 +1,611 @@
+"""Shared pieces of the benchmark suite: cases, inputs, router calibration, timing, memory.
+
+The suite compares the fast path (``dispatch.resolve("auto", device)``) with the published
+computation (:mod:`mematte_kernels.reference`, the ``reference`` backend) on seeded
+synthetic weights whose routers are calibrated to route a chosen fraction of the tokens.
+
+Run as a script (``python bench/harness.py worker SPEC_JSON``) it is the fresh process
+that builds one model, runs one forward and reports its latency and peak RSS.
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the worker runs as a script from any directory
+    sys.path.insert(0, str(ROOT))
+
+from mematte import FastMEMatte  # noqa: E402
+from mematte.backbone import PATCH, VARIANTS  # noqa: E402
+from mematte.model import DEFAULT_MAX_TOKENS, PAD_MULTIPLE, padded_size  # noqa: E402
+from mematte_kernels import dispatch, reference  # noqa: E402
+
+
+def _load_synth():
+    # The seeded generator of the golden outputs; imported by path so there is one copy.
+    spec = importlib.util.spec_from_file_location("synth", ROOT / "tests" / "data" / "golden" / "synth.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+synth = _load_synth()
+
+SETTINGS = pytest.StashKey["Settings"]()  # set by conftest, read when cases are generated
+WEIGHTS_SEED = 1234
+INPUT_SEED = 7
+ROUTED_FRACTION = 0.25  # BATR's training target: what a trained MEMatte routes on average
+OP_FRACTIONS = (0.10, 0.25, 0.50)
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+# Relative error (Frobenius) allowed between fast and reference op outputs, and mean
+# absolute alpha error of the fast model against the fp32 reference model. bf16 on random
+# weights lands near 4e-3 mean alpha error; a broken kernel is off by 1e-1 or more.
+OP_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+ALPHA_ATOL = {torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+
+
+# ------------------------------------------------------------------------------ sizes
+
+
+@dataclass(frozen=True)
+class Size:
+    width: int
+    height: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Size":
+        """``"1024"`` (square) or ``"3840x2160"`` (width x height)."""
+        w, _, h = text.strip().lower().partition("x")
+        return cls(int(w), int(h or w))
+
+    @property
+    def id(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Token grid (h, w) after the published padding: +32 px per side, unless both
+        sides already are multiples of 32."""
+        H, W = self.height, self.width
+        if H % PAD_MULTIPLE or W % PAD_MULTIPLE:
+            H, W = padded_size(H), padded_size(W)
+        return H // PATCH, W // PATCH
+
+    @property
+    def tokens(self) -> int:
+        h, w = self.grid
+        return h * w
+
+
+# ------------------------------------------------------------------------------ cases
+
+
+@dataclass(frozen=True)
+class OpCase:
+    op: str  # a key of OPS
+    variant: str
+    size: Size
+    fraction: float | None  # routed share of the tokens; None for the router, which sees all
+    dtype: torch.dtype
+    impl: str  # "fast" | "reference"
+
+    @property
+    def dim_heads(self) -> tuple[int, int]:
+        return VARIANTS[self.variant]
+
+    @property
+    def routed(self) -> int:
+        return self.size.tokens if self.fraction is None else round(self.fraction * self.size.tokens)
+
+    @property
+    def group(self) -> str:
+        share = "" if self.fraction is None else f" {self.fraction:.0%}"
+        return f"{self.op} {self.variant} {self.size.id}{share} {DTYPE_NAMES[self.dtype]}"
+
+    @property
+    def id(self) -> str:
+        share = [] if self.fraction is None else [f"{self.fraction * 100:.0f}pct"]
+        return "-".join([self.op, self.variant, self.size.id, *share, DTYPE_NAMES[self.dtype], self.impl])
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    variant: str
+    size: Size
+    dtype: torch.dtype
+    impl: str  # "fast" | "reference" | "all_global" (ViTMatte-style: every token global)
+
+    @property
+    def backend(self) -> str:
+        return "reference" if self.impl == "reference" else "auto"
+
+    @property
+    def fraction(self) -> float:
+        return 1.0 if self.impl == "all_global" else ROUTED_FRACTION
+
+    @property
+    def max_tokens(self) -> int | None:
+        return None if self.impl == "all_global" else DEFAULT_MAX_TOKENS
+
+    @property
+    def group(self) -> str:
+        return f"model {self.variant} {self.size.id}"
+
+    @property
+    def id(self) -> str:
+        return f"{self.variant}-{self.size.id}-{DTYPE_NAMES[self.dtype]}-{self.impl}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one ``pytest bench`` run covers, from its command line."""
+
+    device: torch.device
+    smoke: bool  # --benchmark-disable: smallest sizes, one run per case, outputs checked
+    full: bool  # --bench-full: ViT-B and 8K too
+    sizes: tuple[Size, ...] = ()  # --bench-sizes: replaces the default sizes
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return ("vit_s", "vit_b") if self.full else ("vit_s",)
+
+    @property
+    def dtypes(self) -> tuple[torch.dtype, ...]:
+        # CPUs have no fast fp16 matmul; GPUs run all three.
+        extra = (torch.float16,) if self.device.type == "cuda" else ()
+        return (torch.float32, torch.bfloat16, *extra)
+
+    @property
+    def model_sizes(self) -> tuple[Size, ...]:
+        if self.sizes:
+            return self.sizes
+        if self.smoke:
+            return (Size(256, 256),)
+        full = (Size(7680, 4320),) if self.full else ()
+        return (Size(512, 512), Size(1024, 1024), Size(2048, 2048), Size(3840, 2160), *full)
+
+    @property
+    def op_sizes(self) -> tuple[Size, ...]:
+        if self.sizes:
+            return self.sizes
+        if self.smoke:
+            return (Size(512, 512),)  # 1024 tokens
+        return (Size(1024, 1024), Size(2048, 2048), Size(3840, 2160))
+
+    def in_process(self, size: Size) -> bool:
+        """Large CPU cases run once in a fresh process, which also gives their peak RSS."""
+        return self.device.type == "cuda" or size.pixels < 2048 * 2048
+
+
+def op_cases(settings: Settings) -> list[OpCase]:
+    return [
+        OpCase(op, variant, size, fraction, dtype, impl)
+        for op in OPS
+        for variant in settings.variants
+        for size in settings.op_sizes
+        for fraction in ((None,) if op == "router" else OP_FRACTIONS)
+        for dtype in ((torch.float32,) if op == "router" else settings.dtypes)
+        for impl in ("reference", "fast")  # reference first: the fast case reuses its output
+    ]
+
+
+def model_cases(settings: Settings) -> list[ModelCase]:
+    cases = []
+    for variant in settings.variants:
+        for size in settings.model_sizes:
+            # The published computation runs in fp32; every fast precision is compared to it.
+            cases.append(ModelCase(variant, size, torch.float32, "reference"))
+            cases += [ModelCase(variant, size, dtype, "fast") for dtype in settings.dtypes]
+            if not settings.smoke:  # a baseline, not a check: route_all is tested in test_calibration
+                cases += [ModelCase(variant, size, dtype, "all_global") for dtype in settings.dtypes]
+    return cases
+
+
+# ------------------------------------------------------------------------------- ops
+
+
+def _attention_flops(case: OpCase) -> int:
+    dim, heads = case.dim_heads
+    return 4 * case.routed**2 * (dim // heads) * heads
+
+
+def _router_flops(case: OpCase) -> int:
+    C = case.dim_heads[0]
+    return 2 * case.routed * (C * C + C * C // 2 + C // 2 * C // 4 + C // 4 * 2)
+
+
+@dataclass(frozen=True)
+class Op:
+    function: str  # the OpTable field and reference function
+    flops: object = None  # case -> flops, for compute-bound ops
+    bytes: object = None  # case -> bytes read + written once, for memory-bound ops
+
+
+OPS = {
+    "router": Op("router_scores", flops=_router_flops),
+    "gather_layernorm": Op(
+        "gather_layernorm", bytes=lambda c: 2 * c.routed * c.dim_heads[0] * c.dtype.itemsize + 8 * c.routed
+    ),
+    "scatter_residual": Op(
+        "scatter_residual_", bytes=lambda c: 3 * c.routed * c.dim_heads[0] * c.dtype.itemsize + 8 * c.routed
+    ),
+    "attention": Op("varlen_attention", flops=_attention_flops),
+}
+
+
+def fast_table(device: torch.device) -> dispatch.OpTable:
+    """What the model runs on ``device`` with ``backend="auto"``; raises when unavailable."""
+    return dispatch.resolve("auto", device)
+
+
+def op_function(case: OpCase, device: torch.device):
+    """``(callable, backend name)`` benchmarked for ``case``, or ``(None, why not)``."""
+    name = OPS[case.op].function
+    if case.impl == "reference":
+        return getattr(reference, name), "reference"
+    try:
+        table = fast_table(device)
+    except Exception as e:  # a backend still being wired raises at resolve
+        return None, f"backend 'auto' unavailable on {device.type}: {e}"
+    fn = getattr(table, name)
+    if fn is getattr(reference, name):
+        return None, f"'auto' on {device.type} resolves {name} to the reference ('{table.name}' table)"
+    return fn, table.name
+
+
+def op_inputs(case: OpCase, weights: dict, device: torch.device) -> dict:
+    """Seeded inputs for one op call; the same for fast and reference."""
+    g = torch.Generator().manual_seed(zlib.crc32(case.group.encode()))
+    C, heads = case.dim_heads
+    N, T = case.size.tokens, case.routed
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device, case.dtype)
+
+    def param(key):
+        return weights[f"backbone.{key}"].to(device, case.dtype)
+
+    keep = torch.zeros(1, N, dtype=torch.bool)
+    keep[0, torch.randperm(N, generator=g)[:T]] = True
+    index, cu_seqlens, max_seqlen = reference.token_index(keep.to(device))
+    if case.op == "router":
+        names = ["in_conv.0", "in_conv.1", "out_conv.0", "out_conv.2", "out_conv.4"]
+        params = [param(f"routers.0.{n}.{p}") for n in names for p in ("weight", "bias")]
+        return {"args": (randn(1, N, C), *params, 1e-5)}
+    if case.op == "gather_layernorm":
+        return {"args": (randn(N, C), index, param("blocks.2.norm1.weight"), param("blocks.2.norm1.bias"), 1e-6)}
+    if case.op == "scatter_residual":
+        return {"args": (randn(N, C), randn(N, C), randn(T, C), index), "result": 0}  # in place on arg 0
+    d = C // heads
+    return {"args": (randn(T, heads, d), randn(T, heads, d), randn(T, heads, d), cu_seqlens, max_seqlen, d**-0.5)}
+
+
+def op_output(inputs: dict, returned):
+    """The tensor to compare: what the op returned, or the argument it updates in place."""
+    if "result" in inputs:
+        return inputs["args"][inputs["result"]]
+    return returned[0] if isinstance(returned, tuple) else returned  # router: (scores, keep)
+
+
+def op_peak_bytes(case: OpCase) -> int:
+    """What one call holds at its peak, for the larger of fast and reference: the inputs
+    plus, for the reference attention, its n x n logits and their softmax."""
+    C, heads = case.dim_heads
+    e = case.dtype.itemsize
+    inputs = 4 * case.size.tokens * C * e
+    if case.op == "attention":
+        return inputs + 2 * heads * case.routed**2 * e
+    return inputs
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    a, b = actual.double(), expected.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# --------------------------------------------------------------------- model and data
+
+
+def base_weights(variant: str) -> dict:
+    return synth.weights(f"mematte_{variant}", seed=WEIGHTS_SEED)
+
+
+def bench_inputs(size: Size) -> tuple[torch.Tensor, torch.Tensor]:
+    return synth.inputs(size.height, size.width, seed=INPUT_SEED)
+
+
+def dtype_supported() -> bool:
+    return "dtype" in inspect.signature(FastMEMatte.__init__).parameters
+
+
+def load_model(weights_path, device, dtype: torch.dtype, backend: str, max_tokens: int | None) -> FastMEMatte:
+    """The model as a user builds it: from a checkpoint file, in the requested precision."""
+    kwargs = {} if dtype == torch.float32 else {"dtype": dtype}
+    return FastMEMatte.from_checkpoint(weights_path, map_location=device, backend=backend, max_tokens=max_tokens, **kwargs)
+
+
+def route_all(model: FastMEMatte) -> None:
+    """Send every token to global attention on any input: a margin shift no token overcomes."""
+    with torch.no_grad():
+        for router in model.backbone.routers:
+            router.out_conv[4].bias[0] += 1e4
+
+
+def route(model: FastMEMatte, image: torch.Tensor, trimap: torch.Tensor) -> list[torch.Tensor]:
+    """The routing decisions of the backbone alone (no decoder): 4 x (B, h, w, 1) bool."""
+    with torch.inference_mode():
+        x = model.preprocess(image, trimap)
+        return model.backbone(x, dispatch.resolve(model.backend, x.device), model.max_tokens)[2]
+
+
+def calibrate_routers(model: FastMEMatte, image: torch.Tensor, trimap: torch.Tensor, fraction: float) -> list[float]:
+    """Shift each router's last bias so that ``fraction`` of the tokens of this input go to
+    global attention; returns the fraction each router reached.
+
+    A token's margin ``score0 - score1`` is ``logit0 - logit1``, so adding d to
+    ``out_conv.4.bias[0]`` shifts every margin by d: d is set half-way between the k-th and
+    (k+1)-th largest margins. What router i sees depends on the routing of the blocks before
+    it, so the routers are calibrated in order, each just before it runs, in one pass.
+    """
+    reached = []
+
+    def calibrate(router, args):
+        scores, _ = router.forward(*args)  # forward() skips this hook
+        margin = (scores[..., 0] - scores[..., 1]).flatten().sort(descending=True).values
+        k = min(max(round(fraction * margin.numel()), 1), margin.numel() - 1)
+        router.out_conv[4].bias[0] -= (margin[k - 1] + margin[k]) / 2
+        reached.append(k / margin.numel())
+
+    hooks = [router.register_forward_pre_hook(calibrate) for router in model.backbone.routers]
+    try:
+        route(model, image, trimap)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return reached
+
+
+def routed_ratios(decisions) -> list[float]:
+    return [float(d.float().mean()) for d in decisions]
+
+
+class BenchData:
+    """Inputs and calibrated weights, made once per session and kept on disk so that a
+    fresh process can load exactly what the in-process runs use."""
+
+    def __init__(self, directory: Path, device: torch.device):
+        self.directory = directory
+        self.device = device
+        self._weights: dict[str, dict] = {}
+        self._paths: dict[tuple, Path] = {}
+        # Reference results handed to the fast cases compared with them.
+        self.reference_outputs: dict[str, torch.Tensor] = {}  # op group -> output
+        self.reference_alpha: dict[tuple, torch.Tensor] = {}  # (variant, size) -> fp32 alpha
+
+    def weights(self, variant: str) -> dict:
+        if variant not in self._weights:
+            self._weights[variant] = base_weights(variant)
+        return self._weights[variant]
+
+    def inputs_path(self, size: Size) -> Path:
+        key = ("inputs", size)
+        if key not in self._paths:
+            image, trimap = bench_inputs(size)
+            self._paths[key] = self._save({"image": image, "trimap": trimap}, f"inputs-{size.id}.pt")
+        return self._paths[key]
+
+    def inputs(self, size: Size) -> tuple[torch.Tensor, torch.Tensor]:
+        data = torch.load(self.inputs_path(size), mmap=True)
+        return data["image"].to(self.device), data["trimap"].to(self.device)
+
+    def weights_path(self, variant: str, size: Size, fraction: float) -> Path:
+        """A checkpoint whose routers send ``fraction`` of this size's benchmark input to
+        global attention (1.0: all tokens, on any input); the same file for every
+        implementation compared. Calibrated on the fast path, in fp32."""
+        key = (variant, None if fraction >= 1 else size, fraction)
+        if key not in self._paths:
+            backend = "auto"
+            try:
+                dispatch.resolve(backend, self.device)
+            except Exception:
+                backend = "reference"
+            model = FastMEMatte(variant, backend=backend).to(self.device)
+            model.load_state_dict(self.weights(variant))
+            if fraction >= 1:
+                route_all(model)
+            else:
+                calibrate_routers(model, *self.inputs(size), fraction)
+            name = f"weights-{variant}-{'all' if fraction >= 1 else size.id}-{fraction:g}.pt"
+            self._paths[key] = self._save(model.state_dict(), name)
+        return self._paths[key]
+
+    def _save(self, obj, name: str) -> Path:
+        path = self.directory / name
+        torch.save({k: v.detach().cpu() for k, v in obj.items()}, path)
+        return path
+
+
+def model_unavailable(case: ModelCase, device: torch.device) -> str | None:
+    """Why ``case`` cannot run here, or None."""
+    if case.dtype != torch.float32 and not dtype_supported():
+        return "this FastMEMatte does not take dtype= yet"
+    if case.impl == "reference" and dispatch.requested_backend("reference") != "reference":
+        return f"{dispatch.ENV_VAR} overrides the reference backend; unset it to compare"
+    try:
+        table = dispatch.resolve(case.backend, device)
+    except Exception as e:  # a backend still being wired raises at resolve
+        return f"backend {case.backend!r} unavailable on {device.type}: {e}"
+    if case.impl == "fast" and table.name == "reference":
+        return f"'auto' resolves to the reference tables on {device.type}: no fast path to compare"
+    return fits(model_peak_bytes(case), device)
+
+
+def model_peak_bytes(case: ModelCase) -> int:
+    """A generous estimate of a forward's peak memory, to skip what cannot fit: weights
+    (checkpoint + model), token activations, window-attention logits, the routed
+    attention (n x n per head on the reference tables, n-linear on fast ones), and
+    full-resolution input/output planes."""
+    C, heads = VARIANTS[case.variant]
+    e = case.dtype.itemsize
+    params = 110e6 if case.variant == "vit_b" else 29.2e6
+    h, w = case.size.grid
+    N = h * w
+    routed = N if case.max_tokens is None else min(round(case.fraction * N), case.max_tokens)
+    windows = -(-h // 14) * -(-w // 14)
+    attention = 2 * heads * routed**2 * 4 if case.backend == "reference" else 8 * routed * C * e
+    return int(
+        0.5e9  # interpreter, torch, allocator slack
+        + params * (4 + e)
+        + 16 * N * C * e
+        + 3 * windows * heads * 196**2 * 4
+        + attention
+        + 24 * (16 * h) * (16 * w) * 4
+    )
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes this process could still allocate on ``device``."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024
+
+
+def fits(need: int, device: torch.device) -> str | None:
+    """None when ``need`` bytes fit in 90 % of what is available, else why not."""
+    free = available_memory(device)
+    if need <= 0.9 * free:
+        return None
+    return f"needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available on {device.type}"
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+@dataclass
+class Timing:
+    median_s: float
+    min_s: float
+    mean_s: float
+    rounds: int
+    timer: str
+
+
+def measure(request, settings: Settings, fn, first_s: float, *, target_s: float, rounds: tuple[int, int],
+            group: str, extra: dict) -> Timing:  # fmt: skip
+    """Time ``fn`` (already run once, in ``first_s``): CUDA events on GPU, pytest-benchmark
+    on CPU, the first run alone in smoke mode. The number of rounds, within ``rounds``, is
+    chosen so that a case takes about ``target_s`` whatever its size."""
+    if settings.smoke:
+        return Timing(first_s, first_s, first_s, 1, "single run (smoke)")
+    lo, hi = rounds
+    rounds = max(lo, min(hi, int(target_s / max(first_s, 1e-6))))
+    if settings.device.type == "cuda":
+        return _cuda_time(fn, rounds)
+    benchmark = request.getfixturevalue("benchmark")
+    benchmark.group = group
+    benchmark.extra_info.update(extra)
+    benchmark.pedantic(fn, rounds=rounds, iterations=1)
+    s = benchmark.stats.stats
+    return Timing(s.median, s.min, s.mean, s.rounds, "pytest-benchmark")
+
+
+def _cuda_time(fn, rounds: int) -> Timing:
+    fn()  # the first run compiled and autotuned; this one settles caches and clocks
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return Timing(times[len(times) // 2], times[0], sum(times) / len(times), rounds, "cuda events")
+
+
+def run_once(fn, device: torch.device):
+    """``fn()`` and its wall time, synchronised on GPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------- worker
+
+
+def run_worker(case: ModelCase, weights_path: Path, inputs_path: Path, timeout_s: float = 3600) -> dict:
+    """Build the model and run one forward in a fresh process: its latency, peak RSS and
+    routed ratios. Raises MemoryError when the process was killed (the OOM killer)."""
+    spec = {
+        "weights": str(weights_path),
+        "inputs": str(inputs_path),
+        "dtype": DTYPE_NAMES[case.dtype],
+        "backend": case.backend,
+        "max_tokens": case.max_tokens,
+    }
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "worker", json.dumps(spec)],
+        capture_output=True, text=True, timeout=timeout_s, cwd=ROOT,
+    )  # fmt: skip
+    if proc.returncode < 0:
+        raise MemoryError(f"worker for {case.id} killed by signal {-proc.returncode} (out of memory?)")
+    if proc.returncode:
+        raise RuntimeError(f"worker for {case.id} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _current_rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def _worker(spec: dict) -> dict:
+    dtype = DTYPES[spec["dtype"]]
+    model = load_model(spec["weights"], "cpu", dtype, spec["backend"], spec["max_tokens"])
+    data = torch.load(spec["inputs"], mmap=True)
+    batch = {"image": data["image"], "trimap": data["trimap"]}
+    loaded = _current_rss()
+    with torch.inference_mode():
+        start = time.perf_counter()
+        _, _, decisions = model(batch)
+        latency = time.perf_counter() - start
+    return {
+        "latency_s": latency,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+        "loaded_rss_bytes": loaded,  # before the forward: interpreter, torch, weights, input
+        "routed": routed_ratios(decisions),
+        "backend": dispatch.resolve(spec["backend"], "cpu").name,
+    }
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "worker":
+        sys.exit("usage: harness.py worker SPEC_JSON")
+    print(json.dumps(_worker(json.loads(sys.argv[2]))))

@@ -1,0 +1,119 @@
+"""The whole model, image + trimap -> alpha, one image: the fast path (backend "auto") in
+each precision against the published computation (reference backend, fp32), and a
+ViTMatte-style configuration of the same model (every token global, no token cap).
+
+Routers are calibrated to send 25 % of the tokens to global attention, the same weights
+for every configuration of a size. Latency, megapixels per second, peak memory (CUDA max
+allocated on GPU; on CPU the peak RSS of a fresh process that loads the model and runs one
+forward) and the share each router routed.
+"""
+import pytest
+import torch
+
+import harness
+
+
+def pytest_generate_tests(metafunc):
+    if "model_case" in metafunc.fixturenames:
+        cases = harness.model_cases(metafunc.config.stash[harness.SETTINGS])
+        metafunc.parametrize("model_case", cases, ids=[c.id for c in cases])
+
+
+def test_model(model_case, settings, data, record, request):
+    case, device = model_case, settings.device
+    reason = harness.model_unavailable(case, device)
+    if reason:
+        pytest.skip(reason)
+    weights = data.weights_path(case.variant, case.size, case.fraction)
+    common = dict(
+        kind="model",
+        group=case.group,
+        case=case.id,
+        impl=case.impl,
+        variant=case.variant,
+        size=case.size.id,
+        tokens=case.size.tokens,
+        dtype=harness.DTYPE_NAMES[case.dtype],
+        max_tokens=case.max_tokens,
+        requested_fraction=case.fraction,
+        megapixels=case.size.pixels / 1e6,
+    )
+
+    if not settings.in_process(case.size):
+        # One run in a fresh process gives both the latency and the peak RSS.
+        result = _worker(case, weights, data)
+        record(
+            **common,
+            backend=result["backend"],
+            time_s=result["latency_s"],
+            rounds=1,
+            timer="one run in a fresh process",
+            peak_mem_bytes=result["peak_rss_bytes"],
+            loaded_rss_bytes=result["loaded_rss_bytes"],
+            mem_kind="peak RSS of a fresh process",
+            routed=result["routed"],
+        )
+        return
+
+    model = harness.load_model(weights, device, case.dtype, case.backend, case.max_tokens)
+    image, trimap = data.inputs(case.size)
+    forward = torch.inference_mode()(lambda: model({"image": image, "trimap": trimap}))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    (outputs, _, decisions), first_s = harness.run_once(forward, device)
+    alpha = outputs["phas"].float().cpu()
+    error = None
+    if case.impl == "reference":
+        data.reference_alpha[case.variant, case.size] = alpha
+    elif case.impl == "fast" and (expected := _reference_alpha(case, data, device)) is not None:
+        error = float((alpha - expected).abs().mean())
+        tolerance = harness.ALPHA_ATOL[case.dtype]
+        assert error <= tolerance, f"{case.id}: mean |alpha - reference fp32| = {error:.2e} > {tolerance:.0e}"
+
+    timing = harness.measure(
+        request, settings, forward, first_s, target_s=6.0, rounds=(2, 5),
+        group=case.group, extra={"impl": case.impl, "dtype": common["dtype"]},
+    )  # fmt: skip
+    if device.type == "cuda":
+        memory = {"peak_mem_bytes": torch.cuda.max_memory_allocated(device), "mem_kind": "CUDA max allocated"}
+    else:
+        result = _worker(case, weights, data)
+        memory = {
+            "peak_mem_bytes": result["peak_rss_bytes"],
+            "loaded_rss_bytes": result["loaded_rss_bytes"],
+            "mem_kind": "peak RSS of a fresh process",
+        }
+    record(
+        **common,
+        backend=model.backend if case.impl == "reference" else harness.fast_table(device).name,
+        time_s=timing.median_s,
+        min_s=timing.min_s,
+        mean_s=timing.mean_s,
+        rounds=timing.rounds,
+        timer=timing.timer,
+        **memory,
+        routed=harness.routed_ratios(decisions),
+        alpha_mean_abs_error=error,
+    )
+
+
+def _worker(case, weights, data) -> dict:
+    try:
+        return harness.run_worker(case, weights, data.inputs_path(case.size))
+    except MemoryError as e:
+        pytest.skip(str(e))
+
+
+def _reference_alpha(case, data, device) -> torch.Tensor | None:
+    """The fp32 reference alpha of this size (from the reference case when it ran), or
+    None when the reference cannot run here."""
+    key = (case.variant, case.size)
+    if key not in data.reference_alpha:
+        ref = harness.ModelCase(case.variant, case.size, torch.float32, "reference")
+        if harness.model_unavailable(ref, device):
+            return None
+        model = harness.load_model(data.weights_path(case.variant, case.size, ref.fraction), device, ref.dtype,
+                                   ref.backend, ref.max_tokens)  # fmt: skip
+        with torch.inference_mode():
+            data.reference_alpha[key] = model(dict(zip(("image", "trimap"), data.inputs(case.size))))[0]["phas"].cpu()
+    return data.reference_alpha[key]
