@@ -82,7 +82,8 @@ def launch_variants(dtype):
     hidden, hidden_warps = split(router.hidden_tile(torch_dtype))
     fold, fold_warps = split(router.FOLD_TILE)
     head, head_warps = split(router.HEAD_TILE)
-    variants = [(router._router_hidden_kernel, hidden, hidden_warps, 3), (router._router_fold_kernel, fold, fold_warps, 3)]
+    variants = [(router._router_hidden_kernel, hidden, hidden_warps, 3),
+                (router._router_fold_kernel, fold, fold_warps, 3)]
     for C in WIDTHS:
         variants.append((router._router_head_kernel, {**head, "QUARTER_PAD": router.quarter_pad(C)}, head_warps, 3))
         rows, rows_warps = split(gather_scatter._row_tile(C))
@@ -136,13 +137,16 @@ def compile_all() -> list[dict]:
 
 
 def _find_ptxas() -> str | None:
-    from triton.backends.nvidia import __file__ as nvidia_backend
+    """Triton's own choice (TRITON_PTXAS_PATH, else the one it ships), else a CUDA toolkit's."""
+    from triton import knobs
 
-    bundled = Path(nvidia_backend).parent / "bin" / "ptxas"
-    for candidate in (os.environ.get("TRITON_PTXAS_PATH"), str(bundled), "/usr/local/cuda/bin/ptxas", shutil.which("ptxas")):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    return None
+    try:
+        return knobs.nvidia.ptxas.path
+    except RuntimeError:
+        for path in ("/usr/local/cuda/bin/ptxas", shutil.which("ptxas")):
+            if path and os.access(path, os.X_OK):
+                return path
+        return None
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mematte_kernels import reference
-from mematte_kernels.triton import varlen_attention
+from mematte_kernels.triton import gather_layernorm, scatter_residual_, varlen_attention
 from mematte_kernels.triton.varlen_attention import launch_varlen_attention
 from triton_tolerance import DTYPE_NAMES, DTYPES, assert_close
 
@@ -117,6 +117,7 @@ def _bad_inputs():
     yield "head-dim-not-contiguous", (strided, strided, strided, cu, n), ValueError, "contiguous in the head dimension"
     yield "cu-seqlens-2d", (q, k, v, cu[None], n), ValueError, "cu_seqlens must be 1-D"
     yield "negative-max-seqlen", (q, k, v, cu, -1), ValueError, "max_seqlen must be >= 0"
+    yield "cu-seqlens-device", (q, k, v, cu.to("meta"), n), ValueError, "cu_seqlens is on meta but q is on cpu"
 
 
 @pytest.mark.parametrize(
@@ -148,3 +149,27 @@ def test_gpu_compiles_with_torch_compile():
     )
     compiled = torch.compile(lambda q, k, v: varlen_attention(q, k, v, cu_seqlens, max_seqlen) * 2, fullgraph=True)
     assert torch.equal(compiled(q, k, v), varlen_attention(q, k, v, cu_seqlens, max_seqlen) * 2)
+
+
+def test_routed_block_traces_with_torch_compile():
+    """gather + LayerNorm -> qkv -> varlen attention -> scatter + residual, as the routed
+    block chains them, through torch.compile: the ops' fake implementations and the
+    functionalised in-place scatter (aot_eager, so no C++ compiler is needed)."""
+    generator = torch.Generator().manual_seed(7)
+    heads, C = 2, 2 * HEAD_DIM
+    x = torch.randn(3 * 50, C, generator=generator)
+    keep = torch.rand(3, 50, generator=generator) < torch.tensor([[0.5], [0.0], [1.0]])
+    index, cu_seqlens, max_seqlen = reference.token_index(keep)
+    norm_weight, norm_bias = torch.randn(C, generator=generator), torch.randn(C, generator=generator)
+    qkv_weight = torch.randn(3 * C, C, generator=generator) * C**-0.5
+
+    def routed_block(x, index, cu_seqlens):
+        h = gather_layernorm(x, index, norm_weight, norm_bias)
+        q, k, v = (h @ qkv_weight.T).view(-1, 3, heads, HEAD_DIM).unbind(1)
+        msa = varlen_attention(q, k, v, cu_seqlens, max_seqlen).flatten(1)
+        out = x.clone()
+        scatter_residual_(out, x, msa, index)
+        return out
+
+    compiled = torch.compile(routed_block, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x, index, cu_seqlens), routed_block(x, index, cu_seqlens))

@@ -41,8 +41,8 @@ def apply() -> None:
         return
     create_dot, cast_impl = builder.create_dot, builder.cast_impl
 
-    def create_dot_bf16(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return create_dot(self, _as_fp32_operand(a), _as_fp32_operand(b), d, input_precision, max_num_imprecise_acc)
+    def create_dot_bf16(self, a, b, *accumulator_and_options):
+        return create_dot(self, _as_fp32_operand(a), _as_fp32_operand(b), *accumulator_and_options)
 
     def cast_impl_rtne(self, src, dst_type):
         if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:

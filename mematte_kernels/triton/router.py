@@ -105,7 +105,8 @@ def _router_hidden_kernel(
         x = tl.load(x_rows + k[None, :] * stride_xc, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         gamma = tl.load(norm_weight_ptr + k, mask=k_mask, other=0.0).to(tl.float32)  # (BLOCK_K,)
         beta = tl.load(norm_bias_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
-        x_hat = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]  # (BLOCK_M, BLOCK_K)
+        # (BLOCK_M, BLOCK_K)
+        x_hat = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
         # W_in is (C_out, C_in) row-major; read its transpose tile directly.
         w = tl.load(
             in_weight_ptr + offs_n[None, :] * C + k[:, None],
@@ -123,7 +124,8 @@ def _router_hidden_kernel(
 
     is_global = (offs_n >= half) & (offs_n < C)
     tile_sum = tl.sum(tl.where(row_mask[:, None], h, 0.0), axis=0)  # (BLOCK_N,)
-    partial_ptrs = partial_ptr + (pid_b * tl.num_programs(0) + pid_m).to(tl.int64) * half + (offs_n - half)
+    num_tiles = tl.num_programs(0)
+    partial_ptrs = partial_ptr + (pid_b * num_tiles + pid_m).to(tl.int64) * half + (offs_n - half)
     tl.store(partial_ptrs, tile_sum, mask=is_global)
 
 
@@ -185,7 +187,8 @@ def _router_head_kernel(
     local_rows = local_ptr + tokens[:, None] * half  # (BLOCK_M, 1)
 
     # out_conv.0's outputs are produced BLOCK_J at a time and consumed at once by out_conv.2,
-    # so the (BLOCK_M, C/2) activation never exists as a whole.
+    # so the (BLOCK_M, C/2) activation never exists as a whole; the local tile is re-read
+    # (from cache) for each BLOCK_J rather than held, as it would not fit in registers.
     acc2 = tl.zeros((BLOCK_M, QUARTER_PAD), tl.float32)
     for j0 in range(0, half, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)  # (BLOCK_J,) out_conv.0 outputs
@@ -194,12 +197,14 @@ def _router_head_kernel(
         for k0 in range(0, half, BLOCK_K):
             k = k0 + offs_k
             k_mask = k < half
-            a = tl.load(local_rows + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+            local = tl.load(
+                local_rows + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0,
+            )  # (BLOCK_M, BLOCK_K)
             w0 = tl.load(
                 out0_weight_ptr + offs_j[None, :] * C + k[:, None],
                 mask=k_mask[:, None] & j_mask[None, :], other=0.0,
             )  # (BLOCK_K, BLOCK_J): W0[:, :C/2]^T
-            acc1 = tl.dot(a, w0, acc1, input_precision="ieee")
+            acc1 = tl.dot(local, w0, acc1, input_precision="ieee")
         folded = tl.load(folded_bias_ptr + pid_b * half + offs_j, mask=j_mask, other=0.0)  # (BLOCK_J,)
         z1 = _gelu(acc1 + folded[None, :])  # (BLOCK_M, BLOCK_J)
         w1 = tl.load(

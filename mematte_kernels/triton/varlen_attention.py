@@ -22,7 +22,6 @@ from ._common import INTERPRET, check_devices, check_float, check_ndim
 
 HEAD_DIM = 64
 
-
 # Tensor-core (fp16/bf16) and FMA (fp32) tiles. fp32 dots hold whole operand rows in
 # registers, so its tiles are smaller: these are the ones ptxas compiles without spills for
 # sm_80 and sm_90.
