@@ -6,7 +6,7 @@ written. ``scatter_residual_`` writes ``residual[index] + rows`` back into ``out
 one pass (the routed block's ``x + msa`` on the selected tokens).
 
 One program handles BLOCK_T rows of the whole channel width (C <= a few thousand), so the
-LayerNorm statistics come from registers in two exact passes.
+LayerNorm statistics come from registers: the mean, then the variance around it.
 """
 from __future__ import annotations
 
