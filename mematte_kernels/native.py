@@ -63,8 +63,11 @@ def rel_pos_attention(q, k, v, rel_h, rel_w, scale: float) -> torch.Tensor:
         r_q = qc.reshape(-1, H, W, d)
         bias_h = torch.einsum("bhwc,hkc->bhwk", r_q, rel_h.to(q.dtype))
         bias_w = torch.einsum("bhwc,wkc->bhwk", r_q, rel_w.to(q.dtype))
-        bias = (bias_h[:, :, :, :, None] + bias_w[:, :, :, None, :]).reshape(qc.shape[0], heads, N, N)
+        # Written straight into a contiguous (.., H, W, H, W) buffer so that viewing it as
+        # (.., N, N) costs no copy.
+        bias = q.new_empty((r_q.shape[0], H, W, H, W))
+        torch.add(bias_h[:, :, :, :, None], bias_w[:, :, :, None, :], out=bias)
         out[s : s + WINDOW_CHUNK] = F.scaled_dot_product_attention(
-            qc, k[s : s + WINDOW_CHUNK], v[s : s + WINDOW_CHUNK], attn_mask=bias, scale=scale
+            qc, k[s : s + WINDOW_CHUNK], v[s : s + WINDOW_CHUNK], attn_mask=bias.view(qc.shape[0], heads, N, N), scale=scale
         )
     return out

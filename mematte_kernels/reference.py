@@ -36,6 +36,8 @@ def router_scores(
     token goes to global attention iff ``scores[..., 0] > scores[..., 1]``.
     """
     B, N, C = x.shape
+    if N == 0:
+        return x.new_empty((B, 0, 2), dtype=torch.float32), x.new_empty((B, 0), dtype=torch.bool)
     h = F.gelu(F.linear(F.layer_norm(x, (C,), norm_weight, norm_bias, eps), in_weight, in_bias))
     local = h[..., : C // 2]
     glob = h[..., C // 2 :].mean(dim=1, keepdim=True)
@@ -87,7 +89,8 @@ def gather_layernorm(
 
 def scatter_residual_(out: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> None:
     """In place: ``out[index] = residual[index] + rows`` for ``out``/``residual`` (M, C)
-    and ``rows`` (T, C). The other rows of ``out`` are left as they are."""
+    and ``rows`` (T, C). ``index`` holds distinct rows (as :func:`token_index` gives); the
+    other rows of ``out`` are left as they are."""
     out[index] = residual[index] + rows
 
 
@@ -104,8 +107,8 @@ def varlen_attention(
 ) -> torch.Tensor:
     """Softmax attention within each packed sequence: q, k, v (T, heads, d) -> (T, heads, d).
 
-    Sequence b is rows ``cu_seqlens[b]:cu_seqlens[b+1]``; no token attends across
-    sequences. Computed as upstream does: ``softmax((q * scale) @ k^T) @ v`` per sequence.
+    Sequence b is rows ``cu_seqlens[b]:cu_seqlens[b+1]``, and the sequences cover all T
+    rows (``cu_seqlens[-1] == T``); no token attends across sequences. Computed as upstream does: ``softmax((q * scale) @ k^T) @ v`` per sequence.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out = torch.empty_like(q)
