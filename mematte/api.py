@@ -50,7 +50,8 @@ class Matte:
 
     alpha: np.ndarray                      # H×W float32 in [0, 1]
     trimap: np.ndarray                     # H×W uint8 0/128/255, as given to the model
-    routing: list[np.ndarray]              # per global block 2/5/8/11: bool token map (h, w)
+    routing: list[np.ndarray]              # per global block 2/5/8/11: bool (h, w) on the
+                                           # padded input's 16-pixel token grid
     foreground: np.ndarray | None = None   # H×W×3 float32, when a cutout or composite was asked
     composite: np.ndarray | None = None    # H×W×3 float32, when a background was given
     written: dict[str, Path] = field(default_factory=dict)  # kind -> file, see OUTPUT_NAMES
@@ -164,32 +165,35 @@ def routing_picture(image: np.ndarray, routing: list[np.ndarray], max_side: int 
 
     Tokens sent to global attention are tinted orange; the rest, handled by the
     lightweight module, are dimmed. Each token is 16×16 pixels of the padded input, so
-    the token maps are expanded and cropped to the image. Panels are shrunk to at most
-    ``max_side`` pixels so a 4K image does not give an 8K picture.
+    the token grid overhangs the image bottom/right. Panels are at most ``max_side``
+    pixels long, so a 4K image does not give an 8K picture; they are shrunk before
+    tinting to keep memory small.
     """
     h, w = image.shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    ph, pw = max(1, round(h * scale)), max(1, round(w * scale))
+    base = Image.fromarray(io.to_uint8(image))
+    if (ph, pw) != (h, w):
+        base = base.resize((pw, ph), Image.Resampling.BOX)
+    base = np.asarray(base, dtype=np.float32) / 255.0
+    # the token under the centre of each panel pixel
+    rows = ((np.arange(ph) + 0.5) * (h / ph)).astype(int) // 16
+    cols = ((np.arange(pw) + 0.5) * (w / pw)).astype(int) // 16
     tokens_in_image = (slice(0, -(-h // 16)), slice(0, -(-w // 16)))
-    tint = np.array([1.0, 0.55, 0.0], dtype=np.float32)
-    panels = []
-    for block, keep in zip(GLOBAL_BLOCKS, routing):
-        sel = np.repeat(np.repeat(keep, 16, axis=0), 16, axis=1)[:h, :w, None]
-        panel = np.where(sel, 0.45 * image + 0.55 * tint, 0.3 * image)
-        share = keep[tokens_in_image].mean()
-        panels.append(_labelled(panel, f"block {block}: {share:.0%} global", max_side))
-    pw, ph = panels[0].size
+    tinted = 0.45 * base + 0.55 * np.array([1.0, 0.55, 0.0], dtype=np.float32)
+    dimmed = 0.3 * base
     gap = 8
     sheet = Image.new("RGB", (2 * pw + gap, 2 * ph + gap), (255, 255, 255))
-    for k, panel in enumerate(panels):
-        sheet.paste(panel, ((k % 2) * (pw + gap), (k // 2) * (ph + gap)))
+    for k, (block, keep) in enumerate(zip(GLOBAL_BLOCKS, routing)):
+        panel = np.where(keep[np.ix_(rows, cols)][:, :, None], tinted, dimmed)
+        share = keep[tokens_in_image].mean()
+        sheet.paste(_labelled(panel, f"block {block}: {share:.0%} global"),
+                    ((k % 2) * (pw + gap), (k // 2) * (ph + gap)))
     return sheet
 
 
-def _labelled(panel: np.ndarray, text: str, max_side: int) -> Image.Image:
+def _labelled(panel: np.ndarray, text: str) -> Image.Image:
     im = Image.fromarray(io.to_uint8(panel))
-    if max(im.size) > max_side:
-        scale = max_side / max(im.size)
-        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
-                       Image.Resampling.BOX)
     draw = ImageDraw.Draw(im)
     font = ImageFont.load_default(size=max(10, im.height // 18))
     box = draw.textbbox((4, 2), text, font=font)

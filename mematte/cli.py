@@ -170,7 +170,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 def _require_checkpoint(args: argparse.Namespace) -> None:
     # checked before anything else: without a checkpoint nothing else is worth reporting
     if args.checkpoint is None:
-        raise UsageError(api.NO_CHECKPOINT)
+        raise UsageError(f"{api.NO_CHECKPOINT} Pass one with --checkpoint PATH.")
 
 
 def _load_model(args: argparse.Namespace) -> FastMEMatte:
@@ -219,7 +219,9 @@ def run_predict(args: argparse.Namespace) -> int:
             return EXIT_FAILED
 
     failed = 0
-    for image_path, guide_file in tqdm(jobs, unit="image", disable=len(jobs) < 2, file=sys.stderr):
+    progress = tqdm(jobs, unit="image", disable=len(jobs) < 2, file=sys.stderr)
+    for image_path, guide_file in progress:
+        progress.set_postfix_str(image_path.name, refresh=False)
         try:
             if isinstance(guide_file, Exception):
                 raise guide_file
@@ -314,7 +316,9 @@ def run_eval(args: argparse.Namespace) -> int:
     print(f"{layout}: {len(jobs)} images in {args.dataset}")
     print(_row_text(COLUMNS))
     rows, failed = [], 0
-    for name, paths in tqdm(jobs, unit="image", disable=len(jobs) < 2, file=sys.stderr):
+    progress = tqdm(jobs, unit="image", disable=len(jobs) < 2, file=sys.stderr)
+    for name, paths in progress:
+        progress.set_postfix_str(name, refresh=False)
         try:
             if isinstance(paths, Exception):
                 raise paths

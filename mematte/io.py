@@ -44,7 +44,7 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         with Image.open(path) as im:
             im.load()  # decode now: a truncated file fails here, not later mid-pipeline
             return ImageOps.exif_transpose(im)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as e:
         raise ValueError(f"{path}: not a readable image ({e})") from e
 
 
