@@ -300,7 +300,8 @@ def _release_gpu_memory(error: BaseException) -> None:
 # ---------------------------------------------------------------------- eval
 
 
-COLUMNS = ("image", "sad", "mse", "grad", "conn", "time_s", "peak_mem_mib")
+COLUMNS = ("image", "sad", "mse", "grad", "conn", "time_s", "peak_mem_mib")  # CSV header
+HEADINGS = ("image", "SAD", "MSE", "Grad", "Conn", "time_s", "peak_MiB")  # printed table
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -314,7 +315,7 @@ def run_eval(args: argparse.Namespace) -> int:
     _warm_up(model, args.tile)
 
     print(f"{layout}: {len(jobs)} images in {args.dataset}")
-    print(_row_text(COLUMNS))
+    print(_row_text(HEADINGS))
     rows, failed = [], 0
     progress = tqdm(jobs, unit="image", disable=len(jobs) < 2, file=sys.stderr)
     for name, paths in progress:

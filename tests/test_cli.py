@@ -192,7 +192,7 @@ def test_eval_composition_1k_layout_prints_the_table_and_writes_csv(tmp_path, ch
     assert "failed: y.png: no ground-truth alpha named y.* in" in stderr
     lines = stdout.splitlines()
     assert lines[0].startswith("Composition-1k: 2 images")
-    assert lines[1].split() == ["image", "sad", "mse", "grad", "conn", "time_s", "peak_mem_mib"]
+    assert lines[1].split() == ["image", "SAD", "MSE", "Grad", "Conn", "time_s", "peak_MiB"]
     assert lines[2].split()[0] == "x.png" and lines[3].split()[0] == "mean"
 
     rows = list(csv.DictReader((tmp_path / "scores.csv").open()))
