@@ -14,7 +14,8 @@
 
 // The hot loops are compiled for AVX-512 and AVX2+FMA next to the baseline ISA, and the
 // loader picks the best one at run time, so one wheel is fast everywhere without -march.
-#if defined(__x86_64__) && defined(__linux__) && (defined(__clang__) || __GNUC__ >= 11)
+// GCC 11+ on Linux (ifunc); other compilers get the baseline loops.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define MEMATTE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MEMATTE_CPU_CLONES

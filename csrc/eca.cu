@@ -27,6 +27,7 @@ constexpr int kVecsPerBlock = 32;
 constexpr int kRowsPerBlock = 8;
 constexpr int kGateThreads = 512;
 constexpr int kMaxGridY = 65535;
+constexpr int kMaxGridZ = 65535;  // grid.z is the image
 // Fewer rows per chunk than this and the partial sums cost more than they parallelise.
 constexpr int kMinRowsPerChunk = 64;
 // Blocks per SM to aim for in the two passes over z.
@@ -89,8 +90,8 @@ eca_gate_kernel(const float* __restrict__ chunk_sums, const float* __restrict__ 
   }
 }
 
-// out = z + z * gate (+ residual), rounded once from fp32. Each thread keeps its channels'
-// gate in registers and strides over the rows of one image.
+// out = z + z * gate (+ residual), computed in fp32 and rounded once to the output dtype.
+// Each thread keeps its channels' gate in registers and strides over the rows of one image.
 template <typename scalar_t, int kVec, bool kResidual>
 __global__ void __launch_bounds__(kVecsPerBlock * kRowsPerBlock)
 eca_apply_kernel(const scalar_t* __restrict__ z, const scalar_t* __restrict__ residual, const float* __restrict__ gate,
@@ -160,8 +161,8 @@ at::Tensor eca_cuda(const at::Tensor& z, const at::Tensor& weight, const std::op
   at::Tensor out = at::empty_like(z);
   if (z.numel() == 0) return out;
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-  TORCH_CHECK(z.size(0) <= kIntMax && z.size(1) * z.size(2) <= kIntMax && z.size(3) <= kIntMax,
-              "mematte_ext.eca: z of shape ", z.sizes(), " is too large for the CUDA kernel's 32-bit indices");
+  TORCH_CHECK(z.size(0) <= kMaxGridZ && z.size(1) * z.size(2) <= kIntMax && z.size(3) <= kIntMax,
+              "mematte_ext.eca: z of shape ", z.sizes(), " is too large for the CUDA kernel's grid and 32-bit indices");
   // The gate kernel holds one image's channel means in shared memory (48 KiB by default).
   TORCH_CHECK(z.size(3) * static_cast<int64_t>(sizeof(float)) <= 48 * 1024,
               "mematte_ext.eca: the CUDA kernel supports up to 12288 channels, got ", z.size(3));

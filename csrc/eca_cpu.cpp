@@ -5,7 +5,9 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "cpu_math.h"
 #include "ltrm.h"
@@ -27,7 +29,7 @@ MEMATTE_INLINE void sum_rows_impl(const scalar_t* __restrict z, int64_t rows, in
   }
 }
 
-// out = z + z * gate (+ residual): a single rounding per element, from fp32.
+// out = z + z * gate (+ residual), computed in fp32 and rounded once to the output dtype.
 template <typename scalar_t>
 MEMATTE_INLINE void apply_gate_impl(const scalar_t* __restrict z, const scalar_t* __restrict residual,
                                     const float* __restrict gate, int64_t rows, int64_t C, scalar_t* __restrict out) {

@@ -16,12 +16,6 @@
 
 namespace mematte {
 
-// The 5x5 weights as fp32 (25, C), tap-major: each tap is a contiguous run over channels,
-// which is the order every kernel reads them in.
-inline at::Tensor dwconv_taps_fp32(const at::Tensor& weight) {
-  return weight.reshape({weight.size(0), 25}).t().to(at::kFloat).contiguous();
-}
-
 // Depthwise 5x5 conv, padding 2, + bias + exact GELU.
 // x (B, H, W, C) contiguous; weight (C, 1, 5, 5); bias (C).
 at::Tensor dwconv_gelu_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
