@@ -73,18 +73,24 @@ def git_state() -> dict:
 # ------------------------------------------------------------------------ records
 
 
+# "reference", "ref" or "fast" as a word of a test name (letters on neither side).
+IMPL_WORD = re.compile(r"(?<![a-z])(reference|ref|fast)(?![a-z])", re.IGNORECASE)
+
+
 def foreign_record(bench) -> dict:
-    """A pytest-benchmark result from a file that does not record through the harness:
-    ``extra_info["impl"]`` if set, else "reference" when its name says so, "fast" otherwise;
-    ``benchmark.group`` if set, else the test name without its impl word."""
+    """A pytest-benchmark result from a file that does not record through the harness.
+
+    Its impl is ``extra_info["impl"]``, else "reference" when the test name has the word
+    reference or ref, else "fast"; its group is ``benchmark.group``, else the test name
+    without those words (so a fast test and its reference pair up).
+    """
     extra = dict(bench.extra_info)
-    words = re.split(r"[\[\]\-_]+", bench.name)
-    impl = extra.pop("impl", None) or ("reference" if {"reference", "ref"} & set(words) else "fast")
-    group = bench.group or " ".join(w for w in words if w and w not in ("reference", "ref", "fast", "test"))
+    found = {m.lower() for m in IMPL_WORD.findall(bench.name)}
+    impl = extra.pop("impl", None) or ("reference" if found & {"reference", "ref"} else "fast")
     s = bench.stats
     record = {
         "kind": "op",
-        "group": group,
+        "group": bench.group or IMPL_WORD.sub("", bench.name),
         "case": bench.name,
         "nodeid": bench.fullname,
         "impl": impl,
@@ -94,8 +100,7 @@ def foreign_record(bench) -> dict:
         "rounds": s.rounds,
         "timer": "pytest-benchmark",
     }
-    record.update(extra)
-    return with_rates(record)
+    return with_rates(record | extra)
 
 
 def with_rates(record: dict) -> dict:

@@ -54,7 +54,7 @@ def test_op(op_case, settings, data, record, request):
     op = harness.OPS[case.op]
     dtype = harness.DTYPE_NAMES[case.dtype]
     timing = harness.measure(
-        request, settings, call, first_s, target_s=1.0, rounds=(3, 200),
+        request, settings, call, first_s, target_s=0.5, rounds=(2, 100),
         group=case.group, extra={"impl": case.impl, "dtype": dtype},
     )  # fmt: skip
     record(
