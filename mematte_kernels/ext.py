@@ -3,8 +3,8 @@
 ``dwconv_gelu`` and ``eca`` take the arguments of, and match,
 :func:`mematte_kernels.reference.dwconv_gelu` and :func:`mematte_kernels.reference.eca` on
 contiguous channels-last (B, H, W, C) tensors. Weights may be float32 even for float16/bfloat16
-activations; they are read in fp32. This module imports without the extension: then
-:func:`available` is false for every device.
+activations; they are read in fp32. The ops have no autograd formula: they are for inference.
+This module imports without the extension: then :func:`available` is false for every device.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ try:
     from . import _C  # importing it registers torch.ops.mematte_ext
 except ImportError as exc:
     _C = None
-    log.warning("mematte_kernels: compiled LTRM ops unavailable (%s); using PyTorch for them", exc)
+    log.warning("mematte_kernels: compiled LTRM ops (mematte_kernels._C) unavailable: %s", exc)
 
 OPS = ("dwconv_gelu", "eca")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
