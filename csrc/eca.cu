@@ -132,7 +132,8 @@ void launch_eca(const at::Tensor& z, const at::Tensor& taps, const scalar_t* res
   const int chunks = std::max(1, std::min({blocks_per_image, ceil_div(HW, kMinRowsPerChunk), kMaxGridY}));
   const int rows_per_chunk = ceil_div(HW, chunks);
   at::Tensor chunk_sums = at::empty({B, chunks, C}, fp32);
-  eca_chunk_sums_kernel<scalar_t, kVec><<<dim3(channel_blocks, chunks, B), dim3(kVecsPerBlock, kRowsPerBlock), 0, stream>>>(
+  const dim3 block(kVecsPerBlock, kRowsPerBlock);
+  eca_chunk_sums_kernel<scalar_t, kVec><<<dim3(channel_blocks, chunks, B), block, 0, stream>>>(
       z.const_data_ptr<scalar_t>(), chunk_sums.mutable_data_ptr<float>(), HW, C, rows_per_chunk);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
@@ -143,7 +144,6 @@ void launch_eca(const at::Tensor& z, const at::Tensor& taps, const scalar_t* res
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const dim3 apply_grid(channel_blocks, std::min({blocks_per_image, ceil_div(HW, kRowsPerBlock), kMaxGridY}), B);
-  const dim3 block(kVecsPerBlock, kRowsPerBlock);
   if (residual != nullptr) {
     eca_apply_kernel<scalar_t, kVec, true><<<apply_grid, block, 0, stream>>>(
         z.const_data_ptr<scalar_t>(), residual, gate.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), HW, C);

@@ -13,8 +13,8 @@ bool is_supported_dtype(at::ScalarType dtype) {
 }
 
 void check_activation(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.dim() == 4, "mematte_ext.", op, ": ", name, " must be a 4-D channels-last (B, H, W, C) tensor, got shape ",
-              t.sizes());
+  TORCH_CHECK(t.dim() == 4, "mematte_ext.", op, ": ", name,
+              " must be a 4-D channels-last (B, H, W, C) tensor, got shape ", t.sizes());
   TORCH_CHECK(t.is_contiguous(), "mematte_ext.", op, ": ", name,
               " must be contiguous in (B, H, W, C) order, got strides ", t.strides(),
               " (from NCHW use .permute(0, 2, 3, 1).contiguous())");

@@ -201,11 +201,15 @@ def _eca_args(**override):
             r"x must be float32, float16 or bfloat16",
             id="x-float64",
         ),
-        pytest.param(_dwconv_args(weight=torch.randn(8, 1, 5, 5)), r"weight has 8 channels but x has C = 16", id="weight-channels"),
+        pytest.param(
+            _dwconv_args(weight=torch.randn(8, 1, 5, 5)), r"weight has 8 channels but x has C = 16", id="weight-channels"
+        ),
         pytest.param(_dwconv_args(weight=torch.randn(16, 1, 3, 3)), r"depthwise 5x5 kernel", id="weight-3x3"),
         pytest.param(_dwconv_args(bias=torch.randn(8)), r"bias must have shape \(C,\) = \(16,\)", id="bias-shape"),
         pytest.param(
-            _dwconv_args(bias=torch.randn(16, dtype=torch.float64)), r"bias must be float32, float16 or bfloat16", id="bias-float64"
+            _dwconv_args(bias=torch.randn(16, dtype=torch.float64)),
+            r"bias must be float32, float16 or bfloat16",
+            id="bias-float64",
         ),
     ],
 )
@@ -223,10 +227,14 @@ def test_dwconv_gelu_rejects(args, message):
         pytest.param(_eca_args(weight=torch.randn(5)), r"shape \(1, 1, k\) with k odd", id="weight-1d"),
         pytest.param(_eca_args(residual=torch.randn(1, 4, 4, 8)), r"residual must have z's shape", id="residual-shape"),
         pytest.param(
-            _eca_args(residual=torch.randn(1, 4, 4, 16, dtype=torch.bfloat16)), r"residual must have z's dtype", id="residual-dtype"
+            _eca_args(residual=torch.randn(1, 4, 4, 16, dtype=torch.bfloat16)),
+            r"residual must have z's dtype",
+            id="residual-dtype",
         ),
         pytest.param(
-            _eca_args(residual=torch.randn(1, 16, 4, 4).permute(0, 2, 3, 1)), r"residual must be contiguous", id="residual-nchw-view"
+            _eca_args(residual=torch.randn(1, 16, 4, 4).permute(0, 2, 3, 1)),
+            r"residual must be contiguous",
+            id="residual-nchw-view",
         ),
     ],
 )
@@ -298,5 +306,6 @@ def test_cuda_rejects_weight_on_cpu():
 
 @pytest.mark.gpu
 def test_opcheck_cuda():
-    torch.library.opcheck(torch.ops.mematte_ext.dwconv_gelu.default, tuple(dwconv_inputs((2, 5, 6, 40), torch.float32, "cuda")))
+    dwconv_args = tuple(dwconv_inputs((2, 5, 6, 40), torch.float32, "cuda"))
+    torch.library.opcheck(torch.ops.mematte_ext.dwconv_gelu.default, dwconv_args)
     torch.library.opcheck(torch.ops.mematte_ext.eca.default, tuple(eca_inputs((2, 5, 6, 40), torch.float32, "cuda")))
