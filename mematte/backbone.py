@@ -37,7 +37,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, dim, PATCH, stride=PATCH)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).permute(0, 2, 3, 1)
+        # Contiguous tokens: every later op reads channels as the innermost dimension.
+        return self.proj(x).permute(0, 2, 3, 1).contiguous()
 
 
 def abs_pos(pos_embed: torch.Tensor, h: int, w: int) -> torch.Tensor:

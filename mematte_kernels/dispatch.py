@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
-from . import reference
+from . import ext, native, reference
 
 log = logging.getLogger("mematte_kernels")
 
@@ -86,6 +86,55 @@ def resolve(backend: str, device: torch.device | str) -> OpTable:
 
 
 def _build(name: str, device: torch.device) -> OpTable:
-    if name in ("auto", "reference"):
+    forced = name != "auto"
+    if name == "auto":
+        name = "cuda" if device.type == "cuda" else "cpu"
+    if name == "reference":
         return REFERENCE
-    raise NotImplementedError(f"backend {name!r} is not available in this build")
+    if name == "cpu":
+        return _with_ltrm(
+            "cpu",
+            device,
+            router_scores=native.router_scores,
+            varlen_attention=native.varlen_attention,
+        )
+    # "triton" and "cuda": the Triton routed path.
+    if device.type != "cuda" and not _triton_interpreted():
+        raise ValueError(
+            f"backend {name!r} runs Triton kernels, which need CUDA tensors (got {device.type}); "
+            f"use 'cpu' or 'auto', or set TRITON_INTERPRET=1 to interpret them on the CPU"
+        )
+    from . import triton as triton_ops
+
+    routed = dict(
+        router_scores=triton_ops.router_scores,
+        gather_layernorm=triton_ops.gather_layernorm,
+        scatter_residual_=triton_ops.scatter_residual_,
+        varlen_attention=triton_ops.varlen_attention,
+    )
+    if name == "cuda" and forced and not ext.available(device):
+        raise ValueError(
+            f"backend 'cuda' needs the compiled extension's LTRM ops for {device.type} tensors, and this "
+            f"build has none; reinstall with nvcc available, or use 'triton' or 'auto'"
+        )
+    return _with_ltrm(name, device, **routed)
+
+
+def _with_ltrm(name: str, device: torch.device, **ops) -> OpTable:
+    """A table on the reference, with ``ops`` swapped in, fused window attention, and the
+    compiled LTRM ops when the extension has them for ``device``."""
+    if ext.available(device):
+        ops.update(dwconv_gelu=ext.dwconv_gelu, eca=ext.eca)
+    else:
+        name = f"{name} (LTRM ops: reference, the extension has none for {device.type})"
+    return replace(
+        REFERENCE,
+        name=name,
+        rel_pos_attention=native.rel_pos_attention,
+        channels_first_layer_norm=native.channels_first_layer_norm,
+        **ops,
+    )
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
