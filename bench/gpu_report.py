@@ -22,10 +22,7 @@ from pathlib import Path
 
 import torch
 
-import harness
 import report
-from mematte import FastMEMatte
-from mematte_kernels import dispatch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -47,6 +44,10 @@ def run_step(name: str, command: list[str], logs: Path, env: dict | None = None)
 def run_kernels_once() -> None:
     """Every op of every GPU backend once, on small inputs in each precision, then a small
     whole-model forward: what compute-sanitizer watches."""
+    import harness  # imports the package, which exists once the install step has run
+    from mematte import FastMEMatte
+    from mematte_kernels import dispatch
+
     device = torch.device("cuda")
     weights = harness.base_weights("vit_s")
     size = harness.Size(512, 512)

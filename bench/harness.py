@@ -3,17 +3,11 @@
 The suite compares the fast path (``dispatch.resolve("auto", device)``) with the published
 computation (:mod:`mematte_kernels.reference`, the ``reference`` backend) on seeded
 synthetic weights whose routers are calibrated to route a chosen fraction of the tokens.
-
-Run as a script (``python bench/harness.py worker SPEC_JSON``) it is the fresh process
-that builds one model, runs one forward and reports its latency and peak RSS.
 """
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import json
-import os
-import resource
 import subprocess
 import sys
 import time
@@ -24,14 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the worker runs as a script from any directory
-    sys.path.insert(0, str(ROOT))
+from mematte import FastMEMatte
+from mematte.backbone import PATCH, VARIANTS
+from mematte.model import DEFAULT_MAX_TOKENS, PAD_MULTIPLE, padded_size
+from mematte_kernels import dispatch, reference
+from worker import DTYPES
 
-from mematte import FastMEMatte  # noqa: E402
-from mematte.backbone import PATCH, VARIANTS  # noqa: E402
-from mematte.model import DEFAULT_MAX_TOKENS, PAD_MULTIPLE, padded_size  # noqa: E402
-from mematte_kernels import dispatch, reference  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).resolve().with_name("worker.py")
 
 
 def _load_synth():
@@ -49,8 +43,7 @@ WEIGHTS_SEED = 1234
 INPUT_SEED = 7
 ROUTED_FRACTION = 0.25  # BATR's training target: what a trained MEMatte routes on average
 OP_FRACTIONS = (0.10, 0.25, 0.50)
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 # Relative error (Frobenius) allowed between fast and reference op outputs, and mean
 # absolute alpha error of the fast model against the fp32 reference model. bf16 on random
 # weights lands near 4e-3 mean alpha error; a broken kernel is off by 1e-1 or more.
@@ -334,16 +327,6 @@ def bench_inputs(size: Size) -> tuple[torch.Tensor, torch.Tensor]:
     return synth.inputs(size.height, size.width, seed=INPUT_SEED)
 
 
-def dtype_supported() -> bool:
-    return "dtype" in inspect.signature(FastMEMatte.__init__).parameters
-
-
-def load_model(weights_path, device, dtype: torch.dtype, backend: str, max_tokens: int | None) -> FastMEMatte:
-    """The model as a user builds it: from a checkpoint file, in the requested precision."""
-    kwargs = {} if dtype == torch.float32 else {"dtype": dtype}
-    return FastMEMatte.from_checkpoint(weights_path, map_location=device, backend=backend, max_tokens=max_tokens, **kwargs)
-
-
 def route_all(model: FastMEMatte) -> None:
     """Send every token to global attention on any input: a margin shift no token overcomes."""
     with torch.no_grad():
@@ -447,8 +430,6 @@ class BenchData:
 
 def model_unavailable(case: ModelCase, device: torch.device) -> str | None:
     """Why ``case`` cannot run here, or None."""
-    if case.dtype != torch.float32 and not dtype_supported():
-        return "this FastMEMatte does not take dtype= yet"
     if case.impl == "reference" and dispatch.requested_backend("reference") != "reference":
         return f"{dispatch.ENV_VAR} overrides the reference backend; unset it to compare"
     try:
@@ -573,7 +554,7 @@ def run_worker(case: ModelCase, weights_path: Path, inputs_path: Path, timeout_s
         "max_tokens": case.max_tokens,
     }
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "worker", json.dumps(spec)],
+        [sys.executable, str(WORKER), json.dumps(spec)],
         capture_output=True, text=True, timeout=timeout_s, cwd=ROOT,
     )  # fmt: skip
     if proc.returncode < 0:
@@ -581,33 +562,3 @@ def run_worker(case: ModelCase, weights_path: Path, inputs_path: Path, timeout_s
     if proc.returncode:
         raise RuntimeError(f"worker for {case.id} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _current_rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
-
-def _worker(spec: dict) -> dict:
-    dtype = DTYPES[spec["dtype"]]
-    model = load_model(spec["weights"], "cpu", dtype, spec["backend"], spec["max_tokens"])
-    data = torch.load(spec["inputs"], mmap=True)
-    batch = {"image": data["image"], "trimap": data["trimap"]}
-    loaded = _current_rss()
-    with torch.inference_mode():
-        start = time.perf_counter()
-        _, _, decisions = model(batch)
-        latency = time.perf_counter() - start
-    return {
-        "latency_s": latency,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
-        "loaded_rss_bytes": loaded,  # before the forward: interpreter, torch, weights, input
-        "routed": routed_ratios(decisions),
-        "backend": dispatch.resolve(spec["backend"], "cpu").name,
-    }
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "worker":
-        sys.exit("usage: harness.py worker SPEC_JSON")
-    print(json.dumps(_worker(json.loads(sys.argv[2]))))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import harness
+from worker import load_model
 
 
 def pytest_generate_tests(metafunc):
@@ -55,7 +56,7 @@ def test_model(model_case, settings, data, record, request):
         )
         return
 
-    model = harness.load_model(weights, device, case.dtype, case.backend, case.max_tokens)
+    model = load_model(weights, device, case.dtype, case.backend, case.max_tokens)
     image, trimap = data.inputs(case.size)
     forward = torch.inference_mode()(lambda: model({"image": image, "trimap": trimap}))
     if device.type == "cuda":
@@ -112,7 +113,7 @@ def _reference_alpha(case, data, device) -> torch.Tensor | None:
         ref = harness.ModelCase(case.variant, case.size, torch.float32, "reference")
         if harness.model_unavailable(ref, device):
             return None
-        model = harness.load_model(data.weights_path(case.variant, case.size, ref.fraction), device, ref.dtype,
+        model = load_model(data.weights_path(case.variant, case.size, ref.fraction), device, ref.dtype,
                                    ref.backend, ref.max_tokens)  # fmt: skip
         with torch.inference_mode():
             data.reference_alpha[key] = model(dict(zip(("image", "trimap"), data.inputs(case.size))))[0]["phas"].cpu()

@@ -1,0 +1,54 @@
+"""One whole-model forward in a fresh process, for the CPU peak-memory numbers:
+
+    python bench/worker.py '{"weights": ..., "inputs": ..., "dtype": "bf16", "backend": "auto", "max_tokens": 18500}'
+
+prints one JSON line: latency_s (the forward alone), peak_rss_bytes, loaded_rss_bytes
+(before the forward), routed (per router) and backend. It imports only what an
+application would (torch, mematte), so its peak RSS is what running the model costs.
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout as well
+from mematte import FastMEMatte  # noqa: E402
+from mematte_kernels import dispatch  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_model(weights_path, device, dtype: torch.dtype, backend: str, max_tokens: int | None) -> FastMEMatte:
+    """The model as a user builds it: from a checkpoint file, in the requested precision."""
+    kwargs = {} if dtype == torch.float32 else {"dtype": dtype}
+    return FastMEMatte.from_checkpoint(weights_path, map_location=device, backend=backend, max_tokens=max_tokens, **kwargs)
+
+
+def status_bytes(field: str) -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process. Not ru_maxrss: Linux carries it
+    over exec from the forked parent, so a child of pytest would report pytest's RSS."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def main(spec: dict) -> dict:
+    model = load_model(spec["weights"], "cpu", DTYPES[spec["dtype"]], spec["backend"], spec["max_tokens"])
+    data = torch.load(spec["inputs"], mmap=True)
+    loaded = status_bytes("VmRSS")
+    with torch.inference_mode():
+        start = time.perf_counter()
+        _, _, decisions = model({"image": data["image"], "trimap": data["trimap"]})
+        latency = time.perf_counter() - start
+    return {
+        "latency_s": latency,
+        "peak_rss_bytes": status_bytes("VmHWM"),
+        "loaded_rss_bytes": loaded,
+        "routed": [float(d.float().mean()) for d in decisions],
+        "backend": dispatch.resolve(spec["backend"], "cpu").name,
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(json.loads(sys.argv[1]))))
