@@ -18,20 +18,6 @@ PATCH = 16
 PEAK_CHANNELS_PER_PIXEL = 224
 
 
-def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, fold: bool) -> torch.Tensor:
-    """BatchNorm(conv(x)) in eval mode. With ``fold``, BatchNorm's affine map is folded into
-    the convolution's weight and bias (computed in fp32): one pass over the output instead
-    of two."""
-    if not fold:
-        return bn(conv(x))
-    scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
-    shift = bn.bias.float() - bn.running_mean.float() * scale
-    if conv.bias is not None:
-        shift = shift + conv.bias.float() * scale
-    weight = conv.weight.float() * scale[:, None, None, None]
-    return F.conv2d(x, weight.to(x.dtype), shift.to(x.dtype), conv.stride, conv.padding)
-
-
 class BasicConv3x3(nn.Module):
     """Conv3×3 (no bias) -> BatchNorm -> ReLU."""
 
@@ -41,8 +27,8 @@ class BasicConv3x3(nn.Module):
         self.bn = nn.BatchNorm2d(out_chans)
         self.relu = nn.ReLU(inplace=True)
 
-    def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
-        return self.relu(conv_bn(self.conv, self.bn, x, fold=fast))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn(self.conv(x)))
 
 
 class ConvStream(nn.Module):
@@ -53,10 +39,10 @@ class ConvStream(nn.Module):
         chans = (in_chans, *out_chans)
         self.convs = nn.ModuleList(BasicConv3x3(a, b, stride=2) for a, b in zip(chans[:-1], chans[1:]))
 
-    def forward(self, x: torch.Tensor, fast: bool = False) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         details = [x]
         for conv in self.convs:
-            details.append(conv(details[-1], fast))
+            details.append(conv(details[-1]))
         return details
 
 
@@ -67,9 +53,9 @@ class FusionBlock(nn.Module):
         super().__init__()
         self.conv = BasicConv3x3(in_chans, out_chans, stride=1)
 
-    def forward(self, x: torch.Tensor, detail: torch.Tensor, fast: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, detail: torch.Tensor) -> torch.Tensor:
         up = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-        return self.conv(torch.cat([detail, up], dim=1), fast)
+        return self.conv(torch.cat([detail, up], dim=1))
 
 
 class MattingHead(nn.Module):
@@ -84,9 +70,8 @@ class MattingHead(nn.Module):
             nn.Conv2d(mid_chans, 1, 1, 1, 0),
         )
 
-    def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
-        conv1, bn, relu, conv2 = self.matting_convs
-        return conv2(relu(conv_bn(conv1, bn, x, fold=fast)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matting_convs(x)
 
 
 class DetailCapture(nn.Module):
@@ -100,19 +85,61 @@ class DetailCapture(nn.Module):
         )
         self.matting_head = MattingHead(fusion_out[-1])
 
-    def forward(self, features: torch.Tensor, images: torch.Tensor, fast: bool = False) -> torch.Tensor:
-        """features (B, C, h, w) and images (B, 4, 16h, 16w) -> alpha (B, 1, 16h, 16w) fp32.
-
-        ``fast`` runs the convolutions channels-last with BatchNorm folded into them; the
-        default follows upstream's computation exactly."""
-        if fast:
-            features = features.contiguous(memory_format=torch.channels_last)
-            images = images.contiguous(memory_format=torch.channels_last)
-        details = self.convstream(images, fast)
+    def forward(self, features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """features (B, C, h, w) and images (B, 4, 16h, 16w) -> alpha (B, 1, 16h, 16w) fp32."""
+        details = self.convstream(images)
         x = features
         for i, fuse in enumerate(self.fusion_blks):
-            x = fuse(x, details[-(i + 1)], fast)
-        return torch.sigmoid(self.matting_head(x, fast).float())
+            x = fuse(x, details[-(i + 1)])
+        return torch.sigmoid(self.matting_head(x).float())
+
+
+class FoldedDecoder:
+    """The decoder as the fast backends run it, prepared once per forward:
+
+    - each BatchNorm (eval mode: an affine map) is folded into the convolution before it,
+      in fp32, then cast to the compute dtype — one pass over each output instead of two;
+    - a fusion block's convolution over ``cat([D, up])`` runs as two convolutions summed,
+      ``conv(up, W_up) + conv(D, W_D)``, so the concatenation is never written;
+    - activations are channels-last, the layout the CPU and GPU convolution libraries
+      are fastest in.
+    """
+
+    def __init__(self, decoder: DetailCapture, dtype: torch.dtype):
+        self.dtype = dtype
+        self.stream = [self._fold(block.conv, block.bn) for block in decoder.convstream.convs]
+        convs = decoder.convstream.convs
+        detail_chans = [convs[0].conv.in_channels] + [block.conv.out_channels for block in convs]
+        self.fusion = []  # (weight over D, weight over the upsampled features, bias)
+        for block, chans in zip(decoder.fusion_blks, reversed(detail_chans)):
+            weight, bias = self._fold(block.conv.conv, block.conv.bn)
+            w_detail, w_up = (w.contiguous(memory_format=torch.channels_last) for w in weight.split([chans, weight.shape[1] - chans], 1))
+            self.fusion.append((w_detail, w_up, bias))
+        conv1, bn, _, conv2 = decoder.matting_head.matting_convs
+        self.head = self._fold(conv1, bn)
+        self.head_out = (conv2.weight.to(dtype), conv2.bias.to(dtype))
+
+    def _fold(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
+        shift = bn.bias.float() - bn.running_mean.float() * scale
+        if conv.bias is not None:
+            shift = shift + conv.bias.float() * scale
+        weight = conv.weight.float() * scale[:, None, None, None]
+        return weight.to(self.dtype).contiguous(memory_format=torch.channels_last), shift.to(self.dtype)
+
+    def __call__(self, features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        x = images.contiguous(memory_format=torch.channels_last)
+        details = [x]
+        for weight, bias in self.stream:
+            details.append(F.conv2d(details[-1], weight, bias, stride=2, padding=1).relu_())
+        x = features.contiguous(memory_format=torch.channels_last)
+        for (w_detail, w_up, bias), detail in zip(self.fusion, reversed(details)):
+            up = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            x = F.conv2d(up, w_up, bias, padding=1)
+            x += F.conv2d(detail, w_detail, padding=1)
+            x.relu_()
+        x = F.conv2d(x, *self.head, padding=1).relu_()
+        return torch.sigmoid(F.conv2d(x, *self.head_out).float())
 
 
 def tile_grid(height: int, width: int) -> list[tuple[tuple[int, int, int, int], tuple[int, int]]]:
@@ -135,11 +162,10 @@ def tiles_per_batch(crop_pixels: int, images_per_tile: int, element_size: int, m
 
 
 def decode_tiled(
-    decoder: DetailCapture,
+    decoder: DetailCapture | FoldedDecoder,
     features: torch.Tensor,
     images: torch.Tensor,
     memory: int | None = None,
-    fast: bool = False,
 ) -> torch.Tensor:
     """Decode 512×512 tiles with 64 px of context and stitch their centres.
 
@@ -165,7 +191,7 @@ def decode_tiled(
             feats = torch.cat(
                 [features[:, :, t // PATCH : b // PATCH, l // PATCH : r // PATCH] for (t, b, l, r), _ in chunk]
             )
-            out = decoder(feats, imgs, fast)
+            out = decoder(feats, imgs)
             for i, ((t, _, l, _), (dy, dx)) in enumerate(chunk):
                 tile = out[i * B : (i + 1) * B, :, dy : dy + TILE, dx : dx + TILE]
                 alpha[:, :, t + dy : t + dy + TILE, l + dx : l + dx + TILE] = tile

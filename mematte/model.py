@@ -17,7 +17,7 @@ from mematte_kernels import dispatch
 
 from .backbone import VARIANTS, ViT
 from .checkpoint import infer_variant, load_checkpoint_state_dict, state_dict_of
-from .decoder import DetailCapture, decode_tiled
+from .decoder import DetailCapture, FoldedDecoder, decode_tiled
 
 PIXEL_MEAN = (123.675 / 255, 116.280 / 255, 103.530 / 255)
 PIXEL_STD = (58.395 / 255, 57.120 / 255, 57.375 / 255)
@@ -142,13 +142,13 @@ class FastMEMatte(nn.Module):
         x = self.preprocess(image.to(device), trimap.to(device))
         ops = dispatch.resolve(self.backend, device)
         features, scores, decisions = self.backbone(x, ops, self.max_tokens)
-        # The reference decodes exactly as upstream; every other backend decodes fast.
-        fast = ops is not dispatch.REFERENCE
+        # The reference decodes exactly as upstream; every other backend decodes folded.
+        decoder = self.decoder if ops is dispatch.REFERENCE else FoldedDecoder(self.decoder, self.dtype)
         if patch_decoder:
             memory = self.decoder_memory or DECODER_MEMORY.get(device.type, DECODER_MEMORY["cpu"])
-            alpha = decode_tiled(self.decoder, features, x, memory, fast)
+            alpha = decode_tiled(decoder, features, x, memory)
         else:
-            alpha = self.decoder(features, x, fast)
+            alpha = decoder(features, x)
         return {"phas": alpha[:, :, :H, :W]}, scores, decisions
 
     # ------------------------------------------------------------------ one image

@@ -175,7 +175,7 @@ class _CropRecorder(torch.nn.Module):
         super().__init__()
         self.shapes = []
 
-    def forward(self, features, images, fast=False):
+    def forward(self, features, images):
         self.shapes.append((tuple(features.shape), tuple(images.shape)))
         assert features.shape[-2] * 16 == images.shape[-2] and features.shape[-1] * 16 == images.shape[-1]
         return images[:, :1]
