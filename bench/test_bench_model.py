@@ -61,7 +61,8 @@ def test_model(model_case, settings, data, record, request):
     forward = torch.inference_mode()(lambda: model({"image": image, "trimap": trimap}))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    (outputs, _, decisions), first_s = harness.run_once(forward, device)
+    with harness.skip_on_oom():
+        (outputs, _, decisions), first_s = harness.run_once(forward, device)
     alpha = outputs["phas"].float().cpu()
     error = None
     if case.impl == "reference":
@@ -71,10 +72,11 @@ def test_model(model_case, settings, data, record, request):
         tolerance = harness.ALPHA_ATOL[case.dtype]
         assert error <= tolerance, f"{case.id}: mean |alpha - reference fp32| = {error:.2e} > {tolerance:.0e}"
 
-    timing = harness.measure(
-        request, settings, forward, first_s, target_s=6.0, rounds=(2, 5),
-        group=case.group, extra={"impl": case.impl, "dtype": common["dtype"]},
-    )  # fmt: skip
+    with harness.skip_on_oom():
+        timing = harness.measure(
+            request, settings, forward, first_s, target_s=6.0, rounds=(2, 5),
+            group=case.group, extra={"impl": case.impl, "dtype": common["dtype"]},
+        )  # fmt: skip
     if device.type == "cuda":
         memory = {"peak_mem_bytes": torch.cuda.max_memory_allocated(device), "mem_kind": "CUDA max allocated"}
     else:

@@ -29,9 +29,10 @@ def test_op(op_case, settings, data, record, request):
     if too_big:
         pytest.skip(too_big)
 
-    inputs = harness.op_inputs(case, data.weights(case.variant), device)
-    call = lambda: fn(*inputs["args"])  # noqa: E731
-    returned, first_s = harness.run_once(call, device)
+    with harness.skip_on_oom():
+        inputs = harness.op_inputs(case, data.weights(case.variant), device)
+        call = lambda: fn(*inputs["args"])  # noqa: E731
+        returned, first_s = harness.run_once(call, device)
     output = harness.op_output(inputs, returned)
     error = None
     if case.impl == "reference":
@@ -53,10 +54,11 @@ def test_op(op_case, settings, data, record, request):
 
     op = harness.OPS[case.op]
     dtype = harness.DTYPE_NAMES[case.dtype]
-    timing = harness.measure(
-        request, settings, call, first_s, target_s=0.5, rounds=(2, 100),
-        group=case.group, extra={"impl": case.impl, "dtype": dtype},
-    )  # fmt: skip
+    with harness.skip_on_oom():
+        timing = harness.measure(
+            request, settings, call, first_s, target_s=0.5, rounds=(2, 100),
+            group=case.group, extra={"impl": case.impl, "dtype": dtype},
+        )  # fmt: skip
     record(
         kind="op",
         group=case.group,
