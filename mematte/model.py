@@ -17,7 +17,7 @@ from mematte_kernels import dispatch
 
 from .backbone import VARIANTS, ViT
 from .checkpoint import infer_variant, load_checkpoint_state_dict, state_dict_of
-from .decoder import DetailCapture, FoldedDecoder, decode_tiled
+from .decoder import CONTEXT, FAST_CONTEXT, FAST_TILE, TILE, DetailCapture, FoldedDecoder, decode_tiled
 
 PIXEL_MEAN = (123.675 / 255, 116.280 / 255, 103.530 / 255)
 PIXEL_STD = (58.395 / 255, 57.120 / 255, 57.375 / 255)
@@ -142,11 +142,13 @@ class FastMEMatte(nn.Module):
         x = self.preprocess(image.to(device), trimap.to(device))
         ops = dispatch.resolve(self.backend, device)
         features, scores, decisions = self.backbone(x, ops, self.max_tokens)
-        # The reference decodes exactly as upstream; every other backend decodes folded.
-        decoder = self.decoder if ops is dispatch.REFERENCE else FoldedDecoder(self.decoder, self.dtype)
+        if ops is dispatch.REFERENCE:  # exactly as upstream
+            decoder, tile, context = self.decoder, TILE, CONTEXT
+        else:
+            decoder, tile, context = FoldedDecoder(self.decoder, self.dtype), FAST_TILE, FAST_CONTEXT
         if patch_decoder:
             memory = self.decoder_memory or DECODER_MEMORY.get(device.type, DECODER_MEMORY["cpu"])
-            alpha = decode_tiled(decoder, features, x, memory)
+            alpha = decode_tiled(decoder, features, x, memory, tile, context)
         else:
             alpha = decoder(features, x)
         return {"phas": alpha[:, :, :H, :W]}, scores, decisions

@@ -15,7 +15,7 @@ from mematte.backbone import (
     window_partition,
     window_unpartition,
 )
-from mematte.decoder import decode_tiled, tile_grid
+from mematte.decoder import DetailCapture, decode_tiled, tile_grid
 from mematte.model import padded_size
 from mematte_kernels import reference
 
@@ -162,10 +162,37 @@ def test_router_global_half_is_a_per_image_bias():
 def test_tile_grid_places_tiles_with_context_inside_the_border():
     tiles = tile_grid(1024, 1536)
     assert len(tiles) == 2 * 3
-    crops = {(c[0], c[2]): (c, off) for c, off in tiles}
-    assert crops[(0, 0)] == ((0, 576, 0, 576), (0, 0))  # corner: context only inward
-    assert crops[(448, 448)] == ((448, 1024, 448, 1088), (64, 64))  # middle of the last row
-    assert crops[(448, 960)] == ((448, 1024, 960, 1536), (64, 64))
+    crops = {(c[0], c[2]): (c, place) for c, place in tiles}
+    assert crops[(0, 0)] == ((0, 576, 0, 576), (0, 0, 512, 512))  # corner: context only inward
+    assert crops[(448, 448)] == ((448, 1024, 448, 1088), (64, 64, 512, 512))  # middle of the last row
+    assert crops[(448, 960)] == ((448, 1024, 960, 1536), (64, 64, 512, 512))
+
+
+def test_tile_grid_clips_the_last_tiles_to_the_canvas():
+    tiles = tile_grid(1024, 1536, tile=1024, context=32)
+    assert [place for _, place in tiles] == [(0, 0, 1024, 1024), (0, 32, 1024, 512)]
+    assert [crop for crop, _ in tiles] == [(0, 1024, 0, 1056), (0, 1024, 992, 1536)]
+
+
+def test_32px_of_context_decodes_tiles_exactly_as_upstream():
+    """The receptive field of the decoder is under 32 px, so larger tiles with 32 px of
+    context give upstream's tiled result (fp64, so only the arithmetic order could differ)."""
+    torch.manual_seed(0)
+    decoder = DetailCapture(in_chans=16).double().eval()
+    with torch.no_grad():
+        for module in decoder.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.1)
+    images = torch.randn(1, 4, 512, 1536, dtype=torch.float64)
+    features = torch.randn(1, 16, 32, 96, dtype=torch.float64)
+    with torch.inference_mode():
+        upstream = decode_tiled(decoder, features, images)
+        fast = decode_tiled(decoder, features, images, tile=1024, context=32)
+        too_little = decode_tiled(decoder, features, images, tile=1024, context=16)
+    torch.testing.assert_close(fast, upstream, rtol=0, atol=1e-12)
+    assert (too_little - upstream).abs().max() > 1e-6  # the context does matter
 
 
 class _CropRecorder(torch.nn.Module):
