@@ -116,10 +116,11 @@ def with_rates(record: dict) -> dict:
 
 
 def comparisons(records: list[dict]) -> list[dict]:
-    """One row per record, grouped, reference first; every other record is paired with its
-    group's reference (the one of the same dtype when there are several)."""
+    """One row per record, grouped (whole-model groups first), reference first; every other
+    record is paired with its group's reference (the one of the same dtype when there are
+    several)."""
     groups: dict[str, list[dict]] = {}
-    for r in records:
+    for r in sorted(records, key=lambda r: r.get("kind") != "model"):  # stable: run order within
         groups.setdefault(r["group"], []).append(r)
     rows = []
     for group, members in groups.items():
