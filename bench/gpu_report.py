@@ -4,7 +4,8 @@
 
 1. ``pip install --no-build-isolation --no-deps -e .`` (compiles the CUDA extension)
 2. ``pytest tests -m gpu``, then the whole test suite
-3. ``compute-sanitizer --tool memcheck`` on every kernel run once (when it is on PATH)
+3. ``compute-sanitizer --tool memcheck`` on every kernel run once (when it is on PATH or
+   in the CUDA toolkit)
 4. ``pytest bench``, whose summary table is printed again at the end
 
 Each step's output goes to ``bench/results/gpu-report-<time>/<step>.log``. The exit status
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.cpp_extension import CUDA_HOME
 
 import report
 
@@ -104,13 +106,15 @@ def main() -> int:
         "tests-gpu": run_step("tests-gpu", [py, "-m", "pytest", "tests", "-m", "gpu", "-q"], logs),
         "tests": run_step("tests", [py, "-m", "pytest", "tests", "-q"], logs),
     }
-    sanitizer = shutil.which("compute-sanitizer")
+    # On PATH, or where the CUDA toolkit that built the extension keeps it.
+    sanitizer = shutil.which("compute-sanitizer") or shutil.which("compute-sanitizer", path=f"{CUDA_HOME}/bin")
     if sanitizer:
         # Without the caching allocator every tensor is its own allocation, so an access past
         # its end is caught instead of landing in a neighbour.
         results["memcheck"] = run_step(
             "memcheck",
-            [sanitizer, "--tool", "memcheck", "--error-exitcode", "1", py, __file__, "--kernels-once"],
+            [sanitizer, "--tool", "memcheck", "--error-exitcode", "1", py, str(Path(__file__).resolve()),
+             "--kernels-once"],  # fmt: skip
             logs,
             env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
         )

@@ -5,7 +5,8 @@ ViTMatte-style configuration of the same model (every token global, no token cap
 Routers are calibrated to send 25 % of the tokens to global attention, the same weights
 for every configuration of a size. Latency, megapixels per second, peak memory (CUDA max
 allocated on GPU; on CPU the peak RSS of a fresh process that loads the model and runs one
-forward) and the share each router routed.
+forward) and the share each router routed. Fast cases timed in process (all on GPU, below
+2048² on CPU) are first checked against the fp32 reference's alpha.
 """
 import pytest
 import torch
@@ -115,8 +116,9 @@ def _reference_alpha(case, data, device) -> torch.Tensor | None:
         ref = harness.ModelCase(case.variant, case.size, torch.float32, "reference")
         if harness.model_unavailable(ref, device):
             return None
-        model = load_model(data.weights_path(case.variant, case.size, ref.fraction), device, ref.dtype,
-                                   ref.backend, ref.max_tokens)  # fmt: skip
+        weights = data.weights_path(case.variant, case.size, ref.fraction)
+        model = load_model(weights, device, ref.dtype, ref.backend, ref.max_tokens)
+        image, trimap = data.inputs(case.size)
         with torch.inference_mode():
-            data.reference_alpha[key] = model(dict(zip(("image", "trimap"), data.inputs(case.size))))[0]["phas"].cpu()
+            data.reference_alpha[key] = model({"image": image, "trimap": trimap})[0]["phas"].float().cpu()
     return data.reference_alpha[key]
