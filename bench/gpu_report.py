@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.cpp_extension import CUDA_HOME
 
 import report
 
@@ -107,6 +106,8 @@ def main() -> int:
         "tests": run_step("tests", [py, "-m", "pytest", "tests", "-q"], logs),
     }
     # On PATH, or where the CUDA toolkit that built the extension keeps it.
+    from torch.utils.cpp_extension import CUDA_HOME
+
     sanitizer = shutil.which("compute-sanitizer") or shutil.which("compute-sanitizer", path=f"{CUDA_HOME}/bin")
     if sanitizer:
         # Without the caching allocator every tensor is its own allocation, so an access past
