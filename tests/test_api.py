@@ -1,10 +1,8 @@
 """The Python API: files in, alpha / cutout / composite / routing picture out."""
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from mematte import FastMEMatte
 from mematte.api import (
     NO_CHECKPOINT,
     fit_background,
@@ -17,14 +15,6 @@ from mematte.api import (
 )
 
 H, W = 40, 56  # padded to 64×64 by the model: a 4×4 token grid
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "random_vit_s.pth"
-    torch.save(FastMEMatte("vit_s").state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,6 @@ H, W = 40, 56  # padded to 64×64 by the model
 BG_COLS, FG_COLS = slice(0, 16), slice(40, 56)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "random_vit_s.pth"
-    torch.save(FastMEMatte("vit_s").state_dict(), path)
-    return path
-
-
 def image(seed=0, h=H, w=W):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
