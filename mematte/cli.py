@@ -445,7 +445,10 @@ def run_info(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"loads into:  nothing: {e}")
         return EXIT_FAILED
-    print(f"parameters:  {sum(p.numel() for p in model.parameters()):,}")
+    learned = sum(p.numel() for p in model.parameters())
+    stored = sum(t.numel() for t in model.state_dict().values())
+    # Papers count the state dict, BatchNorm statistics included.
+    print(f"parameters:  {stored:,} ({learned:,} learned + {stored - learned:,} BatchNorm statistics)")
     print(f"loads into:  FastMEMatte({variant})")
     return 0
 
