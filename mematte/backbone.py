@@ -275,7 +275,8 @@ class RoutedBlock(nn.Module):
     def forward(self, x: torch.Tensor, keep: torch.Tensor, ops: OpTable) -> torch.Tensor:
         B, h, w, C = x.shape
         attn = self.attn
-        rows_in = x.reshape(B * h * w, C)
+        x = x.contiguous()  # the compiled LTRM ops read it as (B*h*w, C) rows
+        rows_in = x.view(B * h * w, C)
         # x + msa for every token; the selected rows are overwritten below.
         out = self.efficient_block(x, ops, residual=x).reshape(B * h * w, C)
 

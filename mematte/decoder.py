@@ -185,7 +185,8 @@ def decode_tiled(
     ``memory`` bytes (one at a time when None); BatchNorm is in eval mode, so tiles are
     independent. Returns fp32 (B, 1, Hp, Wp) for the 512-padded size; the caller crops.
     """
-    assert tile % PATCH == 0 and context % PATCH == 0, "tiles and context must align with the tokens"
+    if tile % PATCH or context % PATCH or tile <= 0:
+        raise ValueError(f"tile ({tile} px) and context ({context} px) must be multiples of the {PATCH}-px token")
     B, _, H, W = images.shape
     Hp, Wp = -(-H // TILE) * TILE, -(-W // TILE) * TILE
     images = F.pad(images, (0, Wp - W, 0, Hp - H))

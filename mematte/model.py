@@ -139,6 +139,8 @@ class FastMEMatte(nn.Module):
         _check_batch(image, trimap)
         H, W = image.shape[-2:]
         device = self.pixel_mean.device
+        if self.dtype == torch.float16 and device.type == "cpu":
+            raise ValueError("float16 is for GPUs; on the CPU use torch.bfloat16 (or float32)")
         x = self.preprocess(image.to(device), trimap.to(device))
         ops = dispatch.resolve(self.backend, device)
         features, scores, decisions = self.backbone(x, ops, self.max_tokens)
@@ -206,6 +208,10 @@ def _check_batch(image: torch.Tensor, trimap: torch.Tensor) -> None:
         raise ValueError(f"'image' must be (B, 3, H, W), got {tuple(image.shape)}")
     if trimap.dim() != 4 or trimap.shape[1] != 1:
         raise ValueError(f"'trimap' must be (B, 1, H, W), got {tuple(trimap.shape)}")
+    if not image.is_floating_point() or not trimap.is_floating_point():
+        raise ValueError(
+            f"'image' and 'trimap' must be float tensors in [0, 1], got {image.dtype} and {trimap.dtype}"
+        )
     if image.shape[0] != trimap.shape[0] or image.shape[-2:] != trimap.shape[-2:]:
         raise ValueError(f"'image' {tuple(image.shape)} and 'trimap' {tuple(trimap.shape)} differ in batch or size")
     if image.shape[-2] == 0 or image.shape[-1] == 0:

@@ -185,13 +185,15 @@ def test_32px_of_context_decodes_tiles_exactly_as_upstream():
                 module.running_mean.normal_(0, 0.1)
                 module.running_var.uniform_(0.5, 1.5)
                 module.bias.normal_(0, 0.1)
-    images = torch.randn(1, 4, 512, 1536, dtype=torch.float64)
-    features = torch.randn(1, 16, 32, 96, dtype=torch.float64)
+    images = torch.randn(1, 4, 1024, 1536, dtype=torch.float64)
+    features = torch.randn(1, 16, 64, 96, dtype=torch.float64)
     with torch.inference_mode():
         upstream = decode_tiled(decoder, features, images)
         fast = decode_tiled(decoder, features, images, tile=1024, context=32)
+        seams = decode_tiled(decoder, features, images, tile=512, context=32)  # both directions, corners
         too_little = decode_tiled(decoder, features, images, tile=1024, context=16)
     torch.testing.assert_close(fast, upstream, rtol=0, atol=1e-12)
+    torch.testing.assert_close(seams, upstream, rtol=0, atol=1e-12)
     assert (too_little - upstream).abs().max() > 1e-6  # the context does matter
 
 
@@ -284,6 +286,11 @@ def test_constructor_rejects_bad_arguments():
         FastMEMatte("vit_s", backend="fast")
     with pytest.raises(ValueError, match="max_tokens must be a positive"):
         FastMEMatte("vit_s", max_tokens=0)
+
+
+def test_decode_tiled_rejects_tiles_off_the_token_grid():
+    with pytest.raises(ValueError, match="multiples of the 16-px token"):
+        decode_tiled(_CropRecorder(), torch.zeros(1, 8, 32, 32), torch.zeros(1, 4, 512, 512), tile=500)
 
 
 def test_env_var_forces_backend(monkeypatch):

@@ -75,3 +75,11 @@ def test_batched_call_rejects_mismatched_shapes(model):
         model({"image": torch.zeros(1, 4, 8, 8), "trimap": torch.zeros(1, 1, 8, 8)})
     with pytest.raises(ValueError, match="differ in batch or size"):
         model({"image": torch.zeros(2, 3, 8, 8), "trimap": torch.zeros(1, 1, 8, 8)})
+    with pytest.raises(ValueError, match=r"must be float tensors in \[0, 1\], got torch.uint8"):
+        model({"image": torch.zeros(1, 3, 8, 8, dtype=torch.uint8), "trimap": torch.zeros(1, 1, 8, 8)})
+
+
+def test_float16_is_refused_on_the_cpu():
+    model = FastMEMatte("vit_s", dtype=torch.float16)
+    with pytest.raises(ValueError, match="float16 is for GPUs; on the CPU use torch.bfloat16"):
+        model({"image": torch.zeros(1, 3, 8, 8), "trimap": torch.zeros(1, 1, 8, 8)})
