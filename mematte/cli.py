@@ -164,7 +164,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="most tokens per image sent to global attention; 0: no cap "
                         "(default: %(default)s)")
     g.add_argument("--tile", action=argparse.BooleanOptionalAction, default=True,
-                   help="decode in 512-pixel tiles, as published (default: on)")
+                   help="decode in tiles, as published (default: on; whole-image decoding with --no-tile)")
 
 
 def _require_checkpoint(args: argparse.Namespace) -> None:
