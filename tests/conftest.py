@@ -9,6 +9,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_report_header(config):
+    from mematte_kernels import ext
+
+    if ext._C is None:
+        return "mematte_kernels._C: not built (the LTRM ops fall back to PyTorch)"
+    cuda = "compiled" if ext._C.cuda_compiled else "not compiled"
+    return f"mematte_kernels._C: CPU ops built, CUDA ops {cuda}; CUDA device present: {torch.cuda.is_available()}"
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
