@@ -36,3 +36,14 @@ def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "random_vit_s.pth"
     torch.save(FastMEMatte("vit_s").state_dict(), path)
     return path
+
+
+@pytest.fixture
+def nan_filled_outputs():
+    """Every fresh tensor (an op's output included) starts as NaN while the test runs."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(before[0])
+    torch.utils.deterministic.fill_uninitialized_memory = before[1]

@@ -43,14 +43,26 @@ def run_cached(backend, dtype, h, w, batch=1):
     return outputs["phas"], decisions
 
 
-def compare(backend, dtype, h, w, mean_bar, agree_bar, min_routed=0):
+def assert_alpha_close(alpha, ref_alpha, fp32):
+    """fp32: mean and max as the published-parity bars; low precision: mean, and the 99.9th
+    percentile so that a broken tile or seam cannot hide in the mean."""
+    diff = (alpha - ref_alpha).abs().flatten()
+    mean_bar = 1e-5 if fp32 else 5e-3
+    assert diff.mean() <= mean_bar, f"alpha mean |diff| {diff.mean():.2e} > {mean_bar:.0e}"
+    if fp32:
+        assert diff.max() <= 5e-5, f"alpha max |diff| {diff.max():.2e} > 5e-05"
+    else:
+        p999 = torch.kthvalue(diff, int(0.999 * diff.numel())).values
+        assert p999 <= 0.1, f"alpha 99.9th percentile |diff| {p999:.2e} > 0.1"
+
+
+def compare(backend, dtype, h, w, agree_bar, min_routed=0):
     ref_alpha, ref_decisions = run_cached("reference", torch.float32, h, w)
     alpha, decisions = run_cached(backend, dtype, h, w)
-    diff = (alpha - ref_alpha).abs()
     agreement = torch.cat([(a == b).flatten() for a, b in zip(decisions, ref_decisions)]).float().mean()
     routed = [int(d.sum()) for d in ref_decisions]
     assert min(routed) >= min_routed, f"routed {routed} tokens; the comparison needs more"
-    assert diff.mean() <= mean_bar, f"alpha mean |diff| {diff.mean():.2e} > {mean_bar:.0e}"
+    assert_alpha_close(alpha, ref_alpha, fp32=dtype == torch.float32)
     assert agreement >= agree_bar, f"decisions agree on {agreement:.4f} < {agree_bar}"
 
 
@@ -62,22 +74,22 @@ def test_auto_resolves_to_the_cpu_fast_path_on_cpu():
 
 
 def test_cpu_backend_fp32_matches_reference():
-    compare("cpu", torch.float32, 512, 600, mean_bar=1e-5, agree_bar=0.999)
+    compare("cpu", torch.float32, 512, 600, agree_bar=0.999)
 
 
 def test_cpu_backend_bf16_matches_reference_on_thousands_of_routed_tokens():
     # 1024×1280 gives 66×82 tokens; the routers send 800 to 5,100 of them to attention.
-    compare("cpu", torch.bfloat16, 1024, 1280, mean_bar=5e-3, agree_bar=0.98, min_routed=700)
+    compare("cpu", torch.bfloat16, 1024, 1280, agree_bar=0.98, min_routed=700)
 
 
 @needs_triton
 def test_triton_backend_fp32_matches_reference():
-    compare("triton", torch.float32, 224, 256, mean_bar=1e-5, agree_bar=0.999)
+    compare("triton", torch.float32, 224, 256, agree_bar=0.999)
 
 
 @needs_triton
 def test_triton_backend_bf16_matches_reference():
-    compare("triton", torch.bfloat16, 224, 256, mean_bar=5e-3, agree_bar=0.98)
+    compare("triton", torch.bfloat16, 224, 256, agree_bar=0.98)
 
 
 @pytest.mark.gpu
@@ -88,10 +100,9 @@ def test_cuda_backend_matches_reference(dtype):
     model = build("cuda", dtype).cuda()
     with torch.inference_mode():
         outputs, _, decisions = model({"image": image.cuda(), "trimap": trimap.cuda()})
-    diff = (outputs["phas"].cpu() - ref_alpha).abs()
     agreement = torch.cat([(a.cpu() == b).flatten() for a, b in zip(decisions, ref_decisions)]).float().mean()
     fp32 = dtype == torch.float32
-    assert diff.mean() <= (1e-5 if fp32 else 5e-3)
+    assert_alpha_close(outputs["phas"].cpu(), ref_alpha, fp32)
     assert agreement >= (0.999 if fp32 else 0.98)
 
 
