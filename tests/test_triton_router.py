@@ -117,8 +117,9 @@ def test_empty(shape):
 
 def test_public_function_runs_the_kernel():
     x, params = make_tokens(2, 40, 32, seed=4), make_router(32, seed=4)
-    scores, keep = router_scores(x, *params, eps=1e-5)
-    expected_scores, expected_keep = run_kernel(x, params)
+    # A non-default eps, so a wrapper that dropped it would not pass.
+    scores, keep = router_scores(x, *params, eps=1e-2)
+    expected_scores, expected_keep = run_kernel(x, params, eps=1e-2)
     assert torch.equal(scores, expected_scores) and torch.equal(keep, expected_keep)
 
 
