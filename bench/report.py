@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from mematte.io import write_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -232,9 +234,9 @@ def save(directory: Path, info: dict, git: dict, mode: str, options: dict, recor
     directory.mkdir(parents=True, exist_ok=True)
     slug = device_slug(info)
     path = directory / f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    text = json.dumps(doc, indent=1, default=str)
-    path.write_text(text)
-    (directory / f"latest-{slug}.json").write_text(text)
+    data = json.dumps(doc, indent=1, default=str).encode()
+    for target in (path, directory / f"latest-{slug}.json"):
+        write_atomic(target, lambda f: f.write(data))  # an interrupted run leaves no torn JSON
     return path
 
 
