@@ -28,11 +28,16 @@ def test_parameter_count_matches_published(variant, params):
     assert sum(t.numel() for t in FastMEMatte(variant).state_dict().values()) == params
 
 
-@pytest.fixture(scope="module", params=["vit_s", "vit_b"])
+@pytest.fixture(
+    scope="module",
+    params=[(v, b) for v in ("vit_s", "vit_b") for b in ("reference", "auto")],
+    ids=lambda p: "-".join(p),
+)
 def golden_run(request):
-    variant = request.param
+    """The reference, and the default backend (the fast path of this machine), in fp32."""
+    variant, backend = request.param
     golden = torch.load(DATA / "golden" / f"mematte_{variant}.pt")
-    model = FastMEMatte(variant, backend="reference")
+    model = FastMEMatte(variant, backend=backend)
     model.load_state_dict(synth.weights(f"mematte_{variant}", seed=golden["weights_seed"]), strict=True)
     image, trimap = synth.inputs(**golden["input"])
     with torch.inference_mode():
