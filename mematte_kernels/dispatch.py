@@ -98,14 +98,16 @@ def _build(name: str, device: torch.device) -> OpTable:
             router_scores=native.router_scores,
             varlen_attention=native.varlen_attention,
         )
-    # "triton" and "cuda": the Triton routed path.
-    if device.type != "cuda" and not _triton_interpreted():
+    # "triton" and "cuda": the Triton routed path. Whether it can take CPU tensors was fixed
+    # when the kernels were decorated, so ask the kernels' module, not the environment now.
+    from . import triton as triton_ops
+    from .triton._common import INTERPRET
+
+    if device.type != "cuda" and not INTERPRET:
         raise ValueError(
             f"backend {name!r} runs Triton kernels, which need CUDA tensors (got {device.type}); "
-            f"use 'cpu' or 'auto', or set TRITON_INTERPRET=1 to interpret them on the CPU"
+            f"use 'cpu' or 'auto', or set TRITON_INTERPRET=1 before import to interpret them on the CPU"
         )
-    from . import triton as triton_ops
-
     routed = dict(
         router_scores=triton_ops.router_scores,
         gather_layernorm=triton_ops.gather_layernorm,
@@ -135,6 +137,3 @@ def _with_ltrm(name: str, device: torch.device, **ops) -> OpTable:
         **ops,
     )
 
-
-def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -1,6 +1,5 @@
 """Every backend against the reference on the same weights: fp32 and bf16 parity, batch
 independence, the token cap and predict behave the same everywhere."""
-import os
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -11,13 +10,13 @@ import torch
 
 from mematte import FastMEMatte
 from mematte_kernels import dispatch, ext
+from mematte_kernels.triton import _common as triton_common
 
 sys.path.insert(0, str(Path(__file__).parent / "data" / "golden"))
 import synth  # noqa: E402
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 needs_triton = pytest.mark.skipif(
-    not (INTERPRETED or torch.cuda.is_available()), reason="Triton needs a GPU or TRITON_INTERPRET=1"
+    not (triton_common.INTERPRET or torch.cuda.is_available()), reason="Triton needs a GPU or TRITON_INTERPRET=1"
 )
 
 
@@ -107,9 +106,12 @@ def test_cuda_backend_matches_reference(dtype):
 
 
 @pytest.mark.parametrize(
-    "backend, size", [("cpu", (200, 232)), pytest.param("triton", (96, 128), marks=needs_triton)], ids=["cpu", "triton"]
+    "backend, size",
+    [("reference", (200, 232)), ("cpu", (200, 232)), pytest.param("triton", (96, 128), marks=needs_triton)],
+    ids=["reference", "cpu", "triton"],
 )
 def test_batch_of_two_equals_two_single_calls(backend, size):
+    """Routing and attention are per image: the second image's tokens never reach the first."""
     model = build(backend)
     image, trimap = synth.inputs(*size, seed=4)
     image = torch.cat([image, image.flip(-1)])
@@ -120,6 +122,8 @@ def test_batch_of_two_equals_two_single_calls(backend, size):
             single, _, decisions = model({"image": image[i : i + 1], "trimap": trimap[i : i + 1]})
             torch.testing.assert_close(both["phas"][i : i + 1], single["phas"], rtol=0, atol=1e-5)
             assert all(torch.equal(a[i : i + 1], b) for a, b in zip(both_decisions, decisions))
+    routed = torch.stack([d.float().mean() for d in both_decisions])
+    assert (routed > 0.02).all() and (routed < 0.98).all(), routed  # a real mix was routed
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", pytest.param("triton", marks=needs_triton)])
@@ -147,7 +151,7 @@ def test_predict_is_the_same_on_every_backend():
 
 
 def test_forcing_a_gpu_backend_on_cpu_tensors_explains_itself(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(triton_common, "INTERPRET", False)
     with pytest.raises(ValueError, match="need CUDA tensors"):
         dispatch.resolve("cuda", "cpu")
 
