@@ -1,4 +1,5 @@
-// The LTRM ops of MEMatte on channels-last (B, H, W, C) tensors, one entry point per device.
+// The mematte_ext ops on channels-last (B, H, W, C) tensors, one entry point per device:
+// MEMatte's LTRM ops and the decoder's upsample-conv epilogue.
 // Arguments are validated in ops.cpp before these are called.
 #pragma once
 
@@ -23,6 +24,19 @@ at::Tensor dwconv_gelu_cpu(const at::Tensor& x, const at::Tensor& weight, const 
 // z + z * sigmoid(conv1d_k(mean_hw(z))) [+ residual].
 // z (B, H, W, C) contiguous; weight (1, 1, k), k odd; residual like z.
 at::Tensor eca_cpu(const at::Tensor& z, const at::Tensor& weight, const std::optional<at::Tensor>& residual);
+
+// out = relu(out + conv3x3(upsample2x(x), W)), in place, from taps = W_k . x per 3x3 tap k.
+// out (B, 2h, 2w, C) contiguous; taps (B, h, w, 9C) contiguous, tap-major: (ky * 3 + kx) * C + c.
+void upsample_taps_relu_cpu(at::Tensor& out, const at::Tensor& taps);
+
+// Varlen attention, bf16, head dim 64, on CPUs with AVX512-BF16 (cpu_has_avx512_bf16()).
+// q, k, v (T, heads, 64) with a contiguous last dim; cu_seqlens (B + 1,) int32; optional
+// decomposed position bias for H x W grids: the gathered tables rel_h (H, H, 64) and rel_w
+// (W, W, 64), bf16, H, W <= 16; every sequence is then an H x W grid. Returns (T, heads, 64).
+bool cpu_has_avx512_bf16();
+at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& cu_seqlens, double scale, const std::optional<at::Tensor>& rel_h,
+                                const std::optional<at::Tensor>& rel_w);
 
 #ifdef MEMATTE_WITH_CUDA
 at::Tensor dwconv_gelu_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);

@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <utility>
+
 #include "ltrm.h"
 
 namespace mematte {
@@ -60,6 +62,71 @@ void check_eca(const at::Tensor& z, const at::Tensor& weight, const std::optiona
               residual->strides());
 }
 
+void check_upsample_taps_relu(const at::Tensor& out, const at::Tensor& taps) {
+  check_activation("upsample_taps_relu_", "out", out);
+  check_activation("upsample_taps_relu_", "taps", taps);
+  TORCH_CHECK(taps.device() == out.device(), "mematte_ext.upsample_taps_relu_: taps must be on out's device (",
+              out.device(), "), got ", taps.device());
+  TORCH_CHECK(taps.scalar_type() == out.scalar_type(), "mematte_ext.upsample_taps_relu_: taps must have out's dtype (",
+              out.scalar_type(), "), got ", taps.scalar_type());
+  TORCH_CHECK(taps.size(0) == out.size(0) && out.size(1) == 2 * taps.size(1) && out.size(2) == 2 * taps.size(2) &&
+                  taps.size(3) == 9 * out.size(3),
+              "mematte_ext.upsample_taps_relu_: for out of shape (B, H, W, C) = ", out.sizes(),
+              " taps must have shape (B, H/2, W/2, 9C), got ", taps.sizes());
+}
+
+void check_varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& cu_seqlens, const std::optional<at::Tensor>& rel_h,
+                            const std::optional<at::Tensor>& rel_w) {
+  TORCH_CHECK(cpu_has_avx512_bf16(), "mematte_ext.varlen_attention: needs a CPU with AVX512-BF16; this one has none");
+  for (const auto& [name, t] : {std::pair{"q", q}, std::pair{"k", k}, std::pair{"v", v}}) {
+    TORCH_CHECK(t.dim() == 3 && t.size(2) == 64, "mematte_ext.varlen_attention: ", name,
+                " must be packed (T, heads, 64), got shape ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == at::kBFloat16, "mematte_ext.varlen_attention: ", name,
+                " must be bfloat16, got ", t.scalar_type());
+    TORCH_CHECK(t.stride(2) == 1, "mematte_ext.varlen_attention: ", name,
+                " must have a contiguous head dim, got strides ", t.strides());
+    TORCH_CHECK(t.sizes() == q.sizes(), "mematte_ext.varlen_attention: ", name, " has shape ", t.sizes(),
+                " but q has ", q.sizes());
+    TORCH_CHECK(t.device() == q.device(), "mematte_ext.varlen_attention: ", name, " must be on q's device");
+  }
+  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1 && cu_seqlens.scalar_type() == at::kInt &&
+                  cu_seqlens.is_contiguous() && cu_seqlens.device().is_cpu(),
+              "mematte_ext.varlen_attention: cu_seqlens must be a contiguous 1-D int32 CPU tensor (B + 1,), got ",
+              cu_seqlens.scalar_type(), " of shape ", cu_seqlens.sizes());
+  const int32_t* cu = cu_seqlens.const_data_ptr<int32_t>();
+  const int64_t n = cu_seqlens.size(0);
+  TORCH_CHECK(cu[0] == 0 && cu[n - 1] == q.size(0), "mematte_ext.varlen_attention: cu_seqlens must run from 0 to T = ",
+              q.size(0), ", got ", cu[0], " .. ", cu[n - 1]);
+  for (int64_t i = 1; i < n; ++i) {
+    TORCH_CHECK(cu[i] >= cu[i - 1], "mematte_ext.varlen_attention: cu_seqlens must be non-decreasing, got ", cu[i - 1],
+                " then ", cu[i]);
+  }
+  TORCH_CHECK(rel_h.has_value() == rel_w.has_value(),
+              "mematte_ext.varlen_attention: rel_h and rel_w come together (the two axes of one position bias)");
+  if (!rel_h.has_value()) return;
+  for (const auto& [name, t] : {std::pair{"rel_h", *rel_h}, std::pair{"rel_w", *rel_w}}) {
+    TORCH_CHECK(t.dim() == 3 && t.size(0) == t.size(1) && t.size(0) >= 1 && t.size(0) <= 16 && t.size(2) == 64,
+                "mematte_ext.varlen_attention: ", name, " must be a gathered position table (n, n, 64) with n <= 16, got shape ",
+                t.sizes());
+    TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.is_contiguous() && t.device() == q.device(),
+                "mematte_ext.varlen_attention: ", name, " must be a contiguous bfloat16 tensor on q's device");
+  }
+  const int64_t grid = rel_h->size(0) * rel_w->size(0);
+  for (int64_t i = 1; i < n; ++i) {
+    TORCH_CHECK(cu[i] - cu[i - 1] == grid || cu[i] == cu[i - 1],
+                "mematte_ext.varlen_attention: with a position bias every sequence must be the ", rel_h->size(0), "x",
+                rel_w->size(0), " grid of ", grid, " tokens, got one of ", cu[i] - cu[i - 1]);
+  }
+}
+
+at::Tensor checked_varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& cu_seqlens, double scale, const std::optional<at::Tensor>& rel_h,
+                                    const std::optional<at::Tensor>& rel_w) {
+  check_varlen_attention(q, k, v, cu_seqlens, rel_h, rel_w);
+  return varlen_attention_cpu(q, k, v, cu_seqlens, scale, rel_h, rel_w);
+}
+
 template <at::Tensor (*kernel)(const at::Tensor&, const at::Tensor&, const at::Tensor&)>
 at::Tensor checked_dwconv_gelu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   check_dwconv_gelu(x, weight, bias);
@@ -72,17 +139,29 @@ at::Tensor checked_eca(const at::Tensor& z, const at::Tensor& weight, const std:
   return kernel(z, weight, residual);
 }
 
+template <void (*kernel)(at::Tensor&, const at::Tensor&)>
+void checked_upsample_taps_relu(at::Tensor& out, const at::Tensor& taps) {
+  check_upsample_taps_relu(out, taps);
+  kernel(out, taps);
+}
+
 }  // namespace
 }  // namespace mematte
 
 TORCH_LIBRARY(mematte_ext, m) {
   m.def("dwconv_gelu(Tensor x, Tensor weight, Tensor bias) -> Tensor");
   m.def("eca(Tensor z, Tensor weight, Tensor? residual=None) -> Tensor");
+  m.def("upsample_taps_relu_(Tensor(a!) out, Tensor taps) -> ()");
+  m.def(
+      "varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, float scale, Tensor? rel_h=None, "
+      "Tensor? rel_w=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mematte_ext, CPU, m) {
   m.impl("dwconv_gelu", &mematte::checked_dwconv_gelu<&mematte::dwconv_gelu_cpu>);
   m.impl("eca", &mematte::checked_eca<&mematte::eca_cpu>);
+  m.impl("upsample_taps_relu_", &mematte::checked_upsample_taps_relu<&mematte::upsample_taps_relu_cpu>);
+  m.impl("varlen_attention", &mematte::checked_varlen_attention);
 }
 
 #ifdef MEMATTE_WITH_CUDA
@@ -107,8 +186,10 @@ PyMODINIT_FUNC PyInit__C() {
 #else
   PyObject* cuda_opted_out = Py_False;
 #endif
+  PyObject* cpu_bf16_attention = mematte::cpu_has_avx512_bf16() ? Py_True : Py_False;
   if (PyModule_AddObjectRef(module, "cuda_compiled", cuda_compiled) < 0 ||
-      PyModule_AddObjectRef(module, "cuda_opted_out", cuda_opted_out) < 0) {
+      PyModule_AddObjectRef(module, "cuda_opted_out", cuda_opted_out) < 0 ||
+      PyModule_AddObjectRef(module, "cpu_bf16_attention", cpu_bf16_attention) < 0) {
     Py_DECREF(module);
     return nullptr;
   }

@@ -36,9 +36,9 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, dim, PATCH, stride=PATCH)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: OpTable) -> torch.Tensor:
         # Contiguous tokens: every later op reads channels as the innermost dimension.
-        return self.proj(x).permute(0, 2, 3, 1).contiguous()
+        return ops.patch_embed(x, self.proj.weight, self.proj.bias)
 
 
 def abs_pos(pos_embed: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -86,12 +86,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ops: OpTable) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C), every token attending to every other of its grid."""
         B, H, W, C = x.shape
-        qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = ops.linear(x, self.qkv.weight, self.qkv.bias)
+        qkv = qkv.reshape(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, H*W, d)
         rel_h = rel_pos_table(H, H, self.rel_pos_h)
         rel_w = rel_pos_table(W, W, self.rel_pos_w)
         out = ops.rel_pos_attention(q, k, v, rel_h, rel_w, self.scale)
-        return self.proj(out.transpose(1, 2).reshape(B, H, W, C))
+        return ops.linear(out.transpose(1, 2).reshape(B, H, W, C), self.proj.weight, self.proj.bias)
 
 
 def window_partition(x: torch.Tensor, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -117,14 +118,15 @@ def window_unpartition(windows: torch.Tensor, size: int, padded: tuple[int, int]
 
 
 class Mlp(nn.Module):
+    """fc1 -> GELU (erf) -> fc2."""
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: torch.Tensor, ops: OpTable) -> torch.Tensor:
+        return ops.linear(ops.linear_gelu(x, self.fc1.weight, self.fc1.bias), self.fc2.weight, self.fc2.bias)
 
 
 class WindowBlock(nn.Module):
@@ -142,7 +144,7 @@ class WindowBlock(nn.Module):
         H, W = x.shape[1:3]
         windows, padded = window_partition(self.norm1(x), WINDOW_SIZE)
         x = x + window_unpartition(self.attn(windows, ops), WINDOW_SIZE, padded, (H, W))
-        return x + self.mlp(self.norm2(x))
+        return x + self.mlp(self.norm2(x), ops)
 
 
 # ---------------------------------------------------------------------- router
@@ -209,8 +211,8 @@ class LTRM(nn.Module):
 
     def forward(self, x: torch.Tensor, ops: OpTable, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``z + z * s`` with s the ECA gate, plus ``residual`` when given."""
-        a = ops.dwconv_gelu(F.gelu(self.fc1(x)), self.dwconv.weight, self.dwconv.bias)
-        return ops.eca(self.fc2(a), self.eca.conv.weight, residual)
+        a = ops.dwconv_gelu(ops.linear_gelu(x, self.fc1.weight, self.fc1.bias), self.dwconv.weight, self.dwconv.bias)
+        return ops.eca(ops.linear(a, self.fc2.weight, self.fc2.bias), self.eca.conv.weight, residual)
 
 
 # ------------------------------------------------------------- ResBottleneck
@@ -283,13 +285,13 @@ class RoutedBlock(nn.Module):
         index, cu_seqlens, max_seqlen = ops.token_index(keep)
         if index.numel():
             packed = ops.gather_layernorm(rows_in, index, self.norm1.weight, self.norm1.bias, self.norm1.eps)
-            qkv = attn.qkv(packed).view(-1, 3, attn.num_heads, attn.head_dim)
+            qkv = ops.linear(packed, attn.qkv.weight, attn.qkv.bias).view(-1, 3, attn.num_heads, attn.head_dim)
             q, k, v = qkv.unbind(1)  # (T, heads, d)
             o = ops.varlen_attention(q, k, v, cu_seqlens, max_seqlen, attn.scale)
-            ops.scatter_residual_(out, rows_in, attn.proj(o.reshape(-1, C)), index)
+            ops.scatter_residual_(out, rows_in, ops.linear(o.reshape(-1, C), attn.proj.weight, attn.proj.bias), index)
 
         x = out.view(B, h, w, C)
-        x = x + self.mlp(self.norm2(x))
+        x = x + self.mlp(self.norm2(x), ops)
         return self.residual(x.permute(0, 3, 1, 2), ops).permute(0, 2, 3, 1)
 
 
@@ -315,7 +317,7 @@ class ViT(nn.Module):
     def forward(
         self, x: torch.Tensor, ops: OpTable, max_tokens: int | None
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        x = self.patch_embed(x)
+        x = self.patch_embed(x, ops)
         B, h, w, C = x.shape
         x = x + abs_pos(self.pos_embed, h, w)
         scores, decisions = [], []

@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mematte_kernels import OpTable
+
 TILE = 512  # pixels each tile contributes, and the unit the input is padded to
 CONTEXT = 64  # pixels of context decoded around a tile, where the input has them
 PATCH = 16
@@ -106,13 +108,16 @@ class FoldedDecoder:
     - each BatchNorm (eval mode: an affine map) is folded into the convolution before it,
       in fp32, then cast to the compute dtype — one pass over each output instead of two;
     - a fusion block's convolution over ``cat([D, up])`` runs as two convolutions summed,
-      ``conv(up, W_up) + conv(D, W_D)``, so the concatenation is never written;
+      ``conv(D, W_D) + conv(up, W_up)``, so the concatenation is never written, and the
+      second one (with the ReLU) is the op table's ``upsample_conv_relu_``, which need not
+      write the upsampled map either;
     - activations are channels-last, the layout the CPU and GPU convolution libraries
       are fastest in.
     """
 
-    def __init__(self, decoder: DetailCapture, dtype: torch.dtype):
+    def __init__(self, decoder: DetailCapture, dtype: torch.dtype, ops: OpTable):
         self.dtype = dtype
+        self.ops = ops
         self.stream = [self._fold(block.conv, block.bn) for block in decoder.convstream.convs]
         convs = decoder.convstream.convs
         detail_chans = [convs[0].conv.in_channels] + [block.conv.out_channels for block in convs]
@@ -140,27 +145,38 @@ class FoldedDecoder:
             details.append(F.conv2d(details[-1], weight, bias, stride=2, padding=1).relu_())
         x = features.contiguous(memory_format=torch.channels_last)
         for (w_detail, w_up, bias), detail in zip(self.fusion, reversed(details)):
-            up = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-            x = F.conv2d(up, w_up, bias, padding=1)
-            x += F.conv2d(detail, w_detail, padding=1)
-            x.relu_()
+            x = self.ops.upsample_conv_relu_(F.conv2d(detail, w_detail, bias, padding=1), x, w_up)
         x = F.conv2d(x, *self.head, padding=1).relu_()
         return torch.sigmoid(F.conv2d(x, *self.head_out).float())
 
 
+def tile_length(size: int, tile: int) -> int:
+    """The length of the tiles that cover ``size`` px with as few tiles of at most ``tile``
+    px as possible, all equal but the last, on the token grid: 2160 px in 1024-px tiles are
+    three of 720, not two of 1024 and a sliver."""
+    count = -(-size // tile)
+    return -(-size // (count * PATCH)) * PATCH
+
+
 def tile_grid(
-    height: int, width: int, tile: int = TILE, context: int = CONTEXT
+    height: int, width: int, tile: int = TILE, context: int = CONTEXT, canvas: tuple[int, int] | None = None
 ) -> list[tuple[tuple[int, int, int, int], tuple[int, int, int, int]]]:
-    """Tiles covering a (height, width) canvas: for each, its crop (top, bottom, left,
-    right) with up to ``context`` px beyond the tile on each side that stays inside the
-    canvas, and the tile's place inside that crop (dy, dx, tile height, tile width)."""
+    """Tiles covering the top-left (height, width) of a canvas (by default exactly that
+    size): for each, its crop (top, bottom, left, right) with up to ``context`` px beyond the
+    tile on each side that stays inside the canvas, and the tile's place inside that crop
+    (dy, dx, tile height, tile width)."""
+    canvas_h, canvas_w = canvas or (height, width)
+    tile_h, tile_w = tile_length(height, tile), tile_length(width, tile)
+    # Crops stay on the token grid: a region that ends mid-token is decoded to the token's end.
+    grid_h, grid_w = -(-height // PATCH) * PATCH, -(-width // PATCH) * PATCH
     tiles = []
-    for y in range(0, height, tile):
-        for x in range(0, width, tile):
-            th, tw = min(tile, height - y), min(tile, width - x)
+    for y in range(0, height, tile_h):
+        for x in range(0, width, tile_w):
             top, left = max(y - context, 0), max(x - context, 0)
-            bottom, right = min(y + th + context, height), min(x + tw + context, width)
-            tiles.append(((top, bottom, left, right), (y - top, x - left, th, tw)))
+            bottom = min(min(y + tile_h, grid_h) + context, canvas_h)
+            right = min(min(x + tile_w, grid_w) + context, canvas_w)
+            place = (y - top, x - left, min(tile_h, height - y), min(tile_w, width - x))
+            tiles.append(((top, bottom, left, right), place))
     return tiles
 
 
@@ -177,13 +193,17 @@ def decode_tiled(
     memory: int | None = None,
     tile: int = TILE,
     context: int = CONTEXT,
+    size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Decode tiles (upstream: 512×512 with 64 px of context) and stitch their centres.
 
-    The input is zero-padded bottom/right to a multiple of 512 px and the features to a
-    multiple of 32 tokens. Tiles of the same crop size are decoded together, as many as fit
+    The input is zero-padded bottom/right to a multiple of 512 px (the canvas) and the
+    features to a multiple of 32 tokens. Tiles cover the top-left ``size`` (height, width)
+    of the canvas, all of it when None as upstream does; a caller that crops the alpha to the
+    image can ask for just the image and skip decoding the padding (up to 40 % of the work
+    for 3840×2160). Tiles of the same crop size are decoded together, as many as fit
     ``memory`` bytes (one at a time when None); BatchNorm is in eval mode, so tiles are
-    independent. Returns fp32 (B, 1, Hp, Wp) for the 512-padded size; the caller crops.
+    independent. Returns fp32 (B, 1, *size).
     """
     if tile % PATCH or context % PATCH or tile <= 0:
         raise ValueError(f"tile ({tile} px) and context ({context} px) must be multiples of the {PATCH}-px token")
@@ -191,10 +211,13 @@ def decode_tiled(
     Hp, Wp = -(-H // TILE) * TILE, -(-W // TILE) * TILE
     images = F.pad(images, (0, Wp - W, 0, Hp - H))
     features = F.pad(features, (0, Wp // PATCH - features.shape[-1], 0, Hp // PATCH - features.shape[-2]))
-    alpha = images.new_empty((B, 1, Hp, Wp), dtype=torch.float32)
+    height, width = size or (Hp, Wp)
+    if not (0 < height <= Hp and 0 < width <= Wp):
+        raise ValueError(f"size {size} must be within the {Hp}×{Wp} canvas")
+    alpha = images.new_empty((B, 1, height, width), dtype=torch.float32)
 
     by_shape: dict[tuple[int, int], list] = {}
-    for crop, place in tile_grid(Hp, Wp, tile, context):
+    for crop, place in tile_grid(height, width, tile, context, canvas=(Hp, Wp)):
         by_shape.setdefault((crop[1] - crop[0], crop[3] - crop[2]), []).append((crop, place))
     for (crop_h, crop_w), group in by_shape.items():
         max_batch = 1 if memory is None else tiles_per_batch(crop_h * crop_w, B, images.element_size(), memory)

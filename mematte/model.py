@@ -145,12 +145,12 @@ class FastMEMatte(nn.Module):
         ops = dispatch.resolve(self.backend, device)
         features, scores, decisions = self.backbone(x, ops, self.max_tokens)
         if ops is dispatch.REFERENCE:  # exactly as upstream
-            decoder, tile, context = self.decoder, TILE, CONTEXT
-        else:
-            decoder, tile, context = FoldedDecoder(self.decoder, self.dtype), FAST_TILE, FAST_CONTEXT
+            decoder, tile, context, size = self.decoder, TILE, CONTEXT, None
+        else:  # the same alpha over the image, without decoding the padding
+            decoder, tile, context, size = FoldedDecoder(self.decoder, self.dtype, ops), FAST_TILE, FAST_CONTEXT, (H, W)
         if patch_decoder:
             memory = self.decoder_memory or DECODER_MEMORY.get(device.type, DECODER_MEMORY["cpu"])
-            alpha = decode_tiled(decoder, features, x, memory, tile, context)
+            alpha = decode_tiled(decoder, features, x, memory, tile, context, size)
         else:
             alpha = decoder(features, x)
         return {"phas": alpha[:, :, :H, :W]}, scores, decisions

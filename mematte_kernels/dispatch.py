@@ -44,6 +44,10 @@ class OpTable:
     eca: Callable
     rel_pos_attention: Callable
     channels_first_layer_norm: Callable
+    upsample_conv_relu_: Callable
+    patch_embed: Callable
+    linear: Callable
+    linear_gelu: Callable
 
 
 REFERENCE = OpTable(
@@ -58,6 +62,10 @@ REFERENCE = OpTable(
     eca=reference.eca,
     rel_pos_attention=reference.rel_pos_attention,
     channels_first_layer_norm=reference.channels_first_layer_norm,
+    upsample_conv_relu_=reference.upsample_conv_relu_,
+    patch_embed=reference.patch_embed,
+    linear=reference.linear,
+    linear_gelu=reference.linear_gelu,
 )
 
 
@@ -92,11 +100,15 @@ def _build(name: str, device: torch.device) -> OpTable:
     if name == "reference":
         return REFERENCE
     if name == "cpu":
+        onednn = torch.backends.mkldnn.is_available()
+        dense = {"linear": native.linear, "linear_gelu": native.linear_gelu} if onednn else {}
         return _with_ltrm(
             "cpu",
             device,
             router_scores=native.router_scores,
-            varlen_attention=native.varlen_attention,
+            varlen_attention=native.varlen_attention_bf16 if ext.cpu_bf16_attention() else native.varlen_attention,
+            patch_embed=native.patch_embed,
+            **dense,
         )
     # "triton" and "cuda": the Triton routed path. Whether it can take CPU tensors was fixed
     # when the kernels were decorated, so ask the kernels' module, not the environment now.
@@ -124,15 +136,18 @@ def _build(name: str, device: torch.device) -> OpTable:
 
 def _with_ltrm(name: str, device: torch.device, **ops) -> OpTable:
     """A table on the reference, with ``ops`` swapped in, fused window attention, and the
-    compiled LTRM ops when the extension has them for ``device``."""
+    compiled ops when the extension has them for ``device``."""
     if ext.available(device):
         ops.update(dwconv_gelu=ext.dwconv_gelu, eca=ext.eca)
     else:
         name = f"{name} (LTRM ops: reference, the extension has none for {device.type})"
+    if ext.has_kernel("upsample_taps_relu_", device):
+        ops.update(upsample_conv_relu_=native.upsample_conv_relu_)
+    bf16_attention = device.type == "cpu" and ext.cpu_bf16_attention()
     return replace(
         REFERENCE,
         name=name,
-        rel_pos_attention=native.rel_pos_attention,
+        rel_pos_attention=native.rel_pos_attention_bf16 if bf16_attention else native.rel_pos_attention,
         channels_first_layer_norm=native.channels_first_layer_norm,
         **ops,
     )

@@ -1,10 +1,10 @@
-"""The compiled LTRM ops, ``torch.ops.mematte_ext``, from :mod:`mematte_kernels._C`.
+"""The compiled ops, ``torch.ops.mematte_ext``, from :mod:`mematte_kernels._C`.
 
-``dwconv_gelu`` and ``eca`` take the arguments of, and match,
-:func:`mematte_kernels.reference.dwconv_gelu` and :func:`mematte_kernels.reference.eca` on
-contiguous channels-last (B, H, W, C) tensors. Weights may be float32 even for float16/bfloat16
-activations; they are read in fp32. The ops have no autograd formula: they are for inference.
-This module imports without the extension: then :func:`available` is false for every device.
+``dwconv_gelu``, ``eca`` and ``upsample_taps_relu_`` take the arguments of, and match, their
+namesakes in :mod:`mematte_kernels.reference` on contiguous channels-last (B, H, W, C) tensors.
+The LTRM ops' weights may be float32 even for float16/bfloat16 activations; they are read in
+fp32. The ops have no autograd formula: they are for inference. This module imports without
+the extension: then :func:`available` and :func:`has_kernel` are false for every device.
 """
 from __future__ import annotations
 
@@ -24,14 +24,20 @@ OPS = ("dwconv_gelu", "eca")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
-def available(device: torch.device | str) -> bool:
-    """Whether both ops have a kernel for ``device``'s type in this build."""
+def has_kernel(op: str, device: torch.device | str) -> bool:
+    """Whether ``mematte_ext::op`` has a kernel for ``device``'s type in this build."""
     key = _DISPATCH_KEYS.get(torch.device(device).type)
-    return (
-        _C is not None
-        and key is not None
-        and all(torch._C._dispatch_has_kernel_for_dispatch_key(f"mematte_ext::{op}", key) for op in OPS)
-    )
+    return _C is not None and key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"mematte_ext::{op}", key)
+
+
+def cpu_bf16_attention() -> bool:
+    """Whether :func:`varlen_attention` runs here: built, and the CPU has AVX512-BF16."""
+    return has_kernel("varlen_attention", "cpu") and bool(_C.cpu_bf16_attention)
+
+
+def available(device: torch.device | str) -> bool:
+    """Whether both LTRM ops have a kernel for ``device``'s type in this build."""
+    return all(has_kernel(op, device) for op in OPS)
 
 
 def dwconv_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -44,8 +50,33 @@ def eca(z: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = N
     return torch.ops.mematte_ext.eca(z, weight, residual)
 
 
+def upsample_taps_relu_(out: torch.Tensor, taps: torch.Tensor) -> None:
+    """``out = relu(out + sum over the 3×3 taps of the shifted ×2 upsampled tap maps)``, in place:
+    the conv of an upsampled map from its taps at low resolution. out (B, 2h, 2w, C), taps
+    (B, h, w, 9C), same dtype."""
+    torch.ops.mematte_ext.upsample_taps_relu_(out, taps)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scale: float,
+    rel_h: torch.Tensor | None = None,
+    rel_w: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-sequence attention over packed bf16 (T, heads, 64) tensors on AVX512-BF16 CPUs:
+    :func:`mematte_kernels.reference.varlen_attention` at the bf16 dot-product rate. With the
+    gathered position tables ``rel_h`` (H, H, 64) and ``rel_w`` (W, W, 64), every sequence is
+    an H×W grid and the logits get :func:`mematte_kernels.reference.rel_pos_attention`'s
+    decomposed bias."""
+    return torch.ops.mematte_ext.varlen_attention(q, k, v, cu_seqlens, scale, rel_h, rel_w)
+
+
 if _C is not None:
-    # Shapes for FakeTensor / torch.compile: both ops return a tensor like their input.
+    # Shapes for FakeTensor / torch.compile: the LTRM ops return a tensor like their input;
+    # upsample_taps_relu_ only writes its first argument.
 
     @torch.library.register_fake("mematte_ext::dwconv_gelu")
     def _dwconv_gelu_fake(x, weight, bias):
@@ -54,3 +85,11 @@ if _C is not None:
     @torch.library.register_fake("mematte_ext::eca")
     def _eca_fake(z, weight, residual=None):
         return torch.empty_like(z)
+
+    @torch.library.register_fake("mematte_ext::upsample_taps_relu_")
+    def _upsample_taps_relu_fake(out, taps):
+        return None
+
+    @torch.library.register_fake("mematte_ext::varlen_attention")
+    def _varlen_attention_fake(q, k, v, cu_seqlens, scale, rel_h=None, rel_w=None):
+        return q.new_empty(q.shape)

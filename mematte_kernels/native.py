@@ -1,14 +1,17 @@
-"""Fast paths built from PyTorch's own fused kernels: the CPU backend's routed path, and
-the window attention of every non-reference backend.
+"""Fast paths built from PyTorch's own fused kernels and the compiled ops: the CPU backend's
+routed path and decoder fusion, and the window attention of every non-reference backend.
 
 Same contracts as :mod:`mematte_kernels.reference`; differences are in how the work is
-done: no (N, C) temporary for the router's global half, and fused scaled-dot-product
-attention (flash attention on CPU and GPU) instead of an n×n matrix.
+done: no (N, C) temporary for the router's global half, fused scaled-dot-product attention
+(flash attention on CPU and GPU) instead of an n×n matrix, and the fusion blocks' conv of
+an upsampled map as a low-resolution GEMM plus a compiled resampling epilogue.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from . import ext
 
 # Windows per SDPA call: bounds the (windows, heads, 196, 196) position bias (ViT-B fp32:
 # 118 MB).
@@ -34,6 +37,36 @@ def router_scores(
     return scores, scores[..., 0] > scores[..., 1]
 
 
+def patch_embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The stride-p patch conv as one GEMM over the unfolded patches (convolution libraries
+    handle a 4-channel, stride-16 kernel poorly): (B, Cin, H, W) -> (B, H/p, W/p, C)."""
+    B, Cin, H, W = x.shape
+    p = weight.shape[-1]
+    patches = x.view(B, Cin, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, H // p, W // p, Cin * p * p)
+    return F.linear(patches, weight.reshape(weight.shape[0], -1), bias)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Linear(x) as one oneDNN call with the bias applied to the GEMM's output tiles; PyTorch's
+    CPU addmm first copies the bias into every output row, one more pass over the output."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU(Linear(x)) as one oneDNN call: bias and exact GELU applied to the GEMM's output
+    tiles while they are in cache, instead of two more passes over a 4C-wide activation."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
+
+
+def varlen_attention_bf16(q, k, v, cu_seqlens, max_seqlen: int, scale: float | None = None) -> torch.Tensor:
+    """:func:`varlen_attention` through the extension's AVX512-BF16 kernel where it applies
+    (bf16, head dim 64): twice the speed of PyTorch's CPU flash attention, which runs bf16 at
+    its fp32 rate on CPUs without AMX."""
+    if q.dtype != torch.bfloat16 or q.shape[-1] != 64:
+        return varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale)
+    return ext.varlen_attention(q, k, v, cu_seqlens, q.shape[-1] ** -0.5 if scale is None else scale)
+
+
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, scale: float | None = None) -> torch.Tensor:
     """Per-sequence fused attention over packed (T, heads, d) tensors; O(T) memory."""
     out = torch.empty_like(q)
@@ -51,6 +84,23 @@ def channels_first_layer_norm(x, weight, bias, eps: float) -> torch.Tensor:
     """LayerNorm over the channels of (B, C, H, W) as one fused kernel over the
     channels-last view (the backbone's tokens are channels-last, so this is no copy)."""
     return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps).permute(0, 3, 1, 2)
+
+
+def rel_pos_attention_bf16(q, k, v, rel_h, rel_w, scale: float) -> torch.Tensor:
+    """:func:`rel_pos_attention` through the extension's AVX512-BF16 kernel where it applies
+    (bf16, head dim 64, grids up to 16×16): each window is one sequence, and the position
+    bias is computed per query inside the kernel, never as an N×N matrix."""
+    B, heads, N, d = q.shape
+    H, W = rel_h.shape[0], rel_w.shape[0]
+    if q.dtype != torch.bfloat16 or d != 64 or H > 16 or W > 16:
+        return rel_pos_attention(q, k, v, rel_h, rel_w, scale)
+    # (B, heads, N, d) views of the qkv projection's (B, N, 3, heads, d) output are packed
+    # (B * N, heads, d) tensors as they are; only their head dim need be contiguous.
+    packed = [t.transpose(1, 2).reshape(B * N, heads, d) for t in (q, k, v)]
+    cu_seqlens = torch.arange(0, (B + 1) * N, N, dtype=torch.int32)
+    tables = [t.to(torch.bfloat16).contiguous() for t in (rel_h, rel_w)]
+    out = ext.varlen_attention(*packed, cu_seqlens, scale, *tables)
+    return out.view(B, N, heads, d).transpose(1, 2)
 
 
 def rel_pos_attention(q, k, v, rel_h, rel_w, scale: float) -> torch.Tensor:
@@ -71,4 +121,15 @@ def rel_pos_attention(q, k, v, rel_h, rel_w, scale: float) -> torch.Tensor:
         out[s : s + WINDOW_CHUNK] = F.scaled_dot_product_attention(
             qc, k[s : s + WINDOW_CHUNK], v[s : s + WINDOW_CHUNK], attn_mask=bias.view(qc.shape[0], heads, N, N), scale=scale
         )
+    return out
+
+
+def upsample_conv_relu_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``out = relu(out + conv3x3(upsample2x(x), weight))`` with the channel mixing done before
+    the upsampling, where it costs a quarter: one 1×1 conv of x onto the nine taps' weights,
+    then ``mematte_ext.upsample_taps_relu_``. x and out channels-last (B, C, H, W) tensors."""
+    C, Cin = weight.shape[:2]
+    tap_weight = weight.permute(2, 3, 0, 1).reshape(9 * C, Cin, 1, 1)
+    taps = F.conv2d(x, tap_weight.contiguous(memory_format=torch.channels_last))
+    ext.upsample_taps_relu_(out.permute(0, 2, 3, 1), taps.permute(0, 2, 3, 1))
     return out

@@ -122,6 +122,25 @@ def varlen_attention(
     return out
 
 
+# ------------------------------------------------------------------ dense layers
+
+
+def patch_embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The ViT's patch embedding, Conv2d(Cin, C, p, stride p): (B, Cin, H, W) -> channels-last
+    tokens (B, H/p, W/p, C), contiguous."""
+    return F.conv2d(x, weight, bias, stride=weight.shape[-1]).permute(0, 2, 3, 1).contiguous()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Linear(x): the backbone's projections (qkv, proj, fc2)."""
+    return F.linear(x, weight, bias)
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU(Linear(x)), exact (erf) GELU: the first layer of the MLP and of the LTRM."""
+    return F.gelu(F.linear(x, weight, bias))
+
+
 # ------------------------------------------------------------------------- LTRM ops
 
 
@@ -155,6 +174,36 @@ def channels_first_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch
     s = (x - u).pow(2).mean(1, keepdim=True)
     x = (x - u) / torch.sqrt(s + eps)
     return (weight[:, None, None].to(stats) * x + bias[:, None, None].to(stats)).to(dtype)
+
+
+# ------------------------------------------------------------ decoder fusion
+
+
+def upsample_conv_relu_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The upsampled half of a decoder fusion block, added into ``out`` in place:
+    ``out = relu(out + conv3x3(upsample2x(x), weight))`` with bilinear ×2 upsampling
+    (align_corners=False) and zero padding 1, no bias. x (B, Cin, h, w); weight (C, Cin, 3, 3);
+    out (B, C, 2h, 2w). Returns ``out``."""
+    up = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    return out.add_(F.conv2d(up, weight, padding=1)).relu_()
+
+
+def upsample_taps_relu_(out: torch.Tensor, taps: torch.Tensor) -> None:
+    """:func:`upsample_conv_relu_` from the conv's taps applied at low resolution, on
+    channels-last tensors: out (B, 2h, 2w, C), taps (B, h, w, 9C) with
+    ``taps[..., (3 * ky + kx) * C + c] = (weight[:, :, ky, kx] @ x)[c]``.
+
+    Upsampling and channel mixing commute, so the conv of the upsampled input is the sum,
+    over taps, of each upsampled tap map shifted by the tap's offset (zero outside)."""
+    B, H, W, C = out.shape
+    compute = torch.promote_types(out.dtype, torch.float32)
+    up = F.interpolate(taps.permute(0, 3, 1, 2).to(compute), scale_factor=2, mode="bilinear", align_corners=False)
+    up = F.pad(up.view(B, 3, 3, C, H, W), (1, 1, 1, 1))
+    total = out.permute(0, 3, 1, 2).to(compute)
+    for ky in range(3):
+        for kx in range(3):
+            total = total + up[:, ky, kx, :, ky : ky + H, kx : kx + W]
+    out.copy_(total.relu().permute(0, 2, 3, 1))
 
 
 # ------------------------------------------------------------- window attention

@@ -15,7 +15,7 @@ from mematte.backbone import (
     window_partition,
     window_unpartition,
 )
-from mematte.decoder import DetailCapture, decode_tiled, tile_grid
+from mematte.decoder import DetailCapture, decode_tiled, tile_grid, tile_length
 from mematte.model import padded_size
 from mematte_kernels import reference
 
@@ -168,10 +168,25 @@ def test_tile_grid_places_tiles_with_context_inside_the_border():
     assert crops[(448, 960)] == ((448, 1024, 960, 1536), (64, 64, 512, 512))
 
 
-def test_tile_grid_clips_the_last_tiles_to_the_canvas():
+def test_tile_grid_balances_tiles_and_clips_crops_to_the_canvas():
     tiles = tile_grid(1024, 1536, tile=1024, context=32)
-    assert [place for _, place in tiles] == [(0, 0, 1024, 1024), (0, 32, 1024, 512)]
-    assert [crop for crop, _ in tiles] == [(0, 1024, 0, 1056), (0, 1024, 992, 1536)]
+    assert [place for _, place in tiles] == [(0, 0, 1024, 768), (0, 32, 1024, 768)]
+    assert [crop for crop, _ in tiles] == [(0, 1024, 0, 800), (0, 1024, 736, 1536)]
+
+
+@pytest.mark.parametrize(
+    "size, tile, expected",
+    [(2160, 1024, 720), (3840, 1024, 960), (1536, 512, 512), (1000, 1024, 1008), (100, 64, 64), (16, 512, 16)],
+)
+def test_tile_length_is_even_and_on_the_token_grid(size, tile, expected):
+    assert tile_length(size, tile) == expected
+
+
+def test_tile_grid_over_part_of_a_canvas_takes_context_from_beyond_it():
+    tiles = tile_grid(100, 200, tile=64, context=32, canvas=(512, 512))
+    assert len(tiles) == 2 * 4  # tiles of 64×64, the last ones clipped to 100 - 64 and 200 - 192
+    # The last crop ends on the token grid (112, 208) plus 32 px of context from the canvas.
+    assert tiles[-1] == ((32, 144, 160, 240), (32, 32, 36, 8))
 
 
 def test_32px_of_context_decodes_tiles_exactly_as_upstream():
@@ -193,7 +208,9 @@ def test_32px_of_context_decodes_tiles_exactly_as_upstream():
         fast = decode_tiled(decoder, features, images, tile=1024, context=32)
         seams = decode_tiled(decoder, features, images, tile=512, context=32)  # both directions, corners
         too_little = decode_tiled(decoder, features, images, tile=1024, context=16)
+        image_only = decode_tiled(decoder, features, images, tile=1024, context=32, size=(1000, 1400))
     torch.testing.assert_close(fast, upstream, rtol=0, atol=1e-12)
+    torch.testing.assert_close(image_only, upstream[..., :1000, :1400], rtol=0, atol=1e-12)
     torch.testing.assert_close(seams, upstream, rtol=0, atol=1e-12)
     assert (too_little - upstream).abs().max() > 1e-6  # the context does matter
 
@@ -223,6 +240,19 @@ def test_decode_tiled_stitches_each_tile_centre_in_place(memory):
     image_crops = sorted({s[1][-2:] for s in recorder.shapes})
     assert image_crops == [(576, 576)]  # 2×2 tiles, each with 64 px of context inward only
     assert [s[1][0] for s in recorder.shapes] == ([2] * 4 if memory is None else [8])
+
+
+def test_decode_tiled_over_the_image_only_skips_the_padding():
+    images = torch.randn(2, 4, 544, 608)
+    features = torch.randn(2, 8, 34, 38)
+    recorder = _CropRecorder()
+    alpha = decode_tiled(recorder, features, images, size=(530, 600))
+    assert alpha.shape == (2, 1, 530, 600)
+    torch.testing.assert_close(alpha, images[:, :1, :530, :600], rtol=0, atol=0)
+    decoded = sum(s[1][-2] * s[1][-1] for s in recorder.shapes) // 2  # pixels per image
+    assert decoded < 1024 * 1024 // 2  # vs the whole 1024² canvas
+    with pytest.raises(ValueError, match="within the 1024×1024 canvas"):
+        decode_tiled(recorder, features, images, size=(1100, 600))
 
 
 def test_tiled_and_whole_image_decoding_agree_away_from_tile_seams(model_s):
