@@ -79,8 +79,7 @@ def _ltrm_and_window_ops(table, dtype: torch.dtype, device: torch.device) -> Non
     table.token_index(table.cap_tokens(keep, scores, 50))
     table.dwconv_gelu(randn(1, 20, 24, 2 * C), randn(2 * C, 1, 5, 5), randn(2 * C))
     table.eca(randn(1, 20, 24, C), randn(1, 1, 5), randn(1, 20, 24, C))
-    table.rel_pos_attention(randn(4, heads, 196, d), randn(4, heads, 196, d), randn(4, heads, 196, d),
-                            randn(14, 14, d), randn(14, 14, d), d**-0.5)  # fmt: skip
+    table.window_attention(randn(1, 20, 30, 3 * C), randn(3 * C), randn(14, 14, d), randn(14, 14, d), heads, d**-0.5, 14)
     table.channels_first_layer_norm(randn(1, C, 20, 24), randn(C), randn(C), 1e-6)
 
 

@@ -12,6 +12,11 @@
 // the second product, as in every bf16 flash attention. PyTorch's CPU SDPA runs the same
 // shapes at fp32 speed on these CPUs; this is the bf16 rate.
 //
+// The same kernel runs the ViT's window attention straight from the (B, H, W, 3C) qkv
+// projection (window_attention): each window is a sequence whose tokens are read where
+// they lie in the image's grid; the padding that upstream appends as zero tokens is a key
+// and value equal to the projection's bias, and its queries are not computed.
+//
 // Work: per (sequence, head), K and V are first re-laid out for the dot-product instruction
 // (pairs of adjacent elements along the reduction axis share a 32-bit lane):
 //   K: (key blocks of 16, d/2, 16 keys, 2)   so a 16-key row of logits is d/2 instructions;
@@ -30,13 +35,8 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_math.h"
 #include "ltrm.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && (__GNUC__ >= 11 || defined(__clang__))
-#define MEMATTE_HAVE_AVX512BF16_KERNEL 1
-#include <immintrin.h>
-#define MEMATTE_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
-#endif
 
 namespace mematte {
 
@@ -55,16 +55,19 @@ namespace {
 
 constexpr int64_t kDim = 64;      // head dim
 constexpr int64_t kPairs = kDim / 2;
-constexpr int64_t kBlockM = 64;   // queries per task
-constexpr int64_t kBlockN = 64;   // keys per softmax step
+constexpr int64_t kBlockM = 32;   // queries per task
+constexpr int64_t kBlockN = 128;  // keys per softmax step
 constexpr int64_t kLanes = 16;    // fp32 lanes of a register
 constexpr int64_t kRowsQK = 8;    // query rows per logits micro-tile: 8 x 32 keys = 16 accumulators
 constexpr int64_t kRowsPV = 4;    // query rows per output micro-tile: 4 x 64 channels = 16 accumulators
 
 constexpr int64_t kShortSequence = 1024;  // packed per task below this length
 
+// A sequence of tokens: a varlen segment, [start, start + length), or a window of an image's
+// token grid, whose positions outside the grid are padding.
 struct Sequence {
-  int64_t start, length;  // first token, tokens
+  int64_t start, length;
+  int64_t image, window_row, window_col;  // windows only
 };
 
 struct AttentionArgs {
@@ -77,8 +80,30 @@ struct AttentionArgs {
   float scale_log2;  // scale * log2(e): the softmax runs in base 2
   const uint16_t* rel_h;  // packed like K: (H, 32, 16, 2), lane = key row; null without a bias
   const uint16_t* rel_w;  // (W, 32, 16, 2), lane = key column
-  int64_t grid_h, grid_w;
+  int64_t rel_rows, rel_cols;  // the H x W grid of a sequence with a position bias
+  // Windows (window > 0): tokens are an (images, image_h, image_w) grid cut into window x
+  // window sequences; padding positions are keys with pad_k / pad_v (heads, 64) and no query.
+  int64_t window, image_h, image_w;
+  const c10::BFloat16* pad_k;
+  const c10::BFloat16* pad_v;
 };
+
+// The token row of position p of sequence s, or -1 for window padding.
+inline int64_t token_row(const AttentionArgs& a, const Sequence& s, int64_t p) {
+  if (a.window == 0) return s.start + p;
+  const int64_t y = s.window_row * a.window + p / a.window, x = s.window_col * a.window + p % a.window;
+  return y < a.image_h && x < a.image_w ? (s.image * a.image_h + y) * a.image_w + x : -1;
+}
+
+inline const c10::BFloat16* key_row(const AttentionArgs& a, const Sequence& s, int64_t p, int64_t head) {
+  const int64_t row = token_row(a, s, p);
+  return row >= 0 ? a.k + row * a.stride_kt + head * a.stride_kh : a.pad_k + head * kDim;
+}
+
+inline const c10::BFloat16* value_row(const AttentionArgs& a, const Sequence& s, int64_t p, int64_t head) {
+  const int64_t row = token_row(a, s, p);
+  return row >= 0 ? a.v + row * a.stride_vt + head * a.stride_vh : a.pad_v + head * kDim;
+}
 
 int64_t padded_length(int64_t length) { return (length + kBlockN - 1) / kBlockN * kBlockN; }
 
@@ -108,7 +133,7 @@ MEMATTE_AVX512BF16 void pack_kv(const AttentionArgs& a, const Sequence& s, int64
   std::memset(vp + tail * kDim, 0, (padded - tail) * kDim * sizeof(uint16_t));
   // K: a key's 32 pairs go to 32 lanes, one per pair row of its 16-key block.
   for (int64_t j = 0; j < s.length; ++j) {
-    const auto* key = reinterpret_cast<const uint32_t*>(a.k + (s.start + j) * a.stride_kt + head * a.stride_kh);
+    const auto* key = reinterpret_cast<const uint32_t*>(key_row(a, s, j, head));
     uint32_t* lanes = reinterpret_cast<uint32_t*>(kp) + (j / kLanes) * kPairs * kLanes + j % kLanes;
     for (int64_t p = 0; p < kPairs; ++p) lanes[p * kLanes] = key[p];
   }
@@ -118,13 +143,12 @@ MEMATTE_AVX512BF16 void pack_kv(const AttentionArgs& a, const Sequence& s, int64
                                         0x002c000c, 0x002d000d, 0x002e000e, 0x002f000f);
   const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
   for (int64_t j = 0; j < s.length; j += 2) {
-    const c10::BFloat16* row0 = a.v + (s.start + j) * a.stride_vt + head * a.stride_vh;
-    const c10::BFloat16* row1 = row0 + a.stride_vt;
-    const bool pair_complete = j + 1 < s.length;
+    const c10::BFloat16* row0 = value_row(a, s, j, head);
+    const c10::BFloat16* row1 = j + 1 < s.length ? value_row(a, s, j + 1, head) : nullptr;
     uint16_t* pair = vp + j * kDim;
     for (int64_t half = 0; half < 2; ++half) {  // channels 0..31, then 32..63
       const __m512i x0 = _mm512_loadu_si512(row0 + 32 * half);
-      const __m512i x1 = pair_complete ? _mm512_loadu_si512(row1 + 32 * half) : _mm512_setzero_si512();
+      const __m512i x1 = row1 != nullptr ? _mm512_loadu_si512(row1 + 32 * half) : _mm512_setzero_si512();
       _mm512_storeu_si512(pair + 64 * half, _mm512_permutex2var_epi16(x0, low, x1));
       _mm512_storeu_si512(pair + 64 * half + 32, _mm512_permutex2var_epi16(x0, high, x1));
     }
@@ -200,13 +224,16 @@ MEMATTE_AVX512BF16 void attend_block(const AttentionArgs& a, const Sequence& s, 
   alignas(64) float out[kBlockM * kDim];
   alignas(64) float row_max[kBlockM], row_sum[kBlockM], rescale[kBlockM];
 
-  // The last blocks of a sequence are short (a 196-token window: 64 + 64 + 64 + 4): work on
+  // The last blocks of a sequence are short (a 196-token window's keys: 128 + 68): work on
   // the rows and keys that exist, rounded up to the micro-tiles.
   const int64_t rows = std::min(kBlockM, s.length - m0);
   const int64_t tile_rows = (rows + kRowsQK - 1) / kRowsQK * kRowsQK;
+  int64_t out_rows[kBlockM];  // token rows to write, -1 for window padding
   std::memset(q_rows, 0, tile_rows * kDim * sizeof(uint16_t));
   for (int64_t r = 0; r < rows; ++r) {
-    std::memcpy(q_rows + r * kDim, a.q + (s.start + m0 + r) * a.stride_qt + head * a.stride_qh, kDim * sizeof(uint16_t));
+    out_rows[r] = token_row(a, s, m0 + r);
+    if (out_rows[r] < 0) continue;  // a padding query: its output is not wanted
+    std::memcpy(q_rows + r * kDim, a.q + out_rows[r] * a.stride_qt + head * a.stride_qh, kDim * sizeof(uint16_t));
   }
   std::memset(out, 0, tile_rows * kDim * sizeof(float));
   for (int64_t r = 0; r < kBlockM; ++r) row_max[r] = -std::numeric_limits<float>::infinity(), row_sum[r] = 0.0f;
@@ -217,8 +244,8 @@ MEMATTE_AVX512BF16 void attend_block(const AttentionArgs& a, const Sequence& s, 
   if (biased) {
     for (int64_t r = 0; r < tile_rows; ++r) {
       const int64_t i = std::min(m0 + r, s.length - 1);  // padding rows: any valid table
-      row_bias_h[r] = rel_bias(q_rows + r * kDim, a.rel_h + (i / a.grid_w) * kPairs * kLanes * 2);
-      row_bias_w[r] = rel_bias(q_rows + r * kDim, a.rel_w + (i % a.grid_w) * kPairs * kLanes * 2);
+      row_bias_h[r] = rel_bias(q_rows + r * kDim, a.rel_h + (i / a.rel_cols) * kPairs * kLanes * 2);
+      row_bias_w[r] = rel_bias(q_rows + r * kDim, a.rel_w + (i % a.rel_cols) * kPairs * kLanes * 2);
     }
   }
 
@@ -237,7 +264,7 @@ MEMATTE_AVX512BF16 void attend_block(const AttentionArgs& a, const Sequence& s, 
                                            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
         alignas(64) int32_t lanes[kLanes], h_idx[kLanes], w_idx[kLanes];
         _mm512_store_si512(lanes, j);
-        for (int64_t l = 0; l < kLanes; ++l) h_idx[l] = lanes[l] / a.grid_w % kLanes, w_idx[l] = lanes[l] % a.grid_w;
+        for (int64_t l = 0; l < kLanes; ++l) h_idx[l] = lanes[l] / a.rel_cols % kLanes, w_idx[l] = lanes[l] % a.rel_cols;
         key_h[t] = _mm512_load_si512(h_idx);
         key_w[t] = _mm512_load_si512(w_idx);
       }
@@ -293,8 +320,9 @@ MEMATTE_AVX512BF16 void attend_block(const AttentionArgs& a, const Sequence& s, 
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
+    if (out_rows[r] < 0) continue;
     const __m512 inv = _mm512_set1_ps(1.0f / row_sum[r]);
-    c10::BFloat16* dst = a.out + ((s.start + m0 + r) * a.heads + head) * kDim;
+    c10::BFloat16* dst = a.out + (out_rows[r] * a.heads + head) * kDim;
     for (int64_t t = 0; t < kDim / kLanes; ++t) {
       const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(out + r * kDim + t * kLanes), inv));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + t * kLanes), (__m256i)o);
@@ -313,21 +341,15 @@ std::vector<uint16_t> pack_rel(const at::Tensor& rel) {
   return packed;
 }
 
-}  // namespace
-#endif
-
-at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& cu_seqlens, double scale, const std::optional<at::Tensor>& rel_h,
-                                const std::optional<at::Tensor>& rel_w) {
-  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
-#ifdef MEMATTE_HAVE_AVX512BF16_KERNEL
-  const int64_t heads = q.size(1);
-  const int32_t* cu = cu_seqlens.const_data_ptr<int32_t>();
+// Runs every (sequence, head) of seqs. Long sequences are packed once into shared buffers
+// and split into (sequence, head, query block) tasks; short ones (windows) go one task per
+// (sequence, head), packed into the task's own buffers, which stay in its core's cache.
+void run_attention(const AttentionArgs& args, const std::vector<Sequence>& seqs, const at::TensorOptions& options) {
+  const int64_t heads = args.heads;
   std::vector<Sequence> short_seqs, long_seqs;
   std::vector<int64_t> long_offsets;  // into the shared packed buffers, in tokens
   int64_t long_tokens = 0;
-  for (int64_t b = 0; b + 1 < cu_seqlens.size(0); ++b) {
-    const Sequence s{cu[b], cu[b + 1] - cu[b]};
+  for (const Sequence& s : seqs) {
     if (s.length == 0) continue;
     if (s.length <= kShortSequence) {
       short_seqs.push_back(s);
@@ -337,17 +359,7 @@ at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
       long_tokens += padded_length(s.length);
     }
   }
-  std::vector<uint16_t> rel_h_packed, rel_w_packed;
-  if (rel_h.has_value()) rel_h_packed = pack_rel(*rel_h), rel_w_packed = pack_rel(*rel_w);
-  const AttentionArgs args{q.const_data_ptr<c10::BFloat16>(), k.const_data_ptr<c10::BFloat16>(),
-                           v.const_data_ptr<c10::BFloat16>(), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                           v.stride(0), v.stride(1), out.mutable_data_ptr<c10::BFloat16>(), heads,
-                           static_cast<float>(scale * 1.4426950408889634),
-                           rel_h.has_value() ? rel_h_packed.data() : nullptr,
-                           rel_w.has_value() ? rel_w_packed.data() : nullptr,
-                           rel_h.has_value() ? rel_h->size(0) : 0, rel_w.has_value() ? rel_w->size(0) : 0};
 
-  // Short sequences: one task per (sequence, head), packing into its thread's buffers.
   const int64_t n_short = static_cast<int64_t>(short_seqs.size());
   at::parallel_for(0, n_short * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint16_t> kp(padded_length(kShortSequence) * kDim), vp(padded_length(kShortSequence) * kDim);
@@ -358,11 +370,10 @@ at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
     }
   });
 
-  // Long sequences: packed once per (sequence, head), then (sequence, head, query block) tasks.
   const int64_t n_long = static_cast<int64_t>(long_seqs.size());
-  if (n_long == 0) return out;
-  at::Tensor k_packed = at::empty({heads, long_tokens, kDim}, q.options());  // uninitialised: pack_kv writes all
-  at::Tensor v_packed = at::empty({heads, long_tokens, kDim}, q.options());
+  if (n_long == 0) return;
+  at::Tensor k_packed = at::empty({heads, long_tokens, kDim}, options);  // uninitialised: pack_kv writes all
+  at::Tensor v_packed = at::empty({heads, long_tokens, kDim}, options);
   auto packed = [&](const at::Tensor& buffer, int64_t seq, int64_t head) {
     return reinterpret_cast<uint16_t*>(buffer.data_ptr<c10::BFloat16>()) + (head * long_tokens + long_offsets[seq]) * kDim;
   };
@@ -382,8 +393,56 @@ at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
       attend_block(args, long_seqs[seq], head, m0, packed(k_packed, seq, head), packed(v_packed, seq, head));
     }
   });
+}
+
+}  // namespace
+#endif
+
+at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& cu_seqlens, double scale, const std::optional<at::Tensor>& rel_h,
+                                const std::optional<at::Tensor>& rel_w) {
+  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+#ifdef MEMATTE_HAVE_AVX512BF16_KERNEL
+  const int32_t* cu = cu_seqlens.const_data_ptr<int32_t>();
+  std::vector<Sequence> seqs;
+  for (int64_t b = 0; b + 1 < cu_seqlens.size(0); ++b) seqs.push_back({cu[b], cu[b + 1] - cu[b], 0, 0, 0});
+  std::vector<uint16_t> rel_h_packed, rel_w_packed;
+  if (rel_h.has_value()) rel_h_packed = pack_rel(*rel_h), rel_w_packed = pack_rel(*rel_w);
+  const AttentionArgs args{q.const_data_ptr<c10::BFloat16>(), k.const_data_ptr<c10::BFloat16>(),
+                           v.const_data_ptr<c10::BFloat16>(), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                           v.stride(0), v.stride(1), out.mutable_data_ptr<c10::BFloat16>(), q.size(1),
+                           static_cast<float>(scale * 1.4426950408889634),
+                           rel_h.has_value() ? rel_h_packed.data() : nullptr,
+                           rel_w.has_value() ? rel_w_packed.data() : nullptr,
+                           rel_h.has_value() ? rel_h->size(0) : 0, rel_w.has_value() ? rel_w->size(0) : 0,
+                           0, 0, 0, nullptr, nullptr};
+  run_attention(args, seqs, q.options());
 #else
   TORCH_CHECK(false, "mematte_ext.varlen_attention: this build has no AVX512-BF16 kernel");
+#endif
+  return out;
+}
+
+at::Tensor window_attention_cpu(const at::Tensor& qkv, const at::Tensor& pad_qkv, const at::Tensor& rel_h,
+                                const at::Tensor& rel_w, int64_t num_heads, double scale, int64_t window) {
+  const int64_t B = qkv.size(0), H = qkv.size(1), W = qkv.size(2), C = qkv.size(3) / 3;
+  at::Tensor out = at::empty({B, H, W, C}, qkv.options());
+#ifdef MEMATTE_HAVE_AVX512BF16_KERNEL
+  const int64_t rows = (H + window - 1) / window, cols = (W + window - 1) / window;
+  std::vector<Sequence> seqs;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t wy = 0; wy < rows; ++wy)
+      for (int64_t wx = 0; wx < cols; ++wx) seqs.push_back({0, window * window, b, wy, wx});
+  const std::vector<uint16_t> rel_h_packed = pack_rel(rel_h), rel_w_packed = pack_rel(rel_w);
+  const c10::BFloat16* q = qkv.const_data_ptr<c10::BFloat16>();
+  const c10::BFloat16* pad = pad_qkv.const_data_ptr<c10::BFloat16>();
+  const AttentionArgs args{q, q + C, q + 2 * C, 3 * C, kDim, 3 * C, kDim, 3 * C, kDim,
+                           out.mutable_data_ptr<c10::BFloat16>(), num_heads,
+                           static_cast<float>(scale * 1.4426950408889634), rel_h_packed.data(), rel_w_packed.data(),
+                           window, window, window, H, W, pad + C, pad + 2 * C};
+  run_attention(args, seqs, qkv.options());
+#else
+  TORCH_CHECK(false, "mematte_ext.window_attention: this build has no AVX512-BF16 kernel");
 #endif
   return out;
 }

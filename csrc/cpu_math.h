@@ -21,6 +21,14 @@
 #define MEMATTE_CPU_CLONES
 #endif
 
+// Kernels written with AVX512-BF16 intrinsics (vdpbf16ps) are compiled for that ISA only and
+// called after cpu_has_avx512_bf16() says the CPU has it.
+#if defined(__x86_64__) && defined(__GNUC__) && (__GNUC__ >= 11 || defined(__clang__))
+#define MEMATTE_HAVE_AVX512BF16_KERNEL 1
+#include <immintrin.h>
+#define MEMATTE_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
+#endif
+
 namespace mematte::cpu {
 
 MEMATTE_INLINE float to_float(float v) { return v; }

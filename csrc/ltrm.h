@@ -29,6 +29,10 @@ at::Tensor eca_cpu(const at::Tensor& z, const at::Tensor& weight, const std::opt
 // out (B, 2h, 2w, C) contiguous; taps (B, h, w, 9C) contiguous, tap-major: (ky * 3 + kx) * C + c.
 void upsample_taps_relu_cpu(at::Tensor& out, const at::Tensor& taps);
 
+// The same from x itself on CPUs with AVX512-BF16: out (B, 2h, 2w, C) and x (B, h, w, Cin)
+// bf16 contiguous, C a multiple of 16, Cin even; weight (C, Cin, 3, 3).
+void upsample_conv_relu_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight);
+
 // Varlen attention, bf16, head dim 64, on CPUs with AVX512-BF16 (cpu_has_avx512_bf16()).
 // q, k, v (T, heads, 64) with a contiguous last dim; cu_seqlens (B + 1,) int32; optional
 // decomposed position bias for H x W grids: the gathered tables rel_h (H, H, 64) and rel_w
@@ -37,6 +41,12 @@ bool cpu_has_avx512_bf16();
 at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& cu_seqlens, double scale, const std::optional<at::Tensor>& rel_h,
                                 const std::optional<at::Tensor>& rel_w);
+
+// Window attention with decomposed relative position on a token grid: qkv (B, H, W, 3C) bf16
+// contiguous, C = heads * 64, cut into window x window windows (window <= 16); positions past
+// the grid hold pad_qkv (3C) (the projection of upstream's zero padding). Returns (B, H, W, C).
+at::Tensor window_attention_cpu(const at::Tensor& qkv, const at::Tensor& pad_qkv, const at::Tensor& rel_h,
+                                const at::Tensor& rel_w, int64_t num_heads, double scale, int64_t window);
 
 #ifdef MEMATTE_WITH_CUDA
 at::Tensor dwconv_gelu_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);

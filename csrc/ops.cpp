@@ -127,6 +127,31 @@ at::Tensor checked_varlen_attention(const at::Tensor& q, const at::Tensor& k, co
   return varlen_attention_cpu(q, k, v, cu_seqlens, scale, rel_h, rel_w);
 }
 
+at::Tensor checked_window_attention(const at::Tensor& qkv, const at::Tensor& pad_qkv, const at::Tensor& rel_h,
+                                    const at::Tensor& rel_w, int64_t num_heads, double scale, int64_t window) {
+  TORCH_CHECK(cpu_has_avx512_bf16(), "mematte_ext.window_attention: needs a CPU with AVX512-BF16; this one has none");
+  TORCH_CHECK(window >= 1 && window <= 16, "mematte_ext.window_attention: window must be 1..16, got ", window);
+  TORCH_CHECK(num_heads >= 1, "mematte_ext.window_attention: num_heads must be positive, got ", num_heads);
+  TORCH_CHECK(qkv.dim() == 4 && qkv.size(3) == 3 * 64 * num_heads,
+              "mematte_ext.window_attention: qkv must be (B, H, W, 3C) with C = num_heads * 64 = ", 64 * num_heads,
+              ", got shape ", qkv.sizes());
+  TORCH_CHECK(qkv.scalar_type() == at::kBFloat16 && qkv.is_contiguous(),
+              "mematte_ext.window_attention: qkv must be a contiguous bfloat16 tensor, got ", qkv.scalar_type(),
+              " with strides ", qkv.strides());
+  TORCH_CHECK(pad_qkv.dim() == 1 && pad_qkv.size(0) == qkv.size(3) && pad_qkv.scalar_type() == at::kBFloat16 &&
+                  pad_qkv.is_contiguous() && pad_qkv.device() == qkv.device(),
+              "mematte_ext.window_attention: pad_qkv must be a contiguous bfloat16 (3C,) = (", qkv.size(3),
+              ",) tensor on qkv's device, got ", pad_qkv.scalar_type(), " of shape ", pad_qkv.sizes());
+  for (const auto& [name, t] : {std::pair{"rel_h", rel_h}, std::pair{"rel_w", rel_w}}) {
+    TORCH_CHECK(t.dim() == 3 && t.size(0) == window && t.size(1) == window && t.size(2) == 64,
+                "mematte_ext.window_attention: ", name, " must be the gathered table (window, window, 64) = (", window,
+                ", ", window, ", 64), got shape ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.is_contiguous() && t.device() == qkv.device(),
+                "mematte_ext.window_attention: ", name, " must be a contiguous bfloat16 tensor on qkv's device");
+  }
+  return window_attention_cpu(qkv, pad_qkv, rel_h, rel_w, num_heads, scale, window);
+}
+
 template <at::Tensor (*kernel)(const at::Tensor&, const at::Tensor&, const at::Tensor&)>
 at::Tensor checked_dwconv_gelu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   check_dwconv_gelu(x, weight, bias);
@@ -137,6 +162,28 @@ template <at::Tensor (*kernel)(const at::Tensor&, const at::Tensor&, const std::
 at::Tensor checked_eca(const at::Tensor& z, const at::Tensor& weight, const std::optional<at::Tensor>& residual) {
   check_eca(z, weight, residual);
   return kernel(z, weight, residual);
+}
+
+void checked_upsample_conv_relu(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(cpu_has_avx512_bf16(), "mematte_ext.upsample_conv_relu_: needs a CPU with AVX512-BF16; this one has none");
+  check_activation("upsample_conv_relu_", "out", out);
+  check_activation("upsample_conv_relu_", "x", x);
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16,
+              "mematte_ext.upsample_conv_relu_: out and x must be bfloat16, got ", out.scalar_type(), " and ",
+              x.scalar_type());
+  TORCH_CHECK(x.device() == out.device(), "mematte_ext.upsample_conv_relu_: x must be on out's device");
+  TORCH_CHECK(x.size(0) == out.size(0) && out.size(1) == 2 * x.size(1) && out.size(2) == 2 * x.size(2),
+              "mematte_ext.upsample_conv_relu_: for x of shape (B, h, w, Cin) = ", x.sizes(),
+              " out must have shape (B, 2h, 2w, C), got ", out.sizes());
+  TORCH_CHECK(out.size(3) % 16 == 0 && x.size(3) % 2 == 0,
+              "mematte_ext.upsample_conv_relu_: needs C a multiple of 16 and Cin even, got C = ", out.size(3),
+              ", Cin = ", x.size(3));
+  check_parameter("upsample_conv_relu_", "weight", weight, x);
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == out.size(3) && weight.size(1) == x.size(3) &&
+                  weight.size(2) == 3 && weight.size(3) == 3,
+              "mematte_ext.upsample_conv_relu_: weight must have shape (C, Cin, 3, 3) = (", out.size(3), ", ",
+              x.size(3), ", 3, 3), got ", weight.sizes());
+  upsample_conv_relu_cpu(out, x, weight);
 }
 
 template <void (*kernel)(at::Tensor&, const at::Tensor&)>
@@ -152,16 +199,22 @@ TORCH_LIBRARY(mematte_ext, m) {
   m.def("dwconv_gelu(Tensor x, Tensor weight, Tensor bias) -> Tensor");
   m.def("eca(Tensor z, Tensor weight, Tensor? residual=None) -> Tensor");
   m.def("upsample_taps_relu_(Tensor(a!) out, Tensor taps) -> ()");
+  m.def("upsample_conv_relu_(Tensor(a!) out, Tensor x, Tensor weight) -> ()");
   m.def(
       "varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, float scale, Tensor? rel_h=None, "
       "Tensor? rel_w=None) -> Tensor");
+  m.def(
+      "window_attention(Tensor qkv, Tensor pad_qkv, Tensor rel_h, Tensor rel_w, int num_heads, float scale, "
+      "int window) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mematte_ext, CPU, m) {
   m.impl("dwconv_gelu", &mematte::checked_dwconv_gelu<&mematte::dwconv_gelu_cpu>);
   m.impl("eca", &mematte::checked_eca<&mematte::eca_cpu>);
   m.impl("upsample_taps_relu_", &mematte::checked_upsample_taps_relu<&mematte::upsample_taps_relu_cpu>);
+  m.impl("upsample_conv_relu_", &mematte::checked_upsample_conv_relu);
   m.impl("varlen_attention", &mematte::checked_varlen_attention);
+  m.impl("window_attention", &mematte::checked_window_attention);
 }
 
 #ifdef MEMATTE_WITH_CUDA
@@ -186,10 +239,10 @@ PyMODINIT_FUNC PyInit__C() {
 #else
   PyObject* cuda_opted_out = Py_False;
 #endif
-  PyObject* cpu_bf16_attention = mematte::cpu_has_avx512_bf16() ? Py_True : Py_False;
+  PyObject* cpu_bf16_kernels = mematte::cpu_has_avx512_bf16() ? Py_True : Py_False;
   if (PyModule_AddObjectRef(module, "cuda_compiled", cuda_compiled) < 0 ||
       PyModule_AddObjectRef(module, "cuda_opted_out", cuda_opted_out) < 0 ||
-      PyModule_AddObjectRef(module, "cpu_bf16_attention", cpu_bf16_attention) < 0) {
+      PyModule_AddObjectRef(module, "cpu_bf16_kernels", cpu_bf16_kernels) < 0) {
     Py_DECREF(module);
     return nullptr;
   }

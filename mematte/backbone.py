@@ -70,7 +70,8 @@ def rel_pos_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tens
 
 
 class Attention(nn.Module):
-    """Multi-head attention; window blocks add decomposed relative position."""
+    """Multi-head attention's parameters; window blocks add decomposed relative position.
+    The blocks run it through the op table (window attention, varlen attention)."""
 
     def __init__(self, dim: int, num_heads: int, rel_pos_size: int | None):
         super().__init__()
@@ -82,39 +83,6 @@ class Attention(nn.Module):
         if rel_pos_size is not None:
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_pos_size - 1, self.head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos_size - 1, self.head_dim))
-
-    def forward(self, x: torch.Tensor, ops: OpTable) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, C), every token attending to every other of its grid."""
-        B, H, W, C = x.shape
-        qkv = ops.linear(x, self.qkv.weight, self.qkv.bias)
-        qkv = qkv.reshape(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B, heads, H*W, d)
-        rel_h = rel_pos_table(H, H, self.rel_pos_h)
-        rel_w = rel_pos_table(W, W, self.rel_pos_w)
-        out = ops.rel_pos_attention(q, k, v, rel_h, rel_w, self.scale)
-        return ops.linear(out.transpose(1, 2).reshape(B, H, W, C), self.proj.weight, self.proj.bias)
-
-
-def window_partition(x: torch.Tensor, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """(B, H, W, C) zero-padded bottom/right to multiples of ``size`` and cut into windows:
-    (B * nH * nW, size, size, C), plus the padded (H, W)."""
-    B, H, W, C = x.shape
-    pad_h, pad_w = (size - H % size) % size, (size - W % size) % size
-    if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    Hp, Wp = H + pad_h, W + pad_w
-    x = x.view(B, Hp // size, size, Wp // size, size, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, size, size, C), (Hp, Wp)
-
-
-def window_unpartition(windows: torch.Tensor, size: int, padded: tuple[int, int], hw: tuple[int, int]) -> torch.Tensor:
-    """Inverse of :func:`window_partition`, cropping the padding: (B, H, W, C)."""
-    Hp, Wp = padded
-    H, W = hw
-    B = windows.shape[0] // (Hp * Wp // size // size)
-    x = windows.view(B, Hp // size, Wp // size, size, size, -1)
-    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, -1)
-    return x[:, :H, :W, :].contiguous()
 
 
 class Mlp(nn.Module):
@@ -131,7 +99,8 @@ class Mlp(nn.Module):
 
 class WindowBlock(nn.Module):
     """x = x + WinAttn(norm1(x)); x = x + MLP(norm2(x)). Windows are 14×14; norm1's output
-    is zero-padded to a multiple of 14 and the padding tokens take part as keys."""
+    is zero-padded to a multiple of 14 and the padding tokens take part as keys (their
+    projection is the qkv bias, which is how the op table receives them)."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -141,9 +110,12 @@ class WindowBlock(nn.Module):
         self.mlp = Mlp(dim, 4 * dim)
 
     def forward(self, x: torch.Tensor, ops: OpTable) -> torch.Tensor:
-        H, W = x.shape[1:3]
-        windows, padded = window_partition(self.norm1(x), WINDOW_SIZE)
-        x = x + window_unpartition(self.attn(windows, ops), WINDOW_SIZE, padded, (H, W))
+        attn = self.attn
+        qkv = ops.linear(self.norm1(x), attn.qkv.weight, attn.qkv.bias)
+        rel_h = rel_pos_table(WINDOW_SIZE, WINDOW_SIZE, attn.rel_pos_h)
+        rel_w = rel_pos_table(WINDOW_SIZE, WINDOW_SIZE, attn.rel_pos_w)
+        out = ops.window_attention(qkv, attn.qkv.bias, rel_h, rel_w, attn.num_heads, attn.scale, WINDOW_SIZE)
+        x = x + ops.linear(out, attn.proj.weight, attn.proj.bias)
         return x + self.mlp(self.norm2(x), ops)
 
 
@@ -172,7 +144,7 @@ class Router(nn.Module):
         norm, fc_in = self.in_conv[0], self.in_conv[1]
         fc0, fc1, fc2 = self.out_conv[0], self.out_conv[2], self.out_conv[4]
         return ops.router_scores(
-            tokens.to(fc_in.weight.dtype),
+            tokens,
             norm.weight, norm.bias,
             fc_in.weight, fc_in.bias,
             fc0.weight, fc0.bias,

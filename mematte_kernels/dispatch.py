@@ -42,7 +42,7 @@ class OpTable:
     varlen_attention: Callable
     dwconv_gelu: Callable
     eca: Callable
-    rel_pos_attention: Callable
+    window_attention: Callable
     channels_first_layer_norm: Callable
     upsample_conv_relu_: Callable
     patch_embed: Callable
@@ -60,7 +60,7 @@ REFERENCE = OpTable(
     varlen_attention=reference.varlen_attention,
     dwconv_gelu=reference.dwconv_gelu,
     eca=reference.eca,
-    rel_pos_attention=reference.rel_pos_attention,
+    window_attention=reference.window_attention,
     channels_first_layer_norm=reference.channels_first_layer_norm,
     upsample_conv_relu_=reference.upsample_conv_relu_,
     patch_embed=reference.patch_embed,
@@ -106,7 +106,7 @@ def _build(name: str, device: torch.device) -> OpTable:
             "cpu",
             device,
             router_scores=native.router_scores,
-            varlen_attention=native.varlen_attention_bf16 if ext.cpu_bf16_attention() else native.varlen_attention,
+            varlen_attention=native.varlen_attention_bf16 if ext.cpu_bf16_kernels() else native.varlen_attention,
             patch_embed=native.patch_embed,
             **dense,
         )
@@ -141,13 +141,13 @@ def _with_ltrm(name: str, device: torch.device, **ops) -> OpTable:
         ops.update(dwconv_gelu=ext.dwconv_gelu, eca=ext.eca)
     else:
         name = f"{name} (LTRM ops: reference, the extension has none for {device.type})"
+    bf16_kernels = device.type == "cpu" and ext.cpu_bf16_kernels()
     if ext.has_kernel("upsample_taps_relu_", device):
-        ops.update(upsample_conv_relu_=native.upsample_conv_relu_)
-    bf16_attention = device.type == "cpu" and ext.cpu_bf16_attention()
+        ops.update(upsample_conv_relu_=native.upsample_conv_relu_bf16 if bf16_kernels else native.upsample_conv_relu_)
     return replace(
         REFERENCE,
         name=name,
-        rel_pos_attention=native.rel_pos_attention_bf16 if bf16_attention else native.rel_pos_attention,
+        window_attention=native.window_attention_bf16 if bf16_kernels else native.window_attention,
         channels_first_layer_norm=native.channels_first_layer_norm,
         **ops,
     )

@@ -30,9 +30,10 @@ def has_kernel(op: str, device: torch.device | str) -> bool:
     return _C is not None and key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"mematte_ext::{op}", key)
 
 
-def cpu_bf16_attention() -> bool:
-    """Whether :func:`varlen_attention` runs here: built, and the CPU has AVX512-BF16."""
-    return has_kernel("varlen_attention", "cpu") and bool(_C.cpu_bf16_attention)
+def cpu_bf16_kernels() -> bool:
+    """Whether the AVX512-BF16 kernels (:func:`varlen_attention`, :func:`window_attention`,
+    :func:`upsample_conv_relu_`) run here: built, and the CPU has the instructions."""
+    return has_kernel("varlen_attention", "cpu") and bool(_C.cpu_bf16_kernels)
 
 
 def available(device: torch.device | str) -> bool:
@@ -57,6 +58,13 @@ def upsample_taps_relu_(out: torch.Tensor, taps: torch.Tensor) -> None:
     torch.ops.mematte_ext.upsample_taps_relu_(out, taps)
 
 
+def upsample_conv_relu_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """``out = relu(out + conv3x3(upsample2x(x), weight))`` in place on bf16 channels-last
+    tensors, out (B, 2h, 2w, C) and x (B, h, w, Cin), C a multiple of 16: the taps made from
+    x on the fly, in fp32, instead of :func:`upsample_taps_relu_`'s precomputed ones."""
+    torch.ops.mematte_ext.upsample_conv_relu_(out, x, weight)
+
+
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -72,6 +80,20 @@ def varlen_attention(
     an H×W grid and the logits get :func:`mematte_kernels.reference.rel_pos_attention`'s
     decomposed bias."""
     return torch.ops.mematte_ext.varlen_attention(q, k, v, cu_seqlens, scale, rel_h, rel_w)
+
+
+def window_attention(
+    qkv: torch.Tensor,
+    pad_qkv: torch.Tensor,
+    rel_h: torch.Tensor,
+    rel_w: torch.Tensor,
+    num_heads: int,
+    scale: float,
+    window: int,
+) -> torch.Tensor:
+    """:func:`mematte_kernels.reference.window_attention` on AVX512-BF16 CPUs: bf16 qkv
+    (B, H, W, 3C) contiguous with head dim 64, window <= 16 -> (B, H, W, C)."""
+    return torch.ops.mematte_ext.window_attention(qkv, pad_qkv, rel_h, rel_w, num_heads, scale, window)
 
 
 if _C is not None:
@@ -93,3 +115,11 @@ if _C is not None:
     @torch.library.register_fake("mematte_ext::varlen_attention")
     def _varlen_attention_fake(q, k, v, cu_seqlens, scale, rel_h=None, rel_w=None):
         return q.new_empty(q.shape)
+
+    @torch.library.register_fake("mematte_ext::window_attention")
+    def _window_attention_fake(qkv, pad_qkv, rel_h, rel_w, num_heads, scale, window):
+        return qkv.new_empty((*qkv.shape[:-1], qkv.shape[-1] // 3))
+
+    @torch.library.register_fake("mematte_ext::upsample_conv_relu_")
+    def _upsample_conv_relu_fake(out, x, weight):
+        return None

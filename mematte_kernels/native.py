@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import ext
+from . import ext, reference
 
 # Windows per SDPA call: bounds the (windows, heads, 196, 196) position bias (ViT-B fp32:
 # 118 MB).
@@ -23,15 +23,22 @@ def router_scores(
     eps: float = 1e-5,
 ):  # fmt: skip
     """The router with its global half folded into a per-image bias of ``out_conv.0``:
-    ``W·cat(local, g) + b = W[:, :C/2]·local + (W[:, C/2:]·g + b)``. Runs in fp32."""
+    ``W·cat(local, g) + b = W[:, :C/2]·local + (W[:, C/2:]·g + b)``.
+
+    In the parameters' precision (fp32) throughout, except that bf16/fp16 tokens keep their
+    precision through the two C-wide layers (LayerNorm with fp32 statistics, ``in_conv`` and
+    the local half of ``out_conv.0``), the GEMMs that dominate the router's cost; the global
+    mean, the narrow layers and the log-probabilities whose margin decides are fp32."""
     B, N, C = x.shape
     half = C // 2
-    x = x.float()
-    h = F.gelu(F.linear(F.layer_norm(x, (C,), norm_weight.float(), norm_bias.float(), eps), in_weight.float(), in_bias.float()))
-    glob = h[..., half:].mean(dim=1)  # (B, C/2)
+    low = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    x = x.to(low)
+    h = F.layer_norm(x, (C,), norm_weight.to(low), norm_bias.to(low), eps)
+    h = F.gelu(F.linear(h, in_weight.to(low), in_bias.to(low)))
+    glob = h[..., half:].float().mean(dim=1)  # (B, C/2)
     w0 = out0_weight.float()
     bias = F.linear(glob, w0[:, half:], out0_bias.float())  # (B, C/2)
-    z = F.gelu(F.linear(h[..., :half], w0[:, :half]) + bias[:, None, :])
+    z = F.gelu(F.linear(h[..., :half], out0_weight[:, :half].to(low)).float() + bias[:, None, :])
     z = F.gelu(F.linear(z, out1_weight.float(), out1_bias.float()))
     scores = F.log_softmax(F.linear(z, out2_weight.float(), out2_bias.float()), dim=-1)
     return scores, scores[..., 0] > scores[..., 1]
@@ -86,21 +93,21 @@ def channels_first_layer_norm(x, weight, bias, eps: float) -> torch.Tensor:
     return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps).permute(0, 3, 1, 2)
 
 
-def rel_pos_attention_bf16(q, k, v, rel_h, rel_w, scale: float) -> torch.Tensor:
-    """:func:`rel_pos_attention` through the extension's AVX512-BF16 kernel where it applies
-    (bf16, head dim 64, grids up to 16×16): each window is one sequence, and the position
-    bias is computed per query inside the kernel, never as an N×N matrix."""
-    B, heads, N, d = q.shape
-    H, W = rel_h.shape[0], rel_w.shape[0]
-    if q.dtype != torch.bfloat16 or d != 64 or H > 16 or W > 16:
-        return rel_pos_attention(q, k, v, rel_h, rel_w, scale)
-    # (B, heads, N, d) views of the qkv projection's (B, N, 3, heads, d) output are packed
-    # (B * N, heads, d) tensors as they are; only their head dim need be contiguous.
-    packed = [t.transpose(1, 2).reshape(B * N, heads, d) for t in (q, k, v)]
-    cu_seqlens = torch.arange(0, (B + 1) * N, N, dtype=torch.int32)
+def window_attention(qkv, pad_qkv, rel_h, rel_w, num_heads: int, scale: float, window: int) -> torch.Tensor:
+    """:func:`mematte_kernels.reference.window_attention` with fused attention per window
+    (:func:`rel_pos_attention`)."""
+    return reference.attend_windows(rel_pos_attention, qkv, pad_qkv, rel_h, rel_w, num_heads, scale, window)
+
+
+def window_attention_bf16(qkv, pad_qkv, rel_h, rel_w, num_heads: int, scale: float, window: int) -> torch.Tensor:
+    """:func:`window_attention` through the extension's AVX512-BF16 kernel where it applies
+    (bf16, head dim 64, windows up to 16×16): it reads each window's tokens where they lie in
+    the grid, takes the padding as ``pad_qkv`` keys, and computes the position bias per query,
+    so neither the padded grid, the windows, nor an N×N bias is ever written."""
+    if qkv.dtype != torch.bfloat16 or qkv.shape[-1] != 3 * 64 * num_heads or window > 16:
+        return window_attention(qkv, pad_qkv, rel_h, rel_w, num_heads, scale, window)
     tables = [t.to(torch.bfloat16).contiguous() for t in (rel_h, rel_w)]
-    out = ext.varlen_attention(*packed, cu_seqlens, scale, *tables)
-    return out.view(B, N, heads, d).transpose(1, 2)
+    return ext.window_attention(qkv.contiguous(), pad_qkv.to(torch.bfloat16).contiguous(), *tables, num_heads, scale, window)
 
 
 def rel_pos_attention(q, k, v, rel_h, rel_w, scale: float) -> torch.Tensor:
@@ -121,6 +128,18 @@ def rel_pos_attention(q, k, v, rel_h, rel_w, scale: float) -> torch.Tensor:
         out[s : s + WINDOW_CHUNK] = F.scaled_dot_product_attention(
             qc, k[s : s + WINDOW_CHUNK], v[s : s + WINDOW_CHUNK], attn_mask=bias.view(qc.shape[0], heads, N, N), scale=scale
         )
+    return out
+
+
+def upsample_conv_relu_bf16(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """:func:`upsample_conv_relu_` in one pass of the extension's AVX512-BF16 kernel where it
+    applies (bf16, C a multiple of 16) and pays: the taps never leave the cache, which beats
+    the GEMM for the shallow projections of the full- and half-resolution blocks (Cin 64,
+    128: 1.5x) and ties or loses from Cin 256 on, where the GEMM runs at full rate."""
+    C, Cin = weight.shape[:2]
+    if out.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or C % 16 or Cin % 2 or Cin > 128:
+        return upsample_conv_relu_(out, x, weight)
+    ext.upsample_conv_relu_(out.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1), weight)
     return out
 
 

@@ -30,11 +30,13 @@ def router_scores(
     out2_bias: torch.Tensor,
     eps: float = 1e-5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MEMatte's router on (B, N, C) tokens.
+    """MEMatte's router on (B, N, C) tokens, in the parameters' precision (tokens of a
+    lower precision are converted).
 
     Returns ``scores`` (B, N, 2) float32 log-probabilities and ``keep`` (B, N) bool: a
     token goes to global attention iff ``scores[..., 0] > scores[..., 1]``.
     """
+    x = x.to(norm_weight.dtype)
     B, N, C = x.shape
     if N == 0:
         return x.new_empty((B, 0, 2), dtype=torch.float32), x.new_empty((B, 0), dtype=torch.bool)
@@ -228,3 +230,47 @@ def rel_pos_attention(
     attn = attn.view(B * heads, H, W, H, W) + bias_h[:, :, :, :, None] + bias_w[:, :, :, None, :]
     attn = attn.view(B, heads, N, N).softmax(dim=-1)
     return attn @ v
+
+
+def partition_windows(grid: torch.Tensor, pad: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, H, W, C) padded bottom/right to multiples of ``size`` with the vector ``pad`` (C,)
+    and cut into windows: (B * nH * nW, size * size, C), windows in row-major order."""
+    B, H, W, C = grid.shape
+    Hp, Wp = -(-H // size) * size, -(-W // size) * size
+    padded = pad.to(grid.dtype).expand(B, Hp, Wp, C).clone()
+    padded[:, :H, :W] = grid
+    windows = padded.view(B, Hp // size, size, Wp // size, size, C).permute(0, 1, 3, 2, 4, 5)
+    return windows.reshape(-1, size * size, C)
+
+
+def merge_windows(windows: torch.Tensor, shape: tuple[int, int, int], size: int) -> torch.Tensor:
+    """Inverse of :func:`partition_windows` for (B, H, W): the windows put back in the grid
+    and the padding cropped: (B, H, W, C)."""
+    B, H, W = shape
+    Hp, Wp = -(-H // size) * size, -(-W // size) * size
+    grid = windows.view(B, Hp // size, Wp // size, size, size, -1).permute(0, 1, 3, 2, 4, 5)
+    return grid.reshape(B, Hp, Wp, -1)[:, :H, :W].contiguous()
+
+
+def attend_windows(attention, qkv, pad_qkv, rel_h, rel_w, num_heads: int, scale: float, window: int) -> torch.Tensor:
+    """Window attention as upstream runs it, with ``attention`` (:func:`rel_pos_attention` or
+    a fused equivalent) per window: see :func:`window_attention`."""
+    B, H, W, C3 = qkv.shape
+    windows = partition_windows(qkv, pad_qkv, window)
+    n_windows, N = windows.shape[:2]
+    q, k, v = windows.view(n_windows, N, 3, num_heads, C3 // 3 // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+    out = attention(q, k, v, rel_h, rel_w, scale)  # (windows, heads, N, d)
+    return merge_windows(out.transpose(1, 2).reshape(n_windows, N, C3 // 3), (B, H, W), window)
+
+
+def window_attention(
+    qkv: torch.Tensor, pad_qkv: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, num_heads: int, scale: float, window: int
+) -> torch.Tensor:
+    """The ViT's window attention from the tokens' qkv projection (B, H, W, 3C).
+
+    Upstream pads norm1's output with zero tokens to multiples of ``window`` before the
+    projection; their projection is the bias, so padding the projection with ``pad_qkv``
+    (the qkv bias, (3C,)) is the same computation. The padded grid is cut into windows, each
+    attended with decomposed relative position (``rel_h``, ``rel_w``: the gathered
+    (window, window, d) tables), merged and cropped: (B, H, W, C)."""
+    return attend_windows(rel_pos_attention, qkv, pad_qkv, rel_h, rel_w, num_heads, scale, window)

@@ -1,22 +1,26 @@
-"""``mematte_ext.varlen_attention``, the AVX512-BF16 CPU flash attention, and the model-level
-wrappers built on it (``native.varlen_attention_bf16``, ``native.rel_pos_attention_bf16``).
+"""``mematte_ext.varlen_attention`` and ``mematte_ext.window_attention``, the AVX512-BF16 CPU
+flash attention, and the model-level wrappers built on them (``native.varlen_attention_bf16``,
+``native.window_attention_bf16``).
 
 The oracle is the per-sequence reference loop (``reference.varlen_attention`` /
-``reference.rel_pos_attention``) computed in float64 from the same bf16 inputs, so input
-rounding is counted against no one. The kernel's max abs error against it may be at most twice
-PyTorch's own bf16 error there, plus a floor of 1e-3 for cases where PyTorch happens to be
-exact (a one-token sequence returns v):
+``reference.rel_pos_attention`` / ``reference.window_attention``) computed in float64 from the
+same bf16 inputs, so input rounding is counted against no one. The kernel's max abs error
+against it may be at most twice PyTorch's own bf16 error there, plus a floor of 1e-3 for cases
+where PyTorch happens to be exact (a one-token sequence returns v):
 
 * plain attention: PyTorch's baseline is ``F.scaled_dot_product_attention`` on the bf16
   tensors, one sequence at a time (CPU flash attention, fp32 accumulators: the path the
   kernel replaces, ``native.varlen_attention``);
-* with the position bias: ``reference.rel_pos_attention`` run in bf16 (SDPA cannot take a
-  bf16 query with a higher-precision bias).
+* with the position bias: ``reference.rel_pos_attention`` (for whole grids,
+  ``reference.window_attention``) run in bf16 (SDPA cannot take a bf16 query with a
+  higher-precision bias).
 
 The kernel has two paths: sequences of at most 1024 tokens are packed per task ("short"),
 longer ones once and shared by many tasks ("long"); its query and key blocks are 64 wide with
 micro-tiles of 8 rows and 32 keys, hence the lengths 1, 7, 8, 31, 33, 63, 64, 65, 196, 1000,
-1025 and 1100.
+1025 and 1100. ``window_attention`` runs the short path on the windows of a (B, H, W, 3C) qkv
+grid read in place, with the positions past the grid's bottom/right edge taken as keys and
+values from ``pad_qkv``; hence grids that are not multiples of the window (14 in the model).
 """
 from __future__ import annotations
 
@@ -34,8 +38,8 @@ from mematte_kernels import dispatch, ext, native, reference
 pytestmark = pytest.mark.usefixtures("nan_filled_outputs")
 
 needs_bf16_attention = pytest.mark.skipif(
-    not ext.cpu_bf16_attention(),
-    reason="mematte_kernels._C has no AVX512-BF16 varlen_attention kernel here (not built, or no AVX512-BF16 CPU)",
+    not ext.cpu_bf16_kernels(),
+    reason="mematte_kernels._C has no AVX512-BF16 attention kernels here (not built, or no AVX512-BF16 CPU)",
 )
 
 HEAD_DIM = 64
@@ -299,40 +303,144 @@ def test_position_bias_with_empty_sequences():
     assert_within_bf16_rule(out.view(2, H * W, heads, HEAD_DIM).transpose(1, 2), expected, torch_bf16)
 
 
+# ------------------------------------------------------------------ window attention
+
+WINDOW = 14  # the backbone's window size
+
+
+def grid_qkv(B: int, H: int, W: int, heads: int, seed: int = 0, dtype=torch.bfloat16, d: int = HEAD_DIM):
+    """The qkv projection of a (B, H, W) token grid, (B, H, W, 3 * heads * d), and ``pad_qkv``
+    (3 * heads * d,): the projection's bias, which is what the padding tokens project to."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, H, W, 3 * heads * d, generator=g)
+    pad_qkv = torch.randn(3 * heads * d, generator=g)
+    return qkv.to(dtype), pad_qkv.to(dtype)
+
+
+def window_tables(window: int, d: int = HEAD_DIM, seed: int = 1, dtype=torch.bfloat16):
+    """Gathered (window, window, d) tables from rel_pos parameters ~ N(0, 0.3)."""
+    g = torch.Generator().manual_seed(seed)
+    params = (torch.randn(2 * window - 1, d, generator=g) * 0.3 for _ in range(2))
+    return tuple(rel_pos_table(window, window, p).to(dtype) for p in params)
+
+
+# name: (B, H, W, heads, window); H and W are padded up to multiples of the window.
+WINDOW_CASES = {
+    "B1-1x1-H1": (1, 1, 1, 1, WINDOW),  # one token among 195 padding keys
+    "B1-13x15-H6": (1, 13, 15, 6, WINDOW),
+    "B1-15x29-H1": (1, 15, 29, 1, WINDOW),
+    "B1-28x28-H6-no-padding": (1, 28, 28, 6, WINDOW),
+    "B2-13x15-H6": (2, 13, 15, 6, WINDOW),
+    "B2-15x29-H6": (2, 15, 29, 6, WINDOW),
+    "B2-17x9-H1-window16": (2, 17, 9, 1, 16),
+    "B1-11x13-H6-window5": (1, 11, 13, 6, 5),
+    "B1-3x2-H1-window1": (1, 3, 2, 1, 1),
+}
+
+
+def window_reference(qkv, pad_qkv, rel_h, rel_w, heads, scale, window):
+    """(fp64 oracle, PyTorch's bf16 result) of reference.window_attention."""
+    expected = reference.window_attention(*(t.double() for t in (qkv, pad_qkv, rel_h, rel_w)), heads, scale, window)
+    return expected, reference.window_attention(qkv, pad_qkv, rel_h, rel_w, heads, scale, window)
+
+
 @needs_bf16_attention
 @pytest.mark.parametrize(
-    "windows, H, W, heads",
-    [pytest.param(*BIAS_CASES[name], id=name) for name in ("W3-14x14-H6", "W2-3x5-H6", "W2-16x16-H12", "W4-1x1-H12")],
+    "B, H, W, heads, window", [pytest.param(*case, id=name) for name, case in WINDOW_CASES.items()]
 )
-def test_native_rel_pos_attention_bf16_on_backbone_views(windows, H, W, heads):
-    q, k, v = windows_qkv(windows, H, W, heads, seed=11)
-    rel_h, rel_w = position_tables(H, W, seed=12)
+def test_window_attention_matches_fp64_reference(B, H, W, heads, window):
+    qkv, pad_qkv = grid_qkv(B, H, W, heads, seed=11)
+    rel_h, rel_w = window_tables(window, seed=12)
     scale = HEAD_DIM**-0.5
-    out = native.rel_pos_attention_bf16(q, k, v, rel_h, rel_w, scale)
-    assert out.shape == q.shape
-    expected = reference.rel_pos_attention(*(t.double() for t in (q, k, v, rel_h, rel_w)), scale)
-    assert_within_bf16_rule(out, expected, reference.rel_pos_attention(q, k, v, rel_h, rel_w, scale))
-    # The views go to the kernel as they are: same bits as from contiguous packed copies.
-    pq, pk, pv, cu_seqlens = windows_as_sequences(q, k, v)
-    direct = attention(pq, pk, pv, cu_seqlens, scale, rel_h, rel_w).view(windows, H * W, heads, HEAD_DIM)
-    assert torch.equal(out, direct.transpose(1, 2))
+    out = native.window_attention_bf16(qkv, pad_qkv, rel_h, rel_w, heads, scale, window)
+    assert out.shape == (B, H, W, heads * HEAD_DIM) and out.is_contiguous()
+    assert_within_bf16_rule(out, *window_reference(qkv, pad_qkv, rel_h, rel_w, heads, scale, window))
+    # native.window_attention_bf16 hands bf16 tensors to the op as they are.
+    assert torch.equal(out, ext.window_attention(qkv, pad_qkv, rel_h, rel_w, heads, scale, window))
+
+
+@needs_bf16_attention
+def test_native_window_attention_bf16_converts_the_parameters():
+    """The model's qkv bias and position tables may be fp32 next to bf16 tokens."""
+    qkv, pad_qkv = grid_qkv(2, 13, 15, 2, seed=13)
+    rel_h, rel_w = window_tables(WINDOW, seed=14)
+    out = native.window_attention_bf16(qkv, pad_qkv.float(), rel_h.float(), rel_w.float(), 2, 0.125, WINDOW)
+    assert torch.equal(out, ext.window_attention(qkv, pad_qkv, rel_h, rel_w, 2, 0.125, WINDOW))
+
+
+@needs_bf16_attention
+def test_window_attention_padding_comes_from_pad_qkv():
+    """A 15x29 grid in 14x14 windows: of each image's 2x3 windows only the top row's first
+    two (rows 0-13, columns 0-27) have no padding. The padding's keys and values are
+    pad_qkv[C:]; its queries (pad_qkv[:C]) are never computed, and their outputs cropped."""
+    B, H, W, heads = 2, 15, 29, 2
+    C = heads * HEAD_DIM
+    qkv, pad_qkv = grid_qkv(B, H, W, heads, seed=15)
+    rel_h, rel_w = window_tables(WINDOW, seed=16)
+    scale = HEAD_DIM**-0.5
+
+    def run(pad):
+        return ext.window_attention(qkv, pad, rel_h, rel_w, heads, scale, WINDOW)
+
+    out = run(pad_qkv)
+    g = torch.Generator().manual_seed(17)
+    new_kv = pad_qkv.clone()
+    new_kv[C:] = torch.randn(2 * C, generator=g).bfloat16()
+    changed = run(new_kv)
+    unpadded = torch.zeros(H, W, dtype=torch.bool)
+    unpadded[:WINDOW, : 2 * WINDOW] = True
+    assert torch.equal(changed[:, unpadded], out[:, unpadded])
+    # Every token of a padded window (the bottom row, the right column) attends to the padding.
+    assert (changed[:, ~unpadded] != out[:, ~unpadded]).any(dim=-1).all()
+    expected, torch_bf16 = window_reference(qkv, new_kv, rel_h, rel_w, heads, scale, WINDOW)
+    assert_within_bf16_rule(changed, expected, torch_bf16)
+    # pad_qkv matters at these magnitudes: the first result fails the bound for the second pad.
+    bound = LOW_PRECISION_FACTOR * max_abs_error(torch_bf16, expected) + LOW_PRECISION_FLOOR
+    assert max_abs_error(out, expected) > bound
+
+    new_q = pad_qkv.clone()
+    new_q[:C] = torch.randn(C, generator=g).bfloat16() * 4
+    assert torch.equal(run(new_q), out)
+
+
+@needs_bf16_attention
+def test_window_attention_does_not_depend_on_thread_count():
+    qkv, pad_qkv = grid_qkv(2, 29, 15, 3, seed=18)
+    rel_h, rel_w = window_tables(WINDOW, seed=19)
+    args = (qkv, pad_qkv, rel_h, rel_w, 3, 0.125, WINDOW)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = ext.window_attention(*args)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(ext.window_attention(*args), single)
+
+
+@needs_bf16_attention
+@pytest.mark.parametrize("B, H, W", [(0, 5, 7), (2, 0, 7), (2, 5, 0)], ids=["B0", "H0", "W0"])
+def test_window_attention_no_tokens(B, H, W):
+    qkv, pad_qkv = grid_qkv(B, H, W, 2)
+    rel_h, rel_w = window_tables(4)
+    out = ext.window_attention(qkv, pad_qkv, rel_h, rel_w, 2, 0.125, 4)
+    assert out.shape == (B, H, W, 2 * HEAD_DIM) and out.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize(
-    "H, W, dtype, d",
+    "dtype, window, d",
     [
-        pytest.param(14, 14, torch.float32, HEAD_DIM, id="14x14-fp32"),
-        pytest.param(17, 17, torch.bfloat16, HEAD_DIM, id="17x17-bf16"),
-        pytest.param(3, 5, torch.bfloat16, 32, id="3x5-bf16-d32"),
+        pytest.param(torch.float32, WINDOW, HEAD_DIM, id="fp32"),
+        pytest.param(torch.bfloat16, 17, HEAD_DIM, id="bf16-window17"),
+        pytest.param(torch.bfloat16, WINDOW, 32, id="bf16-d32"),
     ],
 )
-def test_native_rel_pos_attention_bf16_falls_back(H, W, dtype, d):
-    q, k, v = windows_qkv(2, H, W, 2, seed=13, dtype=dtype, d=d)
-    g = torch.Generator().manual_seed(14)
-    rel_h = rel_pos_table(H, H, torch.randn(2 * H - 1, d, generator=g) * 0.3).to(dtype)
-    rel_w = rel_pos_table(W, W, torch.randn(2 * W - 1, d, generator=g) * 0.3).to(dtype)
-    out = native.rel_pos_attention_bf16(q, k, v, rel_h, rel_w, d**-0.5)
-    assert torch.equal(out, native.rel_pos_attention(q, k, v, rel_h, rel_w, d**-0.5))
+def test_native_window_attention_bf16_falls_back(dtype, window, d):
+    qkv, pad_qkv = grid_qkv(2, 19, 20, 2, seed=20, dtype=dtype, d=d)
+    rel_h, rel_w = window_tables(window, d=d, seed=21, dtype=dtype)
+    scale = d**-0.5
+    out = native.window_attention_bf16(qkv, pad_qkv, rel_h, rel_w, 2, scale, window)
+    assert out.shape == (2, 19, 20, 2 * d) and torch.isfinite(out).all()
+    assert torch.equal(out, native.window_attention(qkv, pad_qkv, rel_h, rel_w, 2, scale, window))
 
 
 # -------------------------------------------------------------- native.varlen_attention_bf16
@@ -397,6 +505,44 @@ def test_rejects_bad_arguments(args, message):
         ext.varlen_attention(*args)
 
 
+def _bad_window_arguments():
+    """(name, ext.window_attention's arguments, message): each breaks one rule."""
+    qkv, pad_qkv = grid_qkv(1, 5, 7, 2)  # C = 128
+    rel_h, rel_w = window_tables(4)
+
+    def args(**override):
+        a = dict(qkv=qkv, pad_qkv=pad_qkv, rel_h=rel_h, rel_w=rel_w, num_heads=2, scale=0.125, window=4)
+        a.update(override)
+        return tuple(a.values())
+
+    yield "window-0", args(window=0), r"window must be 1\.\.16, got 0"
+    big = window_tables(17)
+    yield "window-17", args(rel_h=big[0], rel_w=big[1], window=17), r"window must be 1\.\.16, got 17"
+    yield "heads-0", args(num_heads=0), r"num_heads must be positive, got 0"
+    qkv_shape = r"qkv must be \(B, H, W, 3C\) with C = num_heads \* 64 = "
+    narrow = grid_qkv(1, 5, 7, 2, d=32)[0]
+    yield "head-dim-32", args(qkv=narrow), qkv_shape + r"128, got shape \[1, 5, 7, 192\]"
+    yield "heads-3", args(num_heads=3), qkv_shape + r"192, got shape \[1, 5, 7, 384\]"
+    yield "qkv-3d", args(qkv=qkv[0]), r"qkv must be \(B, H, W, 3C\)"
+    yield "fp32-qkv", args(qkv=qkv.float()), r"qkv must be a contiguous bfloat16 tensor, got Float"
+    transposed = qkv.transpose(1, 2).contiguous().transpose(1, 2)
+    yield "qkv-not-contiguous", args(qkv=transposed), r"qkv must be a contiguous bfloat16 tensor, got BFloat16 with"
+    pad_rule = r"pad_qkv must be a contiguous bfloat16 \(3C,\) = \(384,\) tensor on qkv's device, got "
+    yield "pad-383", args(pad_qkv=pad_qkv[:-1]), pad_rule + r"BFloat16 of shape \[383\]"
+    yield "pad-fp32", args(pad_qkv=pad_qkv.float()), pad_rule + r"Float of shape \[384\]"
+    table_rule = r" must be the gathered table \(window, window, 64\) = \(4, 4, 64\), got shape "
+    yield "rel-h-5x5", args(rel_h=window_tables(5)[0]), "rel_h" + table_rule + r"\[5, 5, 64\]"
+    yield "rel-w-d32", args(rel_w=window_tables(4, d=32)[1]), "rel_w" + table_rule + r"\[4, 4, 32\]"
+    yield "rel-w-fp32", args(rel_w=rel_w.float()), r"rel_w must be a contiguous bfloat16 tensor on qkv's device"
+
+
+@needs_bf16_attention
+@pytest.mark.parametrize("args, message", [pytest.param(a, m, id=name) for name, a, m in _bad_window_arguments()])
+def test_window_attention_rejects_bad_arguments(args, message):
+    with pytest.raises(RuntimeError, match=r"mematte_ext\.window_attention: " + message):
+        ext.window_attention(*args)
+
+
 # ---------------------------------------------------------------- torch.library checks
 
 
@@ -413,6 +559,13 @@ def test_opcheck_with_position_bias():
     torch.library.opcheck(torch.ops.mematte_ext.varlen_attention.default, (q, k, v, cu_seqlens, 0.125, rel_h, rel_w))
 
 
+@needs_bf16_attention
+def test_opcheck_window_attention():
+    qkv, pad_qkv = grid_qkv(2, 5, 7, 2, seed=22)
+    rel_h, rel_w = window_tables(4)
+    torch.library.opcheck(torch.ops.mematte_ext.window_attention.default, (qkv, pad_qkv, rel_h, rel_w, 2, 0.125, 4))
+
+
 # --------------------------------------------------------------------------- dispatch
 
 
@@ -422,12 +575,18 @@ def test_cpu_backend_uses_the_kernel(backend, monkeypatch):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     table = dispatch.resolve(backend, "cpu")
     assert table.varlen_attention is native.varlen_attention_bf16
-    assert table.rel_pos_attention is native.rel_pos_attention_bf16
+    assert table.window_attention is native.window_attention_bf16
 
 
 def test_cpu_backend_without_the_kernel_uses_sdpa(monkeypatch):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
-    monkeypatch.setattr(ext, "cpu_bf16_attention", lambda: False)
+    monkeypatch.setattr(ext, "cpu_bf16_kernels", lambda: False)
     table = dispatch.resolve("cpu", "cpu")
     assert table.varlen_attention is native.varlen_attention
-    assert table.rel_pos_attention is native.rel_pos_attention
+    assert table.window_attention is native.window_attention
+
+
+def test_reference_backend_uses_the_reference_window_attention(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    assert dispatch.REFERENCE.window_attention is reference.window_attention
+    assert dispatch.resolve("reference", "cpu").window_attention is reference.window_attention

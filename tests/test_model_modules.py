@@ -12,8 +12,6 @@ from mematte.backbone import (
     abs_pos,
     eca_kernel_size,
     rel_pos_table,
-    window_partition,
-    window_unpartition,
 )
 from mematte.decoder import DetailCapture, decode_tiled, tile_grid, tile_length
 from mematte.model import padded_size
@@ -109,12 +107,32 @@ def test_rel_pos_attention_against_explicit_logits():
     torch.testing.assert_close(reference.rel_pos_attention(q, k, v, rel_h, rel_w, scale), expected)
 
 
-def test_window_partition_pads_with_zeros_and_round_trips():
+def test_window_partition_pads_with_the_given_vector_and_round_trips():
     x = torch.randn(2, 15, 17, 3)
-    windows, padded = window_partition(x, 14)
-    assert padded == (28, 28) and windows.shape == (2 * 4, 14, 14, 3)
-    assert windows[1, :, 3:].eq(0).all()  # second window of a row: columns 17..27 are padding
-    assert torch.equal(window_unpartition(windows, 14, padded, (15, 17)), x)
+    pad = torch.tensor([1.0, 2.0, 3.0])
+    windows = reference.partition_windows(x, pad, 14)
+    assert windows.shape == (2 * 4, 14 * 14, 3)
+    second = windows[1].view(14, 14, 3)  # second window of a row: columns 17..27 are padding
+    assert torch.equal(second[:, 3:], pad.expand(14, 11, 3)) and torch.equal(second[:1, :3], x[0, :1, 14:])
+    assert torch.equal(reference.merge_windows(windows, (2, 15, 17), 14), x)
+
+
+def test_window_attention_equals_upstream_zero_padding_before_the_projection():
+    """Upstream pads norm1's output with zero tokens and then projects; the op gets the
+    projection and pads it with the bias. Same numbers, in fp64."""
+    g = torch.Generator().manual_seed(3)
+    B, H, W, C, heads = 2, 15, 17, 8, 2
+    tokens = torch.randn(B, H, W, C, generator=g, dtype=torch.float64)
+    weight, bias = torch.randn(3 * C, C, generator=g, dtype=torch.float64), torch.randn(3 * C, generator=g, dtype=torch.float64)
+    rel_h, rel_w = (rel_pos_table(14, 14, torch.randn(27, C // heads, generator=g, dtype=torch.float64)) for _ in range(2))
+    padded = torch.nn.functional.pad(tokens, (0, 0, 0, 28 - W, 0, 28 - H))
+    windows = padded.view(B, 2, 14, 2, 14, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, 196, C)
+    q, k, v = torch.nn.functional.linear(windows, weight, bias).view(-1, 196, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+    upstream = reference.rel_pos_attention(q, k, v, rel_h, rel_w, 0.5).transpose(1, 2).reshape(B, 2, 2, 14, 14, C)
+    upstream = upstream.permute(0, 1, 3, 2, 4, 5).reshape(B, 28, 28, C)[:, :H, :W]
+    qkv = torch.nn.functional.linear(tokens, weight, bias)
+    out = reference.window_attention(qkv, bias, rel_h, rel_w, heads, 0.5, 14)
+    torch.testing.assert_close(out, upstream, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("channels, k", [(384, 5), (768, 5), (64, 3), (256, 5), (2048, 7), (8, 3)])

@@ -133,7 +133,7 @@ def _bad_inputs():
     yield "x-2d", (x[0], *params), ValueError, r"x must be 3-D \(B, N, C\)"
     yield "C-not-multiple-of-4", (torch.randn(1, 4, 30), *make_router(32)), ValueError, "multiple of 4"
     yield "x-int", (x.long(), *params), TypeError, "x must be float16, bfloat16 or float32"
-    yield "param-dtype", (x.half(), *params), TypeError, "norm_weight must have the same dtype"
+    yield "param-dtype", (x, *params[:2], params[2].half(), *params[3:]), TypeError, "in_weight must have the same dtype"
     in_weight, out2_weight = params[2][:16], params[8][:1]
     yield "in-weight-shape", (x, *params[:2], in_weight, *params[3:]), ValueError, r"in_weight must have shape \(32,"
     yield "out2-shape", (x, *params[:8], out2_weight, params[9]), ValueError, r"out2_weight must have shape \(2, 8\)"
@@ -146,6 +146,15 @@ def _bad_inputs():
 def test_rejects_bad_input(args, error, message):
     with pytest.raises(error, match=message):
         router_scores(*args)
+
+
+def test_low_precision_tokens_run_in_the_parameters_dtype():
+    """The model keeps routers in fp32 and hands them bf16 tokens."""
+    x, params = make_tokens(1, 40, 32, seed=8).bfloat16(), make_router(32, seed=8)
+    scores, keep = router_scores(x, *params)
+    expected, expected_keep = reference.router_scores(x.float(), *params)
+    torch.testing.assert_close(scores, expected, rtol=0, atol=1e-5)
+    assert torch.equal(keep, expected_keep)
 
 
 @pytest.mark.gpu

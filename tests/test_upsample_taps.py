@@ -1,13 +1,15 @@
-"""``mematte_ext.upsample_taps_relu_`` (CPU) and the fusion-block op built on it,
-``native.upsample_conv_relu_``, against their PyTorch references.
+"""``mematte_ext.upsample_taps_relu_`` (CPU), the fusion-block op built on it,
+``native.upsample_conv_relu_``, and the fused AVX512-BF16 ``mematte_ext.upsample_conv_relu_``
+(``native.upsample_conv_relu_bf16``), against their PyTorch references.
 
 The oracle is computed in float64 from the same (upcast) inputs. fp32 must match it to 1e-5
 relative (max error over max magnitude). For bf16/fp16 the kernel accumulates in fp32 and
 rounds once at the end, so its error may be at most twice that of the best any
 implementation can do in the dtype: the fp64 result rounded to the dtype (plus a floor of
 1e-5 of the largest magnitude for fp32 rounding that tips a value over a rounding midpoint).
-The composite op, whose taps are rounded to the dtype by the 1x1 conv, is judged as in
-test_ext_ops.py: against the error of the reference op run in that dtype.
+The composite op, whose taps are rounded to the dtype by the 1x1 conv, and the fused op, whose
+weights are read in bf16, are judged as in test_ext_ops.py: against the error of the
+reference op run in that dtype.
 """
 from __future__ import annotations
 
@@ -22,6 +24,10 @@ pytestmark = pytest.mark.usefixtures("nan_filled_outputs")
 
 needs_cpu_ops = pytest.mark.skipif(
     not ext.has_kernel("upsample_taps_relu_", "cpu"), reason="mematte_kernels._C has no upsample_taps_relu_ CPU kernel"
+)
+needs_bf16_kernels = pytest.mark.skipif(
+    not ext.cpu_bf16_kernels(),
+    reason="mematte_kernels._C has no AVX512-BF16 upsample_conv_relu_ kernel here (not built, or no AVX512-BF16 CPU)",
 )
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -435,6 +441,309 @@ def test_native_upsample_conv_relu_rejects_nchw_out():
         native.upsample_conv_relu_(out.contiguous(), x, weight)
 
 
+# ------------------------------------------------------- the fused AVX512-BF16 op
+
+# The kernel makes the taps of 4 pixels at a time (tails of 1-3) in groups of 16 output lanes,
+# 4 groups at a time: 9C / 16 groups leave tails of 1 (C 16: 9 groups), 2 (C 32: 18) and
+# 3 (C 48: 27). Cin is consumed in pairs; each thread keeps a ring of 4 low-resolution rows.
+FUSED_SIZES = [(1, 1), (1, 5), (3, 7), (5, 2), (9, 13)]
+FUSED_CIN = [2, 6, 64, 128]
+FUSED_C = [16, 32, 48]
+
+
+def fused_inputs(B, h, w, Cin, C, seed=0, weight_dtype=torch.bfloat16):
+    """bf16 out (B, 2h, 2w, C) and x (B, h, w, Cin), channels-last contiguous as the op takes
+    them, and weight (C, Cin, 3, 3) scaled so the conv output is O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.randn(B, 2 * h, 2 * w, C, generator=g)
+    x = torch.randn(B, h, w, Cin, generator=g)
+    weight = torch.randn(C, Cin, 3, 3, generator=g) * (9 * Cin) ** -0.5
+    return out.bfloat16(), x.bfloat16(), weight.to(weight_dtype)
+
+
+def nchw(t: torch.Tensor) -> torch.Tensor:
+    """The (B, C, H, W) channels-last view of a (B, H, W, C) tensor."""
+    return t.permute(0, 3, 1, 2)
+
+
+def run_fused(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    result = out.clone()
+    assert ext.upsample_conv_relu_(result, x, weight) is None
+    return result
+
+
+def fused_reference(out, x, weight) -> torch.Tensor:
+    """reference.upsample_conv_relu_ on the NHWC tensors, in their dtype: (B, 2h, 2w, C)."""
+    return reference.upsample_conv_relu_(nchw(out).clone(), nchw(x), weight.to(out.dtype)).permute(0, 2, 3, 1)
+
+
+def fused_cases() -> list:
+    return [
+        pytest.param(B, h, w, Cin, C, id=f"B{B}-h{h}w{w}-Cin{Cin}-C{C}")
+        for B in (1, 2)
+        for h, w in FUSED_SIZES
+        for Cin in FUSED_CIN
+        for C in FUSED_C
+    ]
+
+
+@needs_bf16_kernels
+@pytest.mark.parametrize("B, h, w, Cin, C", fused_cases())
+def test_upsample_conv_relu_fused(B, h, w, Cin, C):
+    out, x, weight = fused_inputs(B, h, w, Cin, C)
+    before = out.clone()
+    result = run_fused(out, x, weight)
+    assert torch.equal(out, before)  # run_fused worked on a copy
+    assert result.shape == out.shape and result.dtype == torch.bfloat16
+    assert torch.isfinite(result).all()
+    assert (result >= 0).all()  # the ReLU
+    oracle = fused_reference(out.double(), x.double(), weight.double())
+    # Baselines: the reference op run in bf16 (upsample, conv and add each rounded), which the
+    # bound is on, and the unfused native op (taps rounded to bf16), reported only.
+    torch_err = max_abs_err(fused_reference(out, x, weight), oracle)
+    unfused = out.clone()
+    native.upsample_conv_relu_(nchw(unfused), nchw(x), weight)
+    unfused_err = max_abs_err(unfused, oracle)
+    kernel_err = max_abs_err(result, oracle)
+    floor = 1e-5 * oracle.abs().max().item()
+    ratio_torch, ratio_unfused = kernel_err / max(torch_err, 1e-30), kernel_err / max(unfused_err, 1e-30)
+    record("fused-bf16", kernel=kernel_err, torch=torch_err, unfused=unfused_err, ratio_torch=ratio_torch)
+    record("fused-bf16", ratio_unfused=ratio_unfused)
+    print(
+        f"kernel error {kernel_err:.3g}, PyTorch bf16 {torch_err:.3g} (ratio {ratio_torch:.3f}), "
+        f"unfused native {unfused_err:.3g} (ratio {ratio_unfused:.3f})"
+    )  # shown with -s / -rP
+    assert kernel_err <= 2 * torch_err + floor, f"kernel error {kernel_err:.3g}, PyTorch's {torch_err:.3g}"
+
+
+@needs_bf16_kernels
+def test_upsample_conv_relu_fused_in_place():
+    out, x, weight = fused_inputs(2, 3, 7, 64, 48, seed=1)
+    expected = run_fused(out, x, weight)
+    data_ptr = out.data_ptr()
+    ext.upsample_conv_relu_(out, x, weight)
+    assert out.data_ptr() == data_ptr and torch.equal(out, expected)
+    assert (out == 0).any() and (out > 0).any()  # the inputs exercise both sides of the ReLU
+
+
+@needs_bf16_kernels
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_upsample_conv_relu_fused_weight_dtypes(weight_dtype):
+    """Any float weight is taken; the kernel reads it rounded to bf16 (vdpbf16ps operands)."""
+    out, x, weight = fused_inputs(2, 3, 7, 6, 32, seed=2, weight_dtype=weight_dtype)
+    result = run_fused(out, x, weight)
+    assert torch.equal(result, run_fused(out, x, weight.bfloat16()))
+    oracle = fused_reference(out.double(), x.double(), weight.double())
+    torch_err = max_abs_err(fused_reference(out, x, weight), oracle)
+    assert max_abs_err(result, oracle) <= 2 * torch_err + 1e-5 * oracle.abs().max().item()
+
+
+@needs_bf16_kernels
+def test_upsample_conv_relu_fused_does_not_depend_on_thread_count():
+    """Row ranges of any length make the same taps: 1 thread and all threads agree bitwise."""
+    out, x, weight = fused_inputs(2, 9, 13, 64, 48, seed=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run_fused(out, x, weight)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(run_fused(out, x, weight), single)
+
+
+@needs_bf16_kernels
+def test_upsample_conv_relu_fused_nan_in_out_stays_nan_and_alone():
+    """The op reads out: a NaN there comes out NaN (even where the clean result is 0), in any
+    of the 16-lane groups, and touches no other element."""
+    out, x, weight = fused_inputs(2, 3, 4, 6, 48)
+    nan_at = torch.zeros(out.shape, dtype=torch.bool)
+    nan_at[0, 0, 0, 0] = nan_at[1, 5, 7, 47] = nan_at[0, 2, 3, 17] = nan_at[1, 4, 1, 33] = True
+    out[1, 4, 1, 33] = -1e3
+    nan_out = out.masked_fill(nan_at, float("nan"))
+    result = run_fused(nan_out, x, weight)
+    assert torch.equal(torch.isnan(result), nan_at)
+    assert torch.equal(result[~nan_at], run_fused(out, x, weight)[~nan_at])
+
+
+@needs_bf16_kernels
+@pytest.mark.parametrize(
+    "i, j, channel",
+    [
+        pytest.param(0, 0, 0, id="corner-first_tile"),
+        pytest.param(2, 3, 5, id="interior-last_of_tile"),
+        pytest.param(2, 4, 2, id="interior-tail_tile"),
+        pytest.param(4, 6, 1, id="last_pixel"),
+        pytest.param(4, 0, 4, id="bottom_left"),
+    ],
+)
+def test_upsample_conv_relu_fused_nan_in_x_contaminates_only_its_receptive_field(i, j, channel):
+    """A NaN in one channel of one low-res pixel makes all 9C taps of that pixel NaN (and no
+    other pixel's: a 4-pixel tile keeps separate accumulators), so it reaches every channel of
+    exactly the outputs whose 2x-upsample + 3x3 neighbourhood reads the pixel."""
+    B, h, w, Cin, C = 2, 5, 7, 6, 48
+    out, x, weight = fused_inputs(B, h, w, Cin, C, seed=4)
+    clean = run_fused(out, x, weight)
+    nan_x = x.clone()
+    nan_x[1, i, j, channel] = float("nan")
+    result = run_fused(out, nan_x, weight)
+
+    by_hand = torch.zeros(B, 2 * h, 2 * w, C, dtype=torch.bool)
+    for k in range(9):
+        by_hand[1] |= receptive_mask(2 * h, 2 * w, i, j, k // 3, k % 3, h, w)[:, :, None]
+    assert torch.equal(torch.isnan(result), by_hand)
+    # The upstream formulation (in fp32) agrees on where the NaN goes.
+    ref = fused_reference(out.float(), nan_x.float(), weight.float())
+    assert torch.equal(torch.isnan(ref), by_hand)
+    assert 0 < by_hand.any(dim=-1).sum().item() <= 36
+    assert torch.equal(result[~by_hand], clean[~by_hand])
+
+
+@needs_bf16_kernels
+@pytest.mark.parametrize(
+    "out_shape, x_shape",
+    [
+        pytest.param((0, 4, 6, 16), (0, 2, 3, 8), id="B0"),
+        pytest.param((2, 0, 6, 16), (2, 0, 3, 8), id="h0"),
+        pytest.param((2, 4, 0, 32), (2, 2, 0, 8), id="w0"),
+    ],
+)
+def test_upsample_conv_relu_fused_empty(out_shape, x_shape):
+    out, x = torch.empty(out_shape, dtype=torch.bfloat16), torch.empty(x_shape, dtype=torch.bfloat16)
+    weight = torch.randn(out_shape[-1], x_shape[-1], 3, 3)
+    ptr = out.data_ptr()
+    ext.upsample_conv_relu_(out, x, weight)
+    assert out.shape == out_shape and out.data_ptr() == ptr and out.numel() == 0
+
+
+@needs_bf16_kernels
+def test_upsample_conv_relu_fused_empty_still_checks_shapes():
+    with pytest.raises(RuntimeError, match=r"out must have shape \(B, 2h, 2w, C\)"):
+        ext.upsample_conv_relu_(
+            torch.empty(0, 4, 6, 16).bfloat16(), torch.empty(0, 2, 2, 8).bfloat16(), torch.randn(16, 8, 3, 3)
+        )
+
+
+DTYPE_RULE = "out and x must be bfloat16, got "
+OUT_SHAPE_RULE = r"for x of shape \(B, h, w, Cin\) = \[2, 3, 4, 8\] out must have shape \(B, 2h, 2w, C\), got \["
+
+
+def _fused_args(**override):
+    out, x, weight = fused_inputs(2, 3, 4, 8, 16)
+    args = {"out": out, "x": x, "weight": weight}
+    args.update(override)
+    return args["out"], args["x"], args["weight"]
+
+
+@needs_bf16_kernels
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        pytest.param(_fused_args(out=torch.randn(2, 6, 8, 16)), DTYPE_RULE + "Float and BFloat16", id="fp32-out"),
+        pytest.param(_fused_args(x=torch.randn(2, 3, 4, 8)), DTYPE_RULE + "BFloat16 and Float", id="fp32-x"),
+        pytest.param(
+            _fused_args(out=torch.randn(2, 6, 8, 24).bfloat16(), weight=torch.randn(24, 8, 3, 3)),
+            r"needs C a multiple of 16 and Cin even, got C = 24, Cin = 8",
+            id="C24",
+        ),
+        pytest.param(
+            _fused_args(x=torch.randn(2, 3, 4, 7).bfloat16(), weight=torch.randn(16, 7, 3, 3)),
+            r"needs C a multiple of 16 and Cin even, got C = 16, Cin = 7",
+            id="Cin7",
+        ),
+        pytest.param(
+            _fused_args(out=torch.randn(2, 6, 9, 16).bfloat16()), OUT_SHAPE_RULE + r"2, 6, 9, 16\]", id="out-not-2w"
+        ),
+        pytest.param(
+            _fused_args(out=torch.randn(2, 3, 4, 16).bfloat16()), OUT_SHAPE_RULE + r"2, 3, 4, 16\]", id="out-not-2x"
+        ),
+        pytest.param(
+            _fused_args(out=torch.randn(1, 6, 8, 16).bfloat16()), OUT_SHAPE_RULE + r"1, 6, 8, 16\]", id="batch"
+        ),
+        pytest.param(
+            _fused_args(weight=torch.randn(16, 8, 5, 5)),
+            r"weight must have shape \(C, Cin, 3, 3\) = \(16, 8, 3, 3\), got \[16, 8, 5, 5\]",
+            id="weight-5x5",
+        ),
+        pytest.param(
+            _fused_args(weight=torch.randn(16, 16, 3, 3)),
+            r"weight must have shape \(C, Cin, 3, 3\) = \(16, 8, 3, 3\), got \[16, 16, 3, 3\]",
+            id="weight-Cin16",
+        ),
+        pytest.param(
+            _fused_args(weight=torch.randn(16, 8, 3, 3).double()),
+            r"weight must be float32, float16 or bfloat16, got Double",
+            id="weight-fp64",
+        ),
+        pytest.param(
+            _fused_args(x=torch.randn(2, 8, 3, 4).bfloat16().permute(0, 2, 3, 1)),
+            r"x must be contiguous in \(B, H, W, C\) order",
+            id="x-nchw-view",
+        ),
+        pytest.param(
+            _fused_args(out=torch.randn(2, 16, 6, 8).bfloat16().permute(0, 2, 3, 1)),
+            r"out must be contiguous in \(B, H, W, C\) order",
+            id="out-nchw-view",
+        ),
+        pytest.param(_fused_args(x=torch.randn(3, 4, 8).bfloat16()), r"x must be a 4-D channels-last", id="x-3d"),
+    ],
+)
+def test_upsample_conv_relu_fused_rejects(args, message):
+    out, x, weight = args
+    before = out.clone()
+    with pytest.raises(RuntimeError, match=r"mematte_ext\.upsample_conv_relu_: " + message):
+        ext.upsample_conv_relu_(out, x, weight)
+    assert torch.equal(out, before)  # checked before anything is written
+
+
+@needs_bf16_kernels
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32], ids=["bf16-weight", "fp32-weight"])
+def test_upsample_conv_relu_fused_opcheck(weight_dtype):
+    out, x, weight = fused_inputs(2, 3, 5, 6, 48, weight_dtype=weight_dtype)
+    torch.library.opcheck(torch.ops.mematte_ext.upsample_conv_relu_.default, (out, x, weight))
+
+
+@needs_bf16_kernels
+def test_upsample_conv_relu_fused_schema_declares_out_mutated():
+    schema = torch.ops.mematte_ext.upsample_conv_relu_.default._schema
+    assert schema.arguments[0].alias_info is not None and schema.arguments[0].alias_info.is_write
+    assert all(a.alias_info is None for a in schema.arguments[1:]) and len(schema.returns) == 0
+
+
+# ------------------------------------------------------ native.upsample_conv_relu_bf16
+
+
+@needs_bf16_kernels
+@pytest.mark.parametrize("Cin, C", [(64, 32), (128, 64), (2, 16)], ids=["Cin64-C32", "Cin128-C64", "Cin2-C16"])
+def test_native_upsample_conv_relu_bf16_runs_the_kernel(Cin, C):
+    """On FoldedDecoder's channels-last NCHW tensors: the op on their NHWC views, in place."""
+    out, x, weight = fusion_inputs(Cin, C, 5, 7, torch.bfloat16)
+    result = out.clone()
+    assert native.upsample_conv_relu_bf16(result, x, weight) is result
+    assert result.is_contiguous(memory_format=torch.channels_last)
+    direct = out.permute(0, 2, 3, 1).contiguous()
+    ext.upsample_conv_relu_(direct, x.permute(0, 2, 3, 1), weight)
+    assert torch.equal(result, nchw(direct))
+
+
+@needs_cpu_ops
+@pytest.mark.parametrize(
+    "Cin, C, dtype",
+    [
+        pytest.param(64, 32, torch.float32, id="fp32"),
+        pytest.param(256, 64, torch.bfloat16, id="bf16-Cin256"),
+        pytest.param(64, 24, torch.bfloat16, id="bf16-C24"),
+        pytest.param(7, 16, torch.bfloat16, id="bf16-Cin7"),
+    ],
+)
+def test_native_upsample_conv_relu_bf16_falls_back(Cin, C, dtype):
+    out, x, weight = fusion_inputs(Cin, C, 5, 7, dtype)
+    result, unfused = out.clone(), out.clone()
+    assert native.upsample_conv_relu_bf16(result, x, weight) is result
+    native.upsample_conv_relu_(unfused, x, weight)
+    assert torch.isfinite(result).all()
+    assert torch.equal(result, unfused)
+
+
 # --------------------------------------------------------------------------- dispatch
 
 
@@ -443,10 +752,18 @@ def no_backend_override(monkeypatch):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
 
 
+@needs_bf16_kernels
+@pytest.mark.usefixtures("no_backend_override")
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+def test_cpu_backend_uses_the_fused_op(backend):
+    assert dispatch.resolve(backend, "cpu").upsample_conv_relu_ is native.upsample_conv_relu_bf16
+
+
 @needs_cpu_ops
 @pytest.mark.usefixtures("no_backend_override")
 @pytest.mark.parametrize("backend", ["cpu", "auto"])
-def test_cpu_backend_uses_the_native_op(backend):
+def test_cpu_backend_without_bf16_kernels_uses_the_native_op(backend, monkeypatch):
+    monkeypatch.setattr(ext, "cpu_bf16_kernels", lambda: False)
     assert dispatch.resolve(backend, "cpu").upsample_conv_relu_ is native.upsample_conv_relu_
 
 

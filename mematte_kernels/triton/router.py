@@ -333,6 +333,9 @@ def router_scores(
     """MEMatte's router on (B, N, C) tokens (C a multiple of 4), as
     :func:`mematte_kernels.reference.router_scores`: ``scores`` (B, N, 2) float32
     log-probabilities and ``keep`` (B, N) bool, ``scores[..., 0] > scores[..., 1]``.
-    Parameters must have x's dtype."""
+    Runs in the parameters' dtype: floating x is converted to it (the model keeps routers
+    in fp32)."""
+    if x.is_floating_point():
+        x = x.to(norm_weight.dtype)
     return torch.ops.mematte.router_scores(x, norm_weight, norm_bias, in_weight, in_bias, out0_weight, out0_bias,
                                            out1_weight, out1_bias, out2_weight, out2_bias, eps)
