@@ -26,6 +26,11 @@
 #if defined(__x86_64__) && defined(__GNUC__) && (__GNUC__ >= 11 || defined(__clang__))
 #define MEMATTE_HAVE_AVX512BF16_KERNEL 1
 #include <immintrin.h>
+#if !defined(__clang__) && __GNUC__ == 12
+// GCC 12's AVX-512 intrinsics start from _mm512_undefined_ps() and warn about it wherever
+// they are inlined (GCC bug 105593, fixed in GCC 13).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #define MEMATTE_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
 #endif
 

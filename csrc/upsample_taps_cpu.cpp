@@ -40,7 +40,9 @@ Source source_index(int64_t o, int64_t in_size) {
 }
 
 // 16 fp32 lanes as a GCC/Clang vector: one AVX-512 register, two AVX2 registers, and so on
-// down to the baseline ISA, whichever clone the loader picks.
+// down to the baseline ISA, whichever clone the loader picks. The helpers below are always
+// inlined, so no such vector crosses a call boundary and GCC's ABI note does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
 using f32x16 = float __attribute__((vector_size(64)));
 constexpr int64_t kLanes = 16;
 
