@@ -1,5 +1,6 @@
-"""Builds ``mematte_kernels._C``: the LTRM ops (``torch.ops.mematte_ext``) for CPU, plus their
-CUDA kernels when torch has CUDA and nvcc is found. Package metadata lives in pyproject.toml.
+"""Builds ``mematte_kernels._C``: the compiled ops (``torch.ops.mematte_ext``) for CPU, plus
+the LTRM ops' CUDA kernels when torch has CUDA and nvcc is found. Package metadata lives in
+pyproject.toml.
 
 Environment:
   MEMATTE_NO_CUDA=1       build the CPU ops only.

@@ -80,7 +80,7 @@ struct AttentionArgs {
   float scale_log2;  // scale * log2(e): the softmax runs in base 2
   const uint16_t* rel_h;  // packed like K: (H, 32, 16, 2), lane = key row; null without a bias
   const uint16_t* rel_w;  // (W, 32, 16, 2), lane = key column
-  int64_t rel_rows, rel_cols;  // the H x W grid of a sequence with a position bias
+  int64_t rel_cols;  // W of the H x W grid of a sequence with a position bias
   // Windows (window > 0): tokens are an (images, image_h, image_w) grid cut into window x
   // window sequences; padding positions are keys with pad_k / pad_v (heads, 64) and no query.
   int64_t window, image_h, image_w;
@@ -109,7 +109,7 @@ int64_t padded_length(int64_t length) { return (length + kBlockN - 1) / kBlockN 
 
 MEMATTE_AVX512BF16 inline __m512 exp2_nonpositive(__m512 y) {
   // 2^y = 2^n * 2^f, |f| <= 1/2, 2^f from a degree-5 minimax polynomial (relative error 8e-8).
-  y = _mm512_max_ps(y, _mm512_set1_ps(-126.0f));
+  y = _mm512_max_ps(_mm512_set1_ps(-126.0f), y);  // max returns its second operand for NaN: keep it
   const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(y, n);
   __m512 p = _mm512_set1_ps(1.3276446843519807e-3f);
@@ -294,7 +294,7 @@ MEMATTE_AVX512BF16 void attend_block(const AttentionArgs& a, const Sequence& s, 
       }
       new_max[r] = std::max(row_max[r], _mm512_reduce_max_ps(block_max));
     }
-    for (int64_t r = 0; r < tile_rows; r += kLanes) {  // 0 on the first block: 2^-inf
+    for (int64_t r = 0; r < tile_rows; r += kLanes) {  // first block: 2^-126, times a zero sum
       const __mmask16 live = static_cast<__mmask16>((1u << std::min(tile_rows - r, kLanes)) - 1u);
       const __m512 old_max = _mm512_maskz_loadu_ps(live, row_max + r), next = _mm512_maskz_loadu_ps(live, new_max + r);
       _mm512_mask_storeu_ps(rescale + r, live, exp2_nonpositive(_mm512_sub_ps(old_max, next)));
@@ -310,7 +310,7 @@ MEMATTE_AVX512BF16 void attend_block(const AttentionArgs& a, const Sequence& s, 
         const __m512 p = _mm512_maskz_mov_ps(mask, exp2_nonpositive(_mm512_sub_ps(x, m)));
         const __m256bh p_bf16 = _mm512_cvtneps_pbh(p);
         // Sum what the second product will use: the rounded probabilities.
-        sum = _mm512_add_ps(sum, _mm512_cvtpbh_ps(p_bf16));
+        sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)p_bf16), 16)));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + r * kBlockN + t * kLanes), (__m256i)p_bf16);
       }
       row_sum[r] = row_sum[r] * rescale[r] + _mm512_reduce_add_ps(sum);
@@ -414,7 +414,7 @@ at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
                            static_cast<float>(scale * 1.4426950408889634),
                            rel_h.has_value() ? rel_h_packed.data() : nullptr,
                            rel_w.has_value() ? rel_w_packed.data() : nullptr,
-                           rel_h.has_value() ? rel_h->size(0) : 0, rel_w.has_value() ? rel_w->size(0) : 0,
+                           rel_w.has_value() ? rel_w->size(0) : 0,
                            0, 0, 0, nullptr, nullptr};
   run_attention(args, seqs, q.options());
 #else
@@ -439,7 +439,7 @@ at::Tensor window_attention_cpu(const at::Tensor& qkv, const at::Tensor& pad_qkv
   const AttentionArgs args{q, q + C, q + 2 * C, 3 * C, kDim, 3 * C, kDim, 3 * C, kDim,
                            out.mutable_data_ptr<c10::BFloat16>(), num_heads,
                            static_cast<float>(scale * 1.4426950408889634), rel_h_packed.data(), rel_w_packed.data(),
-                           window, window, window, H, W, pad + C, pad + 2 * C};
+                           window, window, H, W, pad + C, pad + 2 * C};
   run_attention(args, seqs, qkv.options());
 #else
   TORCH_CHECK(false, "mematte_ext.window_attention: this build has no AVX512-BF16 kernel");

@@ -21,8 +21,9 @@ PATCH = 16
 # backends decode larger tiles with that context: a quarter of the work, same output.
 FAST_TILE = 1024
 FAST_CONTEXT = 32
-# Channels alive at once per full-resolution pixel at the decoder's peak (the last fusion
-# block: detail maps, upsampled features, their concatenation, conv and BatchNorm outputs).
+# Channels alive at once per full-resolution pixel at the decoder's peak, for its tile
+# budget: the upstream-exact decoder's last fusion block (detail maps, upsampled features,
+# their concatenation, conv and BatchNorm outputs); the fast decoder needs less.
 PEAK_CHANNELS_PER_PIXEL = 224
 
 
@@ -200,8 +201,8 @@ def decode_tiled(
     The input is zero-padded bottom/right to a multiple of 512 px (the canvas) and the
     features to a multiple of 32 tokens. Tiles cover the top-left ``size`` (height, width)
     of the canvas, all of it when None as upstream does; a caller that crops the alpha to the
-    image can ask for just the image and skip decoding the padding (up to 40 % of the work
-    for 3840×2160). Tiles of the same crop size are decoded together, as many as fit
+    image can ask for just the image and skip decoding the padding (a fifth of the work at
+    3840×2160). Tiles of the same crop size are decoded together, as many as fit
     ``memory`` bytes (one at a time when None); BatchNorm is in eval mode, so tiles are
     independent. Returns fp32 (B, 1, *size).
     """

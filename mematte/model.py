@@ -77,7 +77,8 @@ class FastMEMatte(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), persistent=False)
         if dtype != torch.float32:
-            # Routers decide which tokens get attention: their margins stay in fp32, as do
+            # Routers decide which tokens get attention: their weights and margins stay in
+            # fp32 (backends may run their wide layers on the low-precision tokens), as do
             # the input statistics above.
             self.to(dtype)
             self.backbone.routers.float()

@@ -100,16 +100,14 @@ def _build(name: str, device: torch.device) -> OpTable:
     if name == "reference":
         return REFERENCE
     if name == "cpu":
-        onednn = torch.backends.mkldnn.is_available()
-        dense = {"linear": native.linear, "linear_gelu": native.linear_gelu} if onednn else {}
-        return _with_ltrm(
-            "cpu",
-            device,
-            router_scores=native.router_scores,
-            varlen_attention=native.varlen_attention_bf16 if ext.cpu_bf16_kernels() else native.varlen_attention,
-            patch_embed=native.patch_embed,
-            **dense,
-        )
+        # The cpu backend also runs on CUDA tensors when forced; oneDNN and the AVX512-BF16
+        # kernels take CPU tensors only.
+        ops = dict(router_scores=native.router_scores, varlen_attention=native.varlen_attention, patch_embed=native.patch_embed)
+        if device.type == "cpu" and torch.backends.mkldnn.is_available():
+            ops.update(linear=native.linear, linear_gelu=native.linear_gelu)
+        if device.type == "cpu" and ext.cpu_bf16_kernels():
+            ops.update(varlen_attention=native.varlen_attention_bf16)
+        return _with_ltrm("cpu", device, **ops)
     # "triton" and "cuda": the Triton routed path. Whether it can take CPU tensors was fixed
     # when the kernels were decorated, so ask the kernels' module, not the environment now.
     from . import triton as triton_ops

@@ -49,19 +49,32 @@ def patch_embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     handle a 4-channel, stride-16 kernel poorly): (B, Cin, H, W) -> (B, H/p, W/p, C)."""
     B, Cin, H, W = x.shape
     p = weight.shape[-1]
-    patches = x.view(B, Cin, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, H // p, W // p, Cin * p * p)
+    patches = x.reshape(B, Cin, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, H // p, W // p, Cin * p * p)
     return F.linear(patches, weight.reshape(weight.shape[0], -1), bias)
+
+
+# oneDNN runs bf16 only on x86 CPUs with AVX-512 (or AVX2-VNNI-2); elsewhere PyTorch's own GEMM does.
+ONEDNN_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _onednn_runs(x: torch.Tensor) -> bool:
+    return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and ONEDNN_BF16)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Linear(x) as one oneDNN call with the bias applied to the GEMM's output tiles; PyTorch's
-    CPU addmm first copies the bias into every output row, one more pass over the output."""
+    CPU addmm first copies the bias into every output row, one more pass over the output.
+    CPU tensors; dtypes oneDNN cannot run here go to ``F.linear``."""
+    if not _onednn_runs(x):
+        return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """GELU(Linear(x)) as one oneDNN call: bias and exact GELU applied to the GEMM's output
     tiles while they are in cache, instead of two more passes over a 4C-wide activation."""
+    if not _onednn_runs(x):
+        return F.gelu(F.linear(x, weight, bias))
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
 
 

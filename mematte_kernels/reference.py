@@ -237,8 +237,12 @@ def partition_windows(grid: torch.Tensor, pad: torch.Tensor, size: int) -> torch
     and cut into windows: (B * nH * nW, size * size, C), windows in row-major order."""
     B, H, W, C = grid.shape
     Hp, Wp = -(-H // size) * size, -(-W // size) * size
-    padded = pad.to(grid.dtype).expand(B, Hp, Wp, C).clone()
-    padded[:, :H, :W] = grid
+    padded = grid
+    if (Hp, Wp) != (H, W):
+        padded = grid.new_empty((B, Hp, Wp, C))
+        padded[:, :H, :W] = grid
+        padded[:, H:] = pad
+        padded[:, :H, W:] = pad
     windows = padded.view(B, Hp // size, size, Wp // size, size, C).permute(0, 1, 3, 2, 4, 5)
     return windows.reshape(-1, size * size, C)
 

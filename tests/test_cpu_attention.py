@@ -229,6 +229,20 @@ def test_nan_in_one_sequence_stays_there(target):
 
 
 @needs_bf16_attention
+@pytest.mark.parametrize("where", ["query", "key"])
+@pytest.mark.parametrize("position", [0, 5, 39], ids=lambda p: f"pos{p}")
+def test_nan_in_q_or_k_propagates_like_the_reference(where, position):
+    """A NaN query poisons its own row, a NaN key every row of its sequence, as in PyTorch."""
+    q, k, v, cu_seqlens = packed_qkv([40, 9], 1, seed=6)
+    q, k = q.clone(), k.clone()
+    (q if where == "query" else k)[position] = float("nan")
+    out = attention(q, k, v, cu_seqlens)
+    expected = reference.varlen_attention(q.float(), k.float(), v.float(), cu_seqlens, 40, HEAD_DIM**-0.5)
+    assert expected.isnan().any()
+    assert torch.equal(out.isnan(), expected.isnan())
+
+
+@needs_bf16_attention
 @pytest.mark.parametrize("target", range(len(ISOLATION_LENGTHS)), ids=lambda b: f"seq{b}-of-T{ISOLATION_LENGTHS[b]}")
 def test_other_sequences_do_not_influence_a_sequence(target):
     q, k, v, cu_seqlens = packed_qkv(ISOLATION_LENGTHS, ISOLATION_HEADS, seed=6)

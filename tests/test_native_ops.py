@@ -170,3 +170,23 @@ def test_cpu_table_uses_the_fused_dense_ops(monkeypatch):
     if torch.backends.mkldnn.is_available():
         assert table.linear is native.linear and table.linear_gelu is native.linear_gelu
     assert dispatch.REFERENCE.linear is reference.linear and dispatch.REFERENCE.patch_embed is reference.patch_embed
+
+
+@pytest.mark.parametrize("op", ["linear", "linear_gelu"])
+def test_fused_linear_leaves_bf16_to_pytorch_where_onednn_cannot(op, monkeypatch):
+    monkeypatch.setattr(native, "ONEDNN_BF16", False)
+    g = torch.Generator().manual_seed(8)
+    x, weight, bias = torch.randn(5, 32, generator=g).bfloat16(), torch.randn(16, 32, generator=g).bfloat16(), torch.randn(16, generator=g).bfloat16()
+    assert torch.equal(getattr(native, op)(x, weight, bias), getattr(reference, op)(x, weight, bias))
+
+
+def test_cpu_backend_forced_on_cuda_tensors_keeps_cpu_only_ops_out(monkeypatch):
+    """backend="cpu" on a CUDA model: oneDNN and the AVX512-BF16 kernels take CPU tensors only."""
+    from mematte_kernels import dispatch
+
+    monkeypatch.delenv("MEMATTE_BACKEND", raising=False)
+    table = dispatch.resolve("cpu", "cuda")
+    assert table.linear is reference.linear and table.linear_gelu is reference.linear_gelu
+    assert table.varlen_attention is native.varlen_attention
+    assert table.window_attention is native.window_attention
+    assert table.upsample_conv_relu_ is reference.upsample_conv_relu_
