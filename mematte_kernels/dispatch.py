@@ -105,7 +105,7 @@ def _build(name: str, device: torch.device) -> OpTable:
         ops = dict(router_scores=native.router_scores, varlen_attention=native.varlen_attention, patch_embed=native.patch_embed)
         if device.type == "cpu" and torch.backends.mkldnn.is_available():
             ops.update(linear=native.linear, linear_gelu=native.linear_gelu)
-        if device.type == "cpu" and ext.cpu_bf16_kernels():
+        if _cpu_bf16_kernels(device):
             ops.update(varlen_attention=native.varlen_attention_bf16)
         return _with_ltrm("cpu", device, **ops)
     # "triton" and "cuda": the Triton routed path. Whether it can take CPU tensors was fixed
@@ -132,6 +132,11 @@ def _build(name: str, device: torch.device) -> OpTable:
     return _with_ltrm(name, device, **routed)
 
 
+def _cpu_bf16_kernels(device: torch.device) -> bool:
+    """Whether the extension's AVX512-BF16 kernels can take ``device``'s tensors."""
+    return device.type == "cpu" and ext.cpu_bf16_kernels()
+
+
 def _with_ltrm(name: str, device: torch.device, **ops) -> OpTable:
     """A table on the reference, with ``ops`` swapped in, fused window attention, and the
     compiled ops when the extension has them for ``device``."""
@@ -139,7 +144,7 @@ def _with_ltrm(name: str, device: torch.device, **ops) -> OpTable:
         ops.update(dwconv_gelu=ext.dwconv_gelu, eca=ext.eca)
     else:
         name = f"{name} (LTRM ops: reference, the extension has none for {device.type})"
-    bf16_kernels = device.type == "cpu" and ext.cpu_bf16_kernels()
+    bf16_kernels = _cpu_bf16_kernels(device)
     if ext.has_kernel("upsample_taps_relu_", device):
         ops.update(upsample_conv_relu_=native.upsample_conv_relu_bf16 if bf16_kernels else native.upsample_conv_relu_)
     return replace(
