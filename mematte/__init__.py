@@ -6,20 +6,34 @@
 
 The same as files: ``mematte.predict_file``; metrics as papers report them:
 ``mematte.metrics.sad/mse/grad/conn``.
-"""
-from . import metrics
-from .api import Matte, load_model, predict_file
-from .foreground import estimate_foreground
-from .model import FastMEMatte
-from .trimap import normalize_trimap, trimap_from_mask
 
-__all__ = [
-    "FastMEMatte",
-    "Matte",
-    "estimate_foreground",
-    "load_model",
-    "metrics",
-    "normalize_trimap",
-    "predict_file",
-    "trimap_from_mask",
-]
+Names are imported on first use, so that ``mematte --help`` does not wait for torch.
+"""
+import importlib
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "FastMEMatte": "mematte.model",
+    "Matte": "mematte.api",
+    "estimate_foreground": "mematte.foreground",
+    "load_model": "mematte.api",
+    "metrics": None,  # the submodule itself
+    "normalize_trimap": "mematte.trimap",
+    "predict_file": "mematte.api",
+    "trimap_from_mask": "mematte.trimap",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mematte' has no attribute {name!r}")
+    module = _EXPORTS[name]
+    value = importlib.import_module(f"mematte.{name}") if module is None else getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -251,3 +251,24 @@ def test_installed_console_script(tmp_path, checkpoint):
     assert done.returncode == 0, done.stderr
     assert Path(done.stdout.strip()) == tmp_path / "out" / "a_alpha.png"
     assert Image.open(tmp_path / "out" / "a_alpha.png").size == (W, H)
+
+
+# ---------------------------------------------------------------------- start-up
+
+
+def test_help_imports_neither_torch_nor_numpy():
+    code = ("import sys; from mematte.cli import main; rc = main(['--help']); "
+            "[main([c, '--help']) for c in ('predict', 'eval', 'info')]; "
+            "print(rc, sorted(m for m in ('torch', 'numpy', 'PIL') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "0 []"
+
+
+def test_the_parser_offers_what_the_model_takes():
+    from mematte import api, cli, model
+    from mematte_kernels import dispatch
+
+    assert cli.BACKENDS == dispatch.BACKENDS
+    assert cli.DTYPES == tuple(api.DTYPES)
+    assert cli.DEFAULT_MAX_TOKENS == model.DEFAULT_MAX_TOKENS

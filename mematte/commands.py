@@ -1,0 +1,327 @@
+"""What the ``mematte`` subcommands do; their command lines are in :mod:`mematte.cli`."""
+from __future__ import annotations
+
+import argparse
+import csv
+import io as stdio
+import resource
+import sys
+import time
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import api, io, metrics
+from .checkpoint import IGNORED_PREFIXES, infer_variant, load_checkpoint_state_dict
+from .cli import EXIT_FAILED, UsageError
+from .model import FastMEMatte
+
+LAYOUTS = {
+    "Composition-1k": ("merged", "trimaps", "alpha_copy"),
+    "AIM-500": ("original", "trimap", "mask"),
+}
+
+
+def _require_checkpoint(args: argparse.Namespace) -> None:
+    # checked before anything else: without a checkpoint nothing else is worth reporting
+    if args.checkpoint is None:
+        raise UsageError(f"{api.NO_CHECKPOINT} Pass one with --checkpoint PATH.")
+
+
+def _load_model(args: argparse.Namespace) -> FastMEMatte:
+    """The model the options ask for (options that cannot work exit with status 2)."""
+    if not args.checkpoint.is_file():
+        raise UsageError(f"checkpoint {args.checkpoint}: no such file")
+    if args.max_tokens < 0:
+        raise UsageError(f"--max-tokens must be ≥ 0, got {args.max_tokens}")
+    try:
+        api.resolve_device(args.device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return api.load_model(args.checkpoint, device=args.device, dtype=args.dtype,
+                          backend=args.backend, max_tokens=args.max_tokens or None)
+
+
+def _fail(name: str, error: BaseException) -> None:
+    tqdm.write(f"failed: {name}: {error}", file=sys.stderr)
+
+
+# Per-file errors: bad or missing files, bad values, and running out of memory on one
+# large image. Anything else is a bug and stops the run.
+FILE_ERRORS = (OSError, ValueError, MemoryError, torch.OutOfMemoryError)
+
+
+# ---------------------------------------------------------------------- predict
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    _require_checkpoint(args)
+    if args.band < 1:
+        raise UsageError(f"--band must be ≥ 1 pixel, got {args.band}")
+    if args.output.exists() and not args.output.is_dir():
+        raise UsageError(f"-o {args.output} is a file; it must be a folder")
+    guide, guide_path = ("mask", args.mask) if args.mask is not None else ("trimap", args.trimap)
+    jobs = _pair_inputs(args.input, guide_path, guide)
+    model = _load_or_report(args)
+    if model is None:
+        return EXIT_FAILED
+    background = None
+    if args.background is not None:
+        try:
+            background = io.read_image(args.background)
+        except FILE_ERRORS as e:
+            print(f"mematte predict: error: background: {e}", file=sys.stderr)
+            return EXIT_FAILED
+
+    failed = 0
+    progress = tqdm(jobs, unit="image", disable=len(jobs) < 2, file=sys.stderr)
+    for image_path, guide_file in progress:
+        progress.set_postfix_str(image_path.name, refresh=False)
+        try:
+            if isinstance(guide_file, Exception):
+                raise guide_file
+            result = api.predict_file(
+                image_path,
+                trimap_path=guide_file if guide == "trimap" else None,
+                mask_path=guide_file if guide == "mask" else None,
+                band=args.band, model=model,
+                out_dir=args.output, rgba=args.rgba, background=background,
+                save_routing=args.save_routing, bits=args.bits, tile=args.tile,
+            )
+        except FILE_ERRORS as e:
+            failed += 1
+            _fail(image_path.name, e)
+            _release_gpu_memory(e)
+            continue
+        if len(jobs) == 1:
+            for path in result.written.values():
+                print(path)
+    if len(jobs) > 1:
+        print(f"{len(jobs) - failed} of {len(jobs)} images matted into {args.output}")
+    if failed:
+        print(f"mematte predict: {failed} of {len(jobs)} images failed", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def _pair_inputs(inp: Path, guide: Path, what: str) -> list[tuple[Path, Path | Exception]]:
+    """(image, trimap or mask) per image; a pairing problem is kept as that file's error."""
+    if not inp.exists():
+        raise UsageError(f"{inp}: no such file or folder")
+    if not guide.exists():
+        raise UsageError(f"--{what} {guide}: no such file or folder")
+    if not inp.is_dir():
+        if not guide.is_dir():
+            return [(inp, guide)]
+        return [(inp, _lookup(io.index_by_stem(guide), inp.stem, guide, what))]
+    if not guide.is_dir():
+        raise UsageError(f"INPUT {inp} is a folder, so --{what} must be a folder too")
+    images = io.find_images(inp)
+    if not images:
+        raise UsageError(f"no images ({', '.join(io.IMAGE_SUFFIXES)}) in {inp}")
+    stems = [p.stem for p in images]
+    index = io.index_by_stem(guide)
+    jobs: list[tuple[Path, Path | Exception]] = []
+    for image in images:
+        if stems.count(image.stem) > 1:
+            jobs.append((image, ValueError(
+                f"several images named {image.stem}.* in {inp}; their outputs would collide")))
+        else:
+            jobs.append((image, _lookup(index, image.stem, guide, what)))
+    return jobs
+
+
+def _lookup(index, stem: str, folder: Path, what: str) -> Path | Exception:
+    try:
+        return io.lookup_stem(index, stem, folder, what=what)
+    except (FileNotFoundError, ValueError) as e:
+        return e
+
+
+def _load_or_report(args: argparse.Namespace) -> FastMEMatte | None:
+    try:
+        return _load_model(args)
+    except FILE_ERRORS as e:
+        print(f"mematte {args.command}: error: {e}", file=sys.stderr)
+        return None
+
+
+def _release_gpu_memory(error: BaseException) -> None:
+    # after running out of GPU memory on one image, the next one should start clean
+    if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------- eval
+
+
+COLUMNS = ("image", "sad", "mse", "grad", "conn", "time_s", "peak_mem_mib")  # CSV header
+HEADINGS = ("image", "SAD", "MSE", "Grad", "Conn", "time_s", "peak_MiB")  # printed table
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    _require_checkpoint(args)
+    layout, folders = _find_layout(args.dataset)
+    jobs = _dataset_items(folders)
+    model = _load_or_report(args)
+    if model is None:
+        return EXIT_FAILED
+    device = model.pixel_mean.device
+    _warm_up(model, args.tile)
+
+    print(f"{layout}: {len(jobs)} images in {args.dataset}")
+    print(_row_text(HEADINGS))
+    rows, failed = [], 0
+    progress = tqdm(jobs, unit="image", disable=len(jobs) < 2, file=sys.stderr)
+    for name, paths in progress:
+        progress.set_postfix_str(name, refresh=False)
+        try:
+            if isinstance(paths, Exception):
+                raise paths
+            row = _score(model, device, *paths, tile=args.tile)
+        except FILE_ERRORS as e:
+            failed += 1
+            _fail(name, e)
+            _release_gpu_memory(e)
+            continue
+        rows.append({"image": name, **row})
+        tqdm.write(_row_text([rows[-1][c] for c in COLUMNS]))
+    if rows:
+        mean = {"image": "mean", **{c: float(np.mean([r[c] for r in rows])) for c in COLUMNS[1:]}}
+        print(_row_text([mean[c] for c in COLUMNS]))
+        if args.csv is not None:
+            _write_csv(args.csv, rows + [mean])
+    if failed:
+        print(f"mematte eval: {failed} of {len(jobs)} images failed", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def _find_layout(dataset: Path) -> tuple[str, tuple[Path, Path, Path]]:
+    if not dataset.is_dir():
+        raise UsageError(f"{dataset}: no such folder")
+    for layout, names in LAYOUTS.items():
+        folders = tuple(dataset / n for n in names)
+        if all(f.is_dir() for f in folders):
+            return layout, folders
+    known = "; ".join(f"{k}: {', '.join(n + '/' for n in v)}" for k, v in LAYOUTS.items())
+    raise UsageError(f"{dataset} has no known benchmark layout ({known})")
+
+
+def _dataset_items(folders: tuple[Path, Path, Path]) -> list[tuple[str, tuple[Path, ...] | Exception]]:
+    images_dir, trimaps_dir, alphas_dir = folders
+    images = io.find_images(images_dir)
+    if not images:
+        raise UsageError(f"no images in {images_dir}")
+    trimaps, alphas = io.index_by_stem(trimaps_dir), io.index_by_stem(alphas_dir)
+    items = []
+    for image in images:
+        try:
+            trimap = io.lookup_stem(trimaps, image.stem, trimaps_dir, what="trimap")
+            alpha = io.lookup_stem(alphas, image.stem, alphas_dir, what="ground-truth alpha")
+            items.append((image.name, (image, trimap, alpha)))
+        except (FileNotFoundError, ValueError) as e:
+            items.append((image.name, e))
+    return items
+
+
+def _warm_up(model: FastMEMatte, tile: bool) -> None:
+    """One small untimed call, so the first image's time excludes one-off start-up costs
+    (kernel compilation, library initialisation)."""
+    api.matte(model, np.zeros((64, 64, 3), np.float32), np.full((64, 64), 128, np.uint8), tile=tile)
+
+
+def _score(model: FastMEMatte, device: torch.device, image_path: Path, trimap_path: Path,
+           alpha_path: Path, *, tile: bool) -> dict[str, float]:
+    image, trimap = api.read_pair(image_path, trimap_path)
+    truth = io.read_gray(alpha_path)
+    if truth.shape != trimap.shape:
+        raise ValueError(f"ground truth {alpha_path} is {io.size_text(truth.shape)} (W×H) but "
+                         f"image {image_path} is {io.size_text(image.shape)} (W×H)")
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    alpha, _ = api.matte(model, image, trimap, tile=tile)  # returns on the CPU: synchronised
+    seconds = time.perf_counter() - start
+    if on_gpu:
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        # ru_maxrss is in KiB on Linux, bytes on macOS
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    scores = metrics.evaluate(np.rint(alpha * 255.0) / 255.0, truth, trimap)
+    return {**scores, "time_s": seconds, "peak_mem_mib": peak}
+
+
+def _row_text(values) -> str:
+    cells = []
+    for column, v in zip(COLUMNS, values):
+        if isinstance(v, str):
+            cells.append(f"{v:<24.24}" if column == "image" else f"{v:>12}")
+        elif column == "peak_mem_mib":
+            cells.append(f"{v:>12.0f}")
+        else:
+            cells.append(f"{v:>12.3f}" if column == "time_s" else f"{v:>12.2f}")
+    return " ".join(cells)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    text = stdio.StringIO()
+    writer = csv.DictWriter(text, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    io.write_atomic(path, lambda f: f.write(text.getvalue().encode()))
+
+
+# ---------------------------------------------------------------------- info
+
+
+def run_info(args: argparse.Namespace) -> int:
+    path = args.checkpoint
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    try:
+        state_dict = load_checkpoint_state_dict(path)
+        container, keys = _container(path)
+    except ValueError as e:
+        print(f"mematte info: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    teacher = sum(k.startswith(IGNORED_PREFIXES) for k in keys)
+    print(f"file:        {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    print(f"format:      {container}")
+    print(f"tensors:     {len(keys)}")
+    print("teacher:     " + (f"{teacher} teacher_backbone.* tensors (training-time "
+                              "distillation teacher; ignored)" if teacher else "none"))
+    try:
+        variant = infer_variant(state_dict)
+        print(f"variant:     {variant}")
+        model = FastMEMatte.from_checkpoint(state_dict)
+    except ValueError as e:
+        print(f"loads into:  nothing: {e}")
+        return EXIT_FAILED
+    learned = sum(p.numel() for p in model.parameters())
+    stored = sum(t.numel() for t in model.state_dict().values())
+    # Papers count the state dict, BatchNorm statistics included.
+    print(f"parameters:  {stored:,} ({learned:,} learned + {stored - learned:,} BatchNorm statistics)")
+    print(f"loads into:  FastMEMatte({variant})")
+    return 0
+
+
+def _container(path: Path) -> tuple[str, list[str]]:
+    """How the file stores its tensors, and all its keys (teacher included)."""
+    if path.name.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:  # reads the header only
+            return "safetensors", list(f.keys())
+    # The file was fully read once already; memory-map it this time (only the zip
+    # format, torch.save's default since 1.6, can be mapped).
+    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        return 'detectron2 checkpoint ({"model": state dict})', list(obj["model"])
+    return "bare state dict", list(obj)
