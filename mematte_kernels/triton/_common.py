@@ -1,5 +1,10 @@
-"""What the Triton wrappers share: the interpreter switch and input checks with clear errors."""
+"""What the Triton wrappers share: the interpreter switch, the device guard every launch
+runs under, and input checks with clear errors."""
 from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Callable, TypeVar
 
 import torch
 from triton import knobs
@@ -40,3 +45,42 @@ def check_devices(op: str, **tensors: torch.Tensor) -> None:
             f"{op}: tensors are on {first}; the Triton kernels need CUDA tensors "
             "(set TRITON_INTERPRET=1 before import to run them on CPU)"
         )
+
+
+F = TypeVar("F", bound=Callable)
+
+
+def _first_tensor(args, kwargs) -> torch.Tensor | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+        if isinstance(value, (tuple, list)):
+            found = _first_tensor(value, {})
+            if found is not None:
+                return found
+    return None
+
+
+def _device_context(device: torch.device):
+    """Make ``device`` current for the launch: Triton launches on the current CUDA device
+    and its current stream, whatever device the pointers belong to."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def on_input_device(launch: F) -> F:
+    """Run ``launch`` with its first tensor argument's device current (as flash-linear-
+    attention's ``input_guard``): with tensors on ``cuda:1`` and ``cuda:0`` current, the
+    kernels would otherwise run on ``cuda:0`` with ``cuda:1`` pointers. Every function that
+    launches a kernel is wrapped; ``check_devices`` makes sure the other tensors agree."""
+
+    @functools.wraps(launch)
+    def guarded(*args, **kwargs):
+        tensor = _first_tensor(args, kwargs)
+        if tensor is None:
+            return launch(*args, **kwargs)
+        with _device_context(tensor.device):
+            return launch(*args, **kwargs)
+
+    return guarded  # type: ignore[return-value]

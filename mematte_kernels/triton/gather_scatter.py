@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_devices, check_float, check_ndim, check_shape
+from ._common import check_devices, check_float, check_ndim, check_shape, on_input_device
 
 # Enough elements per program to keep the loads wide without spilling.
 ELEMENTS_PER_PROGRAM = 4096
@@ -94,6 +94,7 @@ def _check_gather_inputs(x, index, weight, bias) -> None:
     check_devices(op, x=x, index=index, weight=weight, bias=bias)
 
 
+@on_input_device
 def launch_gather_layernorm(
     x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
     *, out: torch.Tensor,
@@ -142,8 +143,10 @@ def _(x, index, weight, bias, eps):
     return x.new_empty((index.shape[0], x.shape[1]))
 
 
-@torch.library.custom_op("mematte::scatter_residual_", mutates_args=("out",))
-def _scatter_residual_op(out: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> None:
+@on_input_device
+def launch_scatter_residual_(out: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> None:
+    """``out[index] = residual[index] + rows`` in place. ``index`` values must lie in [0, M)
+    and not repeat; they are not checked (that would need a host sync)."""
     _check_scatter_inputs(out, residual, rows, index)
     T, C = rows.shape
     if T == 0 or C == 0:
@@ -154,6 +157,11 @@ def _scatter_residual_op(out: torch.Tensor, residual: torch.Tensor, rows: torch.
         out.stride(0), out.stride(1), residual.stride(0), residual.stride(1), rows.stride(0), rows.stride(1),
         **tile,
     )
+
+
+@torch.library.custom_op("mematte::scatter_residual_", mutates_args=("out",))
+def _scatter_residual_op(out: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> None:
+    launch_scatter_residual_(out, residual, rows, index)
 
 
 @_scatter_residual_op.register_fake

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_devices, check_float, check_ndim, check_shape
+from ._common import check_devices, check_float, check_ndim, check_shape, on_input_device
 
 # Tiles are fixed rather than autotuned: the hidden kernel's token tile also sizes the
 # ``partial`` buffer, which is allocated before the launch. fp32 dots run on the FMA units
@@ -249,6 +249,7 @@ def _check_router_inputs(x: torch.Tensor, params: Sequence[torch.Tensor]) -> Non
     check_devices(op, x=x, **dict(zip(PARAM_NAMES, params)))
 
 
+@on_input_device
 def launch_router_scores(
     x: torch.Tensor, params: Sequence[torch.Tensor], eps: float, *, scores: torch.Tensor, keep: torch.Tensor
 ) -> None:

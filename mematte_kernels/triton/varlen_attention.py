@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_devices, check_float, check_ndim
+from ._common import INTERPRET, check_devices, check_float, check_ndim, on_input_device
 
 HEAD_DIM = 64
 
@@ -148,6 +148,7 @@ def _check_attention_inputs(q, k, v, cu_seqlens, max_seqlen) -> None:
     check_devices(op, q=q, k=k, v=v, cu_seqlens=cu_seqlens)
 
 
+@on_input_device
 def launch_varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
     scale: float | None = None, *, out: torch.Tensor,
