@@ -40,6 +40,7 @@ class OpTable:
     gather_layernorm: Callable
     scatter_residual_: Callable
     varlen_attention: Callable
+    policy_attention: Callable
     dwconv_gelu: Callable
     eca: Callable
     window_attention: Callable
@@ -58,6 +59,7 @@ REFERENCE = OpTable(
     gather_layernorm=reference.gather_layernorm,
     scatter_residual_=reference.scatter_residual_,
     varlen_attention=reference.varlen_attention,
+    policy_attention=reference.policy_attention,
     dwconv_gelu=reference.dwconv_gelu,
     eca=reference.eca,
     window_attention=reference.window_attention,

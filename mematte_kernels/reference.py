@@ -124,6 +124,39 @@ def varlen_attention(
     return out
 
 
+def policy_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    policy: torch.Tensor,
+    scale: float | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Policy-masked attention over all N tokens, as MEMatte trains its routed blocks
+    (DynamicViT's ``softmax_with_policy``): q, k, v (B, N, heads, d), policy (B, N) float in
+    [0, 1] -> (B, N, heads, d).
+
+    Logits ``l = (q * scale) @ k^T``; query i keeps key j with weight
+    ``keep[i, j] = p_j + (1 - p_j) * [i == j]`` (a query always keeps itself);
+    ``a = exp(l - max_j l) * keep`` with the max over all keys, masked ones included;
+    ``A = (a + eps / N) / (sum_j a + eps)``. exp and normalisation run in (at least) fp32 and A is cast
+    back to the logits' dtype before ``A @ v``. Differentiable in q, k, v and policy.
+    """
+    B, N, heads, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, N, d)
+    logits = (qh * scale) @ kh.transpose(-2, -1)  # (B, heads, N, N)
+    compute = torch.promote_types(logits.dtype, torch.float32)
+    p = policy.reshape(B, 1, 1, N).to(compute)
+    eye = torch.eye(N, dtype=compute, device=q.device).view(1, 1, N, N)
+    keep = p + (1.0 - p) * eye
+    # torch.max, not amax: upstream's gradient through the max goes to one key per row.
+    row_max = torch.max(logits, dim=-1, keepdim=True)[0]
+    a = (logits - row_max).to(compute).exp() * keep
+    attn = (a + eps / N) / (a.sum(dim=-1, keepdim=True) + eps)
+    return (attn.to(logits.dtype) @ vh).transpose(1, 2)
+
+
 # ------------------------------------------------------------------ dense layers
 
 
