@@ -51,22 +51,17 @@ def router_scores(
 
 
 def cap_tokens(keep: torch.Tensor, scores: torch.Tensor, max_tokens: int | None) -> torch.Tensor:
-    """Keep at most ``max_tokens`` tokens per image: those with the largest margin
-    ``scores[..., 0] - scores[..., 1]``. Images under the cap are returned untouched, and
-    ``topk`` runs only for images over it."""
-    if max_tokens is None:
+    """Keep at most ``max_tokens`` of the kept tokens per image: those with the largest
+    margin ``scores[..., 0] - scores[..., 1]``. Images under the cap come back unchanged.
+
+    Computed for every image on the device, without asking the host which images are over
+    the cap (that would cost a host sync per routed block)."""
+    N = keep.shape[1]
+    if max_tokens is None or max_tokens >= N:
         return keep
-    counts = keep.sum(dim=1)
-    over = (counts > max_tokens).nonzero().flatten().tolist()
-    if not over:
-        return keep
-    keep = keep.clone()
-    margin = scores[..., 0] - scores[..., 1]
-    for b in over:
-        top = torch.topk(margin[b], max_tokens).indices
-        keep[b].zero_()
-        keep[b, top] = True
-    return keep
+    margin = (scores[..., 0] - scores[..., 1]).masked_fill(~keep, float("-inf"))
+    top = margin.topk(max_tokens, dim=1).indices  # (B, max_tokens)
+    return torch.zeros_like(keep).scatter_(1, top, True) & keep
 
 
 # ----------------------------------------------------------------- gather / scatter
@@ -74,12 +69,15 @@ def cap_tokens(keep: torch.Tensor, scores: torch.Tensor, max_tokens: int | None)
 
 def token_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """From ``keep`` (B, N) bool: flat indices (T,) int64 into the (B*N) rows, in image
-    then token order; ``cu_seqlens`` (B + 1,) int32; and the longest sequence."""
+    then token order; ``cu_seqlens`` (B + 1,) int32; and the longest sequence.
+
+    The per-image counts come to the host once (one host sync): they size the packed
+    buffers and give ``max_seqlen``; the index is then found with that size known."""
     counts = keep.sum(dim=1, dtype=torch.int32)
     cu_seqlens = F.pad(torch.cumsum(counts, 0, dtype=torch.int32), (1, 0))
-    index = keep.flatten().nonzero().flatten()
-    max_seqlen = int(counts.max()) if counts.numel() else 0
-    return index, cu_seqlens, max_seqlen
+    per_image = counts.tolist()
+    index = torch.nonzero_static(keep.flatten(), size=sum(per_image)).flatten()
+    return index, cu_seqlens, max(per_image, default=0)
 
 
 def gather_layernorm(
