@@ -80,3 +80,12 @@ class ToyMatte(nn.Module):
             "mse_ratio_loss": (torch.stack(shares).mean() - 0.25) ** 2,
             "distill_loss": F.mse_loss(self.backbone.patch_embed(x), teacher),
         }
+
+
+def toy_config(out: Path, **changes):
+    """Engine settings for the small tests: crop 64, batch 2, short warmup, no workers."""
+    from mematte.train.engine import TrainConfig
+
+    settings = dict(out=out, iters=20, batch_size=2, crop=64, lr=1e-2, warmup=4, milestones=(10, 15),
+                    checkpoint_period=10, precision="fp32", seed=0, workers=0)
+    return TrainConfig(**{**settings, **changes})
