@@ -27,6 +27,7 @@ COMMANDS = (
     "mematte.cli:add_predict",
     "mematte.cli:add_eval",
     "mematte.cli:add_info",
+    "mematte.train.command:add_parser",
 )
 
 # The choices the model options offer. They mirror mematte_kernels.dispatch.BACKENDS and

@@ -1,0 +1,145 @@
+"""``mematte train`` after its numbers are checked: every input is validated, then the
+model is built and trained (see :mod:`mematte.train.engine`)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from ..api import resolve_device
+from ..cli import UsageError
+from . import optim
+from .data import DatasetError, DatasetFiles, find_dataset
+from .engine import (Distributed, TrainConfig, Trainer, distributed_from_env, existing_run,
+                     find_resume_checkpoint, init_distributed)
+from .init import InitError, InitPlan, load_init, plan_init, plan_teacher, upstream_init
+
+SHOWN_SKIPS = 10
+
+
+@dataclass
+class Prepared:
+    cfg: TrainConfig
+    files: DatasetFiles
+    device: torch.device
+    ddp: Distributed
+    plan: InitPlan | None
+    teacher: dict[str, torch.Tensor] | None
+    backend: str
+
+
+def prepare(args: argparse.Namespace) -> Prepared:
+    """Everything the run needs, checked; raises :class:`UsageError` for what cannot work."""
+    ddp = distributed_from_env()
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if device.type == "cuda" and ddp.enabled and device.index is None:
+        device = torch.device("cuda", ddp.local_rank)
+    precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
+    if precision == "fp16" and device.type != "cuda":
+        raise UsageError("--precision fp16 needs a GPU; on CPUs use bf16 (or fp32)")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file; it must be a folder")
+    if not args.resume and existing_run(args.out):
+        raise UsageError(f"{args.out} already holds a run ({existing_run(args.out)[-1].name}); pass "
+                         "--resume to continue it, or choose another --out")
+
+    try:
+        files = find_dataset(args.data)
+    except DatasetError as e:
+        raise UsageError(str(e)) from None
+
+    plan = teacher = None
+    try:
+        if args.init is not None:
+            plan = plan_init(args.init, args.teacher)
+        elif args.teacher is not None:
+            teacher = plan_teacher(args.teacher, args.variant)
+    except InitError as e:
+        raise UsageError(f"--init/--teacher: {e}") from None
+    variant = args.variant or (plan.variant if plan else "vit_s")
+    if plan is not None and plan.variant != variant:
+        raise UsageError(f"--variant {variant} but --init {args.init} is {plan.variant}")
+
+    iters = args.iters or optim.RECIPE[variant]["iters"]
+    batch_size = args.batch_size or optim.RECIPE[variant]["batch_size"]
+    fractions = args.milestones or optim.MILESTONE_FRACTIONS[variant]
+    if len(files.bg) < batch_size * ddp.world_size:
+        raise UsageError(f"{len(files.bg)} backgrounds cannot fill one batch of {batch_size} on each of "
+                         f"{ddp.world_size} processes: add backgrounds or lower --batch-size")
+    cfg = TrainConfig(
+        out=args.out, variant=variant, iters=iters, batch_size=batch_size, crop=args.crop, lr=args.lr,
+        weight_decay=args.weight_decay, lr_decay=args.lr_decay, warmup=args.warmup,
+        milestones=tuple(optim.milestones_for(iters, fractions)),
+        checkpoint_period=args.checkpoint_period or max(1, iters // optim.CHECKPOINTS_PER_RUN),
+        precision=precision, seed=args.seed, workers=args.workers, resume=args.resume,
+    )
+    return Prepared(cfg, files, device, ddp, plan, teacher, args.backend)
+
+
+def build_model(p: Prepared) -> tuple[torch.nn.Module, list[str]]:
+    """The model at its starting weights (the same on every rank), and what was done."""
+    from ..model import FastMEMatte
+
+    has_teacher = bool(p.teacher) or (p.plan is not None and p.plan.has_teacher)
+    torch.manual_seed(p.cfg.seed)
+    model = FastMEMatte(p.cfg.variant, teacher=has_teacher, backend=p.backend)
+    upstream_init(model)
+    if p.plan is not None:
+        report = load_init(model, p.plan)
+    else:
+        report = ["no --init: starting from random weights (the published recipe starts from a "
+                  "ViTMatte checkpoint)"]
+        if p.teacher:
+            model.load_state_dict(p.teacher, strict=False)
+    if not has_teacher:
+        report.append("no teacher: training without distillation (give --teacher, or --init a ViTMatte checkpoint)")
+    return model, report
+
+
+def train_command(args: argparse.Namespace) -> int:
+    p = prepare(args)
+    main = p.ddp.main
+
+    def say(*lines: str) -> None:
+        if main:
+            for line in lines:
+                print(line, file=sys.stderr)
+
+    if p.files.skipped:
+        say(f"skipping {len(p.files.skipped)} dataset files:",
+            *(f"  {s}" for s in p.files.skipped[:SHOWN_SKIPS]),
+            *([f"  … and {len(p.files.skipped) - SHOWN_SKIPS} more"] if len(p.files.skipped) > SHOWN_SKIPS else []))
+    resume_from = find_resume_checkpoint(args.out) if args.resume else None
+    if args.resume and resume_from is None:
+        say(f"--resume: {args.out} has no checkpoint yet; starting a new run")
+    model, report = build_model(p)
+    if resume_from is None:
+        say(*report)
+    cfg = p.cfg
+    init_distributed(p.ddp, p.device)
+    trainer = Trainer(model, p.files, cfg, p.device, p.ddp)
+    if resume_from is not None:
+        try:
+            trainer.resume(resume_from)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        say(f"resuming {resume_from} at iteration {trainer.start_iter}")
+        if trainer.start_iter >= cfg.iters:
+            say(f"{cfg.out} has finished its {cfg.iters} iterations")
+            return 0
+    say(f"training {cfg.variant}: {cfg.iters} iterations, {cfg.batch_size} crops of {cfg.crop}² per process × "
+        f"{p.ddp.world_size} process{'es' if p.ddp.world_size > 1 else ''}, {cfg.precision} on {p.device}; "
+        f"{len(p.files.fg)} foregrounds, {len(p.files.bg)} backgrounds")
+    try:
+        final = trainer.train()
+    finally:
+        if p.ddp.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if final is not None:
+        say(f"wrote {final}")
+    return 0
