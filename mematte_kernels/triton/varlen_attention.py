@@ -6,7 +6,8 @@ dimension is contiguous. One program computes BLOCK_M queries of one (sequence, 
 an online softmax over BLOCK_N-key blocks, so memory is O(T) and no n x n matrix exists.
 
 The grid is (query blocks of the longest sequence, B * heads); programs past the end of a
-shorter sequence exit at once. Softmax runs in base 2 with ``scale * log2(e)`` folded into q.
+shorter sequence exit at once. Softmax runs in base 2: the fp32 logits are multiplied by
+``scale * log2(e)``.
 fp32 uses exact fp32 dots (``input_precision="ieee"``); fp16/bf16 use the tensor cores with
 fp32 accumulation.
 """
@@ -50,7 +51,7 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
 
 @triton.jit
 def _attend_key_block(
-    acc, row_max, row_sum, q, k_ptrs, v_ptrs, key_start, seqlen,
+    acc, row_max, row_sum, q, k_ptrs, v_ptrs, key_start, seqlen, qk_scale,
     BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr,
 ):
     offs_n = key_start + tl.arange(0, BLOCK_N)  # (BLOCK_N,) keys of this block
@@ -61,7 +62,9 @@ def _attend_key_block(
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
-    logits = tl.dot(q, k, input_precision="ieee")  # (BLOCK_M, BLOCK_N), base-2 logits
+    # Scaled in fp32, as flash-attention does: folding the scale into a bf16 q would round
+    # every logit's factor to 8 bits.
+    logits = tl.dot(q, k, input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
     if MASK_KEYS:
         logits = tl.where(key_mask[None, :], logits, float("-inf"))
     # Every block holds at least one real key, so new_max is finite and no -inf - -inf occurs.
@@ -104,7 +107,6 @@ def _varlen_attention_kernel(
 
     q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
                 mask=q_mask[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
-    q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
     k_ptrs = k_ptr + key_rows[None, :] * stride_kt + head * stride_kh + offs_d[:, None]  # (HEAD_DIM, BLOCK_N): k^T
     v_ptrs = v_ptr + key_rows[:, None] * stride_vt + head * stride_vh + offs_d[None, :]  # (BLOCK_N, HEAD_DIM)
 
@@ -115,12 +117,12 @@ def _varlen_attention_kernel(
     full_end = (seqlen // BLOCK_N) * BLOCK_N
     for key_start in range(0, full_end, BLOCK_N):
         acc, row_max, row_sum = _attend_key_block(acc, row_max, row_sum, q, k_ptrs, v_ptrs, key_start, seqlen,
-                                                  BLOCK_N, MASK_KEYS=False)
+                                                  qk_scale, BLOCK_N, MASK_KEYS=False)
         k_ptrs += BLOCK_N * stride_kt
         v_ptrs += BLOCK_N * stride_vt
     if full_end < seqlen:
         acc, row_max, row_sum = _attend_key_block(acc, row_max, row_sum, q, k_ptrs, v_ptrs, full_end, seqlen,
-                                                  BLOCK_N, MASK_KEYS=True)
+                                                  qk_scale, BLOCK_N, MASK_KEYS=True)
 
     out = acc / row_sum[:, None]  # (BLOCK_M, HEAD_DIM)
     tl.store(out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
