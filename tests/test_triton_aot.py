@@ -57,7 +57,8 @@ SIGNATURES = {
         stride_om=I32_16, stride_oc=1, stride_rm=I32_16, stride_rc=1, stride_tm=I32_16, stride_tc=1,
     ),
     "_varlen_attention_kernel": dict(
-        q_ptr=ACT, k_ptr=ACT, v_ptr=ACT, out_ptr=ACT, cu_seqlens_ptr="*i32", num_heads="i32", qk_scale="fp32",
+        q_ptr=ACT, k_ptr=ACT, v_ptr=ACT, out_ptr=ACT, cu_seqlens_ptr="*i32",
+        num_heads="i32", qk_scale="fp32", seqlen_bucket=I32_16,
         stride_qt=I32_16, stride_qh=I32_16, stride_kt=I32_16, stride_kh=I32_16,
         stride_vt=I32_16, stride_vh=I32_16, stride_ot=I32_16, stride_oh=I32_16,
     ),

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from mematte_kernels import reference
 from mematte_kernels.triton import gather_layernorm, scatter_residual_, varlen_attention
-from mematte_kernels.triton.varlen_attention import launch_varlen_attention
+from mematte_kernels.triton.varlen_attention import _varlen_attention_kernel, launch_varlen_attention
 from triton_tolerance import DTYPE_NAMES, DTYPES, assert_close, max_abs_error
 
 HEAD_DIM = 64
@@ -123,6 +123,26 @@ def test_large_logits_as_precise_as_fused_attention(dtype):
     fused_error = max_abs_error(fused, expected)
     error = assert_close(out, expected, atol=FUSED_ATTENTION_FACTOR * fused_error)
     assert error > 0  # the comparison means something: bf16/fp16 outputs are not exact
+
+
+def test_autotune_key_buckets_the_longest_sequence(monkeypatch):
+    """Autotuning is keyed on a power-of-two bucket of max_seqlen (never the exact count),
+    so a 64-token call and an 18,500-token call get their own tiles. Nothing runs: the
+    launches are caught with meta tensors."""
+    keys = []
+
+    def record_key(*args, grid, warmup, **kwargs):
+        named = {**dict(zip(_varlen_attention_kernel.arg_names, args)), **kwargs}
+        keys.append(tuple(named[name] for name in _varlen_attention_kernel.keys))
+
+    monkeypatch.setattr(_varlen_attention_kernel, "run", record_key)
+    for max_seqlen in (64, 18500, 18000):
+        q = torch.empty(max_seqlen, 6, HEAD_DIM, device="meta", dtype=torch.bfloat16)
+        cu_seqlens = torch.empty(2, device="meta", dtype=torch.int32)
+        launch_varlen_attention(q, q, q, cu_seqlens, max_seqlen, out=torch.empty_like(q))
+    short, long, nearly_as_long = keys
+    assert short != long
+    assert long == nearly_as_long
 
 
 def test_public_function_runs_the_kernel():

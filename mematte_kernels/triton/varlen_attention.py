@@ -45,6 +45,11 @@ def configs_for(dtype: torch.dtype) -> list[triton.Config]:
     return FP32_CONFIGS if dtype == torch.float32 else TENSOR_CORE_CONFIGS
 
 
+def length_bucket(max_seqlen: int) -> int:
+    """The autotuning bucket of a launch: max_seqlen rounded up to a power of 2."""
+    return triton.next_power_of_2(max(max_seqlen, 1))
+
+
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     return configs_for(named_args["q_ptr"].dtype)
 
@@ -78,16 +83,19 @@ def _attend_key_block(
 
 @triton.autotune(
     configs=[INTERPRETER_CONFIG] if INTERPRET else TENSOR_CORE_CONFIGS + FP32_CONFIGS,
-    key=["HEAD_DIM"],  # the autotuner adds every tensor argument's dtype to the key
+    # The autotuner adds every tensor argument's dtype. The length bucket keeps a 64-token
+    # warm-up from choosing the tiles of 18,500-token sequences.
+    key=["HEAD_DIM", "seqlen_bucket"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.jit
 def _varlen_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_ptr,
-    num_heads, qk_scale,
+    num_heads, qk_scale, seqlen_bucket,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # seqlen_bucket is read by the autotuner only (its key), not by the kernel.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     batch = pid_bh // num_heads
@@ -175,7 +183,7 @@ def launch_varlen_attention(
 
     _varlen_attention_kernel[grid](
         q, k, v, out, cu_seqlens,
-        heads, scale * math.log2(math.e),
+        heads, scale * math.log2(math.e), length_bucket(max_seqlen),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         HEAD_DIM=head_dim,
     )
