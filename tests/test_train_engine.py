@@ -149,3 +149,40 @@ def test_ddp_ranks_agree_and_first_step_equals_one_process(data_dir, tmp_path):
         torch.testing.assert_close(first[n], p.detach(), rtol=1e-6, atol=1e-7, msg=n)
         if not n.startswith("teacher_"):
             assert not torch.equal(p.detach(), start[n]), f"{n} did not move"
+
+
+class NanAt(ToyMatte):
+    """Returns a NaN unknown L1 (a batch without unknown pixels) at the given calls."""
+
+    def __init__(self, calls):
+        super().__init__()
+        self.calls, self.count = set(calls), 0
+
+    def forward(self, batch):
+        losses = super().forward(batch)
+        if self.count in self.calls:
+            losses["unknown_l1_loss"] = losses["unknown_l1_loss"] * float("nan")
+        self.count += 1
+        return losses
+
+
+def test_a_nonfinite_loss_skips_the_update(data_dir, tmp_path):
+    torch.manual_seed(0)
+    model = NanAt({1})
+    t = Trainer(model, find_dataset(data_dir), toy_config(tmp_path, iters=3, checkpoint_period=1), CPU, progress=False)
+    t.train()
+    after = [torch.load(tmp_path / f"model_000000{i}.pth", weights_only=True)["model"] for i in range(3)]
+    name = "backbone.patch_embed.weight"
+    assert torch.equal(after[0][name], after[1][name])  # iteration 1 changed nothing
+    assert not torch.equal(after[1][name], after[2][name])  # and training went on
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[1]["total_loss"] == "nan" and rows[2]["total_loss"] != "nan"
+
+
+def test_losses_that_stay_nonfinite_stop_the_run(data_dir, tmp_path):
+    torch.manual_seed(0)
+    model = NanAt(range(100))
+    t = Trainer(model, find_dataset(data_dir), toy_config(tmp_path, iters=30), CPU, progress=False)
+    with pytest.raises(FloatingPointError, match="10 iterations in a row"):
+        t.train()

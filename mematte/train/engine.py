@@ -40,6 +40,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LAST_CHECKPOINT = "last_checkpoint"
 METRICS = "metrics.csv"
 ROUTED_BLOCKS = (2, 5, 8, 11)
+MAX_NONFINITE = 10  # iterations in a row with a non-finite loss before the run stops
 
 
 @dataclass
@@ -240,6 +241,7 @@ class Trainer:
         bar = tqdm(range(self.start_iter, cfg.iters), initial=self.start_iter, total=cfg.iters,
                    unit="it", disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
         final = None
+        nonfinite = 0
         batches = iter(self.loader())
         try:
             for iteration in bar:
@@ -249,19 +251,27 @@ class Trainer:
                 with autocast:
                     losses = model(batch)
                 total = sum(losses.values())
-                values = self._reduce(losses, total)  # before backward: every rank sees the same check
-                if not np.isfinite(values["total_loss"]):
-                    raise FloatingPointError(
-                        f"loss is not finite at iteration {iteration}: "
-                        + ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.scaler is not None:
-                    self.scaler.scale(total).backward()
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
+                values = self._reduce(losses, total)  # before backward: every rank takes the same branch
+                if np.isfinite(values["total_loss"]):
+                    nonfinite = 0
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if self.scaler is not None:
+                        self.scaler.scale(total).backward()
+                        self.scaler.step(self.optimizer)
+                        self.scaler.update()
+                    else:
+                        total.backward()
+                        self.optimizer.step()
                 else:
-                    total.backward()
-                    self.optimizer.step()
+                    # e.g. unknown_l1_loss of a batch whose crops have no unknown pixel (0/0,
+                    # as upstream): skip the update as a GradScaler skips an overflow.
+                    nonfinite += 1
+                    text = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+                    if nonfinite >= MAX_NONFINITE:
+                        raise FloatingPointError(
+                            f"losses not finite for {nonfinite} iterations in a row, last at {iteration}: {text}")
+                    if ddp.main:
+                        tqdm.write(f"iteration {iteration}: loss not finite ({text}); update skipped", file=sys.stderr)
                 lr = max(g["lr"] for g in self.optimizer.param_groups)
                 self.scheduler.step()
                 seconds = time.perf_counter() - start
