@@ -144,16 +144,16 @@ def _from_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def load_init(model: nn.Module, plan: InitPlan) -> list[str]:
     """Load ``plan`` into ``model`` non-strictly, checking that only what may be missing
-    is: routers and LTRMs from a ViTMatte checkpoint, the teacher when there is none.
+    is: routers and LTRMs from a ViTMatte checkpoint, the teacher when the plan has none
+    (a teacher it has must be complete).
     Returns a short report."""
     expected = model.state_dict()
     mismatched = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
                   for k, v in plan.state_dict.items() if k in expected and v.shape != expected[k].shape]
     if mismatched:
         raise InitError(f"{len(mismatched)} shapes differ (checkpoint vs model): {', '.join(mismatched[:5])}")
-    allowed_missing = NEW_IN_MEMATTE if plan.kind != "mematte" else ()
-    missing = [k for k in expected if k not in plan.state_dict
-               and not k.startswith(allowed_missing) and not k.startswith(TEACHER_PREFIX)]
+    allowed_missing = (NEW_IN_MEMATTE if plan.kind != "mematte" else ()) + (() if plan.has_teacher else (TEACHER_PREFIX,))
+    missing = [k for k in expected if k not in plan.state_dict and not k.startswith(allowed_missing)]
     if missing:
         raise InitError(f"the checkpoint lacks {len(missing)} weights the model needs: {', '.join(missing[:5])}")
     unexpected = [k for k in plan.state_dict if k not in expected]
