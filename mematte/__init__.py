@@ -14,6 +14,7 @@ import importlib
 # public name -> the module that defines it
 _EXPORTS = {
     "FastMEMatte": "mematte.model",
+    "FastViTMatte": "mematte.vitmatte",
     "Matte": "mematte.api",
     "estimate_foreground": "mematte.foreground",
     "load_model": "mematte.api",

@@ -195,11 +195,15 @@ def decode_tiled(
     tile: int = TILE,
     context: int = CONTEXT,
     size: tuple[int, int] | None = None,
+    canvas_multiple: int = TILE,
 ) -> torch.Tensor:
     """Decode tiles (upstream: 512×512 with 64 px of context) and stitch their centres.
 
-    The input is zero-padded bottom/right to a multiple of 512 px (the canvas) and the
-    features to a multiple of 32 tokens. Tiles cover the top-left ``size`` (height, width)
+    The input is zero-padded bottom/right to a multiple of ``canvas_multiple`` px (the
+    canvas; upstream MEMatte: 512) and the features to match. With a multiple of 16 the
+    canvas is the input itself, and the tiles give what decoding the whole input at once
+    does (ViTMatte): a crop that reaches the input's edge is zero-padded there as the whole
+    image is. Tiles cover the top-left ``size`` (height, width)
     of the canvas, all of it when None as upstream does; a caller that crops the alpha to the
     image can ask for just the image and skip decoding the padding (a fifth of the work at
     3840×2160). Tiles of the same crop size are decoded together, as many as fit
@@ -208,8 +212,10 @@ def decode_tiled(
     """
     if tile % PATCH or context % PATCH or tile <= 0:
         raise ValueError(f"tile ({tile} px) and context ({context} px) must be multiples of the {PATCH}-px token")
+    if canvas_multiple % PATCH or canvas_multiple <= 0:
+        raise ValueError(f"canvas multiple ({canvas_multiple} px) must be a multiple of the {PATCH}-px token")
     B, _, H, W = images.shape
-    Hp, Wp = -(-H // TILE) * TILE, -(-W // TILE) * TILE
+    Hp, Wp = -(-H // canvas_multiple) * canvas_multiple, -(-W // canvas_multiple) * canvas_multiple
     images = F.pad(images, (0, Wp - W, 0, Hp - H))
     features = F.pad(features, (0, Wp // PATCH - features.shape[-1], 0, Hp // PATCH - features.shape[-2]))
     height, width = size or (Hp, Wp)

@@ -35,7 +35,135 @@ def padded_size(size: int) -> int:
     return size + PAD_MULTIPLE - size % PAD_MULTIPLE
 
 
-class FastMEMatte(nn.Module):
+class MattingModel(nn.Module):
+    """What FastMEMatte and FastViTMatte share: argument checks, the dtype, checkpoint
+    loading, preprocessing and one-image prediction. A subclass builds ``backbone`` and
+    ``decoder`` and defines ``forward`` and :meth:`_alpha`."""
+
+    # Whether predict() sets alpha to the trimap's known values (MEMatte's inference script
+    # does, ViTMatte's does not).
+    clamp_known = True
+
+    def __init__(self, variant: str, backend: str, dtype: torch.dtype, decoder_memory: int | None):
+        super().__init__()
+        if dtype not in DTYPES:
+            raise ValueError(f"unsupported dtype {dtype}; expected one of {', '.join(map(str, DTYPES))}")
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+        if backend not in dispatch.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(dispatch.BACKENDS)}")
+        self.variant = variant
+        self.backend = backend
+        self.decoder_memory = decoder_memory
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), persistent=False)
+
+    def _cast(self, dtype: torch.dtype) -> None:
+        """Parameters to ``dtype``; the input statistics stay fp32."""
+        if dtype != torch.float32:
+            self.to(dtype)
+            self.pixel_mean, self.pixel_std = self.pixel_mean.float(), self.pixel_std.float()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype of the backbone and decoder."""
+        return self.backbone.patch_embed.proj.weight.dtype
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def _read_state_dict(cls, checkpoint, map_location) -> dict:
+        if isinstance(checkpoint, Mapping):
+            return state_dict_of(checkpoint)
+        return load_checkpoint_state_dict(checkpoint, map_location)
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: str | os.PathLike | Mapping, map_location: str | torch.device = "cpu", **kwargs
+    ) -> "MattingModel":
+        """Build the model a checkpoint was trained as and load it strictly.
+
+        ``checkpoint`` is a path (detectron2 ``.pth`` holding ``{"model": sd}``, a bare
+        state dict, or ``.safetensors``) or an already-loaded state dict. The variant is
+        inferred from shapes; ``teacher_backbone.*`` is dropped. ``kwargs`` go to the
+        constructor (``backend``, ``dtype``, and the model's own options).
+        """
+        state_dict = cls._read_state_dict(checkpoint, map_location)
+        variant = infer_variant(state_dict)
+        model = cls(variant, **kwargs)
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
+        mismatched = sorted(
+            k for k in set(expected) & set(state_dict) if tuple(expected[k].shape) != tuple(state_dict[k].shape)
+        )
+        if missing or unexpected or mismatched:
+            raise ValueError(_mismatch_message(f"{cls.__name__}({variant!r})", missing, unexpected, mismatched, expected, state_dict))
+        model.load_state_dict(state_dict, strict=True)
+        return model.to(map_location)
+
+    # ------------------------------------------------------------------ forward
+
+    def preprocess(self, image: torch.Tensor, trimap: torch.Tensor) -> torch.Tensor:
+        """Normalise RGB (in fp32), append the trimap as the 4th channel, and zero-pad
+        bottom/right with the published rule when H or W is not a multiple of 32:
+        (B, 4, Hp, Wp) in the model's dtype."""
+        B, _, H, W = image.shape
+        if H % PAD_MULTIPLE or W % PAD_MULTIPLE:
+            H, W = padded_size(H), padded_size(W)
+        x = image.new_zeros((B, 4, H, W), dtype=self.dtype)
+        for b in range(B):  # one image at a time bounds the fp32 temporaries
+            x[b, :3, : image.shape[-2], : image.shape[-1]] = (image[b].float() - self.pixel_mean) / self.pixel_std
+            x[b, 3:, : image.shape[-2], : image.shape[-1]] = trimap[b]
+        return x
+
+    def _prepare(self, batched_inputs: Mapping[str, torch.Tensor]):
+        """Checked, preprocessed input of an upstream-style call: (x, H, W, ops)."""
+        image, trimap = batched_inputs["image"], batched_inputs["trimap"]
+        _check_batch(image, trimap)
+        H, W = image.shape[-2:]
+        device = self.pixel_mean.device
+        if self.dtype == torch.float16 and device.type == "cpu":
+            raise ValueError("float16 is for GPUs; on the CPU use torch.bfloat16 (or float32)")
+        x = self.preprocess(image.to(device), trimap.to(device))
+        return x, H, W, dispatch.resolve(self.backend, device)
+
+    def _decoder_memory(self) -> int:
+        device = self.pixel_mean.device
+        return self.decoder_memory or DECODER_MEMORY.get(device.type, DECODER_MEMORY["cpu"])
+
+    def _alpha(self, batched_inputs: Mapping[str, torch.Tensor], patch_decoder: bool) -> torch.Tensor:
+        """The (B, 1, H, W) alpha of an upstream-style call."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ one image
+
+    @torch.inference_mode()
+    def predict(self, image, trimap, patch_decoder: bool = True) -> np.ndarray:
+        """Alpha matte of one image: H×W float32 in [0, 1].
+
+        ``image``: H×W×3 uint8 or float in [0, 1] (numpy, PIL, or a tensor, also 3×H×W);
+        ``trimap``: H×W uint8 0/128/255 or float in [0, 1]. Where the class clamps known
+        regions (FastMEMatte, as its upstream inference script does), alpha is 0 where the
+        trimap is 0 and 1 where it is 1.
+        """
+        img = _image_tensor(image)
+        tri = _trimap_tensor(trimap)
+        if img.shape[-2:] != tri.shape[-2:]:
+            raise ValueError(
+                f"image is {img.shape[-1]}×{img.shape[-2]} (W×H) but trimap is {tri.shape[-1]}×{tri.shape[-2]}"
+            )
+        device = self.pixel_mean.device
+        alpha = self._alpha({"image": img[None].to(device), "trimap": tri[None, None].to(device)}, patch_decoder)
+        alpha = alpha[0, 0].float()
+        if self.clamp_known:
+            tri = tri.to(alpha.device)
+            alpha[tri == 0] = 0
+            alpha[tri == 1] = 1
+        return alpha.cpu().numpy()
+
+
+class FastMEMatte(MattingModel):
     """MEMatte (ViT-S or ViT-B) for inference.
 
     ``model({"image": img, "trimap": tri}, patch_decoder=True)`` takes ``image``
@@ -59,139 +187,44 @@ class FastMEMatte(nn.Module):
         dtype: torch.dtype = torch.float32,
         decoder_memory: int | None = None,
     ):
-        super().__init__()
-        if dtype not in DTYPES:
-            raise ValueError(f"unsupported dtype {dtype}; expected one of {', '.join(map(str, DTYPES))}")
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
-        if backend not in dispatch.BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(dispatch.BACKENDS)}")
+        super().__init__(variant, backend, dtype, decoder_memory)
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive number of tokens or None, got {max_tokens}")
-        self.variant = variant
-        self.backend = backend
         self.max_tokens = max_tokens
         self.backbone = ViT(variant)
         self.decoder = DetailCapture(in_chans=self.backbone.embed_dim)
-        self.decoder_memory = decoder_memory
-        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), persistent=False)
-        if dtype != torch.float32:
-            # Routers decide which tokens get attention: their weights and margins stay in
-            # fp32 (backends may run their wide layers on the low-precision tokens), as do
-            # the input statistics above.
-            self.to(dtype)
-            self.backbone.routers.float()
-            self.pixel_mean, self.pixel_std = self.pixel_mean.float(), self.pixel_std.float()
+        # Routers decide which tokens get attention: their weights and margins stay in fp32
+        # (backends may run their wide layers on the low-precision tokens).
+        self._cast(dtype)
+        self.backbone.routers.float()
         self.eval()
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """The compute dtype of the backbone and decoder."""
-        return self.backbone.patch_embed.proj.weight.dtype
-
-    # ------------------------------------------------------------------ loading
-
-    @classmethod
-    def from_checkpoint(
-        cls, checkpoint: str | os.PathLike | Mapping, map_location: str | torch.device = "cpu", **kwargs
-    ) -> "FastMEMatte":
-        """Build the model a checkpoint was trained as and load it strictly.
-
-        ``checkpoint`` is a path (detectron2 ``.pth`` holding ``{"model": sd}``, a bare
-        state dict, or ``.safetensors``) or an already-loaded state dict. The variant is
-        inferred from shapes; ``teacher_backbone.*`` is dropped. ``kwargs`` go to the
-        constructor (``backend``, ``max_tokens``, ``dtype``).
-        """
-        if isinstance(checkpoint, Mapping):
-            state_dict = state_dict_of(checkpoint)
-        else:
-            state_dict = load_checkpoint_state_dict(checkpoint, map_location)
-        variant = infer_variant(state_dict)
-        model = cls(variant, **kwargs)
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(expected))
-        mismatched = sorted(
-            k for k in set(expected) & set(state_dict) if tuple(expected[k].shape) != tuple(state_dict[k].shape)
-        )
-        if missing or unexpected or mismatched:
-            raise ValueError(_mismatch_message(variant, missing, unexpected, mismatched, expected, state_dict))
-        model.load_state_dict(state_dict, strict=True)
-        return model.to(map_location)
-
-    # ------------------------------------------------------------------ forward
-
-    def preprocess(self, image: torch.Tensor, trimap: torch.Tensor) -> torch.Tensor:
-        """Normalise RGB (in fp32), append the trimap as the 4th channel, and zero-pad
-        bottom/right with the published rule when H or W is not a multiple of 32:
-        (B, 4, Hp, Wp) in the model's dtype."""
-        B, _, H, W = image.shape
-        if H % PAD_MULTIPLE or W % PAD_MULTIPLE:
-            H, W = padded_size(H), padded_size(W)
-        x = image.new_zeros((B, 4, H, W), dtype=self.dtype)
-        for b in range(B):  # one image at a time bounds the fp32 temporaries
-            x[b, :3, : image.shape[-2], : image.shape[-1]] = (image[b].float() - self.pixel_mean) / self.pixel_std
-            x[b, 3:, : image.shape[-2], : image.shape[-1]] = trimap[b]
-        return x
-
     def forward(self, batched_inputs: Mapping[str, torch.Tensor], patch_decoder: bool = True):
-        image, trimap = batched_inputs["image"], batched_inputs["trimap"]
-        _check_batch(image, trimap)
-        H, W = image.shape[-2:]
-        device = self.pixel_mean.device
-        if self.dtype == torch.float16 and device.type == "cpu":
-            raise ValueError("float16 is for GPUs; on the CPU use torch.bfloat16 (or float32)")
-        x = self.preprocess(image.to(device), trimap.to(device))
-        ops = dispatch.resolve(self.backend, device)
+        x, H, W, ops = self._prepare(batched_inputs)
         features, scores, decisions = self.backbone(x, ops, self.max_tokens)
         if ops is dispatch.REFERENCE:  # exactly as upstream
             decoder, tile, context, size = self.decoder, TILE, CONTEXT, None
         else:  # the same alpha over the image, without decoding the padding
             decoder, tile, context, size = FoldedDecoder(self.decoder, self.dtype, ops), FAST_TILE, FAST_CONTEXT, (H, W)
         if patch_decoder:
-            memory = self.decoder_memory or DECODER_MEMORY.get(device.type, DECODER_MEMORY["cpu"])
-            alpha = decode_tiled(decoder, features, x, memory, tile, context, size)
+            alpha = decode_tiled(decoder, features, x, self._decoder_memory(), tile, context, size)
         else:
             alpha = decoder(features, x)
         return {"phas": alpha[:, :, :H, :W]}, scores, decisions
 
-    # ------------------------------------------------------------------ one image
-
-    @torch.inference_mode()
-    def predict(self, image, trimap, patch_decoder: bool = True) -> np.ndarray:
-        """Alpha matte of one image: H×W float32 in [0, 1].
-
-        ``image``: H×W×3 uint8 or float in [0, 1] (numpy, PIL, or a tensor, also 3×H×W);
-        ``trimap``: H×W uint8 0/128/255 or float in [0, 1]. As the upstream inference
-        script does, alpha is 0 where the trimap is 0 and 1 where it is 1.
-        """
-        img = _image_tensor(image)
-        tri = _trimap_tensor(trimap)
-        if img.shape[-2:] != tri.shape[-2:]:
-            raise ValueError(
-                f"image is {img.shape[-1]}×{img.shape[-2]} (W×H) but trimap is {tri.shape[-1]}×{tri.shape[-2]}"
-            )
-        device = self.pixel_mean.device
-        outputs, _, _ = self(
-            {"image": img[None].to(device), "trimap": tri[None, None].to(device)}, patch_decoder=patch_decoder
-        )
-        alpha = outputs["phas"][0, 0].float()
-        tri = tri.to(alpha.device)
-        alpha[tri == 0] = 0
-        alpha[tri == 1] = 1
-        return alpha.cpu().numpy()
+    def _alpha(self, batched_inputs, patch_decoder: bool) -> torch.Tensor:
+        return self(batched_inputs, patch_decoder=patch_decoder)[0]["phas"]
 
 
 # ---------------------------------------------------------------------- helpers
 
 
-def _mismatch_message(variant, missing, unexpected, mismatched, expected, state_dict, shown=5) -> str:
+def _mismatch_message(model, missing, unexpected, mismatched, expected, state_dict, shown=5) -> str:
     def first(keys):
         more = f" … (+{len(keys) - shown} more)" if len(keys) > shown else ""
         return ", ".join(keys[:shown]) + more
 
-    parts = [f"checkpoint does not match FastMEMatte({variant!r}) (variant guessed from backbone.pos_embed)"]
+    parts = [f"checkpoint does not match {model} (variant guessed from backbone.pos_embed)"]
     if missing:
         parts.append(f"missing {len(missing)} keys: {first(missing)}")
     if unexpected:

@@ -44,6 +44,7 @@ class OpTable:
     dwconv_gelu: Callable
     eca: Callable
     window_attention: Callable
+    global_attention: Callable
     channels_first_layer_norm: Callable
     upsample_conv_relu_: Callable
     patch_embed: Callable
@@ -63,6 +64,7 @@ REFERENCE = OpTable(
     dwconv_gelu=reference.dwconv_gelu,
     eca=reference.eca,
     window_attention=reference.window_attention,
+    global_attention=reference.global_attention,
     channels_first_layer_norm=reference.channels_first_layer_norm,
     upsample_conv_relu_=reference.upsample_conv_relu_,
     patch_embed=reference.patch_embed,
@@ -153,6 +155,7 @@ def _with_ltrm(name: str, device: torch.device, **ops) -> OpTable:
         REFERENCE,
         name=name,
         window_attention=native.window_attention_bf16 if bf16_kernels else native.window_attention,
+        global_attention=native.global_attention,
         channels_first_layer_norm=native.channels_first_layer_norm,
         **ops,
     )

@@ -165,3 +165,34 @@ def upsample_conv_relu_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     taps = F.conv2d(x, tap_weight.contiguous(memory_format=torch.channels_last))
     ext.upsample_taps_relu_(out.permute(0, 2, 3, 1), taps.permute(0, 2, 3, 1))
     return out
+
+
+# Logits per SDPA call of the global attention (heads x queries x keys): bounds the chunk's
+# position bias, the only N-wide temporary (fp32: 128 MB).
+GLOBAL_CHUNK_LOGITS = 32 << 20
+
+
+def global_attention(qkv, rel_h, rel_w, num_heads: int, scale: float) -> torch.Tensor:
+    """:func:`mematte_kernels.reference.global_attention` without the N×N matrix: the
+    position terms as per-query tables (H + W values per query and head), then a chunk of
+    queries at a time through fused attention with that chunk's bias only, so memory is
+    O(N·(H + W)) plus a bounded chunk."""
+    B, H, W, C3 = qkv.shape
+    C = C3 // 3
+    N, d = H * W, C // num_heads
+    qkv = qkv.reshape(B, N, 3, num_heads, d)
+    q = qkv[:, :, 0]
+    bias_h, bias_w = reference.rel_pos_bias(q.reshape(B, H, W, num_heads, d), rel_h, rel_w)
+    out = qkv.new_empty((B, N, num_heads, d))
+    chunk = max(1, GLOBAL_CHUNK_LOGITS // max(1, num_heads * N))
+    for b in range(B):
+        k, v = (qkv[b, :, i].transpose(0, 1).contiguous()[None] for i in (1, 2))  # (1, heads, N, d)
+        for s in range(0, N, chunk):
+            e = min(s + chunk, N)
+            bias = q.new_empty((num_heads, e - s, H, W))
+            torch.add(bias_h[b, s:e].transpose(0, 1)[..., None], bias_w[b, s:e].transpose(0, 1)[..., None, :], out=bias)
+            o = F.scaled_dot_product_attention(
+                q[b, s:e].transpose(0, 1)[None], k, v, attn_mask=bias.view(1, num_heads, e - s, N), scale=scale
+            )
+            out[b, s:e] = o[0].transpose(0, 1)
+    return out.view(B, H, W, C)

@@ -263,6 +263,55 @@ def rel_pos_attention(
     return attn @ v
 
 
+# ------------------------------------------------------------ global attention
+
+
+def rel_pos_bias(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-query position terms of decomposed relative position over an H×W grid.
+
+    q (B, H, W, heads, d), unscaled; rel_h (H, H, d), rel_w (W, W, d) gathered tables. Returns
+    ``bias_h`` (B, H*W, heads, H) with ``bias_h[b, i, n, r] = q[b, i, n] · rel_h[row(i), r]`` and
+    ``bias_w`` (B, H*W, heads, W) likewise over columns: H + W values per query, so that
+    ``logit[i, j] += bias_h[i, row(j)] + bias_w[i, col(j)]``."""
+    B, H, W, heads, d = q.shape
+    bias_h = torch.einsum("byxnc,ykc->byxnk", q, rel_h.to(q.dtype))
+    bias_w = torch.einsum("byxnc,xkc->byxnk", q, rel_w.to(q.dtype))
+    return bias_h.reshape(B, H * W, heads, H), bias_w.reshape(B, H * W, heads, W)
+
+
+def relpos_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_h: torch.Tensor, bias_w: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention of every query of an H×W grid to all its keys with a decomposed position bias:
+
+        out[i] = softmax_j(scale * q[i]·k[j] + bias_h[i, row(j)] + bias_w[i, col(j)]) v
+
+    q, k, v (B, N, heads, d) with N = H*W in row-major order; bias_h (B, N, heads, H) and
+    bias_w (B, N, heads, W) as :func:`rel_pos_bias` gives them. Returns (B, N, heads, d). The
+    oracle of the flash kernels: it builds the N×N logits."""
+    B, N, heads, d = q.shape
+    H, W = bias_h.shape[-1], bias_w.shape[-1]
+    attn = (q.transpose(1, 2) * scale) @ k.permute(0, 2, 3, 1)  # (B, heads, N, N)
+    bias = bias_h.transpose(1, 2)[..., :, None] + bias_w.transpose(1, 2)[..., None, :]  # (B, heads, N, H, W)
+    attn = (attn + bias.reshape(B, heads, N, N)).softmax(dim=-1)
+    return (attn @ v.transpose(1, 2)).transpose(1, 2)
+
+
+def global_attention(
+    qkv: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, num_heads: int, scale: float
+) -> torch.Tensor:
+    """The global attention of ViTMatte's blocks 2, 5, 8, 11: every token of the (B, H, W)
+    grid attends to all tokens of its image with decomposed relative position, from the
+    tokens' qkv projection (B, H, W, 3C) and the gathered tables rel_h (H, H, d), rel_w
+    (W, W, d). Computed as upstream does (:func:`rel_pos_attention` over the whole grid):
+    (B, H, W, C)."""
+    B, H, W, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v = qkv.reshape(B, H * W, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+    out = rel_pos_attention(q, k, v, rel_h, rel_w, scale)  # (B, heads, N, d)
+    return out.transpose(1, 2).reshape(B, H, W, C)
+
+
 def partition_windows(grid: torch.Tensor, pad: torch.Tensor, size: int) -> torch.Tensor:
     """(B, H, W, C) padded bottom/right to multiples of ``size`` with the vector ``pad`` (C,)
     and cut into windows: (B * nH * nW, size * size, C), windows in row-major order."""
