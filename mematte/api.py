@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 from . import io
 from .backbone import GLOBAL_BLOCKS
 from .foreground import estimate_foreground
-from .model import DEFAULT_MAX_TOKENS, FastMEMatte
+from .model import DEFAULT_MAX_TOKENS, FastMEMatte, padded_size
 from .trimap import BACKGROUND, FOREGROUND, normalize_trimap, trimap_from_mask
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -78,7 +78,9 @@ def load_model(
     backend: str = "auto",
     max_tokens: int | None = DEFAULT_MAX_TOKENS,
 ) -> FastMEMatte:
-    """Load a MEMatte checkpoint (detectron2 .pth, bare state dict or .safetensors).
+    """Load a MEMatte or ViTMatte checkpoint (detectron2 .pth, bare state dict or
+    .safetensors; for ViTMatte also HF weights or an HF model directory). The model class
+    follows from the keys; ``max_tokens`` applies to MEMatte.
 
     Raises ValueError when ``checkpoint`` is None, is not a checkpoint, or does not match
     the model; nothing is ever downloaded.
@@ -89,7 +91,9 @@ def load_model(
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
-    return FastMEMatte.from_checkpoint(
+    from .vitmatte import load_matting_model
+
+    return load_matting_model(
         checkpoint, map_location=resolve_device(device), backend=backend,
         max_tokens=max_tokens, dtype=dtype,
     )
@@ -131,10 +135,19 @@ def matte(model: FastMEMatte, image: np.ndarray, trimap: np.ndarray, *,
     returns). The upstream call is used rather than ``model.predict`` because it also
     returns the router decisions, so the routing picture shows the very run that made the
     alpha. As upstream, alpha is 0 where the trimap is background and 1 where foreground.
-    ``tile`` selects the tiled decoder (the published default).
+    ``tile`` selects the tiled decoder (the published default). A FastViTMatte model is
+    called as upstream ViTMatte's inference does (whole-image decoding, known regions not
+    clamped); its "routing" sends every token to global attention.
     """
     img = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
     tri = torch.from_numpy(trimap.astype(np.float32) / 255.0)[None, None]
+    if not isinstance(model, FastMEMatte):  # ViTMatte: every token of a global block attends
+        with torch.inference_mode():
+            alpha = model({"image": img, "trimap": tri})["phas"][0, 0].float().cpu().numpy()
+        H, W = image.shape[:2]
+        if H % 32 or W % 32:
+            H, W = padded_size(H), padded_size(W)
+        return alpha, [np.ones((H // 16, W // 16), bool) for _ in range(4)]
     with torch.inference_mode():
         outputs, _, decisions = model({"image": img, "trimap": tri}, patch_decoder=tile)
         alpha = outputs["phas"][0, 0].float().cpu().numpy()

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import api, io, metrics
-from .checkpoint import IGNORED_PREFIXES, infer_variant, load_checkpoint_state_dict
+from . import api, hf, io, metrics
+from .checkpoint import IGNORED_PREFIXES, infer_variant
 from .cli import EXIT_FAILED, UsageError
 from .model import FastMEMatte
+from .vitmatte import model_class, read_state_dict
 
 LAYOUTS = {
     "Composition-1k": ("merged", "trimaps", "alpha_copy"),
@@ -34,7 +35,7 @@ def _require_checkpoint(args: argparse.Namespace) -> None:
 
 def _load_model(args: argparse.Namespace) -> FastMEMatte:
     """The model the options ask for (options that cannot work exit with status 2)."""
-    if not args.checkpoint.is_file():
+    if not args.checkpoint.exists():  # a file, or an HF model directory
         raise UsageError(f"checkpoint {args.checkpoint}: no such file")
     if args.max_tokens < 0:
         raise UsageError(f"--max-tokens must be ≥ 0, got {args.max_tokens}")
@@ -283,16 +284,19 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 def run_info(args: argparse.Namespace) -> int:
     path = args.checkpoint
-    if not path.is_file():
+    if not path.exists():
         raise UsageError(f"{path}: no such file")
     try:
-        state_dict = load_checkpoint_state_dict(path)
-        container, keys = _container(path)
+        state_dict = read_state_dict(path)
+        container, keys = _container(path) if path.is_file() else ("HF model directory (config.json + weights)", list(state_dict))
     except ValueError as e:
         print(f"mematte info: error: {e}", file=sys.stderr)
         return EXIT_FAILED
     teacher = sum(k.startswith(IGNORED_PREFIXES) for k in keys)
-    print(f"file:        {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    if hf.is_hf_state_dict(dict.fromkeys(keys)):
+        container += ", HF transformers names"
+    size = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    print(f"file:        {path} ({size / 2**20:.1f} MiB)")
     print(f"format:      {container}")
     print(f"tensors:     {len(keys)}")
     print("teacher:     " + (f"{teacher} teacher_backbone.* tensors (training-time "
@@ -300,7 +304,8 @@ def run_info(args: argparse.Namespace) -> int:
     try:
         variant = infer_variant(state_dict)
         print(f"variant:     {variant}")
-        model = FastMEMatte.from_checkpoint(state_dict)
+        cls = model_class(state_dict)
+        model = cls.from_checkpoint(state_dict)
     except ValueError as e:
         print(f"loads into:  nothing: {e}")
         return EXIT_FAILED
@@ -308,7 +313,7 @@ def run_info(args: argparse.Namespace) -> int:
     stored = sum(t.numel() for t in model.state_dict().values())
     # Papers count the state dict, BatchNorm statistics included.
     print(f"parameters:  {stored:,} ({learned:,} learned + {stored - learned:,} BatchNorm statistics)")
-    print(f"loads into:  FastMEMatte({variant})")
+    print(f"loads into:  {cls.__name__}({variant})")
     return 0
 
 
