@@ -127,6 +127,7 @@ def _build(name: str, device: torch.device) -> OpTable:
         gather_layernorm=triton_ops.gather_layernorm,
         scatter_residual_=triton_ops.scatter_residual_,
         varlen_attention=triton_ops.varlen_attention,
+        global_attention=triton_ops.global_attention,
     )
     if name == "cuda" and forced and not ext.available(device):
         raise ValueError(
@@ -149,13 +150,13 @@ def _with_ltrm(name: str, device: torch.device, **ops) -> OpTable:
     else:
         name = f"{name} (LTRM ops: reference, the extension has none for {device.type})"
     bf16_kernels = _cpu_bf16_kernels(device)
+    ops.setdefault("global_attention", native.global_attention)
     if ext.has_kernel("upsample_taps_relu_", device):
         ops.update(upsample_conv_relu_=native.upsample_conv_relu_bf16 if bf16_kernels else native.upsample_conv_relu_)
     return replace(
         REFERENCE,
         name=name,
         window_attention=native.window_attention_bf16 if bf16_kernels else native.window_attention,
-        global_attention=native.global_attention,
         channels_first_layer_norm=native.channels_first_layer_norm,
         **ops,
     )

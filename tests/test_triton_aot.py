@@ -62,9 +62,17 @@ SIGNATURES = {
         stride_qt=I32_16, stride_qh=I32_16, stride_kt=I32_16, stride_kh=I32_16,
         stride_vt=I32_16, stride_vh=I32_16, stride_ot=I32_16, stride_oh=I32_16,
     ),
+    # ViTMatte's global attention: the position tables' strides follow the grid (any integer).
+    "_relpos_attention_kernel": dict(
+        q_ptr=ACT, k_ptr=ACT, v_ptr=ACT, bias_h_ptr=ACT, bias_w_ptr=ACT, out_ptr=ACT,
+        N="i32", grid_w="i32", num_heads="i32", qk_scale="fp32", length_bucket="i32",
+        stride_qb=I32_16, stride_qn=I32_16, stride_qh=I32_16, stride_kb=I32_16, stride_kn=I32_16, stride_kh=I32_16,
+        stride_vb=I32_16, stride_vn=I32_16, stride_vh=I32_16, stride_hb="i32", stride_hn="i32", stride_hh="i32",
+        stride_wb="i32", stride_wn="i32", stride_wh="i32", stride_ob=I32_16, stride_on=I32_16, stride_oh=I32_16,
+    ),
 }
 # Kernels whose tl.dot decides between tensor cores and FMA.
-DOT_KERNELS = {"_router_hidden_kernel", "_router_head_kernel", "_varlen_attention_kernel"}
+DOT_KERNELS = {"_router_hidden_kernel", "_router_head_kernel", "_varlen_attention_kernel", "_relpos_attention_kernel"}
 
 
 def launch_variants(dtype):
@@ -73,6 +81,8 @@ def launch_variants(dtype):
     import torch
 
     from mematte_kernels.triton import gather_scatter, router
+    from mematte_kernels.triton.relpos_attention import _relpos_attention_kernel as relpos_kernel
+    from mematte_kernels.triton.relpos_attention import configs_for as relpos_configs_for
     from mematte_kernels.triton.varlen_attention import _varlen_attention_kernel, configs_for
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -95,6 +105,9 @@ def launch_variants(dtype):
     for config in configs_for(torch_dtype):
         variants.append((_varlen_attention_kernel.fn, {**config.kwargs, "HEAD_DIM": 64}, config.num_warps,
                          config.num_stages))
+    assert all(config in relpos_kernel.configs for config in relpos_configs_for(torch_dtype))
+    for config in relpos_configs_for(torch_dtype):
+        variants.append((relpos_kernel.fn, {**config.kwargs, "HEAD_DIM": 64}, config.num_warps, config.num_stages))
     return variants
 
 
@@ -164,9 +177,15 @@ def compiled():
 
 def test_every_config_compiles(compiled):
     # Per dtype and target: router 2 + 2 head widths, gather/scatter 2 per width, attention configs.
+    from mematte_kernels.triton.relpos_attention import FP32_CONFIGS as RELPOS_FP32
+    from mematte_kernels.triton.relpos_attention import TENSOR_CORE_CONFIGS as RELPOS_TENSOR_CORE
     from mematte_kernels.triton.varlen_attention import FP32_CONFIGS, TENSOR_CORE_CONFIGS
 
-    per_arch = sum(2 + 3 * len(WIDTHS) + len(FP32_CONFIGS if dtype == "fp32" else TENSOR_CORE_CONFIGS)
+    def attention_configs(dtype, fp32, tensor_core):
+        return len(fp32 if dtype == "fp32" else tensor_core)
+
+    per_arch = sum(2 + 3 * len(WIDTHS) + attention_configs(dtype, FP32_CONFIGS, TENSOR_CORE_CONFIGS)
+                   + attention_configs(dtype, RELPOS_FP32, RELPOS_TENSOR_CORE)
                    for dtype in DTYPES)
     assert len(compiled) == per_arch * len(SHARED_MEMORY_LIMIT)
 

@@ -1,5 +1,6 @@
 """Triton kernels for MEMatte's routed path: the router, gather + LayerNorm, scatter +
-residual, and varlen (per-image) attention.
+residual, and varlen (per-image) attention; and ViTMatte's global attention with decomposed
+relative position.
 
 Each public function takes the arguments and returns what the function of the same name in
 :mod:`mematte_kernels.reference` does, and calls a ``torch.library`` custom op
@@ -14,7 +15,15 @@ if INTERPRET:
     _interpreter.apply()
 
 from .gather_scatter import gather_layernorm, scatter_residual_
+from .relpos_attention import global_attention, relpos_attention
 from .router import router_scores
 from .varlen_attention import varlen_attention
 
-__all__ = ["gather_layernorm", "router_scores", "scatter_residual_", "varlen_attention"]
+__all__ = [
+    "gather_layernorm",
+    "global_attention",
+    "relpos_attention",
+    "router_scores",
+    "scatter_residual_",
+    "varlen_attention",
+]

@@ -1,0 +1,203 @@
+"""Forward flash attention over a whole H×W token grid with decomposed relative position:
+ViTMatte's global attention.
+
+    out[i] = softmax_j(scale * q[i]·k[j] + bias_h[i, row(j)] + bias_w[i, col(j)]) v[j]
+
+q, k, v are (B, N, heads, 64), N = H*W in row-major order, possibly strided views of the
+(B, N, 3, heads, 64) qkv projection (the head dimension contiguous). The position terms come
+as per-query tables, bias_h (B, N, heads, H) and bias_w (B, N, heads, W): H + W values per
+query, gathered inside the tile loop for each key's row and column, so memory is O(N·(H + W))
+and no N×N matrix (logits or bias) ever exists.
+
+One program computes BLOCK_M queries of one (image, head) with an online softmax over
+BLOCK_N-key blocks; the softmax runs in base 2 with ``scale * log2(e)`` folded into q and
+``log2(e)`` into the bias. fp32 uses exact fp32 dots (``input_precision="ieee"``); fp16/bf16
+use the tensor cores with fp32 accumulation.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from ._common import INTERPRET, check_devices, check_float, check_ndim
+
+HEAD_DIM = 64
+LOG2E = math.log2(math.e)
+
+# Tensor-core (fp16/bf16) and FMA (fp32) tiles, as for the varlen kernel: each program also
+# holds a (BLOCK_M, BLOCK_N) tile of gathered bias.
+TENSOR_CORE_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+]
+FP32_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+]
+# The interpreter would benchmark every config on the CPU: it runs this one alone. Its
+# blocks are smaller than the tests' grids, so they cross rows and leave partial blocks.
+INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+
+
+def configs_for(dtype: torch.dtype) -> list[triton.Config]:
+    """The configs the autotuner tries for q/k/v of ``dtype``."""
+    return FP32_CONFIGS if dtype == torch.float32 else TENSOR_CORE_CONFIGS
+
+
+def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    return configs_for(named_args["q_ptr"].dtype)
+
+
+def length_bucket(n: int) -> int:
+    """The power of two at or above ``n``: the autotuner's key, never the exact length."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+@triton.autotune(
+    configs=[INTERPRETER_CONFIG] if INTERPRET else TENSOR_CORE_CONFIGS + FP32_CONFIGS,
+    key=["HEAD_DIM", "length_bucket"],  # the autotuner adds every tensor argument's dtype to the key
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
+@triton.jit
+def _relpos_attention_kernel(
+    q_ptr, k_ptr, v_ptr, bias_h_ptr, bias_w_ptr, out_ptr,
+    N, grid_w, num_heads, qk_scale, length_bucket,
+    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_hb, stride_hn, stride_hh, stride_wb, stride_wn, stride_wh, stride_ob, stride_on, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = (pid_bh // num_heads).to(tl.int64)
+    head = pid_bh % num_heads
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) queries
+    offs_d = tl.arange(0, HEAD_DIM)                   # (HEAD_DIM,)
+    q_mask = offs_m < N
+    rows_m = offs_m.to(tl.int64)
+
+    q = tl.load(q_ptr + batch * stride_qb + rows_m[:, None] * stride_qn + head * stride_qh + offs_d[None, :],
+                mask=q_mask[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
+    q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
+    # Each query's row of the two position tables.
+    bias_h_rows = bias_h_ptr + batch * stride_hb + rows_m * stride_hn + head * stride_hh  # (BLOCK_M,)
+    bias_w_rows = bias_w_ptr + batch * stride_wb + rows_m * stride_wn + head * stride_wh  # (BLOCK_M,)
+    k_base = k_ptr + batch * stride_kb + head * stride_kh
+    v_base = v_ptr + batch * stride_vb + head * stride_vh
+
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), tl.float32)
+    for key_start in range(0, N, BLOCK_N):
+        offs_n = key_start + tl.arange(0, BLOCK_N)  # (BLOCK_N,) keys
+        key_mask = offs_n < N
+        rows_n = offs_n.to(tl.int64)
+        k = tl.load(k_base + rows_n[None, :] * stride_kn + offs_d[:, None], mask=key_mask[None, :], other=0.0)  # (HEAD_DIM, BLOCK_N)
+        v = tl.load(v_base + rows_n[:, None] * stride_vn + offs_d[None, :], mask=key_mask[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
+        key_row = offs_n // grid_w
+        key_col = offs_n - key_row * grid_w
+        tile_mask = q_mask[:, None] & key_mask[None, :]
+        bias = tl.load(bias_h_rows[:, None] + key_row[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        bias += tl.load(bias_w_rows[:, None] + key_col[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        logits = tl.dot(q, k, input_precision="ieee") + bias * 1.4426950408889634  # (BLOCK_M, BLOCK_N), base 2
+        logits = tl.where(key_mask[None, :], logits, float("-inf"))
+        # Every block holds at least one real key, so new_max is finite and no -inf - -inf occurs.
+        new_max = tl.maximum(row_max, tl.max(logits, axis=1))  # (BLOCK_M,)
+        p = tl.math.exp2(logits - new_max[:, None])            # (BLOCK_M, BLOCK_N)
+        rescale = tl.math.exp2(row_max - new_max)              # (BLOCK_M,); 0 on the first block
+        row_sum = row_sum * rescale + tl.sum(p, axis=1)
+        acc = tl.dot(p.to(v.dtype), v, acc * rescale[:, None], input_precision="ieee")  # (BLOCK_M, HEAD_DIM)
+        row_max = new_max
+
+    out = acc / row_sum[:, None]  # (BLOCK_M, HEAD_DIM)
+    tl.store(out_ptr + batch * stride_ob + rows_m[:, None] * stride_on + head * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=q_mask[:, None])
+
+
+def _check_inputs(q, k, v, bias_h, bias_w) -> None:
+    op = "relpos_attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_ndim(op, name, t, 4, "(B, N, heads, head_dim)")
+        check_float(op, name, t, q.dtype)
+        if t.shape != q.shape:
+            raise ValueError(f"{op}: q, k and v must have one shape, got {name} {tuple(t.shape)} vs q {tuple(q.shape)}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{op}: {name} must be contiguous in the head dimension, got strides {t.stride()}")
+    if q.shape[-1] != HEAD_DIM:
+        raise ValueError(f"{op}: only head_dim {HEAD_DIM} is supported (ViTMatte's), got head_dim {q.shape[-1]}")
+    B, N, heads, _ = q.shape
+    for name, t in (("bias_h", bias_h), ("bias_w", bias_w)):
+        check_ndim(op, name, t, 4, "(B, N, heads, H or W)")
+        check_float(op, name, t, q.dtype)
+        if tuple(t.shape[:3]) != (B, N, heads) or t.stride(-1) != 1:
+            raise ValueError(f"{op}: {name} must be ({B}, {N}, {heads}, H or W) with a contiguous last dimension, "
+                             f"got shape {tuple(t.shape)} strides {t.stride()}")
+    if bias_h.shape[-1] * bias_w.shape[-1] != N:
+        raise ValueError(f"{op}: the grid is {bias_h.shape[-1]}×{bias_w.shape[-1]} (from bias_h, bias_w) "
+                         f"but q holds {N} tokens per image")
+    check_devices(op, q=q, k=k, v=v, bias_h=bias_h, bias_w=bias_w)
+
+
+def launch_relpos_attention(q, k, v, bias_h, bias_w, scale: float | None = None, *, out: torch.Tensor) -> None:
+    """The attention of every query of the grid into ``out`` (B, N, heads, 64), q's dtype."""
+    _check_inputs(q, k, v, bias_h, bias_w)
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(f"relpos_attention: out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device} "
+                         "with a contiguous head dimension")
+    B, N, heads, head_dim = q.shape
+    if B == 0 or N == 0 or heads == 0:
+        return
+    scale = head_dim**-0.5 if scale is None else scale
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_M"]), B * heads)
+
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+        _relpos_attention_kernel[grid](
+            q, k, v, bias_h, bias_w, out,
+            N, bias_w.shape[-1], heads, scale * LOG2E, length_bucket(N),
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *bias_h.stride()[:3], *bias_w.stride()[:3], *out.stride()[:3],
+            HEAD_DIM=head_dim,
+        )
+
+
+@torch.library.custom_op("mematte::relpos_attention", mutates_args=())
+def _relpos_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_h: torch.Tensor, bias_w: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    out = q.new_empty(q.shape)
+    launch_relpos_attention(q, k, v, bias_h, bias_w, scale, out=out)
+    return out
+
+
+@_relpos_attention_op.register_fake
+def _(q, k, v, bias_h, bias_w, scale=None):
+    _check_inputs(q, k, v, bias_h, bias_w)
+    return q.new_empty(q.shape)
+
+
+def relpos_attention(q, k, v, bias_h, bias_w, scale: float | None = None) -> torch.Tensor:
+    """:func:`mematte_kernels.reference.relpos_attention` without the N×N matrix: q, k, v
+    (B, N, heads, 64), bias_h (B, N, heads, H), bias_w (B, N, heads, W), all one dtype ->
+    (B, N, heads, 64) contiguous. ``scale`` defaults to head_dim ** -0.5."""
+    return torch.ops.mematte.relpos_attention(q, k, v, bias_h, bias_w, scale)
+
+
+def global_attention(qkv, rel_h, rel_w, num_heads: int, scale: float) -> torch.Tensor:
+    """:func:`mematte_kernels.reference.global_attention` through :func:`relpos_attention`:
+    the per-query position tables from one batched product each, then the flash kernel over
+    q, k, v read in place from ``qkv`` (B, H, W, 3C) -> (B, H, W, C)."""
+    B, H, W, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v = qkv.reshape(B, H * W, 3, num_heads, C // num_heads).unbind(2)
+    bias_h, bias_w = reference.rel_pos_bias(q.reshape(B, H, W, num_heads, C // num_heads), rel_h, rel_w)
+    return relpos_attention(q, k, v, bias_h, bias_w, scale).view(B, H, W, C)
