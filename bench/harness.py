@@ -573,6 +573,7 @@ def run_worker(case: ModelCase, weights_path: Path, inputs_path: Path, timeout_s
         "dtype": DTYPE_NAMES[case.dtype],
         "backend": case.backend,
         "max_tokens": case.max_tokens,
+        "model": getattr(case, "model", "mematte"),
     }
     proc = subprocess.run(
         [sys.executable, str(WORKER), json.dumps(spec)],

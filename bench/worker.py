@@ -3,7 +3,8 @@
     python bench/worker.py '{"weights": ..., "inputs": ..., "dtype": "bf16", "backend": "auto", "max_tokens": 18500}'
 
 prints one JSON line: latency_s (the forward alone), peak_rss_bytes, loaded_rss_bytes
-(before the forward), routed (per router) and backend. It imports only what an
+(before the forward), routed (per router; ViTMatte: none) and backend. ``"model":
+"vitmatte"`` runs FastViTMatte instead of FastMEMatte. It imports only what an
 application would (torch, mematte), so its peak RSS is what running the model costs.
 """
 import json
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout as well
-from mematte import FastMEMatte  # noqa: E402
+from mematte import FastMEMatte, FastViTMatte  # noqa: E402
 from mematte_kernels import dispatch  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -34,13 +35,19 @@ def status_bytes(field: str) -> int:
 
 
 def main(spec: dict) -> dict:
-    model = load_model(spec["weights"], "cpu", DTYPES[spec["dtype"]], spec["backend"], spec["max_tokens"])
+    dtype = DTYPES[spec["dtype"]]
+    if spec.get("model") == "vitmatte":
+        kwargs = {} if dtype == torch.float32 else {"dtype": dtype}
+        model = FastViTMatte.from_checkpoint(spec["weights"], backend=spec["backend"], **kwargs)
+    else:
+        model = load_model(spec["weights"], "cpu", dtype, spec["backend"], spec["max_tokens"])
     data = torch.load(spec["inputs"], mmap=True)
     loaded = status_bytes("VmRSS")
     with torch.inference_mode():
         start = time.perf_counter()
-        _, _, decisions = model({"image": data["image"], "trimap": data["trimap"]})
+        outputs = model({"image": data["image"], "trimap": data["trimap"]})
         latency = time.perf_counter() - start
+    decisions = outputs[2] if isinstance(outputs, tuple) else []
     return {
         "latency_s": latency,
         "peak_rss_bytes": status_bytes("VmHWM"),
