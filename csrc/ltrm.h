@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
 
 // The dtypes the ops accept; instantiating only these keeps the build short.
 #define MEMATTE_DISPATCH_FLOAT_HALF_BF16(TYPE, NAME, ...)        \
@@ -20,10 +21,19 @@ namespace mematte {
 // Depthwise 5x5 conv, padding 2, + bias + exact GELU.
 // x (B, H, W, C) contiguous; weight (C, 1, 5, 5); bias (C).
 at::Tensor dwconv_gelu_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
+// Its gradients (grad_x, grad_weight, grad_bias) from grad_out, shaped and typed like x, weight
+// and bias; summed in fp32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_gelu_backward_cpu(const at::Tensor& grad_out,
+                                                                       const at::Tensor& x,
+                                                                       const at::Tensor& weight,
+                                                                       const at::Tensor& bias);
 
 // z + z * sigmoid(conv1d_k(mean_hw(z))) [+ residual].
 // z (B, H, W, C) contiguous; weight (1, 1, k), k odd; residual like z.
 at::Tensor eca_cpu(const at::Tensor& z, const at::Tensor& weight, const std::optional<at::Tensor>& residual);
+// Its gradients (grad_z, grad_weight) from grad_out; the residual's gradient is grad_out itself.
+std::tuple<at::Tensor, at::Tensor> eca_backward_cpu(const at::Tensor& grad_out, const at::Tensor& z,
+                                                    const at::Tensor& weight);
 
 // out = relu(out + conv3x3(upsample2x(x), W)), in place, from taps = W_k . x per 3x3 tap k.
 // out (B, 2h, 2w, C) contiguous; taps (B, h, w, 9C) contiguous, tap-major: (ky * 3 + kx) * C + c.

@@ -1,9 +1,14 @@
 // Schemas, argument checks and registration of the mematte_ext ops, plus the Python module
 // stub that makes `import mematte_kernels._C` load them.
+#include <ATen/core/grad_mode.h>
 #include <Python.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
+#include <string>
+#include <tuple>
 #include <utility>
+#include <vector>
 
 #include "ltrm.h"
 
@@ -31,25 +36,38 @@ void check_parameter(const char* op, const char* name, const at::Tensor& t, cons
               " must be float32, float16 or bfloat16, got ", t.scalar_type());
 }
 
-void check_dwconv_gelu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
-  check_activation("dwconv_gelu", "x", x);
-  check_parameter("dwconv_gelu", "weight", weight, x);
-  check_parameter("dwconv_gelu", "bias", bias, x);
+// The incoming gradient of a backward op: exactly like the forward's input `name`.
+void check_grad_out(const char* op, const at::Tensor& grad_out, const char* name, const at::Tensor& input) {
+  check_activation(op, "grad_out", grad_out);
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), "mematte_ext.", op, ": grad_out must have ", name, "'s shape ",
+              input.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "mematte_ext.", op, ": grad_out must have ", name,
+              "'s dtype (", input.scalar_type(), "), got ", grad_out.scalar_type());
+  TORCH_CHECK(grad_out.device() == input.device(), "mematte_ext.", op, ": grad_out must be on ", name,
+              "'s device (", input.device(), "), got ", grad_out.device());
+}
+
+void check_dwconv_gelu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                       const char* op = "dwconv_gelu") {
+  check_activation(op, "x", x);
+  check_parameter(op, "weight", weight, x);
+  check_parameter(op, "bias", bias, x);
   const int64_t C = x.size(3);
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == 1 && weight.size(2) == 5 && weight.size(3) == 5,
-              "mematte_ext.dwconv_gelu: weight must be a depthwise 5x5 kernel of shape (C, 1, 5, 5), got shape ",
+              "mematte_ext.", op, ": weight must be a depthwise 5x5 kernel of shape (C, 1, 5, 5), got shape ",
               weight.sizes());
-  TORCH_CHECK(weight.size(0) == C, "mematte_ext.dwconv_gelu: weight has ", weight.size(0),
-              " channels but x has C = ", C);
-  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == C, "mematte_ext.dwconv_gelu: bias must have shape (C,) = (", C,
+  TORCH_CHECK(weight.size(0) == C, "mematte_ext.", op, ": weight has ", weight.size(0), " channels but x has C = ",
+              C);
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == C, "mematte_ext.", op, ": bias must have shape (C,) = (", C,
               ",), got shape ", bias.sizes());
 }
 
-void check_eca(const at::Tensor& z, const at::Tensor& weight, const std::optional<at::Tensor>& residual) {
-  check_activation("eca", "z", z);
-  check_parameter("eca", "weight", weight, z);
+void check_eca(const at::Tensor& z, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
+               const char* op = "eca") {
+  check_activation(op, "z", z);
+  check_parameter(op, "weight", weight, z);
   TORCH_CHECK(weight.dim() == 3 && weight.size(0) == 1 && weight.size(1) == 1 && weight.size(2) % 2 == 1,
-              "mematte_ext.eca: weight must be a Conv1d kernel of shape (1, 1, k) with k odd, got shape ",
+              "mematte_ext.", op, ": weight must be a Conv1d kernel of shape (1, 1, k) with k odd, got shape ",
               weight.sizes());
   if (!residual.has_value()) return;
   TORCH_CHECK(residual->sizes() == z.sizes(), "mematte_ext.eca: residual must have z's shape ", z.sizes(),
@@ -164,6 +182,51 @@ at::Tensor checked_eca(const at::Tensor& z, const at::Tensor& weight, const std:
   return kernel(z, weight, residual);
 }
 
+template <std::tuple<at::Tensor, at::Tensor, at::Tensor> (*kernel)(const at::Tensor&, const at::Tensor&,
+                                                                   const at::Tensor&, const at::Tensor&)>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> checked_dwconv_gelu_backward(const at::Tensor& grad_out,
+                                                                           const at::Tensor& x,
+                                                                           const at::Tensor& weight,
+                                                                           const at::Tensor& bias) {
+  check_dwconv_gelu(x, weight, bias, "dwconv_gelu_backward");
+  check_grad_out("dwconv_gelu_backward", grad_out, "x", x);
+  return kernel(grad_out, x, weight, bias);
+}
+
+template <std::tuple<at::Tensor, at::Tensor> (*kernel)(const at::Tensor&, const at::Tensor&, const at::Tensor&)>
+std::tuple<at::Tensor, at::Tensor> checked_eca_backward(const at::Tensor& grad_out, const at::Tensor& z,
+                                                        const at::Tensor& weight) {
+  check_eca(z, weight, std::nullopt, "eca_backward");
+  check_grad_out("eca_backward", grad_out, "z", z);
+  return kernel(grad_out, z, weight);
+}
+
+// Autograd kernel of the ops that have no backward: an input that needs a gradient is an error
+// that names the op and the argument, raised before anything runs, rather than a graph that
+// silently stops at the op. Without such inputs (or under no_grad) the op runs as usual.
+void no_backward(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto& arguments = op.schema().arguments();
+  std::string name = op.schema().name();  // "mematte_ext::op", spelled like the other messages
+  name.replace(name.find("::"), 2, ".");
+  const auto inputs = torch::jit::last(*stack, arguments.size());
+  std::vector<at::Tensor> mutated;
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    if (!inputs[i].isTensor()) continue;
+    const at::Tensor& t = inputs[i].toTensor();
+    if (!t.defined()) continue;
+    TORCH_CHECK(!(at::GradMode::is_enabled() && t.requires_grad()), name,
+                " has no backward, but its argument ", arguments[i].name(),
+                " requires grad: call it under torch.no_grad(), or use an op with autograd when training");
+    if (arguments[i].alias_info() != nullptr && arguments[i].alias_info()->isWrite()) mutated.push_back(t);
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  // What autograd does for every in-place op: a later backward that saved these sees the change.
+  for (const at::Tensor& t : mutated) torch::autograd::impl::bump_version(t);
+}
+
 void checked_upsample_conv_relu(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(cpu_has_avx512_bf16(), "mematte_ext.upsample_conv_relu_: needs a CPU with AVX512-BF16; this one has none");
   check_activation("upsample_conv_relu_", "out", out);
@@ -198,6 +261,8 @@ void checked_upsample_taps_relu(at::Tensor& out, const at::Tensor& taps) {
 TORCH_LIBRARY(mematte_ext, m) {
   m.def("dwconv_gelu(Tensor x, Tensor weight, Tensor bias) -> Tensor");
   m.def("eca(Tensor z, Tensor weight, Tensor? residual=None) -> Tensor");
+  m.def("dwconv_gelu_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias) -> (Tensor, Tensor, Tensor)");
+  m.def("eca_backward(Tensor grad_out, Tensor z, Tensor weight) -> (Tensor, Tensor)");
   m.def("upsample_taps_relu_(Tensor(a!) out, Tensor taps) -> ()");
   m.def("upsample_conv_relu_(Tensor(a!) out, Tensor x, Tensor weight) -> ()");
   m.def(
@@ -211,10 +276,21 @@ TORCH_LIBRARY(mematte_ext, m) {
 TORCH_LIBRARY_IMPL(mematte_ext, CPU, m) {
   m.impl("dwconv_gelu", &mematte::checked_dwconv_gelu<&mematte::dwconv_gelu_cpu>);
   m.impl("eca", &mematte::checked_eca<&mematte::eca_cpu>);
+  m.impl("dwconv_gelu_backward", &mematte::checked_dwconv_gelu_backward<&mematte::dwconv_gelu_backward_cpu>);
+  m.impl("eca_backward", &mematte::checked_eca_backward<&mematte::eca_backward_cpu>);
   m.impl("upsample_taps_relu_", &mematte::checked_upsample_taps_relu<&mematte::upsample_taps_relu_cpu>);
   m.impl("upsample_conv_relu_", &mematte::checked_upsample_conv_relu);
   m.impl("varlen_attention", &mematte::checked_varlen_attention);
   m.impl("window_attention", &mematte::checked_window_attention);
+}
+
+// dwconv_gelu and eca get their autograd formulas in mematte_kernels/ext.py; every other op
+// refuses gradients.
+TORCH_LIBRARY_IMPL(mematte_ext, Autograd, m) {
+  for (const char* op : {"dwconv_gelu_backward", "eca_backward", "upsample_taps_relu_", "upsample_conv_relu_",
+                         "varlen_attention", "window_attention"}) {
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&mematte::no_backward>());
+  }
 }
 
 #ifdef MEMATTE_WITH_CUDA

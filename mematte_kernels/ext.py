@@ -3,8 +3,12 @@
 ``dwconv_gelu``, ``eca`` and ``upsample_taps_relu_`` take the arguments of, and match, their
 namesakes in :mod:`mematte_kernels.reference` on contiguous channels-last (B, H, W, C) tensors.
 The LTRM ops' weights may be float32 even for float16/bfloat16 activations; they are read in
-fp32. The ops have no autograd formula: they are for inference. This module imports without
-the extension: then :func:`available` and :func:`has_kernel` are false for every device.
+fp32. ``dwconv_gelu`` and ``eca`` are differentiable: their backward ops,
+``dwconv_gelu_backward`` and ``eca_backward``, are compiled kernels too (gradients summed in
+fp32, each gradient in its input's dtype). Every other op here is inference-only and raises an
+error naming itself when an input requires grad outside ``torch.no_grad()``. This module
+imports without the extension: then :func:`available` and :func:`has_kernel` are false for
+every device.
 """
 from __future__ import annotations
 
@@ -49,6 +53,20 @@ def dwconv_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
 def eca(z: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """``z + z * sigmoid(conv1d(mean_hw(z)))`` on (B, H, W, C), plus ``residual`` in the same pass."""
     return torch.ops.mematte_ext.eca(z, weight, residual)
+
+
+def dwconv_gelu_backward(
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients ``(grad_x, grad_weight, grad_bias)`` of :func:`dwconv_gelu` for
+    ``grad_out`` (shaped and typed like x); the pre-activation is recomputed from x."""
+    return torch.ops.mematte_ext.dwconv_gelu_backward(grad_out, x, weight, bias)
+
+
+def eca_backward(grad_out: torch.Tensor, z: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients ``(grad_z, grad_weight)`` of :func:`eca` for ``grad_out``; the residual's
+    gradient is ``grad_out`` itself."""
+    return torch.ops.mematte_ext.eca_backward(grad_out, z, weight)
 
 
 def upsample_taps_relu_(out: torch.Tensor, taps: torch.Tensor) -> None:
@@ -108,6 +126,14 @@ if _C is not None:
     def _eca_fake(z, weight, residual=None):
         return torch.empty_like(z)
 
+    @torch.library.register_fake("mematte_ext::dwconv_gelu_backward")
+    def _dwconv_gelu_backward_fake(grad_out, x, weight, bias):
+        return torch.empty_like(x), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
+
+    @torch.library.register_fake("mematte_ext::eca_backward")
+    def _eca_backward_fake(grad_out, z, weight):
+        return torch.empty_like(z), weight.new_empty(weight.shape)
+
     @torch.library.register_fake("mematte_ext::upsample_taps_relu_")
     def _upsample_taps_relu_fake(out, taps):
         return None
@@ -123,3 +149,32 @@ if _C is not None:
     @torch.library.register_fake("mematte_ext::upsample_conv_relu_")
     def _upsample_conv_relu_fake(out, x, weight):
         return None
+
+    # Autograd of the two LTRM ops. dwconv_gelu keeps only its inputs: the backward recomputes
+    # the pre-activation (25 multiply-adds an element) instead of holding a (B, H, W, C) tensor
+    # from forward to backward. Gradients may arrive non-contiguous (expanded, permuted); the
+    # kernels take them contiguous.
+
+    def _dwconv_gelu_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _dwconv_gelu_grad(ctx, grad):
+        x, weight, bias = ctx.saved_tensors
+        return torch.ops.mematte_ext.dwconv_gelu_backward(grad.contiguous(), x, weight, bias)
+
+    def _eca_setup_context(ctx, inputs, output):
+        z, weight, residual = inputs
+        ctx.save_for_backward(z, weight)
+        ctx.has_residual = residual is not None
+
+    def _eca_grad(ctx, grad):
+        z, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_z, grad_weight = torch.ops.mematte_ext.eca_backward(grad, z, weight)
+        # out = ... + residual: its gradient is grad itself, passed on rather than copied.
+        return grad_z, grad_weight, grad if ctx.has_residual else None
+
+    torch.library.register_autograd(
+        "mematte_ext::dwconv_gelu", _dwconv_gelu_grad, setup_context=_dwconv_gelu_setup_context
+    )
+    torch.library.register_autograd("mematte_ext::eca", _eca_grad, setup_context=_eca_setup_context)
