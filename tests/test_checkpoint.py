@@ -118,3 +118,69 @@ def test_broken_safetensors(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         FastMEMatte.from_checkpoint(tmp_path / "nope.pth")
+
+
+# ---------------------------------------------------------------------- wrappers and prefixes
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda sd: {"state_dict": sd, "epoch": 3},
+    lambda sd: {f"module.{k}": v for k, v in sd.items()},
+    lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "optimizer_step": 7},
+], ids=["state_dict-wrapper", "module-prefix", "both"])
+def test_training_loop_checkpoints_load(tmp_path, source, wrap):
+    path = tmp_path / "trained.pth"
+    torch.save(wrap(dict(source.state_dict())), path)
+    assert_same_weights(FastMEMatte.from_checkpoint(path), source)
+
+
+def test_variant_is_accepted_and_checked_against_the_keys(source):
+    assert FastMEMatte.from_checkpoint(source.state_dict(), variant="vit_s").variant == "vit_s"
+    with pytest.raises(ValueError, match=r"variant='vit_b' was asked for, but the checkpoint holds a vit_s "
+                                         r"model \(backbone.pos_embed is 384 wide\)"):
+        FastMEMatte.from_checkpoint(source.state_dict(), variant="vit_b")
+    with pytest.raises(ValueError, match="unknown variant 'vit_h'"):
+        FastMEMatte.from_checkpoint(source.state_dict(), variant="vit_h")
+
+
+# ---------------------------------------------------------------------- refused, with the reason
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_non_finite_weights_are_refused_naming_the_first_tensor(tmp_path, source, bad):
+    state = dict(source.state_dict())
+    first, later = "backbone.blocks.3.mlp.fc1.weight", "decoder.matting_head.matting_convs.3.bias"
+    state[later] = state[later].clone().fill_(float(bad))
+    state[first] = state[first].clone()
+    state[first][0, :2] = float(bad)
+    path = tmp_path / "diverged.pth"
+    torch.save({"model": state}, path)
+    counts = "2 NaN and 0 infinite" if bad == "nan" else "0 NaN and 2 infinite"
+    for checkpoint in (path, state):
+        with pytest.raises(ValueError, match=rf"non-finite weights: {first} has {counts} values of "
+                                             rf"{state[first].numel()} \(2 tensors in all\)"):
+            FastMEMatte.from_checkpoint(checkpoint)
+
+
+def test_map_location_cuda_without_a_gpu_says_so(tmp_path, source):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    path = tmp_path / "ok.pth"
+    torch.save(source.state_dict(), path)
+    with pytest.raises(ValueError, match="'cuda': CUDA is not available here"):
+        FastMEMatte.from_checkpoint(path, map_location="cuda")
+
+
+class Config:  # what a training script might pickle beside the weights
+    lr = 1e-3
+
+
+def test_a_pickle_that_needs_arbitrary_code_gets_our_message(tmp_path, source):
+    path = tmp_path / "with_config.pth"
+    torch.save({"model": source.state_dict(), "cfg": Config()}, path)
+    with pytest.raises(ValueError) as err:
+        FastMEMatte.from_checkpoint(path)
+    message = str(err.value)
+    assert "holds Python objects besides tensors (it stores a test_checkpoint.Config object)" in message
+    assert "could run arbitrary code" in message and "state_dict()" in message
+    assert "weights_only" not in message
