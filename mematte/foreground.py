@@ -24,7 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F_
 
-from .io import gray_array
+from PIL import Image
+
+from .io import gray_array, image_to_array
 
 
 def estimate_foreground(
@@ -40,8 +42,10 @@ def estimate_foreground(
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Estimate the foreground colours of ``image`` given its ``alpha`` matte.
 
-    ``image`` is H×W×3 (uint8, or float in [0, 1]); ``alpha`` is H×W (any form
+    ``image`` is H×W×3 colour (uint8, uint16, or float in [0, 1]), H×W grey, or a PIL
+    image (any mode, read as RGB); ``alpha`` is H×W or a PIL image (any form
     :func:`mematte.io.gray_array` accepts: float in [0, 1], uint8 ÷ 255, uint16 ÷ 65535).
+    NaN or infinite values are refused, naming them.
     ``regularization`` (ε) smooths the colours; levels no larger than ``small_size`` on both
     sides get ``n_small_iterations``, larger ones ``n_big_iterations`` — pymatting's
     defaults. Returns the foreground, float32 H×W×3 in [0, 1], or with
@@ -50,11 +54,7 @@ def estimate_foreground(
     """
     if not regularization > 0:
         raise ValueError(f"regularization must be > 0, got {regularization}")
-    img = np.asarray(image)
-    if img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"image must be H×W×3, got shape {img.shape}")
-    if img.dtype == np.uint8:
-        img = img.astype(np.float32) / 255.0
+    img = _colour_array(image)
     a = gray_array(alpha, name="alpha")
     if a.shape != img.shape[:2]:
         raise ValueError(f"alpha shape {a.shape} does not match image shape {img.shape[:2]}")
@@ -65,6 +65,17 @@ def estimate_foreground(
                            n_big_iterations, small_size)
     fg, bg = (x.permute(1, 2, 0).cpu().numpy() for x in (fgbg[:3], fgbg[3:]))
     return (fg, bg) if return_background else fg
+
+
+def _colour_array(image) -> np.ndarray:
+    if isinstance(image, Image.Image):
+        return image_to_array(image)
+    img = np.asarray(image)
+    if img.ndim == 2:
+        return np.repeat(gray_array(img, name="image")[:, :, None], 3, axis=2)
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"image must be H×W×3 colour or H×W grey, got shape {img.shape}")
+    return np.stack([gray_array(img[:, :, c], name="image") for c in range(3)], axis=2)
 
 
 def _multilevel(image: torch.Tensor, alpha: torch.Tensor, eps: float, n_small: int,

@@ -1,10 +1,25 @@
-"""Trimaps: cleaning up real-world trimaps and making one from a coarse mask.
+"""Trimaps: reading them the same way at every entry point, and making one from a mask.
 
-A trimap here is always uint8 H×W holding exactly 0 (background), 128 (unknown) and 255
-(foreground) — the 8-bit convention of the matting data sets and of the upstream
-inference code, which divides by 255 (so "unknown" reaches the model as 128/255 ≈ 0.5).
+A trimap marks every pixel of an image as background (certainly not the subject),
+foreground (certainly the subject) or unknown (hair, fur, glass, motion blur: the band the
+model mattes). Here a normalised trimap is always uint8 H×W holding exactly 0
+(background), 128 (unknown) and 255 (foreground) — the 8-bit convention of the matting
+data sets and of the upstream inference code, which divides by 255 (so "unknown" reaches
+the model as 128/255 ≈ 0.5).
+
+:func:`normalize_trimap` is the one reading of a user's trimap, used by
+``FastMEMatte.predict``, :func:`mematte.predict_file` and the command line:
+
+* class ids: an integer or whole-valued array whose values are exactly {0, 1, 2} is
+  background / unknown / foreground;
+* otherwise the values are scaled to [0, 1] — uint8 and other integers ÷ 255, uint16
+  ÷ 65535, bool as 0/1, floats as they are when none exceeds 1, else ÷ 255 (floats in
+  0..255) — and cut in three: ≤ 0.25 background, ≥ 0.75 foreground, the rest unknown, so
+  anti-aliased and painted trimaps work.
 """
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -18,19 +33,62 @@ BACKGROUND, UNKNOWN, FOREGROUND = 0, 128, 255
 BACKGROUND_MAX = 0.25
 FOREGROUND_MIN = 0.75
 
-def normalize_trimap(trimap: np.ndarray | Image.Image) -> np.ndarray:
-    """Map any grey trimap to uint8 0/128/255.
+CLASS_IDS = (0, 1, 2)  # background, unknown, foreground
 
-    ``trimap`` is a Pillow image or an array in any form :func:`mematte.io.gray_array`
-    accepts (8-bit and integer values divided by 255, uint16 by 65535, floats in [0, 1];
-    colour: luminance; grey + alpha: the grey channel). Values ≤ 0.25 become background,
-    values ≥ 0.75 foreground, the rest unknown.
+
+class TrimapWarning(UserWarning):
+    """A trimap that the model can do nothing useful with."""
+
+
+def normalize_trimap(trimap: np.ndarray | Image.Image) -> np.ndarray:
+    """Map any trimap to uint8 0/128/255 (see the module notes for the rules).
+
+    ``trimap`` is a Pillow image or an array H×W or H×W×C (C ≤ 4: grey, grey + alpha,
+    colour: luminance, colour + alpha; an alpha channel is never read).
     """
-    t = gray_array(trimap, name="trimap")
+    if isinstance(trimap, Image.Image):
+        return _cut(gray_array(trimap, name="trimap"))
+    a = np.asarray(trimap)
+    if a.ndim == 2 and _class_ids(a):
+        return np.array([BACKGROUND, UNKNOWN, FOREGROUND], np.uint8)[a.astype(np.intp)]
+    if np.issubdtype(a.dtype, np.floating) and a.size and np.isfinite(a).all() and a.max() > 1.0:
+        if a.max() > 255.0 or a.min() < 0.0:
+            raise ValueError(
+                f"trimap: float values must lie in [0, 1] or [0, 255], got {a.min():g}..{a.max():g}"
+            )
+        a = a.astype(np.float32) / 255.0
+    return _cut(gray_array(a, name="trimap"))
+
+
+def _class_ids(a: np.ndarray) -> bool:
+    """Whether ``a``'s values are exactly the set {0, 1, 2}."""
+    if a.dtype == np.bool_ or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        return False
+    if not a.size or a.min() != 0 or a.max() != 2:
+        return False
+    if np.issubdtype(a.dtype, np.floating) and not (a == np.floor(a)).all():
+        return False
+    return bool((a == 1).any())
+
+
+def _cut(t: np.ndarray) -> np.ndarray:
     out = np.full(t.shape, UNKNOWN, dtype=np.uint8)
     out[t <= BACKGROUND_MAX] = BACKGROUND
     out[t >= FOREGROUND_MIN] = FOREGROUND
     return out
+
+
+def warn_if_degenerate(trimap: np.ndarray, name: str = "trimap") -> None:
+    """Warn (:class:`TrimapWarning`) when a normalised trimap gives the model nothing to do
+    or nothing to go on: no unknown pixel (the alpha is then the trimap itself), or only
+    unknown pixels (no hint of which side is the subject)."""
+    counts = np.bincount(trimap.ravel(), minlength=256)
+    if counts[UNKNOWN] == 0:
+        warnings.warn(f"{name} has no unknown region (no value between 25% and 75%), "
+                      "so the alpha is just the trimap", TrimapWarning, stacklevel=2)
+    elif counts[BACKGROUND] == 0 and counts[FOREGROUND] == 0:
+        warnings.warn(f"{name} is unknown everywhere (no background and no foreground), so "
+                      "the model has no hint of what the subject is", TrimapWarning, stacklevel=2)
 
 
 def trimap_from_mask(mask: np.ndarray | Image.Image, band: int = 10) -> np.ndarray:

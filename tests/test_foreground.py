@@ -1,6 +1,7 @@
 """Multi-level foreground estimation on composites whose true foreground is known."""
 import numpy as np
 import pytest
+from PIL import Image
 
 from mematte.foreground import estimate_foreground
 
@@ -70,11 +71,24 @@ def test_known_foreground_keeps_the_image_colour_and_uint8_input_works():
     "image, alpha, kwargs, message",
     [
         (np.zeros((4, 5, 3)), np.zeros((4, 6)), {}, r"alpha shape \(4, 6\) does not match image shape \(4, 5\)"),
-        (np.zeros((4, 5)), np.zeros((4, 5)), {}, r"image must be H×W×3"),
+        (np.zeros((4, 5, 4)), np.zeros((4, 5)), {}, r"image must be H×W×3 colour or H×W grey"),
         (np.zeros((4, 5, 3)), np.zeros((4, 5)), {"regularization": 0}, r"regularization must be > 0"),
+        (np.zeros((4, 5, 3)), np.full((4, 5), np.nan), {}, r"alpha holds 20 NaN and 0 infinite values"),
+        (np.full((4, 5, 3), np.inf), np.zeros((4, 5)), {}, r"image holds 0 NaN and 20 infinite values"),
+        (np.full((4, 5, 3), 255.0), np.zeros((4, 5)), {}, r"image: float values must lie in \[0, 1\]"),
     ],
-    ids=["size", "grey-image", "no-regularization"],
+    ids=["size", "four-channels", "no-regularization", "nan-alpha", "inf-image", "float-0-255"],
 )
 def test_bad_input_is_refused(image, alpha, kwargs, message):
     with pytest.raises(ValueError, match=message):
         estimate_foreground(image, alpha, **kwargs)
+
+
+def test_pil_and_grey_images_are_read_as_rgb():
+    rng = np.random.default_rng(3)
+    grey = rng.integers(0, 256, (12, 10), dtype=np.uint8)
+    alpha = rng.random((12, 10)).astype(np.float32)
+    as_rgb = estimate_foreground(np.repeat(grey[:, :, None], 3, axis=2), alpha)
+    np.testing.assert_array_equal(estimate_foreground(grey, alpha), as_rgb)
+    np.testing.assert_array_equal(estimate_foreground(Image.fromarray(grey), Image.fromarray(np.uint8(alpha * 255))),
+                                  estimate_foreground(grey, np.uint8(alpha * 255)))

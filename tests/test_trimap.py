@@ -1,10 +1,12 @@
 """Trimap clean-up (the 25 % / 75 % rule, every file mode) and trimaps from masks."""
+import warnings
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from mematte.io import read_gray
-from mematte.trimap import normalize_trimap, trimap_from_mask
+from mematte.trimap import TrimapWarning, normalize_trimap, trimap_from_mask, warn_if_degenerate
 
 
 def test_anti_aliased_8bit_values_fall_into_three_classes():
@@ -21,9 +23,65 @@ def test_float_and_16bit_trimaps_use_their_own_full_scale():
     np.testing.assert_array_equal(normalize_trimap(sixteen), [[0, 0, 128, 128, 128, 255, 255]])
 
 
-def test_float_trimap_outside_unit_range_is_refused():
-    with pytest.raises(ValueError, match=r"trimap: float values must lie in \[0, 1\].*divide 8-bit data by 255"):
-        normalize_trimap(np.array([[0.0, 128.0, 255.0]]))
+def test_float_trimaps_in_0_255_are_read_like_8bit_ones():
+    np.testing.assert_array_equal(normalize_trimap(np.array([[0.0, 40.0, 128.0, 200.0, 255.0]])),
+                                  [[0, 0, 128, 255, 255]])
+
+
+@pytest.mark.parametrize("values, match", [
+    ([[0.0, 300.0]], r"float values must lie in \[0, 1\] or \[0, 255\], got 0..300"),
+    ([[-1.0, 128.0]], r"float values must lie in \[0, 1\] or \[0, 255\], got -1..128"),
+    ([[0.0, np.nan]], r"trimap holds 1 NaN"),
+], ids=["over-255", "negative", "nan"])
+def test_float_trimap_outside_both_ranges_is_refused(values, match):
+    with pytest.raises(ValueError, match=match):
+        normalize_trimap(np.array(values))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.int64, np.float32, np.float64])
+def test_class_ids_exactly_0_1_2_are_background_unknown_foreground(dtype):
+    ids = np.array([[0, 1, 2, 1, 0]], dtype)
+    np.testing.assert_array_equal(normalize_trimap(ids), [[0, 128, 255, 128, 0]])
+
+
+@pytest.mark.parametrize("values, expected", [
+    ([[0, 1]], [[0, 0]]),            # 8-bit: both nearly black
+    ([[0, 2]], [[0, 0]]),
+    ([[0, 1, 2, 3]], [[0, 0, 0, 0]]),
+    ([[0.0, 1.0]], [[0, 255]]),      # floats in [0, 1]
+    ([[0.0, 0.5, 2.0]], [[0, 0, 0]]),  # not whole numbers: 0..255 scale
+], ids=["uint8-0-1", "uint8-0-2", "uint8-0-3", "float-0-1", "float-not-ids"])
+def test_anything_but_exactly_0_1_2_is_not_read_as_class_ids(values, expected):
+    a = np.array(values, np.uint8 if isinstance(values[0][0], int) else np.float32)
+    np.testing.assert_array_equal(normalize_trimap(a), expected)
+
+
+def test_grey_palette_trimap_is_read_through_its_palette(tmp_path):
+    index = np.array([[0, 1, 2, 2]], np.uint8)
+    im = Image.fromarray(index, "P")
+    im.putpalette([255, 255, 255, 128, 128, 128, 0, 0, 0])  # index 0 white, 2 black
+    im.save(tmp_path / "t.png")
+    np.testing.assert_array_equal(normalize_trimap(read_gray(tmp_path / "t.png")), [[255, 128, 0, 0]])
+
+
+def test_colour_palette_trimap_is_refused(tmp_path):
+    im = Image.fromarray(np.array([[0, 1, 2]], np.uint8), "P")
+    im.putpalette([0, 0, 0, 255, 0, 0, 255, 255, 255])  # red for "unknown"
+    im.save(tmp_path / "t.png")
+    with pytest.raises(ValueError, match=r"t.png: a palette image with colours \(e.g. RGB \(255, 0, 0\)\).*greyscale"):
+        read_gray(tmp_path / "t.png")
+
+
+@pytest.mark.parametrize("values, match", [
+    ([[0, 255, 255]], "no unknown region"),
+    ([[128, 128, 128]], "unknown everywhere"),
+], ids=["no-unknown", "only-unknown"])
+def test_degenerate_trimaps_warn(values, match):
+    with pytest.warns(TrimapWarning, match=match):
+        warn_if_degenerate(np.array(values, np.uint8), name="t.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_degenerate(np.array([[0, 128, 255]], np.uint8))
 
 
 def _trimap_values():
