@@ -21,11 +21,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from mematte_kernels import dispatch, ext
+
 from . import io
 from .backbone import GLOBAL_BLOCKS
 from .foreground import estimate_foreground
-from .model import DEFAULT_MAX_TOKENS, FastMEMatte, padded_size
-from .trimap import BACKGROUND, FOREGROUND, normalize_trimap, trimap_from_mask
+from .model import DEFAULT_MAX_TOKENS, FastMEMatte, check_alpha, padded_size
+from .trimap import BACKGROUND, FOREGROUND, normalize_trimap, trimap_from_mask, warn_if_degenerate
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -58,16 +60,49 @@ class Matte:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` is the first CUDA GPU when there is one, else the CPU."""
+    """``"auto"`` is the first CUDA GPU when there is one, else the CPU.
+
+    Only ``cpu`` and ``cuda[:N]`` run the model; anything else, or a GPU that is not
+    there, raises ValueError.
+    """
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"unknown device {device!r} ({e})") from None
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r} ({e}); use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r} cannot run the model; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
+        raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: there are only {torch.cuda.device_count()} CUDA devices")
     return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, backend: str = "auto") -> torch.dtype:
+    """The compute dtype; ``"auto"`` is bfloat16 where the CPU fast path runs its
+    AVX512-BF16 kernels (whose parity with fp32 is tested), float32 everywhere else.
+
+    Raises ValueError for an unknown dtype and for float16 on the CPU.
+    """
+    if isinstance(dtype, str):
+        if dtype == "auto":
+            ops = dispatch.resolve(backend, device)
+            fast_cpu = device.type == "cpu" and ops.name.startswith("cpu")
+            return torch.bfloat16 if fast_cpu and ext.cpu_bf16_kernels() else torch.float32
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; expected auto or one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ValueError("float16 is for GPUs; on the CPU use bfloat16 (or float32)")
+    return dtype
+
+
+def check_backend(backend: str, device: torch.device) -> str:
+    """The name of the op table ``backend`` gives on ``device``; ValueError if it cannot
+    run there (e.g. ``cuda`` or ``triton`` on a CPU)."""
+    return dispatch.resolve(backend, device).name
 
 
 def load_model(
@@ -82,20 +117,21 @@ def load_model(
     .safetensors; for ViTMatte also HF weights or an HF model directory). The model class
     follows from the keys; ``max_tokens`` applies to MEMatte.
 
-    Raises ValueError when ``checkpoint`` is None, is not a checkpoint, or does not match
-    the model; nothing is ever downloaded.
+    ``dtype`` is ``"float32"``, ``"bfloat16"``, ``"float16"`` (GPUs), a torch dtype, or
+    ``"auto"`` (see :func:`resolve_dtype`); ``max_tokens`` 0 or None: no cap. Raises
+    ValueError when ``checkpoint`` is None, is not a checkpoint, does not match the model,
+    or the device, dtype and backend cannot run together — before reading any weights;
+    nothing is ever downloaded.
     """
     if checkpoint is None:
         raise ValueError(NO_CHECKPOINT)
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
+    device = resolve_device(device)
+    check_backend(backend, device)
+    dtype = resolve_dtype(dtype, device, backend)
     from .vitmatte import load_matting_model
 
     return load_matting_model(
-        checkpoint, map_location=resolve_device(device), backend=backend,
-        max_tokens=max_tokens, dtype=dtype,
+        checkpoint, map_location=device, backend=backend, max_tokens=max_tokens, dtype=dtype,
     )
 
 
@@ -105,18 +141,19 @@ def read_pair(
     *,
     mask_path: str | os.PathLike | None = None,
     band: int = 10,
+    max_pixels: int | None = io.MAX_PIXELS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read an image (float32 H×W×3 in [0, 1]) and its trimap (uint8 0/128/255).
 
     The trimap comes from ``trimap_path`` or is built from the coarse mask at ``mask_path``
     (see :func:`mematte.trimap.trimap_from_mask`); exactly one must be given. Raises
-    ValueError when the sizes differ, naming both.
+    ValueError when the sizes differ, naming both, and for images over ``max_pixels``.
     """
     if (trimap_path is None) == (mask_path is None):
         raise ValueError("give exactly one of a trimap or a mask")
-    image = io.read_image(image_path)
+    image = io.read_image(image_path, max_pixels=max_pixels)
     guide_path = trimap_path if trimap_path is not None else mask_path
-    guide = io.read_gray(guide_path)
+    guide = io.read_gray(guide_path, max_pixels=max_pixels)
     if guide.shape != image.shape[:2]:
         what = "trimap" if trimap_path is not None else "mask"
         raise ValueError(
@@ -137,13 +174,15 @@ def matte(model: FastMEMatte, image: np.ndarray, trimap: np.ndarray, *,
     alpha. As upstream, alpha is 0 where the trimap is background and 1 where foreground.
     ``tile`` selects the tiled decoder (the published default). A FastViTMatte model is
     called as upstream ViTMatte's inference does (whole-image decoding, known regions not
-    clamped); its "routing" sends every token to global attention.
+    clamped); its "routing" sends every token to global attention. Raises ValueError
+    rather than return a NaN or infinite alpha.
     """
     img = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
     tri = torch.from_numpy(trimap.astype(np.float32) / 255.0)[None, None]
     if not isinstance(model, FastMEMatte):  # ViTMatte: every token of a global block attends
         with torch.inference_mode():
             alpha = model({"image": img, "trimap": tri})["phas"][0, 0].float().cpu().numpy()
+        check_alpha(alpha)
         H, W = image.shape[:2]
         if H % 32 or W % 32:
             H, W = padded_size(H), padded_size(W)
@@ -151,9 +190,27 @@ def matte(model: FastMEMatte, image: np.ndarray, trimap: np.ndarray, *,
     with torch.inference_mode():
         outputs, _, decisions = model({"image": img, "trimap": tri}, patch_decoder=tile)
         alpha = outputs["phas"][0, 0].float().cpu().numpy()
+    check_alpha(alpha)
     alpha[trimap == BACKGROUND] = 0.0
     alpha[trimap == FOREGROUND] = 1.0
     return alpha, [d[0, :, :, 0].bool().cpu().numpy() for d in decisions]
+
+
+def background_array(background) -> np.ndarray:
+    """A background as float32 H×W×3 in [0, 1]: a path, a Pillow image (any mode), or an
+    array H×W×3 or H×W (grey) — uint8, uint16, or float in [0, 1]."""
+    if isinstance(background, (str, os.PathLike)):
+        return io.read_image(background)
+    if isinstance(background, Image.Image):
+        return io.image_to_array(background)
+    if not isinstance(background, np.ndarray):
+        raise ValueError(f"background must be a path, a PIL image or a numpy array, got {type(background).__name__}")
+    if background.ndim == 3 and background.shape[2] == 3:
+        channels = [io.gray_array(background[:, :, c], name="background") for c in range(3)]
+        return np.stack(channels, axis=2)
+    if background.ndim == 2:
+        return np.repeat(io.gray_array(background, name="background")[:, :, None], 3, axis=2)
+    raise ValueError(f"background must be H×W×3 colour or H×W grey, got shape {background.shape}")
 
 
 def fit_background(background: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -173,36 +230,61 @@ def composite(foreground: np.ndarray, alpha: np.ndarray, background: np.ndarray)
     return a * foreground + (1.0 - a) * background
 
 
+# Colours of the routing picture: tokens sent to global attention are tinted orange, the
+# rest (the light module) dimmed.
+TINT = (1.0, 0.55, 0.0)
+MIN_PANEL = 96  # px: below this a panel's label and tokens cannot be made out
+
+
 def routing_picture(image: np.ndarray, routing: list[np.ndarray], max_side: int = 1024) -> Image.Image:
-    """The router figure of the MEMatte paper: one panel per global block (2×2 grid).
+    """The router figure of the MEMatte paper: one panel per global block (2×2 grid), and
+    a legend below.
 
     Tokens sent to global attention are tinted orange; the rest, handled by the
     lightweight module, are dimmed. Each token is 16×16 pixels of the padded input, so
     the token grid overhangs the image bottom/right. Panels are at most ``max_side``
-    pixels long, so a 4K image does not give an 8K picture; they are shrunk before
-    tinting to keep memory small.
+    pixels long, so a 4K image does not give an 8K picture, and at least
+    :data:`MIN_PANEL` on each side (a small image is enlarged, a very long one stretched
+    across); they are resized before tinting to keep memory small.
     """
     h, w = image.shape[:2]
-    scale = min(1.0, max_side / max(h, w))
-    ph, pw = max(1, round(h * scale)), max(1, round(w * scale))
+    scale = min(max_side / max(h, w), max(1.0, MIN_PANEL / min(h, w)))
+    ph, pw = max(MIN_PANEL, round(h * scale)), max(MIN_PANEL, round(w * scale))
     base = Image.fromarray(io.to_uint8(image))
     if (ph, pw) != (h, w):
-        base = base.resize((pw, ph), Image.Resampling.BOX)
+        base = base.resize((pw, ph), Image.Resampling.BOX if scale < 1 else Image.Resampling.NEAREST)
     base = np.asarray(base, dtype=np.float32) / 255.0
     # the token under the centre of each panel pixel
     rows = ((np.arange(ph) + 0.5) * (h / ph)).astype(int) // 16
     cols = ((np.arange(pw) + 0.5) * (w / pw)).astype(int) // 16
     tokens_in_image = (slice(0, -(-h // 16)), slice(0, -(-w // 16)))
-    tinted = 0.45 * base + 0.55 * np.array([1.0, 0.55, 0.0], dtype=np.float32)
+    tinted = 0.45 * base + 0.55 * np.array(TINT, dtype=np.float32)
     dimmed = 0.3 * base
     gap = 8
-    sheet = Image.new("RGB", (2 * pw + gap, 2 * ph + gap), (255, 255, 255))
+    legend = _legend(2 * pw + gap)
+    sheet = Image.new("RGB", (2 * pw + gap, 2 * ph + gap + legend.height), (255, 255, 255))
     for k, (block, keep) in enumerate(zip(GLOBAL_BLOCKS, routing)):
         panel = np.where(keep[np.ix_(rows, cols)][:, :, None], tinted, dimmed)
         share = keep[tokens_in_image].mean()
         sheet.paste(_labelled(panel, f"block {block}: {share:.0%} global"),
                     ((k % 2) * (pw + gap), (k // 2) * (ph + gap)))
+    sheet.paste(legend, (0, 2 * ph + gap))
     return sheet
+
+
+def _legend(width: int) -> Image.Image:
+    """Two swatches, what the tint and the dimming mean, one per line."""
+    font = ImageFont.load_default(size=12)
+    entries = (("sent to global attention", tuple(round(255 * (0.45 * 0.5 + 0.55 * c)) for c in TINT)),
+               ("light module (LTRM)", (38, 38, 38)))
+    line = 18
+    im = Image.new("RGB", (width, 4 + line * len(entries)), (255, 255, 255))
+    draw = ImageDraw.Draw(im)
+    for i, (text, colour) in enumerate(entries):
+        top = 4 + i * line
+        draw.rectangle((4, top, 16, top + 12), fill=colour, outline=(0, 0, 0))
+        draw.text((22, top), text, fill=(0, 0, 0), font=font)
+    return im
 
 
 def _labelled(panel: np.ndarray, text: str) -> Image.Image:
@@ -221,6 +303,13 @@ def output_paths(image_path: str | os.PathLike, out_dir: str | os.PathLike) -> d
     return {kind: Path(out_dir) / name.format(stem=stem) for kind, name in OUTPUT_NAMES.items()}
 
 
+def requested_outputs(image_path: str | os.PathLike, out_dir: str | os.PathLike, *, rgba: bool = False,
+                      composite: bool = False, save_routing: bool = False) -> dict[str, Path]:
+    """The files :func:`predict_file` writes for these options, by kind."""
+    wanted = {"alpha": True, "rgba": rgba, "composite": composite, "routing": save_routing}
+    return {kind: p for kind, p in output_paths(image_path, out_dir).items() if wanted[kind]}
+
+
 def predict_file(
     image_path: str | os.PathLike,
     trimap_path: str | os.PathLike | None = None,
@@ -231,21 +320,25 @@ def predict_file(
     model: FastMEMatte | None = None,
     out_dir: str | os.PathLike | None = None,
     rgba: bool = False,
-    background: str | os.PathLike | np.ndarray | None = None,
+    background: str | os.PathLike | np.ndarray | Image.Image | None = None,
     save_routing: bool = False,
     bits: int = 8,
     tile: bool = True,
+    max_pixels: int | None = io.MAX_PIXELS,
 ) -> Matte:
     """Matte one image file, optionally writing the results into ``out_dir``.
 
-    Give the trimap (``trimap_path``) or a coarse mask (``mask_path``, turned into a
-    trimap with an unknown band ``band`` pixels wide on each side of its edge), and either
-    a loaded ``model`` (see :func:`load_model`; reuse it across files) or a ``checkpoint``
-    path. ``rgba`` adds the cutout with estimated foreground colours; ``background`` (a
-    path or an H×W×3 float array in [0, 1]) adds a composite over it, scaled to cover the
-    image. With ``out_dir`` the results are written atomically as named in
-    :data:`OUTPUT_NAMES` — the alpha always (``bits`` 8 or 16), the cutout, composite and
-    routing picture (``save_routing``) when asked; without it nothing is written.
+    Give the trimap (``trimap_path``; read by :func:`mematte.trimap.normalize_trimap`) or
+    a coarse mask (``mask_path``, turned into a trimap with an unknown band ``band`` pixels
+    wide on each side of its edge), and either a loaded ``model`` (see :func:`load_model`;
+    reuse it across files) or a ``checkpoint`` path. ``rgba`` adds the cutout with
+    estimated foreground colours; ``background`` (a path, a PIL image, or an H×W×3 or H×W
+    array, see :func:`background_array`) adds a composite over it, scaled to cover the
+    image. With ``out_dir`` the results are written as named in :data:`OUTPUT_NAMES` — the
+    alpha always (``bits`` 8 or 16), the cutout, composite and routing picture
+    (``save_routing``) when asked — as one set: all complete, or (on any failure or
+    interruption) none of them and no temporary file. Without it nothing is written.
+    Images over ``max_pixels`` pixels are refused (None: no limit).
     """
     if (model is None) == (checkpoint is None):
         if model is None:
@@ -253,12 +346,13 @@ def predict_file(
         raise ValueError("give either a model or a checkpoint, not both")
     if bits not in (8, 16):
         raise ValueError(f"bits must be 8 or 16, got {bits}")
+    if background is not None:
+        background = background_array(background)
     if model is None:
         model = load_model(checkpoint)
-    image, trimap = read_pair(image_path, trimap_path, mask_path=mask_path, band=band)
-    if isinstance(background, (str, os.PathLike)):
-        background = io.read_image(background)
+    image, trimap = read_pair(image_path, trimap_path, mask_path=mask_path, band=band, max_pixels=max_pixels)
 
+    warn_if_degenerate(trimap, name=f"trimap of {image_path}")
     alpha, routing = matte(model, image, trimap, tile=tile)
     result = Matte(alpha=alpha, trimap=trimap, routing=routing)
     if rgba or background is not None:
@@ -269,12 +363,12 @@ def predict_file(
 
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        paths = output_paths(image_path, out_dir)
-        result.written["alpha"] = io.save_alpha(paths["alpha"], alpha, bits=bits)
-        if rgba:
-            result.written["rgba"] = io.save_rgba(paths["rgba"], result.foreground, alpha)
-        if result.composite is not None:
-            result.written["composite"] = io.save_rgb(paths["composite"], result.composite)
-        if save_routing:
-            result.written["routing"] = io.save_png(paths["routing"], routing_picture(image, routing))
+        paths = requested_outputs(image_path, out_dir, rgba=rgba, composite=background is not None,
+                                  save_routing=save_routing)
+        pictures = {"alpha": lambda: io.alpha_image(alpha, bits=bits),
+                    "rgba": lambda: io.rgba_image(result.foreground, alpha),
+                    "composite": lambda: io.rgb_image(result.composite),
+                    "routing": lambda: routing_picture(image, routing)}
+        io.write_files({paths[kind]: io.png(pictures[kind]()) for kind in paths})
+        result.written = paths
     return result

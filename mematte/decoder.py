@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from mematte_kernels import OpTable
 
+from . import progress
+
 TILE = 512  # pixels each tile contributes, and the unit the input is padded to
 CONTEXT = 64  # pixels of context decoded around a tile, where the input has them
 PATCH = 16
@@ -226,15 +228,17 @@ def decode_tiled(
     by_shape: dict[tuple[int, int], list] = {}
     for crop, place in tile_grid(height, width, tile, context, canvas=(Hp, Wp)):
         by_shape.setdefault((crop[1] - crop[0], crop[3] - crop[2]), []).append((crop, place))
+    chunks = []
     for (crop_h, crop_w), group in by_shape.items():
         max_batch = 1 if memory is None else tiles_per_batch(crop_h * crop_w, B, images.element_size(), memory)
-        for start in range(0, len(group), max_batch):
-            chunk = group[start : start + max_batch]
-            imgs = torch.cat([images[:, :, t:b, l:r] for (t, b, l, r), _ in chunk])
-            feats = torch.cat(
-                [features[:, :, t // PATCH : b // PATCH, l // PATCH : r // PATCH] for (t, b, l, r), _ in chunk]
-            )
-            out = decoder(feats, imgs)
-            for i, ((t, _, l, _), (dy, dx, th, tw)) in enumerate(chunk):
-                alpha[:, :, t + dy : t + dy + th, l + dx : l + dx + tw] = out[i * B : (i + 1) * B, :, dy : dy + th, dx : dx + tw]
+        chunks += [group[start : start + max_batch] for start in range(0, len(group), max_batch)]
+    for done, chunk in enumerate(chunks, 1):
+        imgs = torch.cat([images[:, :, t:b, l:r] for (t, b, l, r), _ in chunk])
+        feats = torch.cat(
+            [features[:, :, t // PATCH : b // PATCH, l // PATCH : r // PATCH] for (t, b, l, r), _ in chunk]
+        )
+        out = decoder(feats, imgs)
+        for i, ((t, _, l, _), (dy, dx, th, tw)) in enumerate(chunk):
+            alpha[:, :, t + dy : t + dy + th, l + dx : l + dx + tw] = out[i * B : (i + 1) * B, :, dy : dy + th, dx : dx + tw]
+        progress.report("decoder", done, len(chunks))
     return alpha

@@ -6,23 +6,31 @@ Capture decoder (tiled by default) -> crop.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image
 
 from mematte_kernels import dispatch
 
+from . import progress
 from .backbone import VARIANTS, ViT
-from .checkpoint import infer_variant, load_checkpoint_state_dict, state_dict_of
+from .checkpoint import check_map_location, infer_variant, load_checkpoint_state_dict, state_dict_of
 from .decoder import CONTEXT, FAST_CONTEXT, FAST_TILE, TILE, DetailCapture, FoldedDecoder, decode_tiled
+from .io import image_to_array
+from .trimap import BACKGROUND, FOREGROUND, normalize_trimap, warn_if_degenerate
 
 PIXEL_MEAN = (123.675 / 255, 116.280 / 255, 103.530 / 255)
 PIXEL_STD = (58.395 / 255, 57.120 / 255, 57.375 / 255)
 PAD_MULTIPLE = 32
 DEFAULT_MAX_TOKENS = 18500
+# Token counts are int32 (cu_seqlens); a cap beyond that is a mistake, not a wish.
+MAX_TOKENS_LIMIT = 2**31 - 1
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Bytes of decoder activations per batch of tiles: GPUs gain from batching tiles, CPUs
 # hardly do and keep the peak low instead.
@@ -58,6 +66,12 @@ class MattingModel(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), persistent=False)
 
+    def _report_progress(self) -> None:
+        """Report each backbone block to :mod:`mematte.progress` (a no-op unless a caller
+        installed a callback)."""
+        for i, block in enumerate(self.backbone.blocks):
+            block.register_forward_hook(progress.BlockHook(i + 1, len(self.backbone.blocks)))
+
     def _cast(self, dtype: torch.dtype) -> None:
         """Parameters to ``dtype``; the input statistics stay fp32."""
         if dtype != torch.float32:
@@ -79,17 +93,31 @@ class MattingModel(nn.Module):
 
     @classmethod
     def from_checkpoint(
-        cls, checkpoint: str | os.PathLike | Mapping, map_location: str | torch.device = "cpu", **kwargs
+        cls,
+        checkpoint: str | os.PathLike | Mapping,
+        map_location: str | torch.device = "cpu",
+        variant: str | None = None,
+        **kwargs,
     ) -> "MattingModel":
         """Build the model a checkpoint was trained as and load it strictly.
 
         ``checkpoint`` is a path (detectron2 ``.pth`` holding ``{"model": sd}``, a bare
-        state dict, or ``.safetensors``) or an already-loaded state dict. The variant is
-        inferred from shapes; ``teacher_backbone.*`` is dropped. ``kwargs`` go to the
-        constructor (``backend``, ``dtype``, and the model's own options).
+        state dict, ``{"state_dict": sd}``, or ``.safetensors``) or an already-loaded
+        state dict; a ``module.`` prefix on every key is stripped, ``teacher_backbone.*``
+        dropped, and NaN or infinite weights refused. The variant is inferred from shapes;
+        ``variant``, when given, must agree with it. ``kwargs`` go to the constructor
+        (``backend``, ``dtype``, and the model's own options).
         """
+        check_map_location(map_location)
+        if variant is not None and variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
         state_dict = cls._read_state_dict(checkpoint, map_location)
-        variant = infer_variant(state_dict)
+        found = infer_variant(state_dict)
+        if variant is not None and variant != found:
+            width = state_dict["backbone.pos_embed"].shape[-1]
+            raise ValueError(f"variant={variant!r} was asked for, but the checkpoint holds a {found} "
+                             f"model (backbone.pos_embed is {width} wide)")
+        variant = found
         model = cls(variant, **kwargs)
         expected = model.state_dict()
         missing = sorted(set(expected) - set(state_dict))
@@ -121,6 +149,7 @@ class MattingModel(nn.Module):
         """Checked, preprocessed input of an upstream-style call: (x, H, W, ops)."""
         image, trimap = batched_inputs["image"], batched_inputs["trimap"]
         _check_batch(image, trimap)
+        _check_values(image, trimap)
         H, W = image.shape[-2:]
         device = self.pixel_mean.device
         if self.dtype == torch.float16 and device.type == "cpu":
@@ -142,25 +171,32 @@ class MattingModel(nn.Module):
     def predict(self, image, trimap, patch_decoder: bool = True) -> np.ndarray:
         """Alpha matte of one image: H×W float32 in [0, 1].
 
-        ``image``: H×W×3 uint8 or float in [0, 1] (numpy, PIL, or a tensor, also 3×H×W);
-        ``trimap``: H×W uint8 0/128/255 or float in [0, 1]. Where the class clamps known
-        regions (FastMEMatte, as its upstream inference script does), alpha is 0 where the
-        trimap is 0 and 1 where it is 1.
+        ``image``: H×W×3 RGB — a numpy array (uint8, uint16, or float in [0, 1]), a PIL
+        image (any mode, converted to RGB), or a tensor H×W×3 or 3×H×W. Batches
+        (B, 3, H, W) are for the upstream call, ``model({"image": ..., "trimap": ...})``.
+        ``trimap``: H×W (numpy, PIL, or a tensor, also 1×H×W), read by
+        :func:`mematte.trimap.normalize_trimap`: class ids {0, 1, 2}, 0..255, or floats in
+        [0, 1]. Where the class clamps known regions (FastMEMatte, as its upstream
+        inference script does), alpha is 0 where the trimap is background and 1 where
+        foreground. Warns on a trimap with nothing to matte; raises ValueError rather than
+        return a NaN or infinite alpha.
         """
         img = _image_tensor(image)
-        tri = _trimap_tensor(trimap)
-        if img.shape[-2:] != tri.shape[-2:]:
+        tri = normalize_trimap(_trimap_array(trimap))
+        if img.shape[-2:] != tri.shape:
             raise ValueError(
-                f"image is {img.shape[-1]}×{img.shape[-2]} (W×H) but trimap is {tri.shape[-1]}×{tri.shape[-2]}"
+                f"image is {img.shape[-1]}×{img.shape[-2]} (W×H) but trimap is {tri.shape[1]}×{tri.shape[0]}"
             )
+        warn_if_degenerate(tri)
         device = self.pixel_mean.device
-        alpha = self._alpha({"image": img[None].to(device), "trimap": tri[None, None].to(device)}, patch_decoder)
-        alpha = alpha[0, 0].float()
+        tri_t = torch.from_numpy(tri.astype(np.float32) / 255.0)
+        alpha = self._alpha({"image": img[None].to(device), "trimap": tri_t[None, None].to(device)}, patch_decoder)
+        alpha = alpha[0, 0].float().cpu().numpy()
+        check_alpha(alpha)
         if self.clamp_known:
-            tri = tri.to(alpha.device)
-            alpha[tri == 0] = 0
-            alpha[tri == 1] = 1
-        return alpha.cpu().numpy()
+            alpha[tri == BACKGROUND] = 0
+            alpha[tri == FOREGROUND] = 1
+        return alpha
 
 
 class FastMEMatte(MattingModel):
@@ -170,8 +206,9 @@ class FastMEMatte(MattingModel):
     (B, 3, H, W) RGB in [0, 1] and ``trimap`` (B, 1, H, W) in [0, 1] and returns
     ``(outputs, scores, decisions)`` as upstream does: ``outputs["phas"]`` (B, 1, H, W),
     and per routed block the router log-probabilities (B, h, w, 2) and decisions
-    (B, h, w, 1). Routing and attention are per image, and ``max_tokens`` caps the tokens
-    routed to global attention per image (by router margin).
+    (B, h, w, 1). Inputs outside [0, 1] or not finite are refused (one host sync for all
+    the checks). Routing and attention are per image, and ``max_tokens`` caps the tokens
+    routed to global attention per image (by router margin); 0 or None: no cap.
 
     ``backend`` picks the ops (see :mod:`mematte_kernels.dispatch`); ``dtype`` is
     ``torch.float32`` (exact, the default), ``torch.bfloat16`` or, on GPUs,
@@ -188,8 +225,6 @@ class FastMEMatte(MattingModel):
         decoder_memory: int | None = None,
     ):
         super().__init__(variant, backend, dtype, decoder_memory)
-        if max_tokens is not None and max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive number of tokens or None, got {max_tokens}")
         self.max_tokens = max_tokens
         self.backbone = ViT(variant)
         self.decoder = DetailCapture(in_chans=self.backbone.embed_dim)
@@ -197,7 +232,17 @@ class FastMEMatte(MattingModel):
         # (backends may run their wide layers on the low-precision tokens).
         self._cast(dtype)
         self.backbone.routers.float()
+        self._report_progress()
         self.eval()
+
+    @property
+    def max_tokens(self) -> int | None:
+        """The most tokens per image routed to global attention; None: no cap."""
+        return self._max_tokens
+
+    @max_tokens.setter
+    def max_tokens(self, value: int | None) -> None:
+        self._max_tokens = check_max_tokens(value)
 
     def forward(self, batched_inputs: Mapping[str, torch.Tensor], patch_decoder: bool = True):
         x, H, W, ops = self._prepare(batched_inputs)
@@ -252,6 +297,49 @@ def _check_batch(image: torch.Tensor, trimap: torch.Tensor) -> None:
         raise ValueError(f"empty image: {tuple(image.shape)}")
 
 
+def check_max_tokens(value) -> int | None:
+    """``max_tokens`` as the model keeps it: a positive int, or None for no cap (0 too)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"max_tokens must be a whole number of tokens, or 0 or None for no cap; "
+                        f"got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if value < 0:
+        raise ValueError(f"max_tokens must be ≥ 0 (0 or None: no cap), got {value}")
+    if value > MAX_TOKENS_LIMIT:
+        raise ValueError(f"max_tokens {value} is beyond any image (at most {MAX_TOKENS_LIMIT:,}); "
+                         "use 0 or None for no cap")
+    return value or None
+
+
+def _check_values(image: torch.Tensor, trimap: torch.Tensor) -> None:
+    """Finite values in [0, 1], at the cost of one host sync whatever the device: the
+    extremes of both inputs are gathered into one small tensor and read at once."""
+    stats = torch.stack([*torch.aminmax(image.detach()), *torch.aminmax(trimap.detach())]).float()
+    lo_i, hi_i, lo_t, hi_t = stats.tolist()
+    for name, lo, hi, hint in (
+        ("image", lo_i, hi_i, "RGB divided by 255"),
+        ("trimap", lo_t, hi_t, "0 background, 0.5 unknown, 1 foreground: divide 8-bit trimaps "
+                               "by 255, or pass any trimap to predict()"),
+    ):
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"'{name}' holds NaN or infinite values")
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"'{name}' values must lie in [0, 1] ({hint}), got {lo:g}..{hi:g}")
+
+
+def check_alpha(alpha: np.ndarray) -> None:
+    """Refuse a NaN or infinite alpha, so that it is never clipped into a plausible matte."""
+    finite = np.isfinite(alpha)
+    if not finite.all():
+        bad = alpha.size - int(finite.sum())
+        raise ValueError(
+            f"the model gave a non-finite alpha ({bad} of {alpha.size} pixels NaN or infinite); "
+            "its weights or its inputs are damaged"
+        )
+
+
 def _as_array(x, what: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
@@ -280,10 +368,15 @@ def _to_unit_float(a: np.ndarray, what: str) -> np.ndarray:
 
 def _image_tensor(image) -> torch.Tensor:
     """(3, H, W) float32 in [0, 1] from H×W×3 / 3×H×W arrays, PIL images or tensors."""
+    if isinstance(image, Image.Image):
+        image = image_to_array(image)
     if isinstance(image, torch.Tensor) and image.dim() == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
         a = _as_array(image, "image").transpose(1, 2, 0)
     else:
         a = _as_array(image, "image")
+    if a.ndim == 4:
+        raise ValueError(f"image must be one H×W×3 RGB image, got a batch of shape {a.shape}; "
+                         "batches (B, 3, H, W) go through the upstream call, model({'image': ..., 'trimap': ...})")
     if a.ndim != 3 or a.shape[-1] != 3:
         raise ValueError(f"image must be H×W×3 RGB (or 3×H×W), got shape {a.shape}")
     if a.shape[0] == 0 or a.shape[1] == 0:
@@ -291,13 +384,15 @@ def _image_tensor(image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(_to_unit_float(a, "image").transpose(2, 0, 1)))
 
 
-def _trimap_tensor(trimap) -> torch.Tensor:
-    """(H, W) float32 in [0, 1]."""
+def _trimap_array(trimap) -> np.ndarray | Image.Image:
+    """H×W (or H×W×C) for :func:`normalize_trimap`, from arrays, PIL images or tensors."""
+    if isinstance(trimap, Image.Image):
+        return trimap
     a = _as_array(trimap, "trimap")
-    if a.ndim == 3 and a.shape[0] == 1:
+    if a.ndim == 3 and a.shape[0] == 1 and isinstance(trimap, torch.Tensor):
         a = a[0]
-    if a.ndim != 2:
+    if a.ndim not in (2, 3):
         raise ValueError(f"trimap must be H×W (one channel), got shape {a.shape}")
     if a.shape[0] == 0 or a.shape[1] == 0:
         raise ValueError(f"trimap is empty: shape {a.shape}")
-    return torch.from_numpy(np.ascontiguousarray(_to_unit_float(a, "trimap")))
+    return a

@@ -113,6 +113,7 @@ class FastViTMatte(MattingModel):
         self.backbone = ViTMatteBackbone(variant)
         self.decoder = DetailCapture(in_chans=self.backbone.embed_dim)
         self._cast(dtype)
+        self._report_progress()
         self.eval()
 
     @classmethod

@@ -4,6 +4,7 @@ import pytest
 from PIL import Image
 
 from mematte.api import (
+    MIN_PANEL,
     NO_CHECKPOINT,
     fit_background,
     load_model,
@@ -120,14 +121,31 @@ def test_no_checkpoint_message_points_to_the_official_release():
 
 
 def test_routing_picture_tints_global_tokens_and_dims_the_rest():
-    image = np.full((64, 80, 3), 0.5, np.float32)
-    keep = np.zeros((6, 6), bool)  # token grid of the padded input (96×96), larger than the image
+    image = np.full((96, 128, 3), 0.5, np.float32)
+    keep = np.zeros((8, 10), bool)  # token grid of the padded input (128×160), larger than the image
     keep[1, 0] = True  # pixels 16..31 × 0..15, below the label
     sheet = np.asarray(routing_picture(image, [keep] * 4))
-    assert sheet.shape == (2 * 64 + 8, 2 * 80 + 8, 3)
+    legend = 4 + 2 * 18
+    assert sheet.shape == (2 * 96 + 8 + legend, 2 * 128 + 8, 3)
     tinted, dimmed = sheet[24, 8], sheet[24, 40]
     assert tinted[0] > tinted[1] > tinted[2] and tinted[2] < 0.5 * 255  # orange over grey
     np.testing.assert_array_equal(dimmed, [38, 38, 38])  # 0.3 · 0.5 · 255
+    # the legend's swatches are the two colours, each followed by its meaning in black
+    swatches = sheet[2 * 96 + 8 + 4 + 6, 10], sheet[2 * 96 + 8 + 4 + 18 + 6, 10]
+    # (the legend tints an exact mid-grey, the panels the image's 128/255: one level apart)
+    np.testing.assert_allclose(swatches[0], tinted, atol=1)
+    np.testing.assert_allclose(swatches[1], dimmed, atol=1)
+    assert (sheet[2 * 96 + 8:, 22:200] < 100).any()
+
+
+@pytest.mark.parametrize("h, w", [(16, 8000), (8000, 16), (8, 8)], ids=["wide", "tall", "tiny"])
+def test_routing_picture_panels_keep_a_minimum_size_at_any_aspect_ratio(h, w):
+    image = np.full((h, w, 3), 0.5, np.float32)
+    keep = np.ones((-(-h // 16) + 2, -(-w // 16) + 2), bool)
+    sheet = routing_picture(image, [keep] * 4)
+    panel_w, panel_h = (sheet.width - 8) // 2, (sheet.height - 8 - (4 + 2 * 18)) // 2
+    assert min(panel_w, panel_h) >= MIN_PANEL and max(panel_w, panel_h) <= 1024
+    assert sheet.width >= 2 * MIN_PANEL + 8
 
 
 def test_background_is_scaled_to_cover_and_centre_cropped():
@@ -136,3 +154,120 @@ def test_background_is_scaled_to_cover_and_centre_cropped():
     fitted = fit_background(bg, 20, 20)
     assert fitted.shape == (20, 20, 3)
     assert fitted[:, 10].min() > 0.9 and fitted[:, 0].max() < 0.1
+
+
+# ---------------------------------------------------------------------- outputs as a set
+
+
+def test_a_failure_while_writing_leaves_no_output_and_no_temporary_file(files, model, monkeypatch):
+    import mematte.api as api
+
+    out = files / "out"
+    out.mkdir()
+    (out / "cat_alpha.png").write_bytes(b"from an earlier run")
+
+    def broken_picture(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(api, "routing_picture", broken_picture)
+    with pytest.raises(OSError, match="disk full"):
+        predict_file(files / "cat.png", files / "cat_trimap.png", model=model, out_dir=out, rgba=True,
+                     save_routing=True, tile=False)
+    # the alpha was encoded first, but nothing of this run was renamed into place
+    assert sorted(p.name for p in out.iterdir()) == ["cat_alpha.png"]
+    assert (out / "cat_alpha.png").read_bytes() == b"from an earlier run"
+
+
+def test_a_failure_while_renaming_removes_the_whole_set(files, model, monkeypatch):
+    import os
+
+    out = files / "out"
+    calls = []
+    real_replace = os.replace
+
+    def replace_then_fail(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("device went away")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_then_fail)
+    with pytest.raises(OSError, match="device went away"):
+        predict_file(files / "cat.png", files / "cat_trimap.png", model=model, out_dir=out, rgba=True, tile=False)
+    assert len(calls) == 2
+    assert list(out.iterdir()) == []  # neither the renamed alpha nor any temporary file
+
+
+def test_an_interrupt_while_writing_cleans_up(files, model, monkeypatch):
+    from mematte import io
+
+    out = files / "out"
+    real_png = io.png
+
+    def interrupted(im):
+        write = real_png(im)
+
+        def write_then_interrupt(f):
+            write(f)
+            raise KeyboardInterrupt
+
+        return write_then_interrupt
+
+    monkeypatch.setattr(io, "png", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        predict_file(files / "cat.png", files / "cat_trimap.png", model=model, out_dir=out, tile=False)
+    assert list(out.iterdir()) == []
+
+
+# ---------------------------------------------------------------------- inputs
+
+
+def test_background_may_be_a_pil_image_or_a_grey_array(files, model):
+    grey = np.random.default_rng(1).integers(0, 256, (30, 20), dtype=np.uint8)
+    from_array = predict_file(files / "cat.png", files / "cat_trimap.png", model=model, background=grey, tile=False)
+    from_pil = predict_file(files / "cat.png", files / "cat_trimap.png", model=model,
+                            background=Image.fromarray(grey).convert("RGB"), tile=False)
+    np.testing.assert_allclose(from_array.composite, from_pil.composite, atol=1e-6)
+    with pytest.raises(ValueError, match=r"background must be H×W×3 colour or H×W grey, got shape \(30, 20, 4\)"):
+        predict_file(files / "cat.png", files / "cat_trimap.png", model=model, background=np.zeros((30, 20, 4)))
+
+
+def test_a_degenerate_trimap_warns_naming_the_image(files, model):
+    from mematte.trimap import TrimapWarning
+
+    Image.fromarray(np.where(make_trimap() == 128, 255, make_trimap()).astype(np.uint8)).save(files / "hard.png")
+    with pytest.warns(TrimapWarning, match=r"trimap of .*cat.png has no unknown region"):
+        predict_file(files / "cat.png", files / "hard.png", model=model, tile=False)
+
+
+def test_images_over_max_pixels_are_refused_with_the_memory_needed(files, model):
+    with pytest.raises(ValueError, match=r"cat.png: 56×40 is 0 megapixels, over the limit of 0 megapixels .*"
+                                         r"roughly 0 GiB.*--max-pixels 2240"):
+        predict_file(files / "cat.png", files / "cat_trimap.png", model=model, max_pixels=1000)
+    predict_file(files / "cat.png", files / "cat_trimap.png", model=model, max_pixels=2240, tile=False)
+
+
+# ---------------------------------------------------------------------- loading
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"device": "meta"}, r"device 'meta' cannot run the model; use auto, cpu, cuda or cuda:N"),
+    ({"device": "gpu"}, r"unknown device 'gpu'"),
+    ({"device": "cpu", "dtype": "float16"}, "float16 is for GPUs"),
+    ({"device": "cpu", "dtype": "half"}, "unknown dtype 'half'"),
+    ({"device": "cpu", "max_tokens": 2.5}, "whole number of tokens"),
+], ids=["meta", "unknown-name", "fp16-cpu", "unknown-dtype", "float-max-tokens"])
+def test_load_model_refuses_what_cannot_run(checkpoint, kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        load_model(checkpoint, **kwargs)
+
+
+def test_load_model_auto_dtype_and_no_cap(checkpoint):
+    import torch
+
+    from mematte_kernels import ext
+
+    model = load_model(checkpoint, device="cpu", dtype="auto", max_tokens=0)
+    assert model.max_tokens is None
+    assert model.dtype == (torch.bfloat16 if ext.cpu_bf16_kernels() else torch.float32)
+    assert load_model(checkpoint, device="cpu", dtype="auto", backend="reference").dtype == torch.float32
