@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 from pathlib import Path
 
 EXIT_OK = 0
@@ -34,8 +36,10 @@ COMMANDS = (
 # mematte.api.DTYPES / mematte.model.DEFAULT_MAX_TOKENS (tests check that they agree),
 # spelled out here so that building the parser imports no torch.
 BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_MAX_TOKENS = 18500
+MAX_TOKENS_LIMIT = 2**31 - 1  # mematte.model.MAX_TOKENS_LIMIT
+MAX_PIXELS = 178_956_970      # mematte.io.MAX_PIXELS: Pillow's decompression-bomb limit
 
 EXIT_CODES_TEXT = """\
 exit status: 0 all done, 1 some images failed, 2 usage error (nothing was done),
@@ -61,15 +65,26 @@ outputs, in OUT for each image <stem>.<ext>:
   <stem>_composite.png  with --background: the cutout over BG, scaled to cover the image
   <stem>_routing.png    with --save-routing: tokens each global block (2, 5, 8, 11) sent to
                         global attention (tinted) or to the light module (dimmed)
-Files are written atomically: a file is either complete or absent.
+An image's outputs are written as a set: all complete, or none of them (a failure, Ctrl-C
+or SIGTERM leaves no partial set and no temporary file). With --skip-existing an image
+whose outputs all exist is skipped, so an interrupted batch resumes where it stopped.
 
 Folders: every image in INPUT is paired with the file of the same stem in the trimap or
-mask folder. A file that fails is reported on stderr and skipped.
+mask folder; files named like this command's outputs of an image in the same folder
+(x_alpha.png beside x.jpg) are skipped. A file that fails is reported on stderr and
+skipped. Every output location is checked before any work.
 
-Trimaps: values up to 25% of full scale are background, from 75% foreground, anything
-between unknown (0.5). 8- or 16-bit, grey or colour (luminance); the alpha channel of an
-RGBA or LA file is never read. Masks are read the same way. EXIF orientation is applied
-to every file, so pixels are matted as a viewer shows them.
+Trimaps: a trimap marks each pixel background, foreground or unknown (the band to matte).
+Values up to 25% of full scale are background, from 75% foreground, anything between
+unknown (0.5). 8- or 16-bit, grey or colour (luminance), grey palettes; the alpha channel
+of an RGBA or LA file is never read. Masks are read the same way. EXIF orientation is
+applied to every file, so pixels are matted as a viewer shows them. A trimap with no
+unknown pixel, or nothing but unknown pixels, gets a warning.
+
+Running: the device, dtype and backend are printed once on stderr; an image that takes
+more than a couple of seconds shows its progress (backbone blocks, decoder tiles).
+--dtype auto is bfloat16 on CPUs with AVX512-BF16 running the CPU fast path (whose bf16
+kernels are tested against fp32), float32 everywhere else (GPUs included).
 
 {EXIT_CODES_TEXT}
 """
@@ -93,20 +108,33 @@ class UsageError(Exception):
     """The command line cannot work; reported with exit status 2 before any work."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C: every cleanup that runs on Ctrl-C runs."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, or a usage error argparse has already printed
         return e.code if isinstance(e.code, int) else EXIT_USAGE
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
         return _resolve(args.run)(args)
     except UsageError as e:
         print(f"mematte {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print("terminated" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +170,7 @@ def add_predict(sub) -> argparse.ArgumentParser:
     guide.add_argument("--mask", type=Path, metavar="M",
                        help="a coarse mask (foreground ≥ 50%%) or a folder of them; the "
                             "trimap is made by eroding and dilating it by --band")
-    p.add_argument("--band", type=int, default=10, metavar="PX",
+    p.add_argument("--band", type=_whole(1, "pixels"), default=10, metavar="PX",
                    help="with --mask: pixels within PX of the mask edge, on either side, "
                         "become unknown (default: %(default)s)")
     p.add_argument("-o", "--output", type=Path, default=Path("."), metavar="OUT",
@@ -155,6 +183,9 @@ def add_predict(sub) -> argparse.ArgumentParser:
                    help="also write a composite over this image")
     p.add_argument("--save-routing", action="store_true",
                    help="also write the routing picture of the four global blocks")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="skip images whose requested outputs all exist in OUT (resume a batch)")
+    add_max_pixels(p)
     add_model_options(p)
     p.set_defaults(run="mematte.commands:run_predict")
     return p
@@ -169,6 +200,7 @@ def add_eval(sub) -> argparse.ArgumentParser:
     )
     e.add_argument("dataset", metavar="DATASET", type=Path, help="the benchmark folder")
     e.add_argument("--csv", type=Path, metavar="OUT.csv", help="also write the table as CSV")
+    add_max_pixels(e)
     add_model_options(e)
     e.set_defaults(run="mematte.commands:run_eval")
     return e
@@ -186,6 +218,27 @@ def add_info(sub) -> argparse.ArgumentParser:
     return i
 
 
+def _whole(least: int, unit: str, most: int | None = None):
+    """An argparse type: a whole number ≥ ``least`` (and ≤ ``most``)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of {unit}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{text} {unit}: must be ≥ {least}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"{text} {unit}: must be ≤ {most:,}")
+        return value
+    return parse
+
+
+def add_max_pixels(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-pixels", type=_whole(0, "pixels"), default=MAX_PIXELS, metavar="N",
+                   help="refuse images with more pixels, which guards against decompression "
+                        "bombs; 0: no limit (default: %(default)s, Pillow's limit)")
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """--checkpoint, --device, --dtype, --backend, --max-tokens, --tile: how the model runs."""
     g = p.add_argument_group("model")
@@ -194,11 +247,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "https://github.com/linyiheng123/MEMatte (required)")
     g.add_argument("--device", default="auto",
                    help="auto (a CUDA GPU when there is one), cpu, cuda, cuda:N (default: auto)")
-    g.add_argument("--dtype", choices=DTYPES, default="float32",
-                   help="compute dtype (default: %(default)s)")
+    g.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="compute dtype; auto: bfloat16 on CPUs with AVX512-BF16 (CPU fast path), "
+                        "float32 elsewhere; float16 only on GPUs (default: %(default)s)")
     g.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="kernel implementation (default: %(default)s)")
-    g.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
+    g.add_argument("--max-tokens", type=_whole(0, "tokens", MAX_TOKENS_LIMIT), default=DEFAULT_MAX_TOKENS, metavar="N",
                    help="most tokens per image sent to global attention; 0: no cap "
                         "(default: %(default)s)")
     g.add_argument("--tile", action=argparse.BooleanOptionalAction, default=True,

@@ -1,4 +1,10 @@
-"""What the ``mematte`` subcommands do; their command lines are in :mod:`mematte.cli`."""
+"""What the ``mematte`` subcommands do; their command lines are in :mod:`mematte.cli`.
+
+Everything a command line can get wrong is checked before the model loads or any image
+is read (exit status 2): the checkpoint file, device, dtype and backend together, and
+every output location. Then each image is a unit of work: it either gets all its outputs
+or none, and a failure is reported and skipped (exit status 1 at the end).
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +12,9 @@ import csv
 import io as stdio
 import resource
 import sys
+import tempfile
 import time
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,10 +23,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import api, hf, io, metrics
-from .checkpoint import IGNORED_PREFIXES, infer_variant
-from .cli import EXIT_FAILED, UsageError
+from . import api, hf, io, metrics, progress
+from .checkpoint import DATA_PARALLEL_PREFIX, IGNORED_PREFIXES, WRAPPERS, infer_variant
+from .cli import EXIT_FAILED, EXIT_OK, UsageError
 from .model import FastMEMatte
+from .trimap import warn_if_degenerate
 from .vitmatte import model_class, read_state_dict
 
 LAYOUTS = {
@@ -26,34 +35,136 @@ LAYOUTS = {
     "AIM-500": ("original", "trimap", "mask"),
 }
 
+# Per-file errors: bad or missing files, bad values, and running out of memory on one
+# large image. Anything else is a bug and stops the run.
+FILE_ERRORS = (OSError, ValueError, MemoryError, torch.OutOfMemoryError)
+
+# Progress inside one image is shown once the image has taken this long (seconds).
+PROGRESS_AFTER_S = 2.0
+
+
+# ---------------------------------------------------------------------- checks before any work
+
 
 def _require_checkpoint(args: argparse.Namespace) -> None:
     # checked before anything else: without a checkpoint nothing else is worth reporting
     if args.checkpoint is None:
         raise UsageError(f"{api.NO_CHECKPOINT} Pass one with --checkpoint PATH.")
-
-
-def _load_model(args: argparse.Namespace) -> FastMEMatte:
-    """The model the options ask for (options that cannot work exit with status 2)."""
     if not args.checkpoint.exists():  # a file, or an HF model directory
-        raise UsageError(f"checkpoint {args.checkpoint}: no such file")
-    if args.max_tokens < 0:
-        raise UsageError(f"--max-tokens must be ≥ 0, got {args.max_tokens}")
+        raise UsageError(f"--checkpoint {args.checkpoint}: no such file")
+
+
+def _runtime(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, str]:
+    """Device, dtype and op table the model options give, or a usage error saying why
+    they cannot run here (e.g. float16 or --backend cuda on a CPU)."""
     try:
-        api.resolve_device(args.device)
+        device = api.resolve_device(args.device)
+        backend = api.check_backend(args.backend, device)
+        dtype = api.resolve_dtype(args.dtype, device, args.backend)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    return api.load_model(args.checkpoint, device=args.device, dtype=args.dtype,
-                          backend=args.backend, max_tokens=args.max_tokens or None)
+    return device, dtype, backend
+
+
+def _check_output_folder(folder: Path, flag: str) -> None:
+    """``folder`` is, or can be created as, a folder this process can write in."""
+    existing = folder
+    while not existing.exists():
+        if existing.is_symlink():
+            raise UsageError(f"{flag} {folder}: {existing} is a broken link")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {folder}: {existing} is a file, not a folder")
+    _probe_writable(existing, f"{flag} {folder}")
+
+
+def _check_output_file(path: Path, flag: str) -> None:
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        what = "is a file" if path.parent.exists() else "does not exist"
+        raise UsageError(f"{flag} {path}: the folder {path.parent} {what}")
+    _probe_writable(path.parent, f"{flag} {path}")
+
+
+def _probe_writable(folder: Path, what: str) -> None:
+    # Trying is the only sure test: permission bits say nothing for root or on a
+    # read-only mount.
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".mematte-probe-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{what}: cannot write in {folder} ({e.strerror or e})") from None
+
+
+def _load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, backend: str):
+    """The model, or None after reporting why the checkpoint cannot be loaded."""
+    try:
+        model = api.load_model(args.checkpoint, device=device, dtype=dtype, backend=args.backend,
+                               max_tokens=args.max_tokens)
+    except FILE_ERRORS as e:
+        print(f"mematte {args.command}: error: {e}", file=sys.stderr)
+        return None
+    if not isinstance(model, FastMEMatte):
+        cap = "every token global"
+    elif model.max_tokens is None:
+        cap = "no cap"
+    else:
+        cap = f"at most {model.max_tokens:,} global tokens per image"
+    print(f"mematte: {type(model).__name__}({model.variant}) on {device}, "
+          f"{str(dtype).removeprefix('torch.')}, backend {backend}, {cap}", file=sys.stderr)
+    return model
 
 
 def _fail(name: str, error: BaseException) -> None:
     tqdm.write(f"failed: {name}: {error}", file=sys.stderr)
 
 
-# Per-file errors: bad or missing files, bad values, and running out of memory on one
-# large image. Anything else is a bug and stops the run.
-FILE_ERRORS = (OSError, ValueError, MemoryError, torch.OutOfMemoryError)
+class _ImageProgress:
+    """Progress inside one image (backbone blocks, decoder batches), shown only once the
+    image has taken :data:`PROGRESS_AFTER_S` seconds, so quick images stay quiet."""
+
+    UNITS = {"backbone": "block", "decoder": "tile batch"}
+
+    def __init__(self, name: str):
+        self.name, self.start = name, time.monotonic()
+        self.bar: tqdm | None = None
+        self.stage = ""
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.bar is None and time.monotonic() - self.start < PROGRESS_AFTER_S:
+            return
+        if self.bar is None or stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=total, desc=f"{self.name}: {stage}", unit=self.UNITS.get(stage, "step"),
+                            leave=False, file=sys.stderr, dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _run_one(name: str, work):
+    """``work()`` with progress inside the image, and its warnings printed once, naming it."""
+    shown = _ImageProgress(name)
+    try:
+        with warnings.catch_warnings(record=True) as caught, progress.reporting(shown):
+            warnings.simplefilter("always")
+            result = work()
+    finally:
+        shown.close()
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        tqdm.write(f"warning: {name}: {message}", file=sys.stderr)
+    return result
+
+
+def _release_gpu_memory(error: BaseException) -> None:
+    # after running out of GPU memory on one image, the next one should start clean
+    if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------- predict
@@ -61,38 +172,45 @@ FILE_ERRORS = (OSError, ValueError, MemoryError, torch.OutOfMemoryError)
 
 def run_predict(args: argparse.Namespace) -> int:
     _require_checkpoint(args)
-    if args.band < 1:
-        raise UsageError(f"--band must be ≥ 1 pixel, got {args.band}")
-    if args.output.exists() and not args.output.is_dir():
-        raise UsageError(f"-o {args.output} is a file; it must be a folder")
+    args.max_pixels = args.max_pixels or None
+    device, dtype, backend = _runtime(args)
+    _check_output_folder(args.output, "-o")
+    if args.background is not None and not args.background.is_file():
+        raise UsageError(f"--background {args.background}: no such file")
     guide, guide_path = ("mask", args.mask) if args.mask is not None else ("trimap", args.trimap)
     jobs = _pair_inputs(args.input, guide_path, guide)
-    model = _load_or_report(args)
-    if model is None:
-        return EXIT_FAILED
     background = None
     if args.background is not None:
         try:
-            background = io.read_image(args.background)
+            background = io.read_image(args.background, max_pixels=args.max_pixels)
         except FILE_ERRORS as e:
-            print(f"mematte predict: error: background: {e}", file=sys.stderr)
+            print(f"mematte predict: error: --background: {e}", file=sys.stderr)
             return EXIT_FAILED
+    model = _load(args, device, dtype, backend)
+    if model is None:
+        return EXIT_FAILED
 
-    failed = 0
-    progress = tqdm(jobs, unit="image", disable=len(jobs) < 2, file=sys.stderr)
-    for image_path, guide_file in progress:
-        progress.set_postfix_str(image_path.name, refresh=False)
+    failed = skipped = 0
+    bar = tqdm(jobs, unit="image", disable=len(jobs) < 2, file=sys.stderr)
+    for image_path, guide_file in bar:
+        bar.set_postfix_str(image_path.name, refresh=False)
+        wanted = api.requested_outputs(image_path, args.output, rgba=args.rgba,
+                                       composite=background is not None, save_routing=args.save_routing)
+        if args.skip_existing and all(p.is_file() for p in wanted.values()):
+            skipped += 1
+            continue
         try:
             if isinstance(guide_file, Exception):
                 raise guide_file
-            result = api.predict_file(
+            result = _run_one(image_path.name, lambda: api.predict_file(
                 image_path,
                 trimap_path=guide_file if guide == "trimap" else None,
                 mask_path=guide_file if guide == "mask" else None,
                 band=args.band, model=model,
                 out_dir=args.output, rgba=args.rgba, background=background,
                 save_routing=args.save_routing, bits=args.bits, tile=args.tile,
-            )
+                max_pixels=args.max_pixels,
+            ))
         except FILE_ERRORS as e:
             failed += 1
             _fail(image_path.name, e)
@@ -102,11 +220,15 @@ def run_predict(args: argparse.Namespace) -> int:
             for path in result.written.values():
                 print(path)
     if len(jobs) > 1:
-        print(f"{len(jobs) - failed} of {len(jobs)} images matted into {args.output}")
+        done = len(jobs) - failed - skipped
+        note = f" ({skipped} skipped: their outputs exist)" if skipped else ""
+        print(f"{done} of {len(jobs)} images matted into {args.output}{note}")
+    elif skipped:
+        print(f"{jobs[0][0].name}: skipped, its outputs exist in {args.output}", file=sys.stderr)
     if failed:
         print(f"mematte predict: {failed} of {len(jobs)} images failed", file=sys.stderr)
         return EXIT_FAILED
-    return 0
+    return EXIT_OK
 
 
 def _pair_inputs(inp: Path, guide: Path, what: str) -> list[tuple[Path, Path | Exception]]:
@@ -121,7 +243,7 @@ def _pair_inputs(inp: Path, guide: Path, what: str) -> list[tuple[Path, Path | E
         return [(inp, _lookup(io.index_by_stem(guide), inp.stem, guide, what))]
     if not guide.is_dir():
         raise UsageError(f"INPUT {inp} is a folder, so --{what} must be a folder too")
-    images = io.find_images(inp)
+    images = _without_own_outputs(io.find_images(inp))
     if not images:
         raise UsageError(f"no images ({', '.join(io.IMAGE_SUFFIXES)}) in {inp}")
     stems = [p.stem for p in images]
@@ -136,25 +258,24 @@ def _pair_inputs(inp: Path, guide: Path, what: str) -> list[tuple[Path, Path | E
     return jobs
 
 
+def _without_own_outputs(images: list[Path]) -> list[Path]:
+    """Drop the files this command wrote for images of the same folder (``x_alpha.png``
+    beside ``x.jpg``, as when -o is the input folder), so a rerun does not matte them."""
+    stems = {p.stem for p in images}
+    suffixes = tuple(name.format(stem="") for name in api.OUTPUT_NAMES.values())  # "_alpha.png", …
+    own = [p for p in images
+           if any(p.name.endswith(s) and p.name[: -len(s)] in stems for s in suffixes)]
+    if own:
+        print(f"skipping {len(own)} files that are outputs of mematte predict "
+              f"(e.g. {own[0].name})", file=sys.stderr)
+    return [p for p in images if p not in own]
+
+
 def _lookup(index, stem: str, folder: Path, what: str) -> Path | Exception:
     try:
         return io.lookup_stem(index, stem, folder, what=what)
     except (FileNotFoundError, ValueError) as e:
         return e
-
-
-def _load_or_report(args: argparse.Namespace) -> FastMEMatte | None:
-    try:
-        return _load_model(args)
-    except FILE_ERRORS as e:
-        print(f"mematte {args.command}: error: {e}", file=sys.stderr)
-        return None
-
-
-def _release_gpu_memory(error: BaseException) -> None:
-    # after running out of GPU memory on one image, the next one should start clean
-    if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------- eval
@@ -166,24 +287,28 @@ HEADINGS = ("image", "SAD", "MSE", "Grad", "Conn", "time_s", "peak_MiB")  # prin
 
 def run_eval(args: argparse.Namespace) -> int:
     _require_checkpoint(args)
+    args.max_pixels = args.max_pixels or None
+    device, dtype, backend = _runtime(args)
+    if args.csv is not None:
+        _check_output_file(args.csv, "--csv")
     layout, folders = _find_layout(args.dataset)
     jobs = _dataset_items(folders)
-    model = _load_or_report(args)
+    model = _load(args, device, dtype, backend)
     if model is None:
         return EXIT_FAILED
-    device = model.pixel_mean.device
     _warm_up(model, args.tile)
 
     print(f"{layout}: {len(jobs)} images in {args.dataset}")
     print(_row_text(HEADINGS))
     rows, failed = [], 0
-    progress = tqdm(jobs, unit="image", disable=len(jobs) < 2, file=sys.stderr)
-    for name, paths in progress:
-        progress.set_postfix_str(name, refresh=False)
+    bar = tqdm(jobs, unit="image", disable=len(jobs) < 2, file=sys.stderr)
+    for name, paths in bar:
+        bar.set_postfix_str(name, refresh=False)
         try:
             if isinstance(paths, Exception):
                 raise paths
-            row = _score(model, device, *paths, tile=args.tile)
+            row = _run_one(name, lambda: _score(model, device, *paths, tile=args.tile,
+                                                max_pixels=args.max_pixels))
         except FILE_ERRORS as e:
             failed += 1
             _fail(name, e)
@@ -194,12 +319,14 @@ def run_eval(args: argparse.Namespace) -> int:
     if rows:
         mean = {"image": "mean", **{c: float(np.mean([r[c] for r in rows])) for c in COLUMNS[1:]}}
         print(_row_text([mean[c] for c in COLUMNS]))
+        print(f"mean of {len(rows)} of {len(jobs)} images"
+              + (f"; {failed} failed and are not in it" if failed else ""))
         if args.csv is not None:
             _write_csv(args.csv, rows + [mean])
     if failed:
         print(f"mematte eval: {failed} of {len(jobs)} images failed", file=sys.stderr)
         return EXIT_FAILED
-    return 0
+    return EXIT_OK
 
 
 def _find_layout(dataset: Path) -> tuple[str, tuple[Path, Path, Path]]:
@@ -237,9 +364,10 @@ def _warm_up(model: FastMEMatte, tile: bool) -> None:
 
 
 def _score(model: FastMEMatte, device: torch.device, image_path: Path, trimap_path: Path,
-           alpha_path: Path, *, tile: bool) -> dict[str, float]:
-    image, trimap = api.read_pair(image_path, trimap_path)
-    truth = io.read_gray(alpha_path)
+           alpha_path: Path, *, tile: bool, max_pixels: int | None) -> dict[str, float]:
+    image, trimap = api.read_pair(image_path, trimap_path, max_pixels=max_pixels)
+    truth = io.read_gray(alpha_path, max_pixels=max_pixels)
+    warn_if_degenerate(trimap, name=f"trimap {trimap_path}")
     if truth.shape != trimap.shape:
         raise ValueError(f"ground truth {alpha_path} is {io.size_text(truth.shape)} (W×H) but "
                          f"image {image_path} is {io.size_text(image.shape)} (W×H)")
@@ -287,7 +415,7 @@ def run_info(args: argparse.Namespace) -> int:
     if not path.exists():
         raise UsageError(f"{path}: no such file")
     try:
-        state_dict = read_state_dict(path)
+        state_dict = read_state_dict(path)  # also refuses NaN or infinite weights
         container, keys = _container(path) if path.is_file() else ("HF model directory (config.json + weights)", list(state_dict))
     except ValueError as e:
         print(f"mematte info: error: {e}", file=sys.stderr)
@@ -314,7 +442,7 @@ def run_info(args: argparse.Namespace) -> int:
     # Papers count the state dict, BatchNorm statistics included.
     print(f"parameters:  {stored:,} ({learned:,} learned + {stored - learned:,} BatchNorm statistics)")
     print(f"loads into:  {cls.__name__}({variant})")
-    return 0
+    return EXIT_OK
 
 
 def _container(path: Path) -> tuple[str, list[str]]:
@@ -327,6 +455,16 @@ def _container(path: Path) -> tuple[str, list[str]]:
     # The file was fully read once already; memory-map it this time (only the zip
     # format, torch.save's default since 1.6, can be mapped).
     obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
-        return 'detectron2 checkpoint ({"model": state dict})', list(obj["model"])
-    return "bare state dict", list(obj)
+    container = "bare state dict"
+    if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in WRAPPERS:
+            if isinstance(obj.get(key), Mapping):
+                container = ('detectron2 checkpoint ({"model": state dict})' if key == "model"
+                             else f'checkpoint wrapping a state dict under "{key}"')
+                obj = obj[key]
+                break
+    keys = [str(k) for k in obj]
+    if keys and all(k.startswith(DATA_PARALLEL_PREFIX) for k in keys):
+        container += f", keys prefixed {DATA_PARALLEL_PREFIX!r} (DataParallel; stripped)"
+        keys = [k[len(DATA_PARALLEL_PREFIX):] for k in keys]
+    return container, keys
