@@ -377,7 +377,7 @@ def test_progress_inside_a_long_image(tmp_path, checkpoint, monkeypatch):
     img, tri = single(tmp_path)
     rc, _, stderr = run("predict", img, "--trimap", tri, "--checkpoint", checkpoint, "-o", tmp_path / "out")
     assert rc == 0, stderr
-    assert "a.png: backbone" in stderr and "12/12" in stderr
+    assert "a.png: backbone" in stderr and "/12 [" in stderr
     assert "a.png: decoder" in stderr
 
 
