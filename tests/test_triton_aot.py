@@ -35,18 +35,21 @@ WIDTHS = (384, 768)
 ACT = "act"
 I32_16 = "i32/16"
 SIGNATURES = {
+    # The model's routers: fp32 parameters ("*fp32") on tokens of the dtype under test, whose
+    # two wide layers get their weights in that dtype.
     "_router_hidden_kernel": dict(
-        x_ptr=ACT, norm_weight_ptr=ACT, norm_bias_ptr=ACT, in_weight_ptr=ACT, in_bias_ptr=ACT,
+        x_ptr=ACT, norm_weight_ptr="*fp32", norm_bias_ptr="*fp32", in_weight_ptr=ACT, in_bias_ptr="*fp32",
         local_ptr=ACT, partial_ptr="*fp32", N="i32", C=I32_16, eps="fp32",
         stride_xb=I32_16, stride_xn=I32_16, stride_xc=1,
     ),
     "_router_fold_kernel": dict(
-        partial_ptr="*fp32", out0_weight_ptr=ACT, out0_bias_ptr=ACT, folded_bias_ptr="*fp32",
+        partial_ptr="*fp32", out0_weight_ptr="*fp32", out0_bias_ptr="*fp32", folded_bias_ptr="*fp32",
         N="i32", C=I32_16, num_tiles="i32",
     ),
     "_router_head_kernel": dict(
-        local_ptr=ACT, folded_bias_ptr="*fp32", out0_weight_ptr=ACT, out1_weight_ptr=ACT, out1_bias_ptr=ACT,
-        out2_weight_ptr=ACT, out2_bias_ptr=ACT, scores_ptr="*fp32", keep_ptr="*i1", N="i32", C=I32_16,
+        local_ptr=ACT, folded_bias_ptr="*fp32", out0_weight_ptr=ACT, out1_weight_ptr="*fp32",
+        out1_bias_ptr="*fp32", out2_weight_ptr="*fp32", out2_bias_ptr="*fp32", scores_ptr="*fp32", keep_ptr="*i1",
+        N="i32", C=I32_16,
     ),
     "_gather_layernorm_kernel": dict(
         x_ptr=ACT, index_ptr="*i64", weight_ptr=ACT, bias_ptr=ACT, out_ptr=ACT,

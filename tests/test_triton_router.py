@@ -10,8 +10,9 @@ import itertools
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from mematte_kernels import reference
+from mematte_kernels import native, reference
 from mematte_kernels.triton import router_scores
 from mematte_kernels.triton.router import launch_router_scores
 from triton_tolerance import DTYPE_NAMES, DTYPES, assert_close
@@ -148,13 +149,38 @@ def test_rejects_bad_input(args, error, message):
         router_scores(*args)
 
 
-def test_low_precision_tokens_run_in_the_parameters_dtype():
-    """The model keeps routers in fp32 and hands them bf16 tokens."""
-    x, params = make_tokens(1, 40, 32, seed=8).bfloat16(), make_router(32, seed=8)
+@pytest.mark.parametrize("dtype", [pytest.param(d, id=DTYPE_NAMES[d]) for d in (torch.bfloat16, torch.float16)])
+@pytest.mark.parametrize("shape", [pytest.param((2, 65, 96), id="B2-N65-C96"), pytest.param((1, 130, 384), id="B1-N130-C384")])
+def test_low_precision_tokens_with_fp32_parameters(shape, dtype):
+    """The model keeps routers in fp32 and hands them bf16/fp16 tokens: the wide layers run
+    in the tokens' dtype, the rest in fp32, within 2x the error of the same scheme in
+    PyTorch (the CPU fast path's router) against the fp32 reference."""
+    x, params = make_tokens(*shape, seed=8).to(dtype), make_router(shape[-1], seed=8)
     scores, keep = router_scores(x, *params)
     expected, expected_keep = reference.router_scores(x.float(), *params)
-    torch.testing.assert_close(scores, expected, rtol=0, atol=1e-5)
-    assert torch.equal(keep, expected_keep)
+    assert_close(scores, expected, native.router_scores(x, *params)[0])
+    assert torch.equal(keep, scores[..., 0] > scores[..., 1])
+    margin = (expected[..., 0] - expected[..., 1]).abs()
+    assert torch.equal(keep[margin > 0.1], expected_keep[margin > 0.1])
+
+
+def test_low_precision_tokens_are_not_copied_to_fp32():
+    """No fp32 tensor as large as the tokens is made: the bf16 tokens go to the kernels as
+    they are (the model's routers are fp32, its tokens bf16)."""
+    x, params = make_tokens(2, 65, 96, seed=9).bfloat16(), make_router(96, seed=9)
+    large_fp32 = []
+
+    class Allocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() >= x.numel():
+                    large_fp32.append(str(func))
+            return out
+
+    with Allocations():
+        router_scores(x, *params)
+    assert not large_fp32, large_fp32
 
 
 @pytest.mark.gpu
@@ -170,6 +196,20 @@ def test_gpu_matches_reference(C, dtype):
     assert_close(scores, expected, low_precision)
     if dtype == torch.float32:
         assert (keep == expected_keep).float().mean() >= 0.999
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("C", [384, 768])
+@pytest.mark.parametrize("dtype", [pytest.param(d, id=DTYPE_NAMES[d]) for d in (torch.bfloat16, torch.float16)])
+def test_gpu_low_precision_tokens_with_fp32_parameters(C, dtype):
+    """What the model runs on a GPU: fp32 routers on bf16/fp16 tokens, 2 x 4096 tokens."""
+    x = make_tokens(2, 4096, C, seed=10).cuda().to(dtype)
+    params = [p.cuda() for p in make_router(C, seed=10)]
+    scores, keep = router_scores(x, *params)
+    expected, expected_keep = reference.router_scores(x.float(), *params)
+    assert_close(scores, expected, native.router_scores(x, *params)[0])
+    margin = (expected[..., 0] - expected[..., 1]).abs()
+    assert torch.equal(keep[margin > 0.1], expected_keep[margin > 0.1])
 
 
 def test_traces_with_torch_compile():

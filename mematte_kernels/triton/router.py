@@ -10,8 +10,10 @@ Because g is one vector per image, ``cat(local, g) @ W0^T + b0`` equals
 ``local @ W0[:, :C/2]^T + (W0[:, C/2:] @ g + b0)``: the second term is a per-image bias.
 So the global half of h is never stored per token:
 
-1. ``_router_hidden_kernel``, per (token tile, channel tile, image): LayerNorm -> Linear ->
-   GELU. Local channels are stored (B, N, C/2) in x's dtype; global channels are summed over
+1. ``_router_hidden_kernel``, per (token tile, image): LayerNorm -> Linear -> GELU, one
+   channel tile after another, so the statistics are computed once per token and the
+   tile's re-reads of x hit L1/L2 (the C x C weight, shared by every program, stays in L2).
+   Local channels are stored (B, N, C/2) in x's dtype; global channels are summed over
    the tile's tokens into ``partial`` (B, token tiles, C/2) fp32.
 2. ``_router_fold_kernel``, per (channel tile, image): g = sum of the partials / N, and
    ``folded_bias = W0[:, C/2:] @ g + b0`` (B, C/2) fp32.
@@ -23,7 +25,10 @@ decision, identical from run to run. All accumulation is fp32. fp32 inputs use e
 dots (``input_precision="ieee"``): the model's fp32 parity needs >= 99.9% of the routing
 decisions identical to the reference, and TF32's 10-bit mantissa would flip tokens near
 the boundary.
-fp16/bf16 inputs take the tensor-core path (``input_precision`` only affects fp32 operands).
+fp16/bf16 tokens take the tensor-core path for the two C-wide layers (``input_precision``
+only affects fp32 operands), also with fp32 parameters, as the model runs its routers: the
+tokens are never copied to fp32; the weights of those two layers are rounded to the tokens'
+dtype, and the global mean, the narrow layers and the margins stay fp32.
 """
 from __future__ import annotations
 
@@ -40,8 +45,8 @@ from ._common import check_devices, check_float, check_ndim, check_shape, on_inp
 # with whole operand rows in registers, so the fp32 hidden tile has half the tokens; all of
 # these compile without register spills for sm_80 and sm_90.
 HIDDEN_TILES = {
-    "tensor_core": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4),
-    "fp32": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4),
+    "tensor_core": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8),
+    "fp32": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4),
 }
 FOLD_TILE = dict(BLOCK_N=32, BLOCK_K=32, BLOCK_T=32, num_warps=4)
 HEAD_TILE = dict(BLOCK_M=64, BLOCK_J=32, BLOCK_K=32, num_warps=8)
@@ -70,13 +75,13 @@ def _router_hidden_kernel(
     stride_xb, stride_xn, stride_xc,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # One program per (token tile, image) produces all C outputs of its tokens: the
+    # statistics are computed once, and the tile's later reads of x come from L1/L2.
     pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_b = tl.program_id(2)
+    pid_b = tl.program_id(1)
     half = C // 2
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) tokens
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output channels
     offs_k = tl.arange(0, BLOCK_K)                    # (BLOCK_K,) input channels
     row_mask = offs_m < N
     x_rows = x_ptr + pid_b.to(tl.int64) * stride_xb + offs_m[:, None].to(tl.int64) * stride_xn  # (BLOCK_M, 1)
@@ -98,35 +103,37 @@ def _router_hidden_kernel(
         row_sq += centered * centered
     rstd = 1.0 / tl.sqrt(tl.sum(row_sq, axis=1) / C + eps)  # (BLOCK_M,)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, C, BLOCK_K):
-        k = k0 + offs_k
-        k_mask = k < C
-        x = tl.load(x_rows + k[None, :] * stride_xc, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        gamma = tl.load(norm_weight_ptr + k, mask=k_mask, other=0.0).to(tl.float32)  # (BLOCK_K,)
-        beta = tl.load(norm_bias_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
-        # (BLOCK_M, BLOCK_K)
-        x_hat = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
-        # W_in is (C_out, C_in) row-major; read its transpose tile directly.
-        w = tl.load(
-            in_weight_ptr + offs_n[None, :] * C + k[:, None],
-            mask=k_mask[:, None] & (offs_n[None, :] < C), other=0.0,
-        )  # (BLOCK_K, BLOCK_N)
-        acc = tl.dot(x_hat.to(w.dtype), w, acc, input_precision="ieee")
-    b_in = tl.load(in_bias_ptr + offs_n, mask=offs_n < C, other=0.0).to(tl.float32)
-    h = _gelu(acc + b_in[None, :])  # (BLOCK_M, BLOCK_N)
-
-    # A channel tile may straddle C/2 (C/2 need not be a multiple of BLOCK_N): the masks
-    # route each column to the local store or to the global sum.
-    is_local = offs_n < half
-    local_ptrs = local_ptr + (pid_b * N + offs_m[:, None]).to(tl.int64) * half + offs_n[None, :]
-    tl.store(local_ptrs, h.to(local_ptr.dtype.element_ty), mask=row_mask[:, None] & is_local[None, :])
-
-    is_global = (offs_n >= half) & (offs_n < C)
-    tile_sum = tl.sum(tl.where(row_mask[:, None], h, 0.0), axis=0)  # (BLOCK_N,)
     num_tiles = tl.num_programs(0)
-    partial_ptrs = partial_ptr + (pid_b * num_tiles + pid_m).to(tl.int64) * half + (offs_n - half)
-    tl.store(partial_ptrs, tile_sum, mask=is_global)
+    for n0 in range(0, C, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output channels
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, C, BLOCK_K):
+            k = k0 + offs_k
+            k_mask = k < C
+            x = tl.load(x_rows + k[None, :] * stride_xc, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            gamma = tl.load(norm_weight_ptr + k, mask=k_mask, other=0.0).to(tl.float32)  # (BLOCK_K,)
+            beta = tl.load(norm_bias_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+            # (BLOCK_M, BLOCK_K), normalised in fp32 and rounded to W_in's dtype for the dot
+            x_hat = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
+            # W_in is (C_out, C_in) row-major; read its transpose tile directly.
+            w = tl.load(
+                in_weight_ptr + offs_n[None, :] * C + k[:, None],
+                mask=k_mask[:, None] & (offs_n[None, :] < C), other=0.0,
+            )  # (BLOCK_K, BLOCK_N)
+            acc = tl.dot(x_hat.to(w.dtype), w, acc, input_precision="ieee")
+        b_in = tl.load(in_bias_ptr + offs_n, mask=offs_n < C, other=0.0).to(tl.float32)
+        h = _gelu(acc + b_in[None, :])  # (BLOCK_M, BLOCK_N)
+
+        # A channel tile may straddle C/2 (C/2 need not be a multiple of BLOCK_N): the
+        # masks route each column to the local store or to the global sum.
+        is_local = offs_n < half
+        local_ptrs = local_ptr + (pid_b * N + offs_m[:, None]).to(tl.int64) * half + offs_n[None, :]
+        tl.store(local_ptrs, h.to(local_ptr.dtype.element_ty), mask=row_mask[:, None] & is_local[None, :])
+
+        is_global = (offs_n >= half) & (offs_n < C)
+        tile_sum = tl.sum(tl.where(row_mask[:, None], h, 0.0), axis=0)  # (BLOCK_N,)
+        partial_ptrs = partial_ptr + (pid_b * num_tiles + pid_m).to(tl.int64) * half + (offs_n - half)
+        tl.store(partial_ptrs, tile_sum, mask=is_global)
 
 
 @triton.jit
@@ -235,6 +242,9 @@ PARAM_NAMES = ("norm_weight", "norm_bias", "in_weight", "in_bias", "out0_weight"
                "out1_weight", "out1_bias", "out2_weight", "out2_bias")
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 def _check_router_inputs(x: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
     op = "router_scores"
     check_ndim(op, "x", x, 3, "(B, N, C)")
@@ -243,9 +253,15 @@ def _check_router_inputs(x: torch.Tensor, params: Sequence[torch.Tensor]) -> Non
     if C < 4 or C % 4 != 0:
         raise ValueError(f"{op}: the channel count C must be a positive multiple of 4, got C={C}")
     shapes = ((C,), (C,), (C, C), (C,), (C // 2, C), (C // 2,), (C // 4, C // 2), (C // 4,), (2, C // 4), (2,))
+    param_dtype = params[0].dtype
     for name, t, shape in zip(PARAM_NAMES, params, shapes, strict=True):
         check_shape(op, name, t, shape)
-        check_float(op, name, t, x.dtype)
+        check_float(op, name, t)
+        if t.dtype != param_dtype:
+            raise TypeError(f"{op}: {name} must have the same dtype as norm_weight ({param_dtype}), got {t.dtype}")
+    if x.dtype != param_dtype and not (param_dtype == torch.float32 and x.dtype in LOW_PRECISION):
+        raise TypeError(f"{op}: x must have the parameters' dtype ({param_dtype}), or be bfloat16/float16 "
+                        f"with float32 parameters, got {x.dtype}")
     check_devices(op, x=x, **dict(zip(PARAM_NAMES, params)))
 
 
@@ -268,12 +284,16 @@ def launch_router_scores(
     (norm_weight, norm_bias, in_weight, in_bias, out0_weight, out0_bias,
      out1_weight, out1_bias, out2_weight, out2_bias) = (t.contiguous() for t in params)
 
+    # Low-precision tokens with fp32 parameters (the model's routers): the two C-wide
+    # layers run on the tensor cores in the tokens' dtype, so their weights are rounded to
+    # it; the statistics, the global mean, the narrow layers and the margins stay fp32.
+    in_weight_dot, out0_weight_dot = in_weight.to(x.dtype), out0_weight.to(x.dtype)
     tile = hidden_tile(x.dtype)
     num_tiles = triton.cdiv(N, tile["BLOCK_M"])
     local = torch.empty((B, N, half), device=x.device, dtype=x.dtype)
     partial = torch.empty((B, num_tiles, half), device=x.device, dtype=torch.float32)
-    _router_hidden_kernel[(num_tiles, triton.cdiv(C, tile["BLOCK_N"]), B)](
-        x, norm_weight, norm_bias, in_weight, in_bias, local, partial,
+    _router_hidden_kernel[(num_tiles, B)](
+        x, norm_weight, norm_bias, in_weight_dot, in_bias, local, partial,
         N, C, eps, x.stride(0), x.stride(1), x.stride(2),
         **tile,
     )
@@ -284,7 +304,7 @@ def launch_router_scores(
     )
 
     _router_head_kernel[(triton.cdiv(N, HEAD_TILE["BLOCK_M"]), B)](
-        local, folded_bias, out0_weight, out1_weight, out1_bias, out2_weight, out2_bias,
+        local, folded_bias, out0_weight_dot, out1_weight, out1_bias, out2_weight, out2_bias,
         scores, keep, N, C,
         QUARTER_PAD=quarter_pad(C), **HEAD_TILE,
     )
@@ -334,9 +354,14 @@ def router_scores(
     """MEMatte's router on (B, N, C) tokens (C a multiple of 4), as
     :func:`mematte_kernels.reference.router_scores`: ``scores`` (B, N, 2) float32
     log-probabilities and ``keep`` (B, N) bool, ``scores[..., 0] > scores[..., 1]``.
-    Runs in the parameters' dtype: floating x is converted to it (the model keeps routers
-    in fp32)."""
-    if x.is_floating_point():
+
+    Runs in the parameters' dtype, except that bfloat16/float16 tokens given to float32
+    parameters (the model keeps its routers in fp32) are not copied to fp32: the C-wide
+    layers run in the tokens' dtype with fp32 statistics and accumulation, the rest in
+    fp32 (as :func:`mematte_kernels.native.router_scores`). Other floating x is converted
+    to the parameters' dtype."""
+    mixed = norm_weight.dtype == torch.float32 and x.dtype in LOW_PRECISION
+    if x.is_floating_point() and not mixed:
         x = x.to(norm_weight.dtype)
     return torch.ops.mematte.router_scores(x, norm_weight, norm_bias, in_weight, in_bias, out0_weight, out0_bias,
                                            out1_weight, out1_bias, out2_weight, out2_bias, eps)
