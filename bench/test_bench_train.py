@@ -2,8 +2,9 @@
 loading and AdamW step included): seconds per iteration and peak memory, the fast ops
 against the reference backend in the same precision, each in a fresh process.
 
-Default: crop 512, batch 2, bf16 on a CPU (fp16 on a GPU, as published), 6 iterations of
-which the first 2 are not timed. Smoke (--benchmark-disable): crop 64, 2 iterations.
+Default: crop 512, batch 2, fp32 and bf16 autocast on a CPU (fp16 autocast on a GPU, as
+published), 6 iterations of which the first 2 are not timed. Smoke (--benchmark-disable):
+crop 64, 2 iterations, the first precision only.
 """
 import inspect
 import json
@@ -13,17 +14,24 @@ from pathlib import Path
 
 import pytest
 
+import harness
 from mematte.model import FastMEMatte
 
 WORKER = Path(__file__).parent / "train_worker.py"
 
 
+def pytest_generate_tests(metafunc):
+    if "precision" in metafunc.fixturenames:
+        settings = metafunc.config.stash[harness.SETTINGS]
+        precisions = ["fp16"] if settings.device.type == "cuda" else ["fp32", "bf16"]
+        metafunc.parametrize("precision", precisions[:1] if settings.smoke else precisions)
+
+
 @pytest.mark.skipif("teacher" not in inspect.signature(FastMEMatte.__init__).parameters,
                     reason="FastMEMatte has no training mode in this build")
 @pytest.mark.parametrize("impl", ["reference", "fast"])
-def test_train_step(impl, settings, record):
+def test_train_step(impl, precision, settings, record):
     gpu = settings.device.type == "cuda"
-    precision = "fp16" if gpu else "bf16"
     crop, iters, warmup = (64, 2, 1) if settings.smoke else (512, 6, 2)
     spec = {"crop": crop, "batch_size": 2, "precision": precision, "iters": iters, "warmup": warmup,
             "backend": "reference" if impl == "reference" else "auto"}
