@@ -92,7 +92,8 @@ def test_separate_teacher(tmp_path, vitmatte_file):
 
 
 def test_hf_names(tmp_path):
-    pytest.importorskip("mematte.hf", reason="the HF key map (mematte.hf) is not in this build")
+    """An HF VitMatte checkpoint (renamed by the rules of VITMATTE.md), as a file and as a
+    model folder, initialises exactly as its upstream-named original."""
     source = random_state_dict("vitmatte_vit_s", seed=4)
     rules = [("backbone.blocks", "backbone.encoder.layer"), ("attn", "attention"),
              ("fusion_blks", "fusion_blocks"), ("bn", "batch_norm")]
@@ -107,17 +108,21 @@ def test_hf_names(tmp_path):
         hf[name] = v
     from safetensors.torch import save_file
 
-    save_file(hf, tmp_path / "model.safetensors")
-    plan = init.plan_init(tmp_path)  # an HF model folder
-    upstream = init.plan_init(_saved(tmp_path / "up.pth", source))
-    assert plan.kind == "vitmatte (HF names)"
-    assert set(plan.state_dict) == set(upstream.state_dict)
-    assert all(torch.equal(plan.state_dict[k], upstream.state_dict[k]) for k in plan.state_dict)
-
-
-def _saved(path, sd):
-    torch.save(sd, path)
-    return path
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file(hf, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "vitmatte",
+        "backbone_config": {"hidden_size": 384, "num_attention_heads": 6, "num_hidden_layers": 12,
+                            "window_size": 14, "residual_block_indices": [2, 5, 8, 11],
+                            "num_channels": 4, "patch_size": 16}}))
+    torch.save(source, tmp_path / "upstream.pth")
+    upstream = init.plan_init(tmp_path / "upstream.pth")
+    for path in (folder, folder / "model.safetensors"):
+        plan = init.plan_init(path)
+        assert plan.kind == "vitmatte" and plan.has_teacher
+        assert set(plan.state_dict) == set(upstream.state_dict)
+        assert all(torch.equal(plan.state_dict[k], upstream.state_dict[k]) for k in plan.state_dict)
 
 
 @pytest.mark.parametrize("content, message", [

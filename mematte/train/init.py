@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 
 from ..backbone import GLOBAL_BLOCKS, VARIANTS, ResBottleneck
+from ..hf import is_hf_state_dict, read_hf_directory, upstream_from_hf
 
 TEACHER_PREFIX = "teacher_"
-HF_PREFIXES = ("backbone.embeddings.", "backbone.encoder.layer.")
 # What a ViTMatte checkpoint cannot give the student, and what it has that the student lacks.
 NEW_IN_MEMATTE = ("backbone.routers.",) + tuple(f"backbone.blocks.{b}.efficient_block." for b in GLOBAL_BLOCKS)
 VITMATTE_ONLY = tuple(f"backbone.blocks.{b}.attn.rel_pos_{a}" for b in GLOBAL_BLOCKS for a in "hw")
@@ -37,7 +37,7 @@ class InitError(ValueError):
 class InitPlan:
     """What to load into the model (non-strict) and how it was obtained."""
 
-    kind: str                              # "vitmatte", "vitmatte (HF names)" or "mematte"
+    kind: str                              # "vitmatte" or "mematte"
     variant: str
     state_dict: dict[str, torch.Tensor]
     has_teacher: bool
@@ -45,17 +45,15 @@ class InitPlan:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor a checkpoint file holds (teacher included): detectron2 ``.pth``
-    (``{"model": ...}``), bare state dicts, ``.safetensors``, and HF model folders
-    (``model.safetensors`` or ``pytorch_model.bin``)."""
+    """Every tensor a checkpoint holds (teacher included), in upstream names: detectron2
+    ``.pth`` (``{"model": ...}``), bare state dicts, ``.safetensors``, HF-named files and
+    HF model folders (``config.json`` and weights)."""
     path = Path(path)
     if path.is_dir():
-        for name in ("model.safetensors", "pytorch_model.bin"):
-            if (path / name).is_file():
-                path = path / name
-                break
-        else:
-            raise InitError(f"{path} is a folder without model.safetensors or pytorch_model.bin")
+        try:
+            return read_hf_directory(path)
+        except ValueError as e:
+            raise InitError(str(e)) from None
     if not path.is_file():
         raise InitError(f"{path}: no such file")
     if path.suffix == ".safetensors":
@@ -63,8 +61,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            return load_file(path)
-        except (SafetensorError, OSError, ValueError) as e:
+            return _upstream_names(load_file(path))
+        except (SafetensorError, OSError) as e:
             raise InitError(f"{path} is not a readable .safetensors file: {e}") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -76,7 +74,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise InitError(f"{path} holds no state dict (names → tensors, or a detectron2 file with one "
                         "under 'model')")
-    return dict(obj)
+    return _upstream_names(obj)
 
 
 def _variant(state_dict: Mapping[str, torch.Tensor], source: str) -> str:
@@ -95,9 +93,6 @@ def plan_init(path: str | os.PathLike, teacher: str | os.PathLike | None = None)
     sd = read_state_dict(path)
     source = str(path)
     kind = "vitmatte"
-    if any(k.startswith(HF_PREFIXES) for k in sd):
-        sd = _from_hf(sd)
-        kind = "vitmatte (HF names)"
     if not any(k.startswith("backbone.blocks.") for k in sd) or "backbone.pos_embed" not in sd:
         raise InitError(f"{source} is not a ViTMatte or MEMatte checkpoint: it has no "
                         "backbone.pos_embed / backbone.blocks.* weights")
@@ -124,8 +119,6 @@ def plan_teacher(teacher: str | os.PathLike, variant: str | None = None) -> dict
     """``teacher_backbone.*`` from the backbone of a ViTMatte checkpoint (of ``variant``
     when given)."""
     tsd = read_state_dict(teacher)
-    if any(k.startswith(HF_PREFIXES) for k in tsd):
-        tsd = _from_hf(tsd)
     if any(k.startswith("backbone.routers.") for k in tsd) or "backbone.pos_embed" not in tsd:
         raise InitError(f"--teacher {teacher} is not a ViTMatte checkpoint")
     if variant is not None and _variant(tsd, str(teacher)) != variant:
@@ -133,13 +126,14 @@ def plan_teacher(teacher: str | os.PathLike, variant: str | None = None) -> dict
     return {TEACHER_PREFIX + k: v for k, v in tsd.items() if k.startswith("backbone.")}
 
 
-def _from_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _upstream_names(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF transformers' VitMatte names mapped to upstream's; other state dicts unchanged."""
+    if not is_hf_state_dict(state_dict):
+        return dict(state_dict)
     try:
-        from ..hf import upstream_from_hf
-    except ImportError:
-        raise InitError("this checkpoint has HF transformers names, which this build of mematte "
-                        "cannot map; convert it to upstream ViTMatte names first") from None
-    return dict(upstream_from_hf(state_dict))
+        return upstream_from_hf(state_dict)
+    except ValueError as e:
+        raise InitError(str(e)) from None
 
 
 def load_init(model: nn.Module, plan: InitPlan) -> list[str]:
