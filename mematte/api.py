@@ -261,7 +261,7 @@ def routing_picture(image: np.ndarray, routing: list[np.ndarray], max_side: int 
     tinted = 0.45 * base + 0.55 * np.array(TINT, dtype=np.float32)
     dimmed = 0.3 * base
     gap = 8
-    legend = _legend(2 * pw + gap)
+    legend = _legend(2 * pw + gap, max(12, ph // 18))  # as large as the panels' labels
     sheet = Image.new("RGB", (2 * pw + gap, 2 * ph + gap + legend.height), (255, 255, 255))
     for k, (block, keep) in enumerate(zip(GLOBAL_BLOCKS, routing)):
         panel = np.where(keep[np.ix_(rows, cols)][:, :, None], tinted, dimmed)
@@ -272,18 +272,18 @@ def routing_picture(image: np.ndarray, routing: list[np.ndarray], max_side: int 
     return sheet
 
 
-def _legend(width: int) -> Image.Image:
-    """Two swatches, what the tint and the dimming mean, one per line."""
-    font = ImageFont.load_default(size=12)
+def _legend(width: int, size: int) -> Image.Image:
+    """Two swatches, what the tint and the dimming mean, one per line; text ``size`` px."""
+    font = ImageFont.load_default(size=size)
     entries = (("sent to global attention", tuple(round(255 * (0.45 * 0.5 + 0.55 * c)) for c in TINT)),
                ("light module (LTRM)", (38, 38, 38)))
-    line = 18
+    line = size + 6
     im = Image.new("RGB", (width, 4 + line * len(entries)), (255, 255, 255))
     draw = ImageDraw.Draw(im)
     for i, (text, colour) in enumerate(entries):
         top = 4 + i * line
-        draw.rectangle((4, top, 16, top + 12), fill=colour, outline=(0, 0, 0))
-        draw.text((22, top), text, fill=(0, 0, 0), font=font)
+        draw.rectangle((4, top, 4 + size, top + size), fill=colour, outline=(0, 0, 0))
+        draw.text((10 + size, top), text, fill=(0, 0, 0), font=font)
     return im
 
 

@@ -65,9 +65,16 @@ def load_checkpoint_state_dict(path: str | os.PathLike, map_location: str | torc
 
 
 def _not_a_checkpoint(path: str, error: BaseException) -> str:
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = str(error).strip()
+    detail = re.search(r"WeightsUnpickler error:\s*(.+?)\n", text)  # skip torch's advice around it
+    if detail:
+        reason = f"not a pickle of tensors ({detail.group(1).strip()})"
+    elif os.path.getsize(path) == 0:
+        reason = "the file is empty"
+    else:
+        reason = text.splitlines()[0] if text else type(error).__name__
     return (f"{path!r} is not a PyTorch checkpoint (expected a detectron2 .pth, a state dict, "
-            f"or .safetensors): {first}")
+            f"or .safetensors): {reason}")
 
 
 def _unsafe_pickle_message(path: str, torch_message: str) -> str:

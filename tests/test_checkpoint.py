@@ -184,3 +184,15 @@ def test_a_pickle_that_needs_arbitrary_code_gets_our_message(tmp_path, source):
     assert "holds Python objects besides tensors (it stores a test_checkpoint.Config object)" in message
     assert "could run arbitrary code" in message and "state_dict()" in message
     assert "weights_only" not in message
+
+
+def test_not_a_checkpoint_message_carries_no_advice_to_drop_the_safety_check(tmp_path):
+    path = tmp_path / "photo.pth"
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(path, format="PNG")
+    with pytest.raises(ValueError) as err:
+        FastMEMatte.from_checkpoint(path)
+    assert "is not a PyTorch checkpoint" in str(err.value) and "not a pickle of tensors" in str(err.value)
+    assert "weights_only" not in str(err.value)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match="the file is empty"):
+        FastMEMatte.from_checkpoint(tmp_path / "empty.pth")
