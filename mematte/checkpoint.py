@@ -88,12 +88,19 @@ def _unsafe_pickle_message(path: str, torch_message: str) -> str:
     )
 
 
+class CheckedStateDict(dict):
+    """A state dict :func:`state_dict_of` has already unwrapped and checked, so that
+    handing it on (loader to model class) does not read every weight again."""
+
+
 def state_dict_of(obj: object, source: str = "checkpoint") -> dict:
     """The state dict inside a loaded checkpoint object.
 
     Unwraps ``{"model": ...}`` and ``{"state_dict": ...}``, strips a ``module.`` prefix
     that every key carries, drops ``teacher_backbone.*``, and refuses non-finite values.
     """
+    if isinstance(obj, CheckedStateDict):
+        return obj
     for _ in range(2):  # e.g. {"state_dict": {"model": ...}}
         if isinstance(obj, Mapping):
             inner = [obj[k] for k in WRAPPERS if isinstance(obj.get(k), Mapping)]
@@ -107,7 +114,7 @@ def state_dict_of(obj: object, source: str = "checkpoint") -> dict:
     keys = [str(k) for k in obj]
     if all(k.startswith(DATA_PARALLEL_PREFIX) for k in keys):
         obj = {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in obj.items()}
-    state_dict = {k: v for k, v in obj.items() if not k.startswith(IGNORED_PREFIXES)}
+    state_dict = CheckedStateDict((k, v) for k, v in obj.items() if not k.startswith(IGNORED_PREFIXES))
     check_finite(state_dict, source)
     return state_dict
 

@@ -196,3 +196,16 @@ def test_not_a_checkpoint_message_carries_no_advice_to_drop_the_safety_check(tmp
     (tmp_path / "empty.pth").write_bytes(b"")
     with pytest.raises(ValueError, match="the file is empty"):
         FastMEMatte.from_checkpoint(tmp_path / "empty.pth")
+
+
+def test_loading_reads_every_weight_for_the_finiteness_check_once(tmp_path, source, monkeypatch):
+    import mematte.checkpoint as checkpoint
+    from mematte.api import load_model
+
+    path = tmp_path / "once.pth"
+    torch.save({"model": source.state_dict()}, path)
+    calls = []
+    real = checkpoint.check_finite
+    monkeypatch.setattr(checkpoint, "check_finite", lambda *a, **k: calls.append(1) or real(*a, **k))
+    load_model(path, device="cpu")
+    assert len(calls) == 1
