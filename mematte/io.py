@@ -59,16 +59,17 @@ def open_image(path: str | os.PathLike, *, max_pixels: int | None = MAX_PIXELS) 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        with _pillow_limit:
+        with _pillow_limit:  # only while Pillow reads the header, where it checks the size
             saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
             try:
-                with Image.open(path) as im:
-                    _check_pixels(path, im.size, max_pixels)  # from the header, before decoding
-                    im.load()  # decode now: a truncated file fails here, not later mid-pipeline
-                    return ImageOps.exif_transpose(im)
+                im = Image.open(path)
             finally:
                 Image.MAX_IMAGE_PIXELS = saved
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        with im:
+            _check_pixels(path, im.size, max_pixels)  # from the header, before decoding
+            im.load()  # decode now: a truncated file fails here, not later mid-pipeline
+            return ImageOps.exif_transpose(im)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as e:
         raise ValueError(f"{path}: not a readable image ({e})") from e
 
 

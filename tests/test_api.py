@@ -272,3 +272,14 @@ def test_load_model_auto_dtype_and_no_cap(checkpoint):
     assert model.max_tokens is None
     assert model.dtype == (torch.bfloat16 if ext.cpu_bf16_kernels() else torch.float32)
     assert load_model(checkpoint, device="cpu", dtype="auto", backend="reference").dtype == torch.float32
+
+
+def test_max_pixels_lifts_pillows_own_limit_and_restores_it(files, monkeypatch):
+    from mematte import io
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow alone would refuse 56×40 now
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(files / "cat.png")
+    assert io.read_image(files / "cat.png", max_pixels=None).shape == (H, W, 3)
+    assert io.read_image(files / "cat.png", max_pixels=H * W).shape == (H, W, 3)
+    assert Image.MAX_IMAGE_PIXELS == 100
