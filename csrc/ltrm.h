@@ -61,6 +61,12 @@ at::Tensor window_attention_cpu(const at::Tensor& qkv, const at::Tensor& pad_qkv
 #ifdef MEMATTE_WITH_CUDA
 at::Tensor dwconv_gelu_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
 at::Tensor eca_cuda(const at::Tensor& z, const at::Tensor& weight, const std::optional<at::Tensor>& residual);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_gelu_backward_cuda(const at::Tensor& grad_out,
+                                                                        const at::Tensor& x,
+                                                                        const at::Tensor& weight,
+                                                                        const at::Tensor& bias);
+std::tuple<at::Tensor, at::Tensor> eca_backward_cuda(const at::Tensor& grad_out, const at::Tensor& z,
+                                                     const at::Tensor& weight);
 #endif
 
 }  // namespace mematte

@@ -297,6 +297,8 @@ TORCH_LIBRARY_IMPL(mematte_ext, Autograd, m) {
 TORCH_LIBRARY_IMPL(mematte_ext, CUDA, m) {
   m.impl("dwconv_gelu", &mematte::checked_dwconv_gelu<&mematte::dwconv_gelu_cuda>);
   m.impl("eca", &mematte::checked_eca<&mematte::eca_cuda>);
+  m.impl("dwconv_gelu_backward", &mematte::checked_dwconv_gelu_backward<&mematte::dwconv_gelu_backward_cuda>);
+  m.impl("eca_backward", &mematte::checked_eca_backward<&mematte::eca_backward_cuda>);
 }
 #endif
 

@@ -434,3 +434,89 @@ def test_double_backward_refused_by_name():
 
 
 # ----------------------------------------------------------------------- CUDA kernels
+
+
+def test_cuda_build_has_the_backward_kernels():
+    """A build with the forward CUDA kernels has the backward ones too: training on the GPU
+    never meets a forward op whose backward is missing."""
+    if ext._C is None or not ext._C.cuda_compiled:
+        pytest.skip("the extension's CUDA half is not built")
+    for op in ("dwconv_gelu_backward", "eca_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mematte_ext::{op}", "CUDA")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape, dtype", cases(["fp32", "bf16"]) + cases(["fp16"], SHAPES[:2]))
+def test_dwconv_gelu_grads_cuda(shape, dtype):
+    assert ext.has_kernel("dwconv_gelu_backward", "cuda")
+    x, weight, bias, grad = dwconv_inputs(shape, dtype, "cuda")
+    check_grads(ext.dwconv_gelu, reference.dwconv_gelu, [x, weight, bias], grad, ["x", "weight", "bias"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_residual", [False, True], ids=["no-residual", "residual"])
+@pytest.mark.parametrize("shape, dtype", cases(["fp32", "bf16"]) + cases(["fp16"], SHAPES[:2]))
+def test_eca_grads_cuda(shape, dtype, with_residual):
+    assert ext.has_kernel("eca_backward", "cuda")
+    z, weight, residual, grad = eca_inputs(shape, dtype, "cuda")
+    names = ["z", "weight", "residual"] if with_residual else ["z", "weight"]
+    check_grads(ext.eca, reference.eca, [z, weight, residual][: len(names)], grad, names)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+def test_cuda_grads_large_image(dtype):
+    """MEMatte-S at 2K: many row chunks for the weight gradient, many partial-sum chunks for ECA."""
+    x, weight, bias, grad = dwconv_inputs((2, 128, 128, 768), dtype, "cuda")
+    check_grads(ext.dwconv_gelu, reference.dwconv_gelu, [x, weight, bias], grad, ["x", "weight", "bias"])
+    z, eca_weight, residual, grad = eca_inputs((2, 128, 128, 384), dtype, "cuda")
+    check_grads(ext.eca, reference.eca, [z, eca_weight, residual], grad, ["z", "weight", "residual"])
+
+
+def _shifted(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t that starts one element into its storage: misaligned for vector accesses."""
+    return torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape).copy_(t)
+
+
+@pytest.mark.gpu
+def test_cuda_unaligned_inputs_match_aligned():
+    """Storage offsets of one element (bias included) take the scalar kernels, same results."""
+    x, weight, bias, grad = dwconv_inputs((2, 9, 11, 64), torch.bfloat16, "cuda")
+    bias = bias.float()
+    torch.testing.assert_close(ext.dwconv_gelu(x, weight, _shifted(bias)), ext.dwconv_gelu(x, weight, bias))
+    aligned = ext.dwconv_gelu_backward(grad, x, weight, bias)
+    for args in [
+        (_shifted(grad), x, weight, bias),
+        (grad, _shifted(x), weight, bias),
+        (grad, x, weight, _shifted(bias)),
+    ]:
+        for got, expected in zip(ext.dwconv_gelu_backward(*args), aligned):
+            torch.testing.assert_close(got, expected)
+    z, eca_weight, _, grad = eca_inputs((2, 9, 11, 64), torch.bfloat16, "cuda")
+    aligned = ext.eca_backward(grad, z, eca_weight)
+    for args in [(_shifted(grad), z, eca_weight), (grad, _shifted(z), eca_weight)]:
+        for got, expected in zip(ext.eca_backward(*args), aligned):
+            torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.gpu
+def test_cuda_weight_grads_reproducible():
+    x, weight, bias, grad = dwconv_inputs((2, 64, 48, 768), torch.bfloat16, "cuda")
+    first, second = ext.dwconv_gelu_backward(grad, x, weight, bias), ext.dwconv_gelu_backward(grad, x, weight, bias)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    z, eca_weight, _, grad = eca_inputs((2, 64, 48, 384), torch.bfloat16, "cuda")
+    first, second = ext.eca_backward(grad, z, eca_weight), ext.eca_backward(grad, z, eca_weight)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.gpu
+def test_opcheck_cuda_with_grad():
+    x, weight, bias, grad = dwconv_inputs((2, 5, 6, 40), torch.float32, "cuda")
+    torch.library.opcheck(torch.ops.mematte_ext.dwconv_gelu_backward.default, (grad, x, weight, bias))
+    args = tuple(t.requires_grad_() for t in (x, weight, bias))
+    torch.library.opcheck(torch.ops.mematte_ext.dwconv_gelu.default, args)
+    z, eca_weight, residual, grad = eca_inputs((2, 5, 6, 40), torch.float32, "cuda")
+    torch.library.opcheck(torch.ops.mematte_ext.eca_backward.default, (grad, z, eca_weight))
+    torch.library.opcheck(
+        torch.ops.mematte_ext.eca.default, tuple(t.requires_grad_() for t in (z, eca_weight, residual))
+    )
