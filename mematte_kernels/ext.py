@@ -126,14 +126,6 @@ if _C is not None:
     def _eca_fake(z, weight, residual=None):
         return torch.empty_like(z)
 
-    @torch.library.register_fake("mematte_ext::dwconv_gelu_backward")
-    def _dwconv_gelu_backward_fake(grad_out, x, weight, bias):
-        return torch.empty_like(x), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
-
-    @torch.library.register_fake("mematte_ext::eca_backward")
-    def _eca_backward_fake(grad_out, z, weight):
-        return torch.empty_like(z), weight.new_empty(weight.shape)
-
     @torch.library.register_fake("mematte_ext::upsample_taps_relu_")
     def _upsample_taps_relu_fake(out, taps):
         return None
@@ -150,31 +142,60 @@ if _C is not None:
     def _upsample_conv_relu_fake(out, x, weight):
         return None
 
-    # Autograd of the two LTRM ops. dwconv_gelu keeps only its inputs: the backward recomputes
-    # the pre-activation (25 multiply-adds an element) instead of holding a (B, H, W, C) tensor
-    # from forward to backward. Gradients may arrive non-contiguous (expanded, permuted); the
-    # kernels take them contiguous.
+    # A build from before the backward ops still runs inference, so it is a warning, not an
+    # import error; a backward through it is an error naming the op, never a missing gradient.
+    if all(hasattr(torch.ops.mematte_ext, op) for op in ("dwconv_gelu_backward", "eca_backward")):
 
-    def _dwconv_gelu_setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
+        @torch.library.register_fake("mematte_ext::dwconv_gelu_backward")
+        def _dwconv_gelu_backward_fake(grad_out, x, weight, bias):
+            return torch.empty_like(x), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
 
-    def _dwconv_gelu_grad(ctx, grad):
-        x, weight, bias = ctx.saved_tensors
-        return torch.ops.mematte_ext.dwconv_gelu_backward(grad.contiguous(), x, weight, bias)
+        @torch.library.register_fake("mematte_ext::eca_backward")
+        def _eca_backward_fake(grad_out, z, weight):
+            return torch.empty_like(z), weight.new_empty(weight.shape)
 
-    def _eca_setup_context(ctx, inputs, output):
-        z, weight, residual = inputs
-        ctx.save_for_backward(z, weight)
-        ctx.has_residual = residual is not None
+        # Autograd of the two LTRM ops. dwconv_gelu keeps only its inputs: the backward recomputes
+        # the pre-activation (25 multiply-adds an element) instead of holding a (B, H, W, C) tensor
+        # from forward to backward. Gradients may arrive non-contiguous (expanded, permuted); the
+        # kernels take them contiguous.
 
-    def _eca_grad(ctx, grad):
-        z, weight = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_z, grad_weight = torch.ops.mematte_ext.eca_backward(grad, z, weight)
-        # out = ... + residual: its gradient is grad itself, passed on rather than copied.
-        return grad_z, grad_weight, grad if ctx.has_residual else None
+        def _dwconv_gelu_setup_context(ctx, inputs, output):
+            ctx.save_for_backward(*inputs)
 
-    torch.library.register_autograd(
-        "mematte_ext::dwconv_gelu", _dwconv_gelu_grad, setup_context=_dwconv_gelu_setup_context
-    )
-    torch.library.register_autograd("mematte_ext::eca", _eca_grad, setup_context=_eca_setup_context)
+        def _dwconv_gelu_grad(ctx, grad):
+            x, weight, bias = ctx.saved_tensors
+            return torch.ops.mematte_ext.dwconv_gelu_backward(grad.contiguous(), x, weight, bias)
+
+        def _eca_setup_context(ctx, inputs, output):
+            z, weight, residual = inputs
+            ctx.save_for_backward(z, weight)
+            ctx.has_residual = residual is not None
+
+        def _eca_grad(ctx, grad):
+            z, weight = ctx.saved_tensors
+            grad = grad.contiguous()
+            grad_z, grad_weight = torch.ops.mematte_ext.eca_backward(grad, z, weight)
+            # out = ... + residual: its gradient is grad itself, passed on rather than copied.
+            return grad_z, grad_weight, grad if ctx.has_residual else None
+
+        torch.library.register_autograd(
+            "mematte_ext::dwconv_gelu", _dwconv_gelu_grad, setup_context=_dwconv_gelu_setup_context
+        )
+        torch.library.register_autograd("mematte_ext::eca", _eca_grad, setup_context=_eca_setup_context)
+    else:
+        log.warning(
+            "mematte_kernels: the compiled extension predates dwconv_gelu_backward and eca_backward; "
+            "rebuild it (pip install -e .) to train through the compiled LTRM ops"
+        )
+
+        def _stale_build_grad(op: str):
+            def backward(ctx, grad):
+                raise RuntimeError(
+                    f"mematte_ext.{op}: this build of mematte_kernels._C has no backward for it; rebuild it "
+                    "(pip install -e .)"
+                )
+
+            return backward
+
+        for _op in OPS:
+            torch.library.register_autograd(f"mematte_ext::{_op}", _stale_build_grad(_op))
