@@ -12,6 +12,11 @@
 // the second product, as in every bf16 flash attention. PyTorch's CPU SDPA runs the same
 // shapes at fp32 speed on these CPUs; this is the bf16 rate.
 //
+// Whole grids (ViTMatte's global attention, relpos_attention): every sequence is an H x W grid
+// of any size, and each query brings its own position terms, bias_h[i, 0:H] and bias_w[i, 0:W]
+// (fp32, q . rel_h[row(i), r] precomputed); key j's bias, bias_h[i, j / W] + bias_w[i, j % W],
+// is gathered inside the key loop. H + W values per query, never N.
+//
 // The same kernel runs the ViT's window attention straight from the (B, H, W, 3C) qkv
 // projection (window_attention): each window is a sequence whose tokens are read where
 // they lie in the image's grid; the padding that upstream appends as zero tokens is a key
@@ -85,6 +90,11 @@ struct AttentionArgs {
   int64_t window, image_h, image_w;
   const c10::BFloat16* pad_k;
   const c10::BFloat16* pad_v;
+  // Whole grids: per-query position terms, (T, heads, grid_h) and (T, heads, grid_w) fp32
+  // contiguous; null otherwise.
+  const float* grid_bias_h;
+  const float* grid_bias_w;
+  int64_t grid_h, grid_w;
 };
 
 // The token row of position p of sequence s, or -1 for window padding.
@@ -248,6 +258,19 @@ MEMATTE_AVX512BF16 void attend_block(const AttentionArgs& a, const Sequence& s, 
     }
   }
 
+  // Whole grids: each row's two position-term rows (padding rows: the last real row's).
+  const bool grid_biased = a.grid_bias_h != nullptr;
+  const float* grid_rows_h[kBlockM];
+  const float* grid_rows_w[kBlockM];
+  if (grid_biased) {
+    for (int64_t r = 0; r < tile_rows; ++r) {
+      const int64_t row = out_rows[std::min(r, rows - 1)];
+      grid_rows_h[r] = a.grid_bias_h + (row * a.heads + head) * a.grid_h;
+      grid_rows_w[r] = a.grid_bias_w + (row * a.heads + head) * a.grid_w;
+    }
+  }
+  const __m512 log2e = _mm512_set1_ps(1.4426950408889634f);
+
   const __m512 scale = _mm512_set1_ps(a.scale_log2);
   const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t n0 = 0; n0 < s.length; n0 += kBlockN) {
@@ -268,6 +291,16 @@ MEMATTE_AVX512BF16 void attend_block(const AttentionArgs& a, const Sequence& s, 
         key_w[t] = _mm512_load_si512(w_idx);
       }
     }
+    // Whole grids: key j's grid row and column, indices into each query's position terms
+    // (0 past the sequence's end, a valid index whose value the mask drops).
+    alignas(64) int32_t grid_key_h[kBlockN], grid_key_w[kBlockN];
+    if (grid_biased) {
+      for (int64_t j = 0; j < kBlockN; ++j) {
+        const int64_t key = j < valid ? n0 + j : 0;
+        grid_key_h[j] = static_cast<int32_t>(key / a.grid_w);
+        grid_key_w[j] = static_cast<int32_t>(key % a.grid_w);
+      }
+    }
     // Online softmax, base 2: keys past the sequence's end get probability 0. First the
     // scaled (and biased) logits and the new row maxima, then the rescale factors of all rows
     // at once, then the probabilities.
@@ -284,6 +317,11 @@ MEMATTE_AVX512BF16 void attend_block(const AttentionArgs& a, const Sequence& s, 
         if (biased) {
           const __m512 bias = _mm512_add_ps(_mm512_permutexvar_ps(key_h[t], row_bias_h[r]),
                                             _mm512_permutexvar_ps(key_w[t], row_bias_w[r]));
+          x = _mm512_mask_mov_ps(minus_inf, mask, _mm512_fmadd_ps(logit, scale, bias));
+        } else if (grid_biased) {
+          const __m512 bias_h = _mm512_i32gather_ps(_mm512_load_si512(grid_key_h + t * kLanes), grid_rows_h[r], 4);
+          const __m512 bias_w = _mm512_i32gather_ps(_mm512_load_si512(grid_key_w + t * kLanes), grid_rows_w[r], 4);
+          const __m512 bias = _mm512_mul_ps(_mm512_add_ps(bias_h, bias_w), log2e);
           x = _mm512_mask_mov_ps(minus_inf, mask, _mm512_fmadd_ps(logit, scale, bias));
         } else {
           x = _mm512_mask_mul_ps(minus_inf, mask, logit, scale);
@@ -414,7 +452,7 @@ at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
                            rel_h.has_value() ? rel_h_packed.data() : nullptr,
                            rel_w.has_value() ? rel_w_packed.data() : nullptr,
                            rel_w.has_value() ? rel_w->size(0) : 0,
-                           0, 0, 0, nullptr, nullptr};
+                           0, 0, 0, nullptr, nullptr, nullptr, nullptr, 0, 0};
   run_attention(args, seqs, q.options());
 #else
   TORCH_CHECK(false, "mematte_ext.varlen_attention: this build has no AVX512-BF16 kernel");
@@ -438,10 +476,33 @@ at::Tensor window_attention_cpu(const at::Tensor& qkv, const at::Tensor& pad_qkv
   const AttentionArgs args{q, q + C, q + 2 * C, 3 * C, kDim, 3 * C, kDim, 3 * C, kDim,
                            out.mutable_data_ptr<c10::BFloat16>(), num_heads,
                            static_cast<float>(scale * 1.4426950408889634), rel_h_packed.data(), rel_w_packed.data(),
-                           window, window, H, W, pad + C, pad + 2 * C};
+                           window, window, H, W, pad + C, pad + 2 * C, nullptr, nullptr, 0, 0};
   run_attention(args, seqs, qkv.options());
 #else
   TORCH_CHECK(false, "mematte_ext.window_attention: this build has no AVX512-BF16 kernel");
+#endif
+  return out;
+}
+
+at::Tensor relpos_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias_h,
+                                const at::Tensor& bias_w, double scale) {
+  const int64_t B = q.size(0), N = q.size(1), heads = q.size(2);
+  at::Tensor out = at::empty({B, N, heads, 64}, q.options());
+#ifdef MEMATTE_HAVE_AVX512BF16_KERNEL
+  // Each image is one sequence of the packed (B * N, heads, 64) tokens (q's batch stride is
+  // N times its token stride).
+  std::vector<Sequence> seqs;
+  for (int64_t b = 0; b < B; ++b) seqs.push_back({b * N, N, 0, 0, 0});
+  const AttentionArgs args{q.const_data_ptr<c10::BFloat16>(), k.const_data_ptr<c10::BFloat16>(),
+                           v.const_data_ptr<c10::BFloat16>(), q.stride(1), q.stride(2), k.stride(1), k.stride(2),
+                           v.stride(1), v.stride(2), out.mutable_data_ptr<c10::BFloat16>(), heads,
+                           static_cast<float>(scale * 1.4426950408889634), nullptr, nullptr, 0,
+                           0, 0, 0, nullptr, nullptr,
+                           bias_h.const_data_ptr<float>(), bias_w.const_data_ptr<float>(), bias_h.size(3),
+                           bias_w.size(3)};
+  run_attention(args, seqs, q.options());
+#else
+  TORCH_CHECK(false, "mematte_ext.relpos_attention: this build has no AVX512-BF16 kernel");
 #endif
   return out;
 }

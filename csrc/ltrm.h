@@ -58,6 +58,14 @@ at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
 at::Tensor window_attention_cpu(const at::Tensor& qkv, const at::Tensor& pad_qkv, const at::Tensor& rel_h,
                                 const at::Tensor& rel_w, int64_t num_heads, double scale, int64_t window);
 
+// Attention over whole H x W token grids with per-query position terms (ViTMatte's global
+// attention), bf16, head dim 64, on CPUs with AVX512-BF16: q, k, v (B, N = H * W, heads, 64)
+// with a contiguous last dim and a batch stride of N token strides; bias_h (B, N, heads, H)
+// and bias_w (B, N, heads, W) fp32 contiguous. logit[i, j] = scale q[i].k[j] +
+// bias_h[i, j / W] + bias_w[i, j % W]. Returns (B, N, heads, 64).
+at::Tensor relpos_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias_h,
+                                const at::Tensor& bias_w, double scale);
+
 #ifdef MEMATTE_WITH_CUDA
 at::Tensor dwconv_gelu_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
 at::Tensor eca_cuda(const at::Tensor& z, const at::Tensor& weight, const std::optional<at::Tensor>& residual);

@@ -145,6 +145,34 @@ at::Tensor checked_varlen_attention(const at::Tensor& q, const at::Tensor& k, co
   return varlen_attention_cpu(q, k, v, cu_seqlens, scale, rel_h, rel_w);
 }
 
+at::Tensor checked_relpos_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& bias_h, const at::Tensor& bias_w, double scale) {
+  TORCH_CHECK(cpu_has_avx512_bf16(), "mematte_ext.relpos_attention: needs a CPU with AVX512-BF16; this one has none");
+  for (const auto& [name, t] : {std::pair{"q", q}, std::pair{"k", k}, std::pair{"v", v}}) {
+    TORCH_CHECK(t.dim() == 4 && t.size(3) == 64, "mematte_ext.relpos_attention: ", name,
+                " must be (B, N, heads, 64), got shape ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == at::kBFloat16, "mematte_ext.relpos_attention: ", name, " must be bfloat16, got ",
+                t.scalar_type());
+    TORCH_CHECK(t.sizes() == q.sizes(), "mematte_ext.relpos_attention: ", name, " has shape ", t.sizes(),
+                " but q has ", q.sizes());
+    TORCH_CHECK(t.device() == q.device(), "mematte_ext.relpos_attention: ", name, " must be on q's device");
+    TORCH_CHECK(t.stride(3) == 1 && (t.size(0) <= 1 || t.stride(0) == t.size(1) * t.stride(1)),
+                "mematte_ext.relpos_attention: ", name,
+                " must have a contiguous head dim and a batch stride of N token strides, got strides ", t.strides());
+  }
+  const int64_t B = q.size(0), N = q.size(1), heads = q.size(2);
+  for (const auto& [name, t] : {std::pair{"bias_h", bias_h}, std::pair{"bias_w", bias_w}}) {
+    TORCH_CHECK(t.dim() == 4 && t.size(0) == B && t.size(1) == N && t.size(2) == heads && t.size(3) >= 1,
+                "mematte_ext.relpos_attention: ", name, " must be (", B, ", ", N, ", ", heads, ", H or W), got shape ",
+                t.sizes());
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device() == q.device(),
+                "mematte_ext.relpos_attention: ", name, " must be a contiguous float32 tensor on q's device");
+  }
+  TORCH_CHECK(bias_h.size(3) * bias_w.size(3) == N, "mematte_ext.relpos_attention: the grid is ", bias_h.size(3),
+              "x", bias_w.size(3), " (from bias_h, bias_w) but q holds ", N, " tokens per image");
+  return relpos_attention_cpu(q, k, v, bias_h, bias_w, scale);
+}
+
 at::Tensor checked_window_attention(const at::Tensor& qkv, const at::Tensor& pad_qkv, const at::Tensor& rel_h,
                                     const at::Tensor& rel_w, int64_t num_heads, double scale, int64_t window) {
   TORCH_CHECK(cpu_has_avx512_bf16(), "mematte_ext.window_attention: needs a CPU with AVX512-BF16; this one has none");
@@ -271,6 +299,7 @@ TORCH_LIBRARY(mematte_ext, m) {
   m.def(
       "window_attention(Tensor qkv, Tensor pad_qkv, Tensor rel_h, Tensor rel_w, int num_heads, float scale, "
       "int window) -> Tensor");
+  m.def("relpos_attention(Tensor q, Tensor k, Tensor v, Tensor bias_h, Tensor bias_w, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mematte_ext, CPU, m) {
@@ -282,6 +311,7 @@ TORCH_LIBRARY_IMPL(mematte_ext, CPU, m) {
   m.impl("upsample_conv_relu_", &mematte::checked_upsample_conv_relu);
   m.impl("varlen_attention", &mematte::checked_varlen_attention);
   m.impl("window_attention", &mematte::checked_window_attention);
+  m.impl("relpos_attention", &mematte::checked_relpos_attention);
 }
 
 // dwconv_gelu and eca get their autograd formulas in mematte_kernels/ext.py; every other op

@@ -150,7 +150,7 @@ def _with_ltrm(name: str, device: torch.device, **ops) -> OpTable:
     else:
         name = f"{name} (LTRM ops: reference, the extension has none for {device.type})"
     bf16_kernels = _cpu_bf16_kernels(device)
-    ops.setdefault("global_attention", native.global_attention)
+    ops.setdefault("global_attention", native.global_attention_bf16 if bf16_kernels else native.global_attention)
     if ext.has_kernel("upsample_taps_relu_", device):
         ops.update(upsample_conv_relu_=native.upsample_conv_relu_bf16 if bf16_kernels else native.upsample_conv_relu_)
     return replace(

@@ -36,7 +36,8 @@ def has_kernel(op: str, device: torch.device | str) -> bool:
 
 def cpu_bf16_kernels() -> bool:
     """Whether the AVX512-BF16 kernels (:func:`varlen_attention`, :func:`window_attention`,
-    :func:`upsample_conv_relu_`) run here: built, and the CPU has the instructions."""
+    :func:`relpos_attention`, :func:`upsample_conv_relu_`) run here: built, and the CPU has
+    the instructions."""
     return has_kernel("varlen_attention", "cpu") and bool(_C.cpu_bf16_kernels)
 
 
@@ -114,6 +115,16 @@ def window_attention(
     return torch.ops.mematte_ext.window_attention(qkv, pad_qkv, rel_h, rel_w, num_heads, scale, window)
 
 
+def relpos_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_h: torch.Tensor, bias_w: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """:func:`mematte_kernels.reference.relpos_attention` on AVX512-BF16 CPUs: bf16 q, k, v
+    (B, N, heads, 64) (a batch stride of N token strides, as views of one qkv give), fp32
+    per-query position terms bias_h (B, N, heads, H) and bias_w (B, N, heads, W) contiguous
+    -> (B, N, heads, 64); no N×N matrix is built."""
+    return torch.ops.mematte_ext.relpos_attention(q, k, v, bias_h, bias_w, scale)
+
+
 if _C is not None:
     # Shapes for FakeTensor / torch.compile: the LTRM ops return a tensor like their input;
     # upsample_taps_relu_ only writes its first argument.
@@ -137,6 +148,12 @@ if _C is not None:
     @torch.library.register_fake("mematte_ext::window_attention")
     def _window_attention_fake(qkv, pad_qkv, rel_h, rel_w, num_heads, scale, window):
         return qkv.new_empty((*qkv.shape[:-1], qkv.shape[-1] // 3))
+
+    if hasattr(torch.ops.mematte_ext, "relpos_attention"):  # builds from before the op lack it
+
+        @torch.library.register_fake("mematte_ext::relpos_attention")
+        def _relpos_attention_fake(q, k, v, bias_h, bias_w, scale):
+            return q.new_empty(q.shape)
 
     @torch.library.register_fake("mematte_ext::upsample_conv_relu_")
     def _upsample_conv_relu_fake(out, x, weight):
