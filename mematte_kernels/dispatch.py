@@ -6,8 +6,9 @@ forward for the tensors' device and calls the table; it never checks what is ins
 Backends:
   ``reference``  plain PyTorch (:mod:`mematte_kernels.reference`), the oracle.
   ``triton``     Triton kernels for the routed path (router, gather/scatter, varlen
-                 attention); LTRM ops from the compiled extension when it has them for the
-                 device. Runs on CPU tensors under ``TRITON_INTERPRET=1``.
+                 attention) and the policy attention of training; LTRM ops from the
+                 compiled extension when it has them for the device. Runs on CPU tensors
+                 under ``TRITON_INTERPRET=1``.
   ``cuda``       the GPU fast path: Triton routed path + CUDA LTRM ops.
   ``cpu``        the CPU fast path: fused PyTorch routed path + C++ LTRM ops.
   ``auto``       ``cuda`` for CUDA tensors, ``cpu`` otherwise.
@@ -128,6 +129,7 @@ def _build(name: str, device: torch.device) -> OpTable:
         scatter_residual_=triton_ops.scatter_residual_,
         varlen_attention=triton_ops.varlen_attention,
         global_attention=triton_ops.global_attention,
+        policy_attention=triton_ops.policy_attention,
     )
     if name == "cuda" and forced and not ext.available(device):
         raise ValueError(

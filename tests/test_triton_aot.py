@@ -10,6 +10,7 @@ that cannot be compiled.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -74,8 +75,51 @@ SIGNATURES = {
         stride_wb="i32", stride_wn="i32", stride_wh="i32", stride_ob=I32_16, stride_on=I32_16, stride_oh=I32_16,
     ),
 }
+# Policy attention: q, k, v (B, N, heads, 64) views of the qkv projection, policy (B, N).
+_POLICY_QKV_STRIDES = dict(stride_qb=I32_16, stride_qn=I32_16, stride_qh=I32_16, stride_kb=I32_16, stride_kn=I32_16,
+                           stride_kh=I32_16, stride_vb=I32_16, stride_vn=I32_16, stride_vh=I32_16)
+_POLICY_STATS = dict(row_max_ptr="*fp32", row_argmax_ptr="*i32", denom_ptr="*fp32")
+_POLICY_BACKWARD = dict(
+    q_ptr=ACT, k_ptr=ACT, v_ptr=ACT, policy_ptr=ACT, dout_ptr=ACT, **_POLICY_STATS, delta_ptr="*fp32", dmax_ptr="*fp32",
+    N="i32", N_BUCKET="i32", num_heads="i32", qk_scale="fp32", scale="fp32", **_POLICY_QKV_STRIDES,
+    stride_db=I32_16, stride_dn=I32_16, stride_dh=I32_16, stride_pb="i32", stride_pn=1,
+)
+SIGNATURES.update({
+    "_policy_attention_fwd_kernel": dict(
+        q_ptr=ACT, k_ptr=ACT, v_ptr=ACT, policy_ptr=ACT, vsum_ptr="*fp32", out_ptr=ACT, **_POLICY_STATS,
+        N="i32", N_BUCKET="i32", num_heads="i32", qk_scale="fp32", eps="fp32", **_POLICY_QKV_STRIDES,
+        stride_ob=I32_16, stride_on=I32_16, stride_oh=I32_16, stride_pb="i32", stride_pn=1,
+    ),
+    "_policy_attention_bwd_preprocess_kernel": dict(
+        out_ptr=ACT, dout_ptr=ACT, vsum_ptr="*fp32", denom_ptr="*fp32", delta_ptr="*fp32", dmax_ptr="*fp32",
+        N="i32", num_heads="i32", eps="fp32",
+        stride_ob=I32_16, stride_on=I32_16, stride_oh=I32_16, stride_db=I32_16, stride_dn=I32_16, stride_dh=I32_16,
+    ),
+    "_policy_attention_bwd_dkdv_kernel": dict(
+        **_POLICY_BACKWARD, dk_ptr=ACT, dv_ptr=ACT, dpolicy_ptr="*fp32", eps="fp32",
+        stride_dkb=I32_16, stride_dkn=I32_16, stride_dkh=I32_16, stride_dvb=I32_16, stride_dvn=I32_16, stride_dvh=I32_16,
+    ),
+    "_policy_attention_bwd_dq_kernel": dict(
+        **_POLICY_BACKWARD, dq_ptr=ACT, stride_dqb=I32_16, stride_dqn=I32_16, stride_dqh=I32_16,
+    ),
+})
+POLICY_AUTOTUNED = ("_policy_attention_fwd_kernel", "_policy_attention_bwd_dkdv_kernel", "_policy_attention_bwd_dq_kernel")
 # Kernels whose tl.dot decides between tensor cores and FMA.
-DOT_KERNELS = {"_router_hidden_kernel", "_router_head_kernel", "_varlen_attention_kernel", "_relpos_attention_kernel"}
+DOT_KERNELS = {"_router_hidden_kernel", "_router_head_kernel", "_varlen_attention_kernel", "_relpos_attention_kernel",
+               *POLICY_AUTOTUNED}
+
+
+def policy_attention_variants(torch_dtype):
+    """Every config of the policy attention kernels' autotuners, after the per-dtype pruning."""
+    pa = importlib.import_module("mematte_kernels.triton.policy_attention")  # the package exports a function of that name
+    variants = [(pa._policy_attention_bwd_preprocess_kernel, {"HEAD_DIM": 64, "BLOCK_M": pa.PREPROCESS_BLOCK_M}, 4, 3)]
+    for kernel, configs in ((pa._policy_attention_fwd_kernel, pa.forward_configs_for(torch_dtype)),
+                            (pa._policy_attention_bwd_dkdv_kernel, pa.backward_configs_for(torch_dtype)),
+                            (pa._policy_attention_bwd_dq_kernel, pa.backward_configs_for(torch_dtype))):
+        assert all(config in kernel.configs for config in configs)
+        variants += [(kernel.fn, {**config.kwargs, "HEAD_DIM": 64}, config.num_warps, config.num_stages)
+                     for config in configs]
+    return variants
 
 
 def launch_variants(dtype):
@@ -111,7 +155,7 @@ def launch_variants(dtype):
     assert all(config in relpos_kernel.configs for config in relpos_configs_for(torch_dtype))
     for config in relpos_configs_for(torch_dtype):
         variants.append((relpos_kernel.fn, {**config.kwargs, "HEAD_DIM": 64}, config.num_warps, config.num_stages))
-    return variants
+    return variants + policy_attention_variants(torch_dtype)
 
 
 def ast_source(kernel, dtype, constexprs):
@@ -187,9 +231,15 @@ def test_every_config_compiles(compiled):
     def attention_configs(dtype, fp32, tensor_core):
         return len(fp32 if dtype == "fp32" else tensor_core)
 
+    pa = importlib.import_module("mematte_kernels.triton.policy_attention")
+
+    def policy_attention_count(dtype):
+        kind = "fp32" if dtype == "fp32" else "tensor_core"
+        return 1 + len(pa.FORWARD_CONFIGS[kind]) + 2 * len(pa.BACKWARD_CONFIGS[kind])
+
     per_arch = sum(2 + 3 * len(WIDTHS) + attention_configs(dtype, FP32_CONFIGS, TENSOR_CORE_CONFIGS)
                    + attention_configs(dtype, RELPOS_FP32, RELPOS_TENSOR_CORE)
-                   for dtype in DTYPES)
+                   + policy_attention_count(dtype) for dtype in DTYPES)
     assert len(compiled) == per_arch * len(SHARED_MEMORY_LIMIT)
 
 

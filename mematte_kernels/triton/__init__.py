@@ -1,6 +1,6 @@
 """Triton kernels for MEMatte's routed path: the router, gather + LayerNorm, scatter +
-residual, and varlen (per-image) attention; and ViTMatte's global attention with decomposed
-relative position.
+residual, varlen (per-image) attention and the policy-masked attention of training; and
+ViTMatte's global attention with decomposed relative position.
 
 Each public function takes the arguments and returns what the function of the same name in
 :mod:`mematte_kernels.reference` does, and calls a ``torch.library`` custom op
@@ -15,6 +15,7 @@ if INTERPRET:
     _interpreter.apply()
 
 from .gather_scatter import gather_layernorm, scatter_residual_
+from .policy_attention import policy_attention
 from .relpos_attention import global_attention, relpos_attention
 from .router import router_scores
 from .varlen_attention import varlen_attention
@@ -22,6 +23,7 @@ from .varlen_attention import varlen_attention
 __all__ = [
     "gather_layernorm",
     "global_attention",
+    "policy_attention",
     "relpos_attention",
     "router_scores",
     "scatter_residual_",

@@ -1,0 +1,508 @@
+"""Policy-masked flash attention, forward and backward, as MEMatte trains its routed blocks.
+
+For one (image, head), with logits ``l = scale * q @ k^T`` over all N tokens and the router's
+policy p (N,) (spec: TRAINING.md, "Routed block in training"):
+
+    keep[i, j] = p_j + (1 - p_j) * [i == j]          a query always keeps itself
+    m_i        = max_j l[i, j]                        over ALL keys, masked ones included
+    a[i, j]    = exp(l[i, j] - m_i) * keep[i, j]
+    D_i        = sum_j a[i, j] + eps
+    out_i      = sum_j (a[i, j] + eps / N) / D_i * v_j
+               = (sum_j a[i, j] v_j + eps / N * vsum) / D_i,    vsum = sum_j v_j
+
+so the eps terms need only the column sum of v, precomputed per (image, head). The forward
+keeps an online softmax over key blocks whose running max runs over every key; the final
+``a`` are relative to the final max, as the formula has it. It stores per row the max, its
+key (the first one on ties) and D for the backward.
+
+Backward, with dA[i, j] = dout_i . v_j and delta_i = dout_i . out_i:
+
+    G[i, j]      = exp(l[i, j] - m_i) * (dA[i, j] - delta_i) / D_i
+    dl[i, j]     = keep[i, j] * G[i, j] + [j == argmax_i] * dmax_i
+    dmax_i       = -(eps / D_i) * (delta_i - dout_i . vsum / N)      the max is not detached
+    dq_i         = scale * sum_j dl[i, j] k_j,   dk_j = scale * sum_i dl[i, j] q_i
+    dv_j         = sum_i a[i, j] / D_i * dout_i + eps / N * sum_i dout_i / D_i
+    dp_j         = sum_{i != j} G[i, j]          summed over heads too (keep' = 1 - [i == j])
+
+Three launches: a per-row preprocess (delta, dmax), then dk/dv/dp per key block looping over
+query blocks, and dq per query block looping over key blocks. Both recompute the logits;
+nothing N x N is stored, and there are no atomics, so gradients are deterministic.
+
+q, k, v are (B, N, heads, 64), possibly strided views, with a contiguous head dimension.
+Logits are the fp32 dot result times ``scale * log2(e)`` (the exponentials run in base 2);
+fp32 uses exact fp32 dots (``input_precision="ieee"``), fp16/bf16 the tensor cores with fp32
+accumulation.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, check_devices, check_float, check_ndim
+
+HEAD_DIM = 64
+LOG2E = math.log2(math.e)
+
+# Tensor-core (fp16/bf16) and FMA (fp32) tiles. fp32 dots hold whole operand rows in
+# registers, so its tiles are smaller. The backward holds four (BLOCK_N, 64) tiles (k, v
+# and their gradients) per program, so its tiles are smaller than the forward's.
+FORWARD_CONFIGS = {
+    "tensor_core": [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    ],
+    "fp32": [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+    ],
+}
+BACKWARD_CONFIGS = {
+    "tensor_core": [
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+    ],
+    "fp32": [
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+    ],
+}
+PREPROCESS_BLOCK_M = 64
+# The interpreter would benchmark every config on the CPU: it runs this one alone.
+INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)
+
+
+def _kind(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "tensor_core"
+
+
+def forward_configs_for(dtype: torch.dtype) -> list[triton.Config]:
+    """The configs the forward's autotuner tries for q/k/v of ``dtype``."""
+    return FORWARD_CONFIGS[_kind(dtype)]
+
+
+def backward_configs_for(dtype: torch.dtype) -> list[triton.Config]:
+    """The configs the backward kernels' autotuners try for q/k/v of ``dtype``."""
+    return BACKWARD_CONFIGS[_kind(dtype)]
+
+
+def _all(configs: dict) -> list[triton.Config]:
+    return [INTERPRETER_CONFIG] if INTERPRET else configs["tensor_core"] + configs["fp32"]
+
+
+def _prune_forward(configs, named_args: dict, **kwargs) -> list[triton.Config]:
+    return forward_configs_for(named_args["q_ptr"].dtype)
+
+
+def _prune_backward(configs, named_args: dict, **kwargs) -> list[triton.Config]:
+    return backward_configs_for(named_args["q_ptr"].dtype)
+
+
+# The autotuners add every tensor argument's dtype to the key; N_BUCKET is N rounded up to a
+# power of two, so a new token count reuses its bucket's choice.
+AUTOTUNE_KEY = ["HEAD_DIM", "N_BUCKET"]
+
+
+@triton.jit
+def _keep_weight(policy, offs_query, offs_key):
+    """keep[i, j] = p_j + (1 - p_j) * [i == j] for a (queries, keys) tile; policy (keys,)."""
+    diagonal = offs_query[:, None] == offs_key[None, :]
+    return tl.where(diagonal, 1.0, policy[None, :])
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.autotune(configs=_all(FORWARD_CONFIGS), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_forward})
+@triton.jit
+def _policy_attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, policy_ptr, vsum_ptr, out_ptr, row_max_ptr, row_argmax_ptr, denom_ptr,
+    N, N_BUCKET, num_heads, qk_scale, eps,
+    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh, stride_pb, stride_pn,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // num_heads
+    head = pid_bh % num_heads
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) queries
+    offs_n = tl.arange(0, BLOCK_N)                    # (BLOCK_N,) keys, within a key block
+    offs_d = tl.arange(0, HEAD_DIM)                   # (HEAD_DIM,)
+    query_mask = offs_m < N
+    q_base = q_ptr + batch.to(tl.int64) * stride_qb + head * stride_qh
+    k_base = k_ptr + batch.to(tl.int64) * stride_kb + head * stride_kh
+    v_base = v_ptr + batch.to(tl.int64) * stride_vb + head * stride_vh
+
+    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=query_mask[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
+
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)              # sum_j a v_j, relative to row_max
+    row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)     # base-2 logits
+    row_argmax = tl.zeros((BLOCK_M,), tl.int32)
+    row_sum = tl.zeros((BLOCK_M,), tl.float32)                   # sum_j a, relative to row_max
+    for key_start in range(0, N, BLOCK_N):
+        offs_key = key_start + offs_n
+        key_mask = offs_key < N
+        k = tl.load(k_base + offs_key[None, :] * stride_kn + offs_d[:, None],
+                    mask=key_mask[None, :], other=0.0)  # (HEAD_DIM, BLOCK_N): k^T
+        v = tl.load(v_base + offs_key[:, None] * stride_vn + offs_d[None, :],
+                    mask=key_mask[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
+        policy = tl.load(policy_ptr + batch * stride_pb + offs_key * stride_pn,
+                         mask=key_mask, other=0.0).to(tl.float32)  # (BLOCK_N,)
+
+        logits = tl.dot(q, k, input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N), base 2
+        logits = tl.where(key_mask[None, :], logits, float("-inf"))
+        # Every block holds a real key, so new_max is finite. Strictly greater: the first
+        # key with the row's max keeps it.
+        block_max = tl.max(logits, axis=1)  # (BLOCK_M,)
+        block_argmax = tl.argmax(logits, axis=1, tie_break_left=True).to(tl.int32) + key_start
+        row_argmax = tl.where(block_max > row_max, block_argmax, row_argmax)
+        new_max = tl.maximum(row_max, block_max)
+        rescale = tl.math.exp2(row_max - new_max)  # (BLOCK_M,); 0 on the first block
+        a = tl.math.exp2(logits - new_max[:, None]) * _keep_weight(policy, offs_m, offs_key)  # (BLOCK_M, BLOCK_N)
+        row_sum = row_sum * rescale + tl.sum(a, axis=1)
+        acc = tl.dot(a.to(v.dtype), v, acc * rescale[:, None], input_precision="ieee")
+        row_max = new_max
+
+    vsum = tl.load(vsum_ptr + pid_bh * HEAD_DIM + offs_d)  # (HEAD_DIM,) fp32
+    denom = row_sum + eps
+    out = (acc + (eps / N) * vsum[None, :]) / denom[:, None]  # (BLOCK_M, HEAD_DIM)
+    tl.store(out_ptr + batch.to(tl.int64) * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=query_mask[:, None])
+    stats = pid_bh.to(tl.int64) * N + offs_m  # (BLOCK_M,) rows of the (B, heads, N) statistics
+    tl.store(row_max_ptr + stats, row_max, mask=query_mask)
+    tl.store(row_argmax_ptr + stats, row_argmax, mask=query_mask)
+    tl.store(denom_ptr + stats, denom, mask=query_mask)
+
+
+# ---------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _policy_attention_bwd_preprocess_kernel(
+    out_ptr, dout_ptr, vsum_ptr, denom_ptr, delta_ptr, dmax_ptr,
+    N, num_heads, eps,
+    stride_ob, stride_on, stride_oh, stride_db, stride_dn, stride_dh,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // num_heads
+    head = pid_bh % num_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) queries
+    offs_d = tl.arange(0, HEAD_DIM)
+    query_mask = offs_m < N
+
+    out = tl.load(out_ptr + batch.to(tl.int64) * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                  mask=query_mask[:, None], other=0.0).to(tl.float32)  # (BLOCK_M, HEAD_DIM)
+    dout = tl.load(dout_ptr + batch.to(tl.int64) * stride_db + head * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :],
+                   mask=query_mask[:, None], other=0.0).to(tl.float32)  # (BLOCK_M, HEAD_DIM)
+    vsum = tl.load(vsum_ptr + pid_bh * HEAD_DIM + offs_d)  # (HEAD_DIM,)
+    stats = pid_bh.to(tl.int64) * N + offs_m
+    denom = tl.load(denom_ptr + stats, mask=query_mask, other=1.0)
+
+    delta = tl.sum(out * dout, axis=1)  # (BLOCK_M,)
+    dmax = -(eps / denom) * (delta - tl.sum(dout * vsum[None, :], axis=1) / N)
+    tl.store(delta_ptr + stats, delta, mask=query_mask)
+    tl.store(dmax_ptr + stats, dmax, mask=query_mask)
+
+
+@triton.autotune(configs=_all(BACKWARD_CONFIGS), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_backward})
+@triton.jit
+def _policy_attention_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, policy_ptr, dout_ptr, row_max_ptr, row_argmax_ptr, denom_ptr, delta_ptr, dmax_ptr,
+    dk_ptr, dv_ptr, dpolicy_ptr,
+    N, N_BUCKET, num_heads, qk_scale, scale, eps,
+    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh, stride_pb, stride_pn,
+    stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // num_heads
+    head = pid_bh % num_heads
+
+    offs_key = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) keys
+    offs_m = tl.arange(0, BLOCK_M)                       # (BLOCK_M,) queries, within a query block
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_mask = offs_key < N
+    q_base = q_ptr + batch.to(tl.int64) * stride_qb + head * stride_qh
+    dout_base = dout_ptr + batch.to(tl.int64) * stride_db + head * stride_dh
+    stats_base = pid_bh.to(tl.int64) * N
+
+    k = tl.load(k_ptr + batch.to(tl.int64) * stride_kb + head * stride_kh + offs_key[:, None] * stride_kn + offs_d[None, :],
+                mask=key_mask[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
+    v = tl.load(v_ptr + batch.to(tl.int64) * stride_vb + head * stride_vh + offs_key[:, None] * stride_vn + offs_d[None, :],
+                mask=key_mask[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
+    policy = tl.load(policy_ptr + batch * stride_pb + offs_key * stride_pn, mask=key_mask, other=0.0).to(tl.float32)
+
+    dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    dpolicy = tl.zeros((BLOCK_N,), tl.float32)
+    dout_over_denom = tl.zeros((HEAD_DIM,), tl.float32)  # sum_i dout_i / D_i, for the eps / N term of dv
+    for query_start in range(0, N, BLOCK_M):
+        offs_query = query_start + offs_m
+        query_mask = offs_query < N
+        q = tl.load(q_base + offs_query[None, :] * stride_qn + offs_d[:, None],
+                    mask=query_mask[None, :], other=0.0)  # (HEAD_DIM, BLOCK_M): q^T
+        dout = tl.load(dout_base + offs_query[:, None] * stride_dn + offs_d[None, :],
+                       mask=query_mask[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
+        # Padded queries: an infinite max makes their weights 0.
+        row_max = tl.load(row_max_ptr + stats_base + offs_query, mask=query_mask, other=float("inf"))
+        row_argmax = tl.load(row_argmax_ptr + stats_base + offs_query, mask=query_mask, other=-1)
+        denom = tl.load(denom_ptr + stats_base + offs_query, mask=query_mask, other=1.0)
+        delta = tl.load(delta_ptr + stats_base + offs_query, mask=query_mask, other=0.0)
+        dmax = tl.load(dmax_ptr + stats_base + offs_query, mask=query_mask, other=0.0)
+
+        logits_t = tl.dot(k, q, input_precision="ieee") * qk_scale  # (BLOCK_N, BLOCK_M), base 2
+        weights_t = tl.math.exp2(logits_t - row_max[None, :])         # exp(l - m)
+        keep_t = tl.where(offs_key[:, None] == offs_query[None, :], 1.0, policy[:, None])  # (BLOCK_N, BLOCK_M)
+        probs_t = weights_t * keep_t / denom[None, :]                  # a / D
+        dv = tl.dot(probs_t.to(dout.dtype), dout, dv, input_precision="ieee")
+        dattn_t = tl.dot(v, tl.trans(dout), input_precision="ieee")   # (BLOCK_N, BLOCK_M): dA^T
+        g_t = weights_t * (dattn_t - delta[None, :]) / denom[None, :]
+        is_argmax = offs_key[:, None] == row_argmax[None, :]
+        dlogits_t = keep_t * g_t + tl.where(is_argmax, dmax[None, :], 0.0)
+        dk = tl.dot(dlogits_t.to(q.dtype), tl.trans(q), dk, input_precision="ieee")
+        off_diagonal = offs_key[:, None] != offs_query[None, :]
+        dpolicy += tl.sum(tl.where(off_diagonal, g_t, 0.0), axis=1)
+        dout_over_denom += tl.sum(dout.to(tl.float32) / denom[:, None], axis=0)
+
+    dv += (eps / N) * dout_over_denom[None, :]
+    tl.store(dk_ptr + batch.to(tl.int64) * stride_dkb + head * stride_dkh + offs_key[:, None] * stride_dkn + offs_d[None, :],
+             (dk * scale).to(dk_ptr.dtype.element_ty), mask=key_mask[:, None])
+    tl.store(dv_ptr + batch.to(tl.int64) * stride_dvb + head * stride_dvh + offs_key[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(dv_ptr.dtype.element_ty), mask=key_mask[:, None])
+    tl.store(dpolicy_ptr + stats_base + offs_key, dpolicy, mask=key_mask)
+
+
+@triton.autotune(configs=_all(BACKWARD_CONFIGS), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_backward})
+@triton.jit
+def _policy_attention_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, policy_ptr, dout_ptr, row_max_ptr, row_argmax_ptr, denom_ptr, delta_ptr, dmax_ptr, dq_ptr,
+    N, N_BUCKET, num_heads, qk_scale, scale,
+    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh, stride_pb, stride_pn,
+    stride_dqb, stride_dqn, stride_dqh,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // num_heads
+    head = pid_bh % num_heads
+
+    offs_query = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) queries
+    offs_n = tl.arange(0, BLOCK_N)                         # (BLOCK_N,) keys, within a key block
+    offs_d = tl.arange(0, HEAD_DIM)
+    query_mask = offs_query < N
+    k_base = k_ptr + batch.to(tl.int64) * stride_kb + head * stride_kh
+    v_base = v_ptr + batch.to(tl.int64) * stride_vb + head * stride_vh
+    stats = pid_bh.to(tl.int64) * N + offs_query
+
+    q = tl.load(q_ptr + batch.to(tl.int64) * stride_qb + head * stride_qh + offs_query[:, None] * stride_qn + offs_d[None, :],
+                mask=query_mask[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
+    dout = tl.load(dout_ptr + batch.to(tl.int64) * stride_db + head * stride_dh + offs_query[:, None] * stride_dn + offs_d[None, :],
+                   mask=query_mask[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
+    row_max = tl.load(row_max_ptr + stats, mask=query_mask, other=float("inf"))
+    row_argmax = tl.load(row_argmax_ptr + stats, mask=query_mask, other=-1)
+    denom = tl.load(denom_ptr + stats, mask=query_mask, other=1.0)
+    delta = tl.load(delta_ptr + stats, mask=query_mask, other=0.0)
+    dmax = tl.load(dmax_ptr + stats, mask=query_mask, other=0.0)
+
+    dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    for key_start in range(0, N, BLOCK_N):
+        offs_key = key_start + offs_n
+        key_mask = offs_key < N
+        k = tl.load(k_base + offs_key[:, None] * stride_kn + offs_d[None, :],
+                    mask=key_mask[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
+        v = tl.load(v_base + offs_key[None, :] * stride_vn + offs_d[:, None],
+                    mask=key_mask[None, :], other=0.0)  # (HEAD_DIM, BLOCK_N): v^T
+        policy = tl.load(policy_ptr + batch * stride_pb + offs_key * stride_pn, mask=key_mask, other=0.0).to(tl.float32)
+
+        logits = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N), base 2
+        weights = tl.math.exp2(logits - row_max[:, None])
+        dattn = tl.dot(dout, v, input_precision="ieee")  # (BLOCK_M, BLOCK_N)
+        g = weights * (dattn - delta[:, None]) / denom[:, None]
+        # Padded keys have k = 0, so whatever their weight they add nothing to dq.
+        dlogits = _keep_weight(policy, offs_query, offs_key) * g
+        dlogits += tl.where(offs_key[None, :] == row_argmax[:, None], dmax[:, None], 0.0)
+        dq = tl.dot(dlogits.to(k.dtype), k, dq, input_precision="ieee")
+
+    tl.store(dq_ptr + batch.to(tl.int64) * stride_dqb + head * stride_dqh + offs_query[:, None] * stride_dqn + offs_d[None, :],
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=query_mask[:, None])
+
+
+# ----------------------------------------------------------------------------- launches
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def check_inputs(q, k, v, policy) -> None:
+    op = "policy_attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_ndim(op, name, t, 4, "(B, N, heads, head_dim)")
+        check_float(op, name, t, q.dtype)
+        if t.shape != q.shape:
+            raise ValueError(f"{op}: q, k and v must have one shape, got {name} {tuple(t.shape)} vs q {tuple(q.shape)}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{op}: {name} must be contiguous in the head dimension, got strides {t.stride()}")
+    if q.shape[-1] != HEAD_DIM:
+        raise ValueError(f"{op}: only head_dim {HEAD_DIM} is supported (MEMatte's), got head_dim {q.shape[-1]}")
+    check_ndim(op, "policy", policy, 2, "(B, N)")
+    check_float(op, "policy", policy)
+    if tuple(policy.shape) != tuple(q.shape[:2]):
+        raise ValueError(f"{op}: policy must have shape (B, N) = {tuple(q.shape[:2])}, got {tuple(policy.shape)}")
+    check_devices(op, q=q, k=k, v=v, policy=policy)
+
+
+def _stats(q: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    B, N, heads, _ = q.shape
+    return q.new_empty((B, heads, N), dtype=dtype)
+
+
+def _column_sum(v: torch.Tensor) -> torch.Tensor:
+    """sum_j v_j per (image, head): (B * heads, head_dim) fp32, contiguous."""
+    return v.sum(dim=1, dtype=torch.float32).reshape(-1, v.shape[-1]).contiguous()
+
+
+def _scales(scale: float | None, head_dim: int) -> tuple[float, float]:
+    scale = head_dim ** -0.5 if scale is None else scale
+    return scale, scale * LOG2E
+
+
+def launch_forward(q, k, v, policy, scale: float | None, eps: float, *, out, row_max, row_argmax, denom) -> None:
+    """The forward into ``out`` (B, N, heads, 64) and the row statistics (B, heads, N):
+    ``row_max`` fp32 (base-2 logits), ``row_argmax`` int32, ``denom`` fp32."""
+    check_inputs(q, k, v, policy)
+    B, N, heads, head_dim = q.shape
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(f"policy_attention: out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device} "
+                         "with a contiguous head dimension")
+    for name, t, dtype in (("row_max", row_max, torch.float32), ("row_argmax", row_argmax, torch.int32),
+                           ("denom", denom, torch.float32)):
+        if t.shape != (B, heads, N) or t.dtype != dtype or not t.is_contiguous():
+            raise ValueError(f"policy_attention: {name} must be a contiguous {dtype} tensor of shape {(B, heads, N)}")
+    if B == 0 or N == 0 or heads == 0:
+        return
+    scale, qk_scale = _scales(scale, head_dim)
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_M"]), B * heads)
+
+    with _device_guard(q):
+        _policy_attention_fwd_kernel[grid](
+            q, k, v, policy, _column_sum(v), out, row_max, row_argmax, denom,
+            N, triton.next_power_of_2(N), heads, qk_scale, eps,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *policy.stride(),
+            HEAD_DIM=head_dim,
+        )
+
+
+def launch_backward(dout, q, k, v, policy, out, row_max, row_argmax, denom, scale: float | None, eps: float,
+                    *, dq, dk, dv, dpolicy_per_head) -> None:
+    """Gradients into dq, dk, dv (q's shape and dtype) and ``dpolicy_per_head`` (B, heads, N)
+    fp32, from the forward's ``out`` and row statistics."""
+    B, N, heads, head_dim = q.shape
+    if B == 0 or N == 0 or heads == 0:
+        return
+    scale, qk_scale = _scales(scale, head_dim)
+    vsum = _column_sum(v)
+    delta, dmax = _stats(q), _stats(q)
+    with _device_guard(q):
+        _policy_attention_bwd_preprocess_kernel[(triton.cdiv(N, PREPROCESS_BLOCK_M), B * heads)](
+            out, dout, vsum, denom, delta, dmax,
+            N, heads, eps,
+            *out.stride()[:3], *dout.stride()[:3],
+            HEAD_DIM=head_dim, BLOCK_M=PREPROCESS_BLOCK_M,
+        )
+        common = (N, triton.next_power_of_2(N), heads, qk_scale, scale)
+        strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *policy.stride())
+        _policy_attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * heads)](
+            q, k, v, policy, dout, row_max, row_argmax, denom, delta, dmax, dk, dv, dpolicy_per_head,
+            *common, eps, *strides, *dk.stride()[:3], *dv.stride()[:3],
+            HEAD_DIM=head_dim,
+        )
+        _policy_attention_bwd_dq_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * heads)](
+            q, k, v, policy, dout, row_max, row_argmax, denom, delta, dmax, dq,
+            *common, *strides, *dq.stride()[:3],
+            HEAD_DIM=head_dim,
+        )
+
+
+# ------------------------------------------------------------------------ custom ops
+
+
+@torch.library.custom_op("mematte::policy_attention_forward", mutates_args=())
+def _forward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: torch.Tensor, scale: float | None, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_inputs(q, k, v, policy)
+    out = q.new_empty(q.shape)
+    row_max, row_argmax, denom = _stats(q), _stats(q, torch.int32), _stats(q)
+    launch_forward(q, k, v, policy, scale, eps, out=out, row_max=row_max, row_argmax=row_argmax, denom=denom)
+    return out, row_max, row_argmax, denom
+
+
+@_forward_op.register_fake
+def _(q, k, v, policy, scale, eps):
+    check_inputs(q, k, v, policy)
+    return q.new_empty(q.shape), _stats(q), _stats(q, torch.int32), _stats(q)
+
+
+@torch.library.custom_op("mematte::policy_attention_backward", mutates_args=())
+def _backward_op(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: torch.Tensor, out: torch.Tensor,
+    row_max: torch.Tensor, row_argmax: torch.Tensor, denom: torch.Tensor, scale: float | None, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = (q.new_empty(q.shape) for _ in range(3))
+    dpolicy_per_head = _stats(q)
+    launch_backward(dout.contiguous(), q, k, v, policy, out, row_max, row_argmax, denom, scale, eps,
+                    dq=dq, dk=dk, dv=dv, dpolicy_per_head=dpolicy_per_head)
+    return dq, dk, dv, dpolicy_per_head.sum(dim=1).to(policy.dtype)
+
+
+@_backward_op.register_fake
+def _(dout, q, k, v, policy, out, row_max, row_argmax, denom, scale, eps):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), policy.new_empty(policy.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, policy, scale, eps = inputs
+    out, row_max, row_argmax, denom = output
+    ctx.save_for_backward(q, k, v, policy, out, row_max, row_argmax, denom)
+    ctx.scale, ctx.eps = scale, eps
+
+
+def _backward(ctx, dout, *unused_stat_grads):
+    q, k, v, policy, out, row_max, row_argmax, denom = ctx.saved_tensors
+    dq, dk, dv, dpolicy = torch.ops.mematte.policy_attention_backward(
+        dout, q, k, v, policy, out, row_max, row_argmax, denom, ctx.scale, ctx.eps)
+    return dq, dk, dv, dpolicy, None, None
+
+
+torch.library.register_autograd("mematte::policy_attention_forward", _backward, setup_context=_setup_context)
+
+
+def policy_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    policy: torch.Tensor,
+    scale: float | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Policy-masked attention over all tokens, as
+    :func:`mematte_kernels.reference.policy_attention`: q, k, v (B, N, heads, 64), policy
+    (B, N) float -> (B, N, heads, 64) contiguous, differentiable in q, k, v and policy.
+    ``scale`` defaults to head_dim ** -0.5."""
+    return torch.ops.mematte.policy_attention_forward(q, k, v, policy, scale, eps)[0]
