@@ -36,11 +36,20 @@ def op_calls(device: torch.device):
     qkv = randn(10, 3, 2, HEAD_DIM)
     cu_seqlens = torch.tensor([0, 7, 7, 10], dtype=torch.int32, device=device)
     out = x.clone()
+
+    def policy_attention():
+        q, k, v = (randn(2, 9, 2, HEAD_DIM).requires_grad_() for _ in range(3))
+        policy = (randn(2, 9) > 0).float().requires_grad_()
+        out = triton_ops.policy_attention(q, k, v, policy)
+        out.backward(torch.ones_like(out))
+        return out, q.grad, k.grad, v.grad, policy.grad
+
     return [
         ("router_scores", lambda: triton_ops.router_scores(tokens, *params)),
         ("gather_layernorm", lambda: triton_ops.gather_layernorm(x, index, weight, bias)),
         ("scatter_residual_", lambda: (triton_ops.scatter_residual_(out, x, randn(4, 32), index), out)[1]),
         ("varlen_attention", lambda: triton_ops.varlen_attention(*qkv.unbind(1), cu_seqlens, 7)),
+        ("policy_attention", policy_attention),
     ]
 
 

@@ -35,14 +35,14 @@ accumulation.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_devices, check_float, check_ndim
+from ._common import INTERPRET, check_devices, check_float, check_ndim, on_input_device
+from .varlen_attention import length_bucket
 
 HEAD_DIM = 64
 LOG2E = math.log2(math.e)
@@ -103,9 +103,10 @@ def _prune_backward(configs, named_args: dict, **kwargs) -> list[triton.Config]:
     return backward_configs_for(named_args["q_ptr"].dtype)
 
 
-# The autotuners add every tensor argument's dtype to the key; N_BUCKET is N rounded up to a
-# power of two, so a new token count reuses its bucket's choice.
-AUTOTUNE_KEY = ["HEAD_DIM", "N_BUCKET"]
+# The autotuners add every tensor argument's dtype to the key; seqlen_bucket (N rounded up
+# to a power of 2, read by the autotuner only) keeps a small warm-up from choosing the tiles
+# of 18,500-token images, and lets token counts of one bucket share a tuning.
+AUTOTUNE_KEY = ["HEAD_DIM", "seqlen_bucket"]
 
 
 @triton.jit
@@ -122,7 +123,7 @@ def _keep_weight(policy, offs_query, offs_key):
 @triton.jit
 def _policy_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, policy_ptr, vsum_ptr, out_ptr, row_max_ptr, row_argmax_ptr, denom_ptr,
-    N, N_BUCKET, num_heads, qk_scale, eps,
+    N, seqlen_bucket, num_heads, qk_scale, eps,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh, stride_pb, stride_pn,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -219,7 +220,7 @@ def _policy_attention_bwd_preprocess_kernel(
 def _policy_attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, policy_ptr, dout_ptr, row_max_ptr, row_argmax_ptr, denom_ptr, delta_ptr, dmax_ptr,
     dk_ptr, dv_ptr, dpolicy_ptr,
-    N, N_BUCKET, num_heads, qk_scale, scale, eps,
+    N, seqlen_bucket, num_heads, qk_scale, scale, eps,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh, stride_pb, stride_pn,
     stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
@@ -288,7 +289,7 @@ def _policy_attention_bwd_dkdv_kernel(
 @triton.jit
 def _policy_attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, policy_ptr, dout_ptr, row_max_ptr, row_argmax_ptr, denom_ptr, delta_ptr, dmax_ptr, dq_ptr,
-    N, N_BUCKET, num_heads, qk_scale, scale,
+    N, seqlen_bucket, num_heads, qk_scale, scale,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh, stride_pb, stride_pn,
     stride_dqb, stride_dqn, stride_dqh,
@@ -343,10 +344,6 @@ def _policy_attention_bwd_dq_kernel(
 # ----------------------------------------------------------------------------- launches
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def check_inputs(q, k, v, policy) -> None:
     op = "policy_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -380,6 +377,7 @@ def _scales(scale: float | None, head_dim: int) -> tuple[float, float]:
     return scale, scale * LOG2E
 
 
+@on_input_device
 def launch_forward(q, k, v, policy, scale: float | None, eps: float, *, out, row_max, row_argmax, denom) -> None:
     """The forward into ``out`` (B, N, heads, 64) and the row statistics (B, heads, N):
     ``row_max`` fp32 (base-2 logits), ``row_argmax`` int32, ``denom`` fp32."""
@@ -399,44 +397,45 @@ def launch_forward(q, k, v, policy, scale: float | None, eps: float, *, out, row
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]), B * heads)
 
-    with _device_guard(q):
-        _policy_attention_fwd_kernel[grid](
-            q, k, v, policy, _column_sum(v), out, row_max, row_argmax, denom,
-            N, triton.next_power_of_2(N), heads, qk_scale, eps,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *policy.stride(),
-            HEAD_DIM=head_dim,
-        )
+    _policy_attention_fwd_kernel[grid](
+        q, k, v, policy, _column_sum(v), out, row_max, row_argmax, denom,
+        N, length_bucket(N), heads, qk_scale, eps,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *policy.stride(),
+        HEAD_DIM=head_dim,
+    )
 
 
+@on_input_device
 def launch_backward(dout, q, k, v, policy, out, row_max, row_argmax, denom, scale: float | None, eps: float,
                     *, dq, dk, dv, dpolicy_per_head) -> None:
     """Gradients into dq, dk, dv (q's shape and dtype) and ``dpolicy_per_head`` (B, heads, N)
     fp32, from the forward's ``out`` and row statistics."""
+    check_devices("policy_attention backward", dout=dout, q=q, k=k, v=v, policy=policy, out=out, row_max=row_max,
+                  row_argmax=row_argmax, denom=denom, dq=dq, dk=dk, dv=dv, dpolicy=dpolicy_per_head)
     B, N, heads, head_dim = q.shape
     if B == 0 or N == 0 or heads == 0:
         return
     scale, qk_scale = _scales(scale, head_dim)
     vsum = _column_sum(v)
     delta, dmax = _stats(q), _stats(q)
-    with _device_guard(q):
-        _policy_attention_bwd_preprocess_kernel[(triton.cdiv(N, PREPROCESS_BLOCK_M), B * heads)](
-            out, dout, vsum, denom, delta, dmax,
-            N, heads, eps,
-            *out.stride()[:3], *dout.stride()[:3],
-            HEAD_DIM=head_dim, BLOCK_M=PREPROCESS_BLOCK_M,
-        )
-        common = (N, triton.next_power_of_2(N), heads, qk_scale, scale)
-        strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *policy.stride())
-        _policy_attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * heads)](
-            q, k, v, policy, dout, row_max, row_argmax, denom, delta, dmax, dk, dv, dpolicy_per_head,
-            *common, eps, *strides, *dk.stride()[:3], *dv.stride()[:3],
-            HEAD_DIM=head_dim,
-        )
-        _policy_attention_bwd_dq_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * heads)](
-            q, k, v, policy, dout, row_max, row_argmax, denom, delta, dmax, dq,
-            *common, *strides, *dq.stride()[:3],
-            HEAD_DIM=head_dim,
-        )
+    _policy_attention_bwd_preprocess_kernel[(triton.cdiv(N, PREPROCESS_BLOCK_M), B * heads)](
+        out, dout, vsum, denom, delta, dmax,
+        N, heads, eps,
+        *out.stride()[:3], *dout.stride()[:3],
+        HEAD_DIM=head_dim, BLOCK_M=PREPROCESS_BLOCK_M,
+    )
+    common = (N, length_bucket(N), heads, qk_scale, scale)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *policy.stride())
+    _policy_attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * heads)](
+        q, k, v, policy, dout, row_max, row_argmax, denom, delta, dmax, dk, dv, dpolicy_per_head,
+        *common, eps, *strides, *dk.stride()[:3], *dv.stride()[:3],
+        HEAD_DIM=head_dim,
+    )
+    _policy_attention_bwd_dq_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * heads)](
+        q, k, v, policy, dout, row_max, row_argmax, denom, delta, dmax, dq,
+        *common, *strides, *dq.stride()[:3],
+        HEAD_DIM=head_dim,
+    )
 
 
 # ------------------------------------------------------------------------ custom ops
