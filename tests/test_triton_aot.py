@@ -81,13 +81,13 @@ _POLICY_QKV_STRIDES = dict(stride_qb=I32_16, stride_qn=I32_16, stride_qh=I32_16,
 _POLICY_STATS = dict(row_max_ptr="*fp32", row_argmax_ptr="*i32", denom_ptr="*fp32")
 _POLICY_BACKWARD = dict(
     q_ptr=ACT, k_ptr=ACT, v_ptr=ACT, policy_ptr=ACT, dout_ptr=ACT, **_POLICY_STATS, delta_ptr="*fp32", dmax_ptr="*fp32",
-    N="i32", N_BUCKET="i32", num_heads="i32", qk_scale="fp32", scale="fp32", **_POLICY_QKV_STRIDES,
+    N="i32", seqlen_bucket=I32_16, num_heads="i32", qk_scale="fp32", scale="fp32", **_POLICY_QKV_STRIDES,
     stride_db=I32_16, stride_dn=I32_16, stride_dh=I32_16, stride_pb="i32", stride_pn=1,
 )
 SIGNATURES.update({
     "_policy_attention_fwd_kernel": dict(
         q_ptr=ACT, k_ptr=ACT, v_ptr=ACT, policy_ptr=ACT, vsum_ptr="*fp32", out_ptr=ACT, **_POLICY_STATS,
-        N="i32", N_BUCKET="i32", num_heads="i32", qk_scale="fp32", eps="fp32", **_POLICY_QKV_STRIDES,
+        N="i32", seqlen_bucket=I32_16, num_heads="i32", qk_scale="fp32", eps="fp32", **_POLICY_QKV_STRIDES,
         stride_ob=I32_16, stride_on=I32_16, stride_oh=I32_16, stride_pb="i32", stride_pn=1,
     ),
     "_policy_attention_bwd_preprocess_kernel": dict(
@@ -103,10 +103,29 @@ SIGNATURES.update({
         **_POLICY_BACKWARD, dq_ptr=ACT, stride_dqb=I32_16, stride_dqn=I32_16, stride_dqh=I32_16,
     ),
 })
+# Varlen attention's backward: packed (T, heads, 64) views, statistics (heads, T) fp32.
+_VARLEN_STRIDES = {f"stride_{t}{d}": I32_16 for t in ("q", "k", "v", "d") for d in ("t", "h")}
+SIGNATURES.update({
+    "_varlen_attention_lse_kernel": dict(
+        q_ptr=ACT, k_ptr=ACT, cu_seqlens_ptr="*i32", lse_ptr="*fp32", total="i32", num_heads="i32", qk_scale="fp32",
+        seqlen_bucket=I32_16, stride_qt=I32_16, stride_qh=I32_16, stride_kt=I32_16, stride_kh=I32_16,
+    ),
+    "_varlen_attention_bwd_dkdv_kernel": dict(
+        q_ptr=ACT, k_ptr=ACT, v_ptr=ACT, dout_ptr=ACT, lse_ptr="*fp32", delta_ptr="*fp32", cu_seqlens_ptr="*i32",
+        dk_ptr=ACT, dv_ptr=ACT, total="i32", num_heads="i32", qk_scale="fp32", scale="fp32", seqlen_bucket=I32_16,
+        **_VARLEN_STRIDES, stride_dkt=I32_16, stride_dkh=I32_16, stride_dvt=I32_16, stride_dvh=I32_16,
+    ),
+    "_varlen_attention_bwd_dq_kernel": dict(
+        q_ptr=ACT, k_ptr=ACT, v_ptr=ACT, dout_ptr=ACT, lse_ptr="*fp32", delta_ptr="*fp32", cu_seqlens_ptr="*i32",
+        dq_ptr=ACT, total="i32", num_heads="i32", qk_scale="fp32", scale="fp32", seqlen_bucket=I32_16,
+        **_VARLEN_STRIDES, stride_dqt=I32_16, stride_dqh=I32_16,
+    ),
+})
+VARLEN_BACKWARD = ("_varlen_attention_lse_kernel", "_varlen_attention_bwd_dkdv_kernel", "_varlen_attention_bwd_dq_kernel")
 POLICY_AUTOTUNED = ("_policy_attention_fwd_kernel", "_policy_attention_bwd_dkdv_kernel", "_policy_attention_bwd_dq_kernel")
 # Kernels whose tl.dot decides between tensor cores and FMA.
 DOT_KERNELS = {"_router_hidden_kernel", "_router_head_kernel", "_varlen_attention_kernel", "_relpos_attention_kernel",
-               *POLICY_AUTOTUNED}
+               *POLICY_AUTOTUNED, *VARLEN_BACKWARD}
 
 
 def policy_attention_variants(torch_dtype):
@@ -119,6 +138,19 @@ def policy_attention_variants(torch_dtype):
         assert all(config in kernel.configs for config in configs)
         variants += [(kernel.fn, {**config.kwargs, "HEAD_DIM": 64}, config.num_warps, config.num_stages)
                      for config in configs]
+    return variants
+
+
+def varlen_backward_variants(torch_dtype):
+    """Every config of varlen attention's backward autotuners, after the per-dtype pruning."""
+    from mematte_kernels.triton import varlen_attention_backward as vb
+
+    variants = []
+    for name in VARLEN_BACKWARD:
+        kernel = getattr(vb, name)
+        assert all(config in kernel.configs for config in vb.configs_for(torch_dtype))
+        variants += [(kernel.fn, {**config.kwargs, "HEAD_DIM": 64}, config.num_warps, config.num_stages)
+                     for config in vb.configs_for(torch_dtype)]
     return variants
 
 
@@ -155,7 +187,7 @@ def launch_variants(dtype):
     assert all(config in relpos_kernel.configs for config in relpos_configs_for(torch_dtype))
     for config in relpos_configs_for(torch_dtype):
         variants.append((relpos_kernel.fn, {**config.kwargs, "HEAD_DIM": 64}, config.num_warps, config.num_stages))
-    return variants + policy_attention_variants(torch_dtype)
+    return variants + policy_attention_variants(torch_dtype) + varlen_backward_variants(torch_dtype)
 
 
 def ast_source(kernel, dtype, constexprs):
@@ -223,7 +255,8 @@ def compiled():
 
 
 def test_every_config_compiles(compiled):
-    # Per dtype and target: router 2 + 2 head widths, gather/scatter 2 per width, attention configs.
+    # Per dtype and target: router 2 + 2 head widths, gather/scatter 2 per width, attention configs,
+    # then the policy attention kernels (a preprocess + three autotuned) and varlen backward's three.
     from mematte_kernels.triton.relpos_attention import FP32_CONFIGS as RELPOS_FP32
     from mematte_kernels.triton.relpos_attention import TENSOR_CORE_CONFIGS as RELPOS_TENSOR_CORE
     from mematte_kernels.triton.varlen_attention import FP32_CONFIGS, TENSOR_CORE_CONFIGS
@@ -232,14 +265,16 @@ def test_every_config_compiles(compiled):
         return len(fp32 if dtype == "fp32" else tensor_core)
 
     pa = importlib.import_module("mematte_kernels.triton.policy_attention")
+    vb = importlib.import_module("mematte_kernels.triton.varlen_attention_backward")
 
-    def policy_attention_count(dtype):
+    def backward_count(dtype):
         kind = "fp32" if dtype == "fp32" else "tensor_core"
-        return 1 + len(pa.FORWARD_CONFIGS[kind]) + 2 * len(pa.BACKWARD_CONFIGS[kind])
+        policy = 1 + len(pa.FORWARD_CONFIGS[kind]) + 2 * len(pa.BACKWARD_CONFIGS[kind])
+        return policy + 3 * len(vb.CONFIGS[kind])
 
     per_arch = sum(2 + 3 * len(WIDTHS) + attention_configs(dtype, FP32_CONFIGS, TENSOR_CORE_CONFIGS)
                    + attention_configs(dtype, RELPOS_FP32, RELPOS_TENSOR_CORE)
-                   + policy_attention_count(dtype) for dtype in DTYPES)
+                   + backward_count(dtype) for dtype in DTYPES)
     assert len(compiled) == per_arch * len(SHARED_MEMORY_LIMIT)
 
 

@@ -44,12 +44,19 @@ def op_calls(device: torch.device):
         out.backward(torch.ones_like(out))
         return out, q.grad, k.grad, v.grad, policy.grad
 
+    def varlen_attention_with_grads():
+        q, k, v = (t.detach().clone().requires_grad_() for t in qkv.unbind(1))
+        out = triton_ops.varlen_attention(q, k, v, cu_seqlens, 7)
+        out.backward(torch.ones_like(out))
+        return out, q.grad, k.grad, v.grad
+
     return [
         ("router_scores", lambda: triton_ops.router_scores(tokens, *params)),
         ("gather_layernorm", lambda: triton_ops.gather_layernorm(x, index, weight, bias)),
         ("scatter_residual_", lambda: (triton_ops.scatter_residual_(out, x, randn(4, 32), index), out)[1]),
         ("varlen_attention", lambda: triton_ops.varlen_attention(*qkv.unbind(1), cu_seqlens, 7)),
         ("policy_attention", policy_attention),
+        ("varlen_attention backward", varlen_attention_with_grads),
     ]
 
 

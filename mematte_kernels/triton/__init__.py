@@ -4,7 +4,8 @@ ViTMatte's global attention with decomposed relative position.
 
 Each public function takes the arguments and returns what the function of the same name in
 :mod:`mematte_kernels.reference` does, and calls a ``torch.library`` custom op
-(``mematte::<name>``) so that models using them stay ``torch.compile``-able. Under
+(``mematte::<name>``) so that models using them stay ``torch.compile``-able. Varlen and
+policy attention are differentiable (their backward kernels are ops of their own). Under
 ``TRITON_INTERPRET=1`` the kernels run on CPU tensors in Triton's interpreter.
 """
 from ._common import INTERPRET
@@ -19,6 +20,7 @@ from .policy_attention import policy_attention
 from .relpos_attention import global_attention, relpos_attention
 from .router import router_scores
 from .varlen_attention import varlen_attention
+from . import varlen_attention_backward  # noqa: F401  (registers varlen_attention's autograd)
 
 __all__ = [
     "gather_layernorm",
