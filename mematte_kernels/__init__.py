@@ -1,6 +1,8 @@
-"""Kernels for MEMatte's routed ViT: Triton (router, gather/scatter, varlen attention),
-C++/CUDA (fused depthwise conv + GELU, ECA), and a plain PyTorch reference for each."""
+"""Kernels for MEMatte's routed ViT: Triton (router, gather/scatter, varlen and policy
+attention), C++/CUDA (fused depthwise conv + GELU, ECA), and a plain PyTorch reference for
+each. :func:`policy_attention` and :func:`varlen_attention` are public, differentiable ops."""
 from . import reference
 from .dispatch import BACKENDS, OpTable, resolve
+from .functional import policy_attention, varlen_attention
 
-__all__ = ["BACKENDS", "OpTable", "reference", "resolve"]
+__all__ = ["BACKENDS", "OpTable", "policy_attention", "reference", "resolve", "varlen_attention"]

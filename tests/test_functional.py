@@ -1,0 +1,108 @@
+"""The public ops mematte_kernels.policy_attention and mematte_kernels.varlen_attention:
+dispatch as the model's (MEMATTE_BACKEND honoured), gradients on every backend, and clear
+errors for bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mematte_kernels
+from mematte_kernels import dispatch, reference
+from mematte_kernels import triton as triton_ops
+from mematte_kernels.triton import _common as triton_common
+from test_policy_attention import make_inputs
+from test_triton_attention import packed_qkv
+
+BACKENDS = ["reference", "cpu", "auto"] + (["triton"] if triton_common.INTERPRET or torch.cuda.is_available() else [])
+
+
+def grads(fn, inputs, dout):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(dout)
+    return out.detach(), [t.grad for t in leaves]
+
+
+def assert_matches_fp64(fn, reference_fn, inputs, dout, rtol=1e-4):
+    out, got = grads(fn, inputs, dout)
+    expected_out, expected = grads(reference_fn, [t.double() for t in inputs], dout.double())
+    for name, a, e in zip(["out", *[f"d{i}" for i in range(len(inputs))]], [out, *got], [expected_out, *expected]):
+        assert a is not None, f"{name}: no gradient"
+        error = (a.double() - e).abs().max().item()
+        assert error <= rtol * e.abs().max().item() + 1e-6, f"{name}: max abs error {error:.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_policy_attention_every_backend(backend, monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, backend)
+    q, k, v, p = make_inputs(2, 33, 2, policy="soft", seed=11)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(12))
+    assert_matches_fp64(lambda *t: mematte_kernels.policy_attention(*t, scale=0.3, eps=1e-3),
+                        lambda *t: reference.policy_attention(*t, scale=0.3, eps=1e-3), [q, k, v, p], dout)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_attention_every_backend(backend, monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, backend)
+    q, k, v, cu_seqlens, max_seqlen = packed_qkv([40, 0, 9], 2, torch.float32, seed=13)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(14))
+    assert_matches_fp64(lambda *t: mematte_kernels.varlen_attention(*t, cu_seqlens, max_seqlen, scale=0.3),
+                        lambda *t: reference.varlen_attention(*t, cu_seqlens, max_seqlen, scale=0.3), [q, k, v], dout)
+
+
+@pytest.mark.skipif(not triton_common.INTERPRET, reason="the Triton kernels on CPU tensors need TRITON_INTERPRET=1")
+def test_triton_backend_runs_the_kernels(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    q, k, v, p = make_inputs(1, 20, 2, policy="random", seed=15)
+    assert torch.equal(mematte_kernels.policy_attention(q, k, v, p), triton_ops.policy_attention(q, k, v, p))
+    q, k, v, cu_seqlens, max_seqlen = packed_qkv([12, 5], 2, torch.float32, seed=16)
+    assert torch.equal(mematte_kernels.varlen_attention(q, k, v, cu_seqlens, max_seqlen),
+                       triton_ops.varlen_attention(q, k, v, cu_seqlens, max_seqlen))
+
+
+def _bad_policy_inputs():
+    q, k, v, p = make_inputs(2, 5, 2)
+    yield "float64", (q.double(), k.double(), v.double(), p), TypeError, "q must be float16, bfloat16 or float32"
+    yield "mixed-dtypes", (q, k.half(), v, p), TypeError, "one dtype, got k torch.float16"
+    yield "v-shape", (q, k, v[:, :4], p), ValueError, "one shape, got v"
+    yield "3d-q", (q[:, 0], k, v, p), ValueError, r"q must be 4-D \(B, N, heads, head_dim\)"
+    yield "policy-shape", (q, k, v, p[:1]), ValueError, r"policy must have shape \(B, N\) = \(2, 5\), got \(1, 5\)"
+    yield "policy-int", (q, k, v, p.long()), TypeError, "policy must be float16, bfloat16 or float32, got torch.int64"
+    yield "policy-device", (q, k, v, p.to("meta")), ValueError, "policy is on meta but q is on cpu"
+    yield "k-device", (q, k.to("meta"), v, p), ValueError, "k is on meta but q is on cpu"
+    yield "policy-list", (q, k, v, p.tolist()), TypeError, "policy must be a tensor, got list"
+
+
+@pytest.mark.parametrize("args, error, message",
+                         [pytest.param(a, e, m, id=name) for name, a, e, m in _bad_policy_inputs()])
+def test_policy_attention_rejects_bad_input(args, error, message):
+    with pytest.raises(error, match=message):
+        mematte_kernels.policy_attention(*args)
+
+
+def test_policy_attention_rejects_negative_eps():
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        mematte_kernels.policy_attention(*make_inputs(1, 3, 1), eps=-1.0)
+
+
+def _bad_varlen_inputs():
+    q, k, v, cu, n = packed_qkv([3, 2], 2, torch.float32)
+    yield "cu-seqlens-int64", (q, k, v, cu.long(), n), TypeError, "cu_seqlens must be int32, got torch.int64"
+    yield "cu-seqlens-short", (q, k, v, cu[:-1], n), ValueError, r"cu_seqlens must run from 0 to T = 5 .* got 0 to 3"
+    yield "cu-seqlens-offset", (q, k, v, cu + 1, n), ValueError, "cu_seqlens must run from 0 to T = 5"
+    yield "cu-seqlens-decreasing", (q, k, v, torch.tensor([0, 4, 2, 5], dtype=torch.int32), 4), ValueError, \
+        "non-decreasing"
+    yield "cu-seqlens-2d", (q, k, v, cu[None], n), ValueError, "cu_seqlens must be 1-D"
+    yield "cu-seqlens-empty", (q, k, v, cu[:0], n), ValueError, "cu_seqlens must be 1-D with B \\+ 1 >= 1 offsets"
+    yield "cu-seqlens-device", (q, k, v, cu.to("meta"), n), ValueError, "cu_seqlens is on meta but q is on cpu"
+    yield "max-seqlen-short", (q, k, v, cu, 2), ValueError, r"max_seqlen 2 is shorter than the longest sequence \(3\)"
+    yield "max-seqlen-tensor", (q, k, v, cu, torch.tensor(3)), TypeError, "max_seqlen must be an int"
+    yield "2d-q", (q[:, 0], k, v, cu, n), ValueError, r"q must be 3-D \(T, heads, head_dim\)"
+    yield "mixed-dtypes", (q, k, v.bfloat16(), cu, n), TypeError, "one dtype, got v torch.bfloat16"
+
+
+@pytest.mark.parametrize("args, error, message",
+                         [pytest.param(a, e, m, id=name) for name, a, e, m in _bad_varlen_inputs()])
+def test_varlen_attention_rejects_bad_input(args, error, message):
+    with pytest.raises(error, match=message):
+        mematte_kernels.varlen_attention(*args)
