@@ -152,16 +152,22 @@ def read_pair(
     if (trimap_path is None) == (mask_path is None):
         raise ValueError("give exactly one of a trimap or a mask")
     image = io.read_image(image_path, max_pixels=max_pixels)
-    guide_path = trimap_path if trimap_path is not None else mask_path
-    guide = io.read_gray(guide_path, max_pixels=max_pixels)
+    if trimap_path is not None:
+        # the file's own levels, so that a class-id file (0/1/2) reads as one
+        guide_path, what = trimap_path, "trimap"
+        try:
+            guide = normalize_trimap(io.open_image(trimap_path, max_pixels=max_pixels))
+        except ValueError as e:
+            raise ValueError(e if str(trimap_path) in str(e) else f"{trimap_path}: {e}") from None
+    else:
+        guide_path, what = mask_path, "mask"
+        guide = io.read_gray(mask_path, max_pixels=max_pixels)
     if guide.shape != image.shape[:2]:
-        what = "trimap" if trimap_path is not None else "mask"
         raise ValueError(
             f"{what} {guide_path} is {io.size_text(guide.shape)} (W×H) but image "
             f"{image_path} is {io.size_text(image.shape)} (W×H)"
         )
-    trimap = normalize_trimap(guide) if trimap_path is not None else trimap_from_mask(guide, band)
-    return image, trimap
+    return image, (guide if trimap_path is not None else trimap_from_mask(guide, band))
 
 
 def matte(model: FastMEMatte, image: np.ndarray, trimap: np.ndarray, *,

@@ -75,8 +75,9 @@ mask folder; files named like this command's outputs of an image in the same fol
 skipped. Every output location is checked before any work.
 
 Trimaps: a trimap marks each pixel background, foreground or unknown (the band to matte).
-Values up to 25% of full scale are background, from 75% foreground, anything between
-unknown (0.5). 8- or 16-bit, grey or colour (luminance), grey palettes; the alpha channel
+A file holding exactly the values 0, 1 and 2 is read as class ids (background, unknown,
+foreground); otherwise values up to 25% of full scale are background, from 75%
+foreground, anything between unknown (0.5). 8- or 16-bit, grey or colour (luminance), grey palettes; the alpha channel
 of an RGBA or LA file is never read. Masks are read the same way. EXIF orientation is
 applied to every file, so pixels are matted as a viewer shows them. A trimap with no
 unknown pixel, or nothing but unknown pixels, gets a warning.

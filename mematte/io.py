@@ -36,7 +36,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 # Pillow refuses images over twice its MAX_IMAGE_PIXELS as possible decompression bombs;
 # the same limit by default, but one that a caller can raise.
@@ -93,7 +93,7 @@ def size_text(shape: tuple[int, ...]) -> str:
 
 def image_to_array(im: Image.Image) -> np.ndarray:
     """A Pillow image as float32 H×W×3 RGB in [0, 1] (see the module notes)."""
-    if im.mode in _SIXTEEN_BIT_MODES or im.mode == "F":
+    if im.mode in SIXTEEN_BIT_MODES or im.mode == "F":
         grey = gray_to_array(im)
         return np.repeat(grey[:, :, None], 3, axis=2)
     return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
@@ -104,7 +104,7 @@ def gray_to_array(im: Image.Image) -> np.ndarray:
     palette images through a grey palette (a colour palette is refused)."""
     if im.mode in ("P", "PA"):
         return _grey_palette(im)
-    if im.mode in _SIXTEEN_BIT_MODES:
+    if im.mode in SIXTEEN_BIT_MODES:
         return np.asarray(im, dtype=np.float32).clip(0, 65535) / 65535.0
     if im.mode == "F":
         return np.asarray(im, dtype=np.float32).clip(0.0, 1.0)

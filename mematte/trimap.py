@@ -10,7 +10,8 @@ the model as 128/255 ≈ 0.5).
 :func:`normalize_trimap` is the one reading of a user's trimap, used by
 ``FastMEMatte.predict``, :func:`mematte.predict_file` and the command line:
 
-* class ids: an integer or whole-valued array whose values are exactly {0, 1, 2} is
+* class ids: an integer or whole-valued array, or an image file (passed as a Pillow
+  image, whose stored levels are read), whose values are exactly {0, 1, 2} is
   background / unknown / foreground;
 * otherwise the values are scaled to [0, 1] — uint8 and other integers ÷ 255, uint16
   ÷ 65535, bool as 0/1, floats as they are when none exceeds 1, else ÷ 255 (floats in
@@ -24,7 +25,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from .io import gray_array
+from .io import SIXTEEN_BIT_MODES, gray_array
 
 BACKGROUND, UNKNOWN, FOREGROUND = 0, 128, 255
 
@@ -33,7 +34,7 @@ BACKGROUND, UNKNOWN, FOREGROUND = 0, 128, 255
 BACKGROUND_MAX = 0.25
 FOREGROUND_MIN = 0.75
 
-CLASS_IDS = (0, 1, 2)  # background, unknown, foreground
+_CLASS_LUT = np.array([BACKGROUND, UNKNOWN, FOREGROUND], np.uint8)  # class id -> value
 
 
 class TrimapWarning(UserWarning):
@@ -47,10 +48,15 @@ def normalize_trimap(trimap: np.ndarray | Image.Image) -> np.ndarray:
     colour: luminance, colour + alpha; an alpha channel is never read).
     """
     if isinstance(trimap, Image.Image):
-        return _cut(gray_array(trimap, name="trimap"))
+        t = gray_array(trimap, name="trimap")
+        if trimap.mode != "F":  # the levels as stored, to recognise class ids
+            levels = np.rint(t * (65535.0 if trimap.mode in SIXTEEN_BIT_MODES else 255.0))
+            if _class_ids(levels):
+                return _CLASS_LUT[levels.astype(np.intp)]
+        return _cut(t)
     a = np.asarray(trimap)
     if a.ndim == 2 and _class_ids(a):
-        return np.array([BACKGROUND, UNKNOWN, FOREGROUND], np.uint8)[a.astype(np.intp)]
+        return _CLASS_LUT[a.astype(np.intp)]
     if np.issubdtype(a.dtype, np.floating) and a.size and np.isfinite(a).all() and a.max() > 1.0:
         if a.max() > 255.0 or a.min() < 0.0:
             raise ValueError(

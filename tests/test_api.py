@@ -283,3 +283,10 @@ def test_max_pixels_lifts_pillows_own_limit_and_restores_it(files, monkeypatch):
     assert io.read_image(files / "cat.png", max_pixels=None).shape == (H, W, 3)
     assert io.read_image(files / "cat.png", max_pixels=H * W).shape == (H, W, 3)
     assert Image.MAX_IMAGE_PIXELS == 100
+
+
+def test_a_class_id_trimap_file_gives_the_same_matte_as_the_8bit_one(files, model):
+    Image.fromarray((make_trimap() // 127).astype(np.uint8)).save(files / "ids.png")  # 0 / 1 / 2
+    _, from_ids = read_pair(files / "cat.png", files / "ids.png")
+    _, from_8bit = read_pair(files / "cat.png", files / "cat_trimap.png")
+    np.testing.assert_array_equal(from_ids, from_8bit)

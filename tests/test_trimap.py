@@ -160,3 +160,17 @@ def test_mask_values_threshold_at_one_half_and_accept_any_scale():
 def test_unusable_masks_are_refused_with_the_reason(mask, band, message):
     with pytest.raises(ValueError, match=message):
         trimap_from_mask(mask, band=band)
+
+
+@pytest.mark.parametrize("mode", ["L", "I;16", "P"])
+def test_class_id_files_read_as_class_ids(tmp_path, mode):
+    ids = np.array([[0, 1, 2, 2, 1, 0]], np.uint8)
+    if mode == "P":
+        im = Image.fromarray(ids, "P")
+        im.putpalette([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    else:
+        im = Image.fromarray(ids.astype(np.uint16) if mode == "I;16" else ids)
+    im.save(tmp_path / "ids.png")
+    from mematte.io import open_image
+
+    np.testing.assert_array_equal(normalize_trimap(open_image(tmp_path / "ids.png")), [[0, 128, 255, 255, 128, 0]])
