@@ -50,7 +50,11 @@ def op_calls(device: torch.device):
         out.backward(torch.ones_like(out))
         return out, q.grad, k.grad, v.grad
 
+    H, W = 3, 4  # a 3 x 4 token grid
+    grid_q = randn(1, H * W, 2, HEAD_DIM)
+    bias_h, bias_w = randn(1, H * W, 2, H), randn(1, H * W, 2, W)
     return [
+        ("relpos_attention", lambda: triton_ops.relpos_attention(grid_q, grid_q, grid_q, bias_h, bias_w)),
         ("router_scores", lambda: triton_ops.router_scores(tokens, *params)),
         ("gather_layernorm", lambda: triton_ops.gather_layernorm(x, index, weight, bias)),
         ("scatter_residual_", lambda: (triton_ops.scatter_residual_(out, x, randn(4, 32), index), out)[1]),

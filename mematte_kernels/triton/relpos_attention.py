@@ -16,7 +16,6 @@ use the tensor cores with fp32 accumulation.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -24,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import INTERPRET, check_devices, check_float, check_ndim
+from ._common import INTERPRET, check_devices, check_float, check_ndim, on_input_device
 
 HEAD_DIM = 64
 LOG2E = math.log2(math.e)
@@ -145,6 +144,7 @@ def _check_inputs(q, k, v, bias_h, bias_w) -> None:
     check_devices(op, q=q, k=k, v=v, bias_h=bias_h, bias_w=bias_w)
 
 
+@on_input_device
 def launch_relpos_attention(q, k, v, bias_h, bias_w, scale: float | None = None, *, out: torch.Tensor) -> None:
     """The attention of every query of the grid into ``out`` (B, N, heads, 64), q's dtype."""
     _check_inputs(q, k, v, bias_h, bias_w)
@@ -159,14 +159,13 @@ def launch_relpos_attention(q, k, v, bias_h, bias_w, scale: float | None = None,
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]), B * heads)
 
-    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
-        _relpos_attention_kernel[grid](
-            q, k, v, bias_h, bias_w, out,
-            N, bias_w.shape[-1], heads, scale * LOG2E, length_bucket(N),
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *bias_h.stride()[:3], *bias_w.stride()[:3], *out.stride()[:3],
-            HEAD_DIM=head_dim,
-        )
+    _relpos_attention_kernel[grid](
+        q, k, v, bias_h, bias_w, out,
+        N, bias_w.shape[-1], heads, scale * LOG2E, length_bucket(N),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *bias_h.stride()[:3], *bias_w.stride()[:3], *out.stride()[:3],
+        HEAD_DIM=head_dim,
+    )
 
 
 @torch.library.custom_op("mematte::relpos_attention", mutates_args=())
