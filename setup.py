@@ -5,7 +5,8 @@ pyproject.toml.
 Environment:
   MEMATTE_NO_CUDA=1       build the CPU ops only.
   CUDA_HOME / CUDA_PATH   the CUDA toolkit (else /usr/local/cuda, else nvcc on PATH).
-  TORCH_CUDA_ARCH_LIST    GPU architectures (default "8.0;9.0": A100 and H100).
+  TORCH_CUDA_ARCH_LIST    GPU architectures (default "8.0;9.0+PTX": A100 and H100 code, PTX
+                          that newer GPUs compile at load, and code for the local GPUs).
   MAX_JOBS                parallel compile jobs (with ninja).
 """
 from __future__ import annotations
@@ -19,6 +20,31 @@ from setuptools import setup
 CSRC = Path("csrc")
 CPU_SOURCES = ["ops.cpp", "dwconv_gelu_cpu.cpp", "eca_cpu.cpp", "upsample_taps_cpu.cpp", "attention_cpu.cpp"]
 CUDA_SOURCES = ["dwconv_gelu.cu", "eca.cu"]
+DEFAULT_CUDA_ARCHS = ("8.0", "9.0")
+
+
+def _arch_key(arch: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in arch.removesuffix("+PTX").split("."))
+
+
+def cuda_arch_list(requested: str | None, local_archs: list[str]) -> str:
+    """TORCH_CUDA_ARCH_LIST for the build: ``requested`` (the variable) as given, else A100 and
+    H100 code with the H100's PTX, which GPUs after it (sm_100, sm_120) compile when the
+    module loads, plus code for each local GPU (``local_archs``, e.g. ["12.0"])."""
+    if requested and requested.strip():
+        return requested.strip()
+    archs = sorted(set(DEFAULT_CUDA_ARCHS) | set(local_archs), key=_arch_key)
+    ptx = DEFAULT_CUDA_ARCHS[-1]
+    return ";".join(f"{arch}+PTX" if arch == ptx else arch for arch in archs)
+
+
+def local_cuda_archs() -> list[str]:
+    """Compute capabilities of the GPUs on this machine, e.g. ["9.0"]; none without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
 
 
 def find_cuda_home() -> str | None:
@@ -51,7 +77,7 @@ def extensions() -> tuple[list, dict]:
     skip_reason = cuda_skip_reason(torch.version.cuda, cuda_home)
     if skip_reason is None:
         os.environ["CUDA_HOME"] = cuda_home
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"), local_cuda_archs())
 
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, is_ninja_available
 
@@ -64,7 +90,9 @@ def extensions() -> tuple[list, dict]:
         extension = CUDAExtension(
             "mematte_kernels._C",
             sources=[str(CSRC / s) for s in CPU_SOURCES + CUDA_SOURCES],
-            define_macros=[("MEMATTE_WITH_CUDA", None)],
+            # Recorded so that a failed launch can say which GPUs the code was built for.
+            define_macros=[("MEMATTE_WITH_CUDA", None),
+                           ("MEMATTE_CUDA_ARCH_LIST", f'"{os.environ["TORCH_CUDA_ARCH_LIST"]}"')],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
             extra_link_args=["-fopenmp"],
         )
@@ -83,5 +111,6 @@ def extensions() -> tuple[list, dict]:
     return [extension], {"build_ext": build_ext}
 
 
-ext_modules, cmdclass = extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # pip's build backend runs this file as __main__ too
+    ext_modules, cmdclass = extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

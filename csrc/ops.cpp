@@ -347,9 +347,15 @@ PyMODINIT_FUNC PyInit__C() {
 #else
   PyObject* cuda_opted_out = Py_False;
 #endif
+#ifdef MEMATTE_CUDA_ARCH_LIST
+  const char* cuda_arch_list = MEMATTE_CUDA_ARCH_LIST;  // TORCH_CUDA_ARCH_LIST of the build
+#else
+  const char* cuda_arch_list = "";
+#endif
   PyObject* cpu_bf16_kernels = mematte::cpu_has_avx512_bf16() ? Py_True : Py_False;
   if (PyModule_AddObjectRef(module, "cuda_compiled", cuda_compiled) < 0 ||
       PyModule_AddObjectRef(module, "cuda_opted_out", cuda_opted_out) < 0 ||
+      PyModule_AddStringConstant(module, "cuda_arch_list", cuda_arch_list) < 0 ||
       PyModule_AddObjectRef(module, "cpu_bf16_kernels", cpu_bf16_kernels) < 0) {
     Py_DECREF(module);
     return nullptr;

@@ -12,6 +12,7 @@ every device.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -46,14 +47,46 @@ def available(device: torch.device | str) -> bool:
     return all(has_kernel(op, device) for op in OPS)
 
 
+def cuda_arch_list() -> str:
+    """The TORCH_CUDA_ARCH_LIST the extension's CUDA code was built for ("" without it)."""
+    return getattr(_C, "cuda_arch_list", "")
+
+
+def launch_failure_message(op: str, device_name: str, capability: tuple[int, int], built_for: str, error) -> str:
+    arch = "%d.%d" % capability
+    return (
+        f"mematte_ext::{op} failed on {device_name} (compute capability {arch}), and the extension's CUDA code "
+        f"was built for TORCH_CUDA_ARCH_LIST={built_for or 'unknown'!r}: if that does not cover this GPU, rebuild "
+        f"for it: TORCH_CUDA_ARCH_LIST={arch!r} pip install --no-build-isolation -e . ({error})"
+    )
+
+
+@contextlib.contextmanager
+def _launch_failures_reported(op: str, tensor: torch.Tensor):
+    """CUDA errors from ``op`` on ``tensor``'s GPU re-raised naming the GPU's architecture and
+    those the extension was built for: a build without code for a GPU reports its ops
+    available and fails only at launch ("no kernel image is available")."""
+    try:
+        yield
+    except RuntimeError as error:
+        if tensor.device.type != "cuda" or "CUDA error" not in str(error):
+            raise
+        device = tensor.device
+        message = launch_failure_message(op, torch.cuda.get_device_name(device),
+                                         torch.cuda.get_device_capability(device), cuda_arch_list(), error)
+        raise RuntimeError(message) from error
+
+
 def dwconv_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Depthwise 5x5 conv (padding 2) + bias + exact GELU on (B, H, W, C), in one pass."""
-    return torch.ops.mematte_ext.dwconv_gelu(x, weight, bias)
+    with _launch_failures_reported("dwconv_gelu", x):
+        return torch.ops.mematte_ext.dwconv_gelu(x, weight, bias)
 
 
 def eca(z: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """``z + z * sigmoid(conv1d(mean_hw(z)))`` on (B, H, W, C), plus ``residual`` in the same pass."""
-    return torch.ops.mematte_ext.eca(z, weight, residual)
+    with _launch_failures_reported("eca", z):
+        return torch.ops.mematte_ext.eca(z, weight, residual)
 
 
 def dwconv_gelu_backward(
@@ -61,13 +94,15 @@ def dwconv_gelu_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients ``(grad_x, grad_weight, grad_bias)`` of :func:`dwconv_gelu` for
     ``grad_out`` (shaped and typed like x); the pre-activation is recomputed from x."""
-    return torch.ops.mematte_ext.dwconv_gelu_backward(grad_out, x, weight, bias)
+    with _launch_failures_reported("dwconv_gelu_backward", x):
+        return torch.ops.mematte_ext.dwconv_gelu_backward(grad_out, x, weight, bias)
 
 
 def eca_backward(grad_out: torch.Tensor, z: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients ``(grad_z, grad_weight)`` of :func:`eca` for ``grad_out``; the residual's
     gradient is ``grad_out`` itself."""
-    return torch.ops.mematte_ext.eca_backward(grad_out, z, weight)
+    with _launch_failures_reported("eca_backward", z):
+        return torch.ops.mematte_ext.eca_backward(grad_out, z, weight)
 
 
 def upsample_taps_relu_(out: torch.Tensor, taps: torch.Tensor) -> None:
