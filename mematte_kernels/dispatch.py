@@ -144,6 +144,19 @@ def _cpu_bf16_kernels(device: torch.device) -> bool:
     return device.type == "cpu" and ext.cpu_bf16_kernels()
 
 
+_warned: set[str] = set()
+
+
+def _missing_ltrm_reason(device: torch.device) -> str:
+    """Why the extension has no LTRM kernels for ``device``, and what to do about it."""
+    if ext._C is None:
+        return "the compiled extension mematte_kernels._C is not built; install with nvcc available"
+    if device.type == "cuda" and not ext._C.cuda_compiled:
+        how = "MEMATTE_NO_CUDA=1" if ext._C.cuda_opted_out else "torch without CUDA, or nvcc not found"
+        return f"mematte_kernels._C was built without CUDA code ({how}); reinstall with nvcc available"
+    return f"mematte_kernels._C has no {device.type} kernels for them"
+
+
 def _with_ltrm(name: str, device: torch.device, **ops) -> OpTable:
     """A table on the reference, with ``ops`` swapped in, fused window attention, and the
     compiled ops when the extension has them for ``device``."""
@@ -151,6 +164,11 @@ def _with_ltrm(name: str, device: torch.device, **ops) -> OpTable:
         ops.update(dwconv_gelu=ext.dwconv_gelu, eca=ext.eca)
     else:
         name = f"{name} (LTRM ops: reference, the extension has none for {device.type})"
+        if device.type == "cuda" and name not in _warned:
+            # On a GPU this costs real speed, and nothing else would say so.
+            _warned.add(name)
+            log.warning("mematte_kernels: backend %r runs the LTRM ops (dwconv_gelu, eca) as PyTorch "
+                        "reference code on the GPU: %s", name.split(" ")[0], _missing_ltrm_reason(device))
     bf16_kernels = _cpu_bf16_kernels(device)
     ops.setdefault("global_attention", native.global_attention_bf16 if bf16_kernels else native.global_attention)
     if ext.has_kernel("upsample_taps_relu_", device):

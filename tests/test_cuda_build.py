@@ -97,3 +97,41 @@ def test_build_covers_the_local_gpu(setup_module):
         {"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
     )
 
+
+@pytest.mark.parametrize(
+    "built, reason",
+    [
+        pytest.param(None, "mematte_kernels._C is not built", id="no-extension"),
+        pytest.param(types.SimpleNamespace(cuda_compiled=False, cuda_opted_out=True), "MEMATTE_NO_CUDA=1",
+                     id="opted-out"),
+        pytest.param(types.SimpleNamespace(cuda_compiled=False, cuda_opted_out=False), "nvcc not found",
+                     id="no-nvcc"),
+    ],
+)
+def test_auto_on_a_gpu_without_cuda_ltrm_ops_warns(monkeypatch, caplog, built, reason):
+    """'auto' on a GPU falls back to the reference LTRM ops when the extension has no CUDA
+    code: a WARNING says so and why, once."""
+    from mematte_kernels import dispatch
+
+    monkeypatch.setattr(ext, "_C", built)
+    monkeypatch.setattr(ext, "available", lambda device: False)
+    monkeypatch.setattr(ext, "has_kernel", lambda op, device: False)
+    monkeypatch.setattr(dispatch, "_warned", set())
+    with caplog.at_level("WARNING", logger="mematte_kernels"):
+        table = dispatch._build("auto", torch.device("cuda"))
+        dispatch._build("auto", torch.device("cuda"))
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "LTRM ops (dwconv_gelu, eca) as PyTorch reference code on the GPU" in warnings[0].getMessage()
+    assert reason in warnings[0].getMessage()
+    assert table.dwconv_gelu is dispatch.reference.dwconv_gelu
+
+
+def test_cpu_fallback_does_not_warn(monkeypatch, caplog):
+    from mematte_kernels import dispatch
+
+    monkeypatch.setattr(ext, "available", lambda device: False)
+    monkeypatch.setattr(dispatch, "_warned", set())
+    with caplog.at_level("WARNING", logger="mematte_kernels"):
+        dispatch._build("auto", torch.device("cpu"))
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
