@@ -48,15 +48,6 @@ def router_scores(
     return scores, scores[..., 0] > scores[..., 1]
 
 
-def patch_embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The stride-p patch conv as one GEMM over the unfolded patches (convolution libraries
-    handle a 4-channel, stride-16 kernel poorly): (B, Cin, H, W) -> (B, H/p, W/p, C)."""
-    B, Cin, H, W = x.shape
-    p = weight.shape[-1]
-    patches = x.reshape(B, Cin, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, H // p, W // p, Cin * p * p)
-    return F.linear(patches, weight.reshape(weight.shape[0], -1), bias)
-
-
 # oneDNN runs bf16 only on x86 CPUs with AVX-512 (or AVX2-VNNI-2); elsewhere PyTorch's own GEMM does.
 ONEDNN_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 

@@ -144,29 +144,11 @@ def test_fused_linear_matches_reference(op, shape, out_features, dtype):
         assert rel_error(out, ref32) <= 2 * rel_error(ref_low, ref32) + 1e-4
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("B, H, W", [pytest.param(1, 16, 16, id="B1-1x1-tokens"), pytest.param(2, 48, 80, id="B2-3x5-tokens")])
-def test_patch_embed_as_one_gemm(B, H, W, dtype):
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(B, 4, H, W, generator=g).to(dtype)
-    weight = (torch.randn(384, 4, 16, 16, generator=g) * 0.03).to(dtype)
-    bias = torch.randn(384, generator=g).to(dtype)
-    out = native.patch_embed(x, weight, bias)
-    ref32 = reference.patch_embed(x.float(), weight.float(), bias.float())
-    assert out.shape == (B, H // 16, W // 16, 384) and out.is_contiguous()
-    if dtype == torch.float32:
-        torch.testing.assert_close(out, ref32, rtol=1e-5, atol=1e-5)
-    else:
-        ref_low = reference.patch_embed(x, weight, bias)
-        assert rel_error(out, ref32) <= 2 * rel_error(ref_low, ref32) + 1e-4
-
-
 def test_cpu_table_uses_the_fused_dense_ops(monkeypatch):
     from mematte_kernels import dispatch
 
     monkeypatch.delenv("MEMATTE_BACKEND", raising=False)
     table = dispatch.resolve("cpu", "cpu")
-    assert table.patch_embed is native.patch_embed
     if torch.backends.mkldnn.is_available():
         assert table.linear is native.linear and table.linear_gelu is native.linear_gelu
     assert dispatch.REFERENCE.linear is reference.linear and dispatch.REFERENCE.patch_embed is reference.patch_embed
