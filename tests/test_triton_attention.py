@@ -125,6 +125,28 @@ def test_large_logits_as_precise_as_fused_attention(dtype):
     assert error > 0  # the comparison means something: bf16/fp16 outputs are not exact
 
 
+@pytest.mark.parametrize("dtype", [pytest.param(d, id=DTYPE_NAMES[d]) for d in (torch.bfloat16, torch.float16)])
+def test_relpos_large_logits_as_precise_as_fused_attention(dtype):
+    """The same rule for ViTMatte's global attention kernel, whose position bias is added to
+    the scaled fp32 logits: torch's fused attention gets the bias as a mask."""
+    from mematte_kernels.triton import relpos_attention
+
+    B, H, W, heads = 1, 15, 20, 2
+    generator = torch.Generator().manual_seed(9)
+    q, k = (torch.randn(B, H * W, heads, HEAD_DIM, generator=generator) * LARGE_LOGIT_STD**0.5 for _ in "qk")
+    v = torch.randn(B, H * W, heads, HEAD_DIM, generator=generator)
+    bias_h, bias_w = (torch.randn(B, H * W, heads, n, generator=generator) for n in (H, W))
+    q, k, v, bias_h, bias_w = (t.to(dtype) for t in (q, k, v, bias_h, bias_w))
+
+    out = relpos_attention(q, k, v, bias_h, bias_w)
+    scale = HEAD_DIM**-0.5
+    expected = reference.relpos_attention(*(t.float() for t in (q, k, v, bias_h, bias_w)), scale)
+    mask = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(B, H * W, heads, H * W).transpose(1, 2)
+    fused = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask).transpose(1, 2)
+    error = assert_close(out, expected, atol=FUSED_ATTENTION_FACTOR * max_abs_error(fused, expected))
+    assert error > 0
+
+
 def test_autotune_key_buckets_the_longest_sequence(monkeypatch):
     """Autotuning is keyed on a power-of-two bucket of max_seqlen (never the exact count),
     so a 64-token call and an 18,500-token call get their own tiles. Nothing runs: the

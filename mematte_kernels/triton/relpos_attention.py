@@ -10,8 +10,8 @@ query, gathered inside the tile loop for each key's row and column, so memory is
 and no N×N matrix (logits or bias) ever exists.
 
 One program computes BLOCK_M queries of one (image, head) with an online softmax over
-BLOCK_N-key blocks; the softmax runs in base 2 with ``scale * log2(e)`` folded into q and
-``log2(e)`` into the bias. fp32 uses exact fp32 dots (``input_precision="ieee"``); fp16/bf16
+BLOCK_N-key blocks; the softmax runs in base 2: the fp32 logits are multiplied by
+``scale * log2(e)`` and the bias by ``log2(e)``. fp32 uses exact fp32 dots (``input_precision="ieee"``); fp16/bf16
 use the tensor cores with fp32 accumulation.
 """
 from __future__ import annotations
@@ -84,7 +84,6 @@ def _relpos_attention_kernel(
 
     q = tl.load(q_ptr + batch * stride_qb + rows_m[:, None] * stride_qn + head * stride_qh + offs_d[None, :],
                 mask=q_mask[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
-    q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
     # Each query's row of the two position tables.
     bias_h_rows = bias_h_ptr + batch * stride_hb + rows_m * stride_hn + head * stride_hh  # (BLOCK_M,)
     bias_w_rows = bias_w_ptr + batch * stride_wb + rows_m * stride_wn + head * stride_wh  # (BLOCK_M,)
@@ -105,7 +104,8 @@ def _relpos_attention_kernel(
         tile_mask = q_mask[:, None] & key_mask[None, :]
         bias = tl.load(bias_h_rows[:, None] + key_row[None, :], mask=tile_mask, other=0.0).to(tl.float32)
         bias += tl.load(bias_w_rows[:, None] + key_col[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-        logits = tl.dot(q, k, input_precision="ieee") + bias * 1.4426950408889634  # (BLOCK_M, BLOCK_N), base 2
+        # The fp32 logits are scaled, not a rounded q (as flash-attention does).
+        logits = tl.dot(q, k, input_precision="ieee") * qk_scale + bias * 1.4426950408889634  # (BLOCK_M, BLOCK_N), base 2
         logits = tl.where(key_mask[None, :], logits, float("-inf"))
         # Every block holds at least one real key, so new_max is finite and no -inf - -inf occurs.
         new_max = tl.maximum(row_max, tl.max(logits, axis=1))  # (BLOCK_M,)
