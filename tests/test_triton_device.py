@@ -17,51 +17,7 @@ import torch
 
 import mematte_kernels.triton as triton_ops
 from mematte_kernels.triton import _common
-from test_triton_router import make_router, make_tokens
-
-HEAD_DIM = 64
-
-
-def op_calls(device: torch.device):
-    """(name, thunk) for every public Triton op on small inputs on ``device``."""
-    generator = torch.Generator().manual_seed(0)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator).to(device)
-
-    x = randn(40, 32)
-    index = torch.tensor([3, 0, 17, 39], device=device)
-    weight, bias = randn(32), randn(32)
-    tokens, params = make_tokens(2, 33, 32).to(device), [p.to(device) for p in make_router(32)]
-    qkv = randn(10, 3, 2, HEAD_DIM)
-    cu_seqlens = torch.tensor([0, 7, 7, 10], dtype=torch.int32, device=device)
-    out = x.clone()
-
-    def policy_attention():
-        q, k, v = (randn(2, 9, 2, HEAD_DIM).requires_grad_() for _ in range(3))
-        policy = (randn(2, 9) > 0).float().requires_grad_()
-        out = triton_ops.policy_attention(q, k, v, policy)
-        out.backward(torch.ones_like(out))
-        return out, q.grad, k.grad, v.grad, policy.grad
-
-    def varlen_attention_with_grads():
-        q, k, v = (t.detach().clone().requires_grad_() for t in qkv.unbind(1))
-        out = triton_ops.varlen_attention(q, k, v, cu_seqlens, 7)
-        out.backward(torch.ones_like(out))
-        return out, q.grad, k.grad, v.grad
-
-    H, W = 3, 4  # a 3 x 4 token grid
-    grid_q = randn(1, H * W, 2, HEAD_DIM)
-    bias_h, bias_w = randn(1, H * W, 2, H), randn(1, H * W, 2, W)
-    return [
-        ("relpos_attention", lambda: triton_ops.relpos_attention(grid_q, grid_q, grid_q, bias_h, bias_w)),
-        ("router_scores", lambda: triton_ops.router_scores(tokens, *params)),
-        ("gather_layernorm", lambda: triton_ops.gather_layernorm(x, index, weight, bias)),
-        ("scatter_residual_", lambda: (triton_ops.scatter_residual_(out, x, randn(4, 32), index), out)[1]),
-        ("varlen_attention", lambda: triton_ops.varlen_attention(*qkv.unbind(1), cu_seqlens, 7)),
-        ("policy_attention", policy_attention),
-        ("varlen_attention backward", varlen_attention_with_grads),
-    ]
+from kernel_calls import triton_op_calls
 
 
 def package_kernels() -> set[str]:
@@ -109,7 +65,7 @@ def test_every_launch_runs_under_the_inputs_device(monkeypatch):
         monkeypatch.setattr(cls, "run", recording_run(cls.run))
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for name, call in op_calls(device):
+    for name, call in triton_op_calls(device):
         launches.clear()
         call()
         assert launches, f"{name} launched no kernel"
@@ -119,7 +75,7 @@ def test_every_launch_runs_under_the_inputs_device(monkeypatch):
 
 def test_every_kernel_is_covered():
     """Each kernel of the package is launched by one of the calls above, so a new kernel
-    cannot skip the guard unnoticed: add its op to :func:`op_calls`."""
+    cannot skip the guard unnoticed: add its op to :func:`kernel_calls.triton_op_calls`."""
     from triton.runtime import interpreter, jit
 
     launched = set()
@@ -135,7 +91,7 @@ def test_every_kernel_is_covered():
     with pytest.MonkeyPatch.context() as patch:
         for cls, original in originals.items():
             patch.setattr(cls, "run", recorder(original))
-        for _, call in op_calls(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
+        for _, call in triton_op_calls(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
             call()
     assert package_kernels() <= launched, f"kernels no call launches: {sorted(package_kernels() - launched)}"
 
@@ -167,10 +123,10 @@ def test_guard_makes_the_inputs_cuda_device_current(monkeypatch):
 def test_ops_on_the_second_gpu_match_the_first():
     """With cuda:0 current, every op on cuda:1 tensors computes what it does on cuda:0."""
     torch.cuda.set_device(0)
-    first = [call() for _, call in op_calls(torch.device("cuda", 0))]
-    second = [call() for _, call in op_calls(torch.device("cuda", 1))]
+    first = [call() for _, call in triton_op_calls(torch.device("cuda", 0))]
+    second = [call() for _, call in triton_op_calls(torch.device("cuda", 1))]
     torch.cuda.synchronize(1)
-    for (name, _), a, b in zip(op_calls(torch.device("cuda", 0)), first, second):
+    for (name, _), a, b in zip(triton_op_calls(torch.device("cuda", 0)), first, second):
         for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
             assert y.device == torch.device("cuda", 1), name
             assert torch.equal(x, y.to(x.device)), f"{name} differs on cuda:1"
