@@ -86,12 +86,13 @@ _POLICY_BACKWARD = dict(
 )
 SIGNATURES.update({
     "_policy_attention_fwd_kernel": dict(
-        q_ptr=ACT, k_ptr=ACT, v_ptr=ACT, policy_ptr=ACT, vsum_ptr="*fp32", out_ptr=ACT, **_POLICY_STATS,
+        q_ptr=ACT, k_ptr=ACT, v_ptr=ACT, policy_ptr=ACT, vsum_ptr="*fp32", out_ptr=ACT, out_fp32_ptr="*fp32",
+        **_POLICY_STATS,
         N="i32", seqlen_bucket=I32_16, num_heads="i32", qk_scale="fp32", eps="fp32", **_POLICY_QKV_STRIDES,
         stride_ob=I32_16, stride_on=I32_16, stride_oh=I32_16, stride_pb="i32", stride_pn=1,
     ),
     "_policy_attention_bwd_preprocess_kernel": dict(
-        out_ptr=ACT, dout_ptr=ACT, vsum_ptr="*fp32", denom_ptr="*fp32", delta_ptr="*fp32", dmax_ptr="*fp32",
+        out_ptr="*fp32", dout_ptr=ACT, vsum_ptr="*fp32", denom_ptr="*fp32", delta_ptr="*fp32", dmax_ptr="*fp32",
         N="i32", num_heads="i32", eps="fp32",
         stride_ob=I32_16, stride_on=I32_16, stride_oh=I32_16, stride_db=I32_16, stride_dn=I32_16, stride_dh=I32_16,
     ),
@@ -130,13 +131,17 @@ DOT_KERNELS = {"_router_hidden_kernel", "_router_head_kernel", "_varlen_attentio
 
 def policy_attention_variants(torch_dtype):
     """Every config of the policy attention kernels' autotuners, after the per-dtype pruning."""
+    import torch
+
     pa = importlib.import_module("mematte_kernels.triton.policy_attention")  # the package exports a function of that name
     variants = [(pa._policy_attention_bwd_preprocess_kernel, {"HEAD_DIM": 64, "BLOCK_M": pa.PREPROCESS_BLOCK_M}, 4, 3)]
-    for kernel, configs in ((pa._policy_attention_fwd_kernel, pa.forward_configs_for(torch_dtype)),
-                            (pa._policy_attention_bwd_dkdv_kernel, pa.backward_configs_for(torch_dtype)),
-                            (pa._policy_attention_bwd_dq_kernel, pa.backward_configs_for(torch_dtype))):
+    # The forward also writes its output in fp32 for fp16/bf16 inputs.
+    store_fp32 = {"STORE_FP32": torch_dtype != torch.float32}
+    for kernel, configs, extra in ((pa._policy_attention_fwd_kernel, pa.forward_configs_for(torch_dtype), store_fp32),
+                                   (pa._policy_attention_bwd_dkdv_kernel, pa.backward_configs_for(torch_dtype), {}),
+                                   (pa._policy_attention_bwd_dq_kernel, pa.backward_configs_for(torch_dtype), {})):
         assert all(config in kernel.configs for config in configs)
-        variants += [(kernel.fn, {**config.kwargs, "HEAD_DIM": 64}, config.num_warps, config.num_stages)
+        variants += [(kernel.fn, {**config.kwargs, "HEAD_DIM": 64, **extra}, config.num_warps, config.num_stages)
                      for config in configs]
     return variants
 

@@ -15,14 +15,20 @@ keeps an online softmax over key blocks whose running max runs over every key; t
 ``a`` are relative to the final max, as the formula has it. It stores per row the max, its
 key (the first one on ties) and D for the backward.
 
-Backward, with dA[i, j] = dout_i . v_j and delta_i = dout_i . out_i:
+Backward, with dA[i, j] = dout_i . v_j and delta_i = dout_i . out_i (out in fp32: for fp16/
+bf16 inputs the forward also writes it, since with a rounded out delta misses the dA[i, i] it
+cancels against, and where a query keeps mostly itself dq and dk are that small difference):
 
     G[i, j]      = exp(l[i, j] - m_i) * (dA[i, j] - delta_i) / D_i
-    dl[i, j]     = keep[i, j] * G[i, j] + [j == argmax_i] * dmax_i
+    dl[i, j]     = keep[i, j] * G[i, j] + [j == argmax_i] * dmax_i   (a / D: see below)
     dmax_i       = -(eps / D_i) * (delta_i - dout_i . vsum / N)      the max is not detached
     dq_i         = scale * sum_j dl[i, j] k_j,   dk_j = scale * sum_i dl[i, j] q_i
     dv_j         = sum_i a[i, j] / D_i * dout_i + eps / N * sum_i dout_i / D_i
     dp_j         = sum_{i != j} G[i, j]          summed over heads too (keep' = 1 - [i == j])
+
+For fp16/bf16 the weights a are rounded to v's dtype where they meet v, and D sums those
+rounded weights (forward) and the backward's a / D uses them too: consistent rounding, so a
+query that keeps only itself gets out = v and dv = dout exactly, as the reference does.
 
 Three launches: a per-row preprocess (delta, dmax), then dk/dv/dp per key block looping over
 query blocks, and dq per query block looping over key blocks. Both recompute the logits;
@@ -122,11 +128,11 @@ def _keep_weight(policy, offs_query, offs_key):
 @triton.autotune(configs=_all(FORWARD_CONFIGS), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_forward})
 @triton.jit
 def _policy_attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, policy_ptr, vsum_ptr, out_ptr, row_max_ptr, row_argmax_ptr, denom_ptr,
+    q_ptr, k_ptr, v_ptr, policy_ptr, vsum_ptr, out_ptr, out_fp32_ptr, row_max_ptr, row_argmax_ptr, denom_ptr,
     N, seqlen_bucket, num_heads, qk_scale, eps,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh, stride_pb, stride_pn,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STORE_FP32: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -168,8 +174,11 @@ def _policy_attention_fwd_kernel(
         new_max = tl.maximum(row_max, block_max)
         rescale = tl.math.exp2(row_max - new_max)  # (BLOCK_M,); 0 on the first block
         a = tl.math.exp2(logits - new_max[:, None]) * _keep_weight(policy, offs_m, offs_key)  # (BLOCK_M, BLOCK_N)
-        row_sum = row_sum * rescale + tl.sum(a, axis=1)
-        acc = tl.dot(a.to(v.dtype), v, acc * rescale[:, None], input_precision="ieee")
+        # The denominator sums the weights the product with v uses, rounded to v's dtype: a
+        # query that keeps mostly itself then gets its own v back, as the reference gives it.
+        a = a.to(v.dtype)
+        row_sum = row_sum * rescale + tl.sum(a.to(tl.float32), axis=1)
+        acc = tl.dot(a, v, acc * rescale[:, None], input_precision="ieee")
         row_max = new_max
 
     vsum = tl.load(vsum_ptr + pid_bh * HEAD_DIM + offs_d)  # (HEAD_DIM,) fp32
@@ -177,6 +186,10 @@ def _policy_attention_fwd_kernel(
     out = (acc + (eps / N) * vsum[None, :]) / denom[:, None]  # (BLOCK_M, HEAD_DIM)
     tl.store(out_ptr + batch.to(tl.int64) * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=query_mask[:, None])
+    if STORE_FP32:
+        # (B, N, heads, HEAD_DIM) contiguous, for the backward's delta = dout . out.
+        rows = (batch.to(tl.int64) * N + offs_m) * num_heads + head
+        tl.store(out_fp32_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], out, mask=query_mask[:, None])
     stats = pid_bh.to(tl.int64) * N + offs_m  # (BLOCK_M,) rows of the (B, heads, N) statistics
     tl.store(row_max_ptr + stats, row_max, mask=query_mask)
     tl.store(row_argmax_ptr + stats, row_argmax, mask=query_mask)
@@ -266,12 +279,13 @@ def _policy_attention_bwd_dkdv_kernel(
         logits_t = tl.dot(k, q, input_precision="ieee") * qk_scale  # (BLOCK_N, BLOCK_M), base 2
         weights_t = tl.math.exp2(logits_t - row_max[None, :])         # exp(l - m)
         keep_t = tl.where(offs_key[:, None] == offs_query[None, :], 1.0, policy[:, None])  # (BLOCK_N, BLOCK_M)
-        probs_t = weights_t * keep_t / denom[None, :]                  # a / D
+        # a / D with a rounded to v's dtype, as the forward summed it into D.
+        probs_t = (weights_t * keep_t).to(v.dtype).to(tl.float32) / denom[None, :]
         dv = tl.dot(probs_t.to(dout.dtype), dout, dv, input_precision="ieee")
         dattn_t = tl.dot(v, tl.trans(dout), input_precision="ieee")   # (BLOCK_N, BLOCK_M): dA^T
         g_t = weights_t * (dattn_t - delta[None, :]) / denom[None, :]
         is_argmax = offs_key[:, None] == row_argmax[None, :]
-        dlogits_t = keep_t * g_t + tl.where(is_argmax, dmax[None, :], 0.0)
+        dlogits_t = probs_t * (dattn_t - delta[None, :]) + tl.where(is_argmax, dmax[None, :], 0.0)
         dk = tl.dot(dlogits_t.to(q.dtype), tl.trans(q), dk, input_precision="ieee")
         off_diagonal = offs_key[:, None] != offs_query[None, :]
         dpolicy += tl.sum(tl.where(off_diagonal, g_t, 0.0), axis=1)
@@ -331,9 +345,10 @@ def _policy_attention_bwd_dq_kernel(
         logits = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N), base 2
         weights = tl.math.exp2(logits - row_max[:, None])
         dattn = tl.dot(dout, v, input_precision="ieee")  # (BLOCK_M, BLOCK_N)
-        g = weights * (dattn - delta[:, None]) / denom[:, None]
-        # Padded keys have k = 0, so whatever their weight they add nothing to dq.
-        dlogits = _keep_weight(policy, offs_query, offs_key) * g
+        # a / D with a rounded to v's dtype, as the forward summed it into D. Padded keys
+        # have k = 0, so whatever their weight they add nothing to dq.
+        probs = (weights * _keep_weight(policy, offs_query, offs_key)).to(v.dtype).to(tl.float32) / denom[:, None]
+        dlogits = probs * (dattn - delta[:, None])
         dlogits += tl.where(offs_key[None, :] == row_argmax[:, None], dmax[:, None], 0.0)
         dq = tl.dot(dlogits.to(k.dtype), k, dq, input_precision="ieee")
 
@@ -378,14 +393,21 @@ def _scales(scale: float | None, head_dim: int) -> tuple[float, float]:
 
 
 @on_input_device
-def launch_forward(q, k, v, policy, scale: float | None, eps: float, *, out, row_max, row_argmax, denom) -> None:
-    """The forward into ``out`` (B, N, heads, 64) and the row statistics (B, heads, N):
-    ``row_max`` fp32 (base-2 logits), ``row_argmax`` int32, ``denom`` fp32."""
+def launch_forward(q, k, v, policy, scale: float | None, eps: float, *, out, out_fp32, row_max, row_argmax,
+                   denom) -> None:
+    """The forward into ``out`` (B, N, heads, 64), for fp16/bf16 inputs also into
+    ``out_fp32`` (the same in fp32, contiguous; None for fp32 inputs), and the row statistics
+    (B, heads, N): ``row_max`` fp32 (base-2 logits), ``row_argmax`` int32, ``denom`` fp32."""
     check_inputs(q, k, v, policy)
     B, N, heads, head_dim = q.shape
     if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
         raise ValueError(f"policy_attention: out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device} "
                          "with a contiguous head dimension")
+    store_fp32 = q.dtype != torch.float32
+    if store_fp32 and (out_fp32 is None or out_fp32.shape != q.shape or out_fp32.dtype != torch.float32
+                       or not out_fp32.is_contiguous()):
+        raise ValueError(f"policy_attention: out_fp32 must be a contiguous float32 tensor of shape {tuple(q.shape)} "
+                         f"for {q.dtype} inputs")
     for name, t, dtype in (("row_max", row_max, torch.float32), ("row_argmax", row_argmax, torch.int32),
                            ("denom", denom, torch.float32)):
         if t.shape != (B, heads, N) or t.dtype != dtype or not t.is_contiguous():
@@ -398,10 +420,10 @@ def launch_forward(q, k, v, policy, scale: float | None, eps: float, *, out, row
         return (triton.cdiv(N, meta["BLOCK_M"]), B * heads)
 
     _policy_attention_fwd_kernel[grid](
-        q, k, v, policy, _column_sum(v), out, row_max, row_argmax, denom,
+        q, k, v, policy, _column_sum(v), out, out_fp32 if store_fp32 else out, row_max, row_argmax, denom,
         N, length_bucket(N), heads, qk_scale, eps,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *policy.stride(),
-        HEAD_DIM=head_dim,
+        HEAD_DIM=head_dim, STORE_FP32=store_fp32,
     )
 
 
@@ -409,7 +431,10 @@ def launch_forward(q, k, v, policy, scale: float | None, eps: float, *, out, row
 def launch_backward(dout, q, k, v, policy, out, row_max, row_argmax, denom, scale: float | None, eps: float,
                     *, dq, dk, dv, dpolicy_per_head) -> None:
     """Gradients into dq, dk, dv (q's shape and dtype) and ``dpolicy_per_head`` (B, heads, N)
-    fp32, from the forward's ``out`` and row statistics."""
+    fp32, from the forward's output in fp32 (``out``: the output itself for fp32 inputs,
+    ``out_fp32`` for fp16/bf16 ones) and row statistics."""
+    if out.dtype != torch.float32:
+        raise TypeError(f"policy_attention backward: out must be the forward's float32 output, got {out.dtype}")
     check_devices("policy_attention backward", dout=dout, q=q, k=k, v=v, policy=policy, out=out, row_max=row_max,
                   row_argmax=row_argmax, denom=denom, dq=dq, dk=dk, dv=dv, dpolicy=dpolicy_per_head)
     B, N, heads, head_dim = q.shape
@@ -441,21 +466,28 @@ def launch_backward(dout, q, k, v, policy, out, row_max, row_argmax, denom, scal
 # ------------------------------------------------------------------------ custom ops
 
 
+def _fp32_output(q: torch.Tensor) -> torch.Tensor:
+    """The forward's fp32 copy of its output: (B, N, heads, d) for fp16/bf16 inputs, empty for
+    fp32 ones (the output itself serves)."""
+    return q.new_empty(q.shape if q.dtype != torch.float32 else (0,), dtype=torch.float32)
+
+
 @torch.library.custom_op("mematte::policy_attention_forward", mutates_args=())
 def _forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: torch.Tensor, scale: float | None, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     check_inputs(q, k, v, policy)
-    out = q.new_empty(q.shape)
+    out, out_fp32 = q.new_empty(q.shape), _fp32_output(q)
     row_max, row_argmax, denom = _stats(q), _stats(q, torch.int32), _stats(q)
-    launch_forward(q, k, v, policy, scale, eps, out=out, row_max=row_max, row_argmax=row_argmax, denom=denom)
-    return out, row_max, row_argmax, denom
+    launch_forward(q, k, v, policy, scale, eps, out=out, out_fp32=out_fp32 if out_fp32.numel() else None,
+                   row_max=row_max, row_argmax=row_argmax, denom=denom)
+    return out, out_fp32, row_max, row_argmax, denom
 
 
 @_forward_op.register_fake
 def _(q, k, v, policy, scale, eps):
     check_inputs(q, k, v, policy)
-    return q.new_empty(q.shape), _stats(q), _stats(q, torch.int32), _stats(q)
+    return q.new_empty(q.shape), _fp32_output(q), _stats(q), _stats(q, torch.int32), _stats(q)
 
 
 @torch.library.custom_op("mematte::policy_attention_backward", mutates_args=())
@@ -477,8 +509,8 @@ def _(dout, q, k, v, policy, out, row_max, row_argmax, denom, scale, eps):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, policy, scale, eps = inputs
-    out, row_max, row_argmax, denom = output
-    ctx.save_for_backward(q, k, v, policy, out, row_max, row_argmax, denom)
+    out, out_fp32, row_max, row_argmax, denom = output
+    ctx.save_for_backward(q, k, v, policy, out_fp32 if q.dtype != torch.float32 else out, row_max, row_argmax, denom)
     ctx.scale, ctx.eps = scale, eps
 
 
