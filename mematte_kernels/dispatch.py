@@ -107,7 +107,8 @@ def _build(name: str, device: torch.device) -> OpTable:
     if name == "cpu":
         # The cpu backend also runs on CUDA tensors when forced; oneDNN and the AVX512-BF16
         # kernels take CPU tensors only.
-        ops = dict(router_scores=native.router_scores, varlen_attention=native.varlen_attention)
+        ops = dict(router_scores=native.router_scores, varlen_attention=native.varlen_attention,
+                   policy_attention=native.policy_attention)
         if device.type == "cpu" and torch.backends.mkldnn.is_available():
             ops.update(linear=native.linear, linear_gelu=native.linear_gelu)
         if _cpu_bf16_kernels(device):

@@ -208,3 +208,92 @@ def global_attention_bf16(qkv, rel_h, rel_w, num_heads: int, scale: float) -> to
     q, k, v = qkv.contiguous().view(B, H * W, 3, num_heads, 64).unbind(2)
     bias_h, bias_w = reference.rel_pos_bias(q.reshape(B, H, W, num_heads, 64).float(), rel_h.float(), rel_w.float())
     return ext.relpos_attention(q, k, v, bias_h.contiguous(), bias_w.contiguous(), scale).view(B, H, W, C)
+
+
+# Queries per chunk of the CPU policy attention: bounds its (B, heads, chunk, N) fp32 tiles
+# (ViT-S, B 2, N 18,500: 0.2 GB each) where the reference holds several N x N matrices.
+POLICY_CHUNK = 256
+
+
+class _PolicyAttention(torch.autograd.Function):
+    """:func:`mematte_kernels.reference.policy_attention` a chunk of queries at a time, with
+    the Triton kernels' formulation (module docstring of
+    :mod:`mematte_kernels.triton.policy_attention`): the forward keeps the row max, its key
+    and the denominator; the backward recomputes each chunk's logits from them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, policy, scale, eps):
+        B, N, heads, d = q.shape
+        qh, kh, vh = (t.transpose(1, 2).float() for t in (q, k, v))  # (B, heads, N, d) fp32
+        p = policy.float()[:, None, None, :]                           # (B, 1, 1, N)
+        vsum = vh.sum(dim=2, keepdim=True)                             # (B, heads, 1, d)
+        out = torch.empty_like(qh)
+        row_max = qh.new_empty((B, heads, N))
+        row_argmax = torch.empty((B, heads, N), dtype=torch.long, device=q.device)
+        denom = qh.new_empty((B, heads, N))
+        for start in range(0, N, POLICY_CHUNK):
+            rows = slice(start, min(start + POLICY_CHUNK, N))
+            logits = (qh[:, :, rows] @ kh.transpose(-2, -1)) * scale   # (B, heads, c, N)
+            m, arg = logits.max(dim=-1, keepdim=True)
+            a = (logits - m).exp_().mul_(_keep(p, rows, N))
+            D = a.sum(dim=-1, keepdim=True) + eps
+            out[:, :, rows] = (a @ vh + (eps / N) * vsum) / D
+            row_max[:, :, rows], row_argmax[:, :, rows], denom[:, :, rows] = m[..., 0], arg[..., 0], D[..., 0]
+        # delta = dout . out must come from the fp32 output: with a rounded one it misses the
+        # dA[i, i] it cancels against, and where a query keeps mostly itself (a zero policy)
+        # dq and dk are that small difference.
+        out = out.transpose(1, 2).contiguous()
+        ctx.save_for_backward(q, k, v, policy, out, row_max, row_argmax, denom)
+        ctx.scale, ctx.eps = scale, eps
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, policy, out, row_max, row_argmax, denom = ctx.saved_tensors
+        scale, eps = ctx.scale, ctx.eps
+        B, N, heads, d = q.shape
+        qh, kh, vh, oh, doh = (t.transpose(1, 2).float() for t in (q, k, v, out, dout))  # out: fp32
+        p = policy.float()[:, None, None, :]
+        vsum = vh.sum(dim=2, keepdim=True)
+        delta = (oh * doh).sum(-1)                                             # (B, heads, N)
+        dmax = -(eps / denom) * (delta - (doh * vsum).sum(-1) / N)             # through the row max
+        dq, dk, dv = torch.empty_like(qh), torch.zeros_like(kh), torch.zeros_like(vh)
+        dpolicy = torch.zeros_like(p[:, 0, 0])                                 # (B, N)
+        for start in range(0, N, POLICY_CHUNK):
+            rows = slice(start, min(start + POLICY_CHUNK, N))
+            logits = (qh[:, :, rows] @ kh.transpose(-2, -1)) * scale
+            e = (logits - row_max[:, :, rows, None]).exp_()                    # (B, heads, c, N)
+            keep = _keep(p, rows, N)
+            D = denom[:, :, rows, None]
+            dv += (e * keep / D).transpose(-2, -1) @ doh[:, :, rows]
+            g = e.mul_((doh[:, :, rows] @ vh.transpose(-2, -1)).sub_(delta[:, :, rows, None])).div_(D)
+            dpolicy += g.sum(dim=(1, 2))
+            dpolicy[:, rows] -= _diagonal(g, rows).sum(dim=1)  # keep[i, i] does not depend on p_i
+            dlogits = g.mul_(keep)
+            dlogits.scatter_add_(-1, row_argmax[:, :, rows, None], dmax[:, :, rows, None])
+            dq[:, :, rows] = dlogits @ kh * scale
+            dk += dlogits.transpose(-2, -1) @ qh[:, :, rows] * scale
+        dv += (eps / N) * (doh / denom[..., None]).sum(dim=2, keepdim=True)
+        grads = (t.transpose(1, 2).to(q.dtype) for t in (dq, dk, dv))
+        return (*grads, dpolicy.to(policy.dtype), None, None)
+
+
+def _keep(p: torch.Tensor, rows: slice, N: int) -> torch.Tensor:
+    """keep[i, j] = p_j + (1 - p_j) [i == j] for the queries ``rows``: (B, 1, c, N)."""
+    keep = p.expand(-1, -1, rows.stop - rows.start, -1).clone()
+    index = torch.arange(rows.start, rows.stop, device=p.device)
+    keep[:, :, index - rows.start, index] = 1.0
+    return keep
+
+
+def _diagonal(t: torch.Tensor, rows: slice) -> torch.Tensor:
+    """t[..., i, i] for the queries ``rows`` of a (B, heads, c, N) chunk: (B, heads, c)."""
+    index = torch.arange(rows.start, rows.stop, device=t.device)
+    return t[:, :, index - rows.start, index]
+
+
+def policy_attention(q, k, v, policy, scale: float | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """:func:`mematte_kernels.reference.policy_attention` in query chunks, fp32 inside:
+    O(chunk x N) memory in the forward and the backward instead of several N x N matrices."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _PolicyAttention.apply(q, k, v, policy, scale, eps)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mematte_kernels import reference
+from mematte_kernels import native, reference
 from mematte_kernels.triton import policy_attention
 from mematte_kernels.triton.policy_attention import launch_backward, launch_forward
 from triton_tolerance import DTYPE_NAMES, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, max_abs_error
@@ -173,6 +173,32 @@ def assert_all_close(actual, expected, torch_own, dtype):
 @pytest.mark.parametrize("shape, policy, dtype", kernel_cases())
 def test_kernels_match_reference(shape, policy, dtype):
     check_kernels(*make_inputs(*shape, dtype=dtype, policy=policy))
+
+
+def run_cpu_path(q, k, v, p, dout, scale=None, eps=1e-6):
+    inputs = [t.detach().clone().requires_grad_() for t in (q, k, v, p)]
+    out = native.policy_attention(*inputs, scale, eps)
+    out.backward(dout)
+    return [out.detach()] + [t.grad for t in inputs]
+
+
+# Several query chunks, the last one partial.
+CPU_SHAPES = {**SHAPES, "B2-N600": (2, 2 * native.POLICY_CHUNK + 88, 3)}
+
+
+@pytest.mark.parametrize("shape, policy, dtype", [
+    pytest.param(shape, policy, dtype, id=f"{name}-{policy}-{DTYPE_NAMES[dtype]}")
+    for (name, shape), policy, dtype in itertools.product(CPU_SHAPES.items(), POLICIES, (torch.float32, torch.bfloat16))
+])
+def test_cpu_path_matches_reference(shape, policy, dtype):
+    """The chunked CPU path (fp32 inside), forward and backward, by the kernels' rule."""
+    q, k, v, p = make_inputs(*shape, dtype=dtype, policy=policy, seed=2)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    for scale, eps in ((None, 1e-6), (0.3, 0.05)):
+        actual = run_cpu_path(q, k, v, p, dout, scale, eps)
+        high = torch.float64 if dtype == torch.float32 else torch.float32
+        expected = reference_with_grads(q, k, v, p, dout, high, scale, eps)
+        assert_all_close(actual, expected, reference_with_grads(q, k, v, p, dout, dtype, scale, eps), dtype)
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(d, id=DTYPE_NAMES[d]) for d in (torch.float32, torch.bfloat16)])
