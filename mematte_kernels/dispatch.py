@@ -14,12 +14,16 @@ Backends:
   ``auto``       ``cuda`` for CUDA tensors, ``cpu`` otherwise.
 
 ``MEMATTE_BACKEND`` overrides whatever the caller asked for.
+
+Training (``resolve(..., training=True)``) keeps the backend's ops that have a backward and
+swaps every other op for its differentiable reference, so a gradient never silently stops at
+an inference-only kernel.
 """
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Callable
 
 import torch
@@ -74,6 +78,21 @@ REFERENCE = OpTable(
 )
 
 
+# Fast ops made of differentiable PyTorch ops: a training table keeps them, as it keeps the
+# references.
+DIFFERENTIABLE = frozenset({native.router_scores, native.patch_embed, native.channels_first_layer_norm})
+_REFERENCE_OPS = frozenset(getattr(REFERENCE, f.name) for f in fields(OpTable) if f.name != "name")
+# Compiled ops whose autograd formula may be registered: a training table keeps them when it is.
+_EXT_OPS = {ext.dwconv_gelu: "dwconv_gelu", ext.eca: "eca"}
+
+
+def has_backward(op: Callable) -> bool:
+    """Whether gradients flow through ``op`` (an implementation held by some table)."""
+    if op in DIFFERENTIABLE or op in _REFERENCE_OPS:
+        return True
+    return op in _EXT_OPS and ext.has_autograd(_EXT_OPS[op])
+
+
 def requested_backend(backend: str = "auto") -> str:
     """The backend in force: ``MEMATTE_BACKEND`` if set, else ``backend``."""
     name = os.environ.get(ENV_VAR, "").strip().lower() or backend
@@ -86,11 +105,14 @@ def requested_backend(backend: str = "auto") -> str:
 _logged: set[tuple[str, str]] = set()
 
 
-def resolve(backend: str, device: torch.device | str) -> OpTable:
-    """The op table for ``backend`` on ``device`` (after ``MEMATTE_BACKEND``)."""
+def resolve(backend: str, device: torch.device | str, training: bool = False) -> OpTable:
+    """The op table for ``backend`` on ``device`` (after ``MEMATTE_BACKEND``); with
+    ``training``, every op without a backward replaced by its reference."""
     device = torch.device(device)
     name = requested_backend(backend)
     table = _build(name, device)
+    if training:
+        table = _trainable(table)
     key = (table.name, device.type)
     if key not in _logged:
         _logged.add(key)
@@ -138,6 +160,14 @@ def _build(name: str, device: torch.device) -> OpTable:
             f"build has none; reinstall with nvcc available, or use 'triton' or 'auto'"
         )
     return _with_ltrm(name, device, **routed)
+
+
+def _trainable(table: OpTable) -> OpTable:
+    """``table`` with each op that has no backward swapped for its reference."""
+    ops = {f.name: getattr(table, f.name) for f in fields(OpTable) if f.name != "name"}
+    swapped = {name: getattr(REFERENCE, name) for name, op in ops.items() if not has_backward(op)}
+    fast = [name for name, op in ops.items() if name not in swapped and op is not getattr(REFERENCE, name)]
+    return replace(table, name=f"{table.name}, training (fast: {', '.join(fast) or 'none'})", **swapped)
 
 
 def _cpu_bf16_kernels(device: torch.device) -> bool:

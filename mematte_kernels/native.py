@@ -5,6 +5,10 @@ Same contracts as :mod:`mematte_kernels.reference`; differences are in how the w
 done: no (N, C) temporary for the router's global half, fused scaled-dot-product attention
 (flash attention on CPU and GPU) instead of an n×n matrix, and the fusion blocks' conv of
 an upsampled map as a low-resolution GEMM plus a compiled resampling epilogue.
+
+The router, the patch embedding, the LayerNorm and :func:`varlen_attention` are built from
+differentiable PyTorch ops. The others are for inference: called where autograd would need
+their backward they raise, naming themselves.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ext, reference
+from ._grad import refuse_grad
 
 # Windows per SDPA call: bounds the (windows, heads, 196, 196) position bias (ViT-B fp32:
 # 118 MB).
@@ -62,6 +67,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.T
     CPU tensors; dtypes oneDNN cannot run here go to ``F.linear``."""
     if not _onednn_runs(x):
         return F.linear(x, weight, bias)
+    refuse_grad("mematte_kernels.native.linear", x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -70,6 +76,7 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     tiles while they are in cache, instead of two more passes over a 4C-wide activation."""
     if not _onednn_runs(x):
         return F.gelu(F.linear(x, weight, bias))
+    refuse_grad("mematte_kernels.native.linear_gelu", x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
 
 
@@ -79,6 +86,7 @@ def varlen_attention_bf16(q, k, v, cu_seqlens, max_seqlen: int, scale: float | N
     without AMX; the kernel runs both products on the bf16 dot-product instruction."""
     if q.dtype != torch.bfloat16 or q.shape[-1] != 64:
         return varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale)
+    refuse_grad("mematte_kernels.native.varlen_attention_bf16", q, k, v)
     return ext.varlen_attention(q, k, v, cu_seqlens, q.shape[-1] ** -0.5 if scale is None else scale)
 
 
@@ -104,6 +112,7 @@ def channels_first_layer_norm(x, weight, bias, eps: float) -> torch.Tensor:
 def window_attention(qkv, pad_qkv, rel_h, rel_w, num_heads: int, scale: float, window: int) -> torch.Tensor:
     """:func:`mematte_kernels.reference.window_attention` with fused attention per window
     (:func:`rel_pos_attention`)."""
+    refuse_grad("mematte_kernels.native.window_attention", qkv, pad_qkv, rel_h, rel_w)
     return reference.attend_windows(rel_pos_attention, qkv, pad_qkv, rel_h, rel_w, num_heads, scale, window)
 
 
@@ -112,6 +121,7 @@ def window_attention_bf16(qkv, pad_qkv, rel_h, rel_w, num_heads: int, scale: flo
     (bf16, head dim 64, windows up to 16×16): it reads each window's tokens where they lie in
     the grid, takes the padding as ``pad_qkv`` keys, and computes the position bias per query,
     so neither the padded grid, the windows, nor an N×N bias is ever written."""
+    refuse_grad("mematte_kernels.native.window_attention_bf16", qkv, pad_qkv, rel_h, rel_w)
     if qkv.dtype != torch.bfloat16 or qkv.shape[-1] != 3 * 64 * num_heads or window > 16:
         return window_attention(qkv, pad_qkv, rel_h, rel_w, num_heads, scale, window)
     tables = [t.to(torch.bfloat16).contiguous() for t in (rel_h, rel_w)]
@@ -146,6 +156,7 @@ def upsample_conv_relu_bf16(out: torch.Tensor, x: torch.Tensor, weight: torch.Te
     applies (bf16, C a multiple of 16) and pays: the taps never leave the cache, which beats
     the GEMM for the shallow projections of the full- and half-resolution blocks (Cin 64,
     128) and ties or loses from Cin 256 on, where the GEMM runs at full rate."""
+    refuse_grad("mematte_kernels.native.upsample_conv_relu_bf16", out, x, weight)
     C, Cin = weight.shape[:2]
     if out.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or C % 16 or Cin % 2 or Cin > 128:
         return upsample_conv_relu_(out, x, weight)
@@ -157,6 +168,7 @@ def upsample_conv_relu_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     """``out = relu(out + conv3x3(upsample2x(x), weight))`` with the channel mixing done before
     the upsampling, where it costs a quarter: one 1×1 conv of x onto the nine taps' weights,
     then ``mematte_ext.upsample_taps_relu_``. x and out channels-last (B, C, H, W) tensors."""
+    refuse_grad("mematte_kernels.native.upsample_conv_relu_", out, x, weight)
     C, Cin = weight.shape[:2]
     tap_weight = weight.permute(2, 3, 0, 1).reshape(9 * C, Cin, 1, 1)
     taps = F.conv2d(x, tap_weight.contiguous(memory_format=torch.channels_last))
