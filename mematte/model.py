@@ -213,7 +213,8 @@ class FastMEMatte(MattingModel):
     ``backend`` picks the ops (see :mod:`mematte_kernels.dispatch`); ``dtype`` is
     ``torch.float32`` (exact, the default), ``torch.bfloat16`` or, on GPUs,
     ``torch.float16``; ``decoder_memory`` bounds the decoder's activations per batch of
-    tiles in bytes (a per-device default when None).
+    tiles in bytes (a per-device default when None). The call never builds an autograd
+    graph, whatever the caller's grad mode.
     """
 
     def __init__(
@@ -245,6 +246,12 @@ class FastMEMatte(MattingModel):
         self._max_tokens = check_max_tokens(value)
 
     def forward(self, batched_inputs: Mapping[str, torch.Tensor], patch_decoder: bool = True):
+        # As upstream infers under no_grad; not inference_mode, whose tensors could not
+        # enter a later graph.
+        with torch.no_grad():
+            return self._infer(batched_inputs, patch_decoder)
+
+    def _infer(self, batched_inputs: Mapping[str, torch.Tensor], patch_decoder: bool):
         x, H, W, ops = self._prepare(batched_inputs)
         features, scores, decisions = self.backbone(x, ops, self.max_tokens)
         if ops is dispatch.REFERENCE:  # exactly as upstream

@@ -124,6 +124,10 @@ class FastViTMatte(MattingModel):
         return read_state_dict(checkpoint, map_location)
 
     def forward(self, batched_inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():  # inference builds no graph, as FastMEMatte's
+            return self._infer(batched_inputs)
+
+    def _infer(self, batched_inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         x, H, W, ops = self._prepare(batched_inputs)
         features = self.backbone(x, ops)
         if ops is dispatch.REFERENCE:
