@@ -186,6 +186,7 @@ def global_attention(qkv, rel_h, rel_w, num_heads: int, scale: float) -> torch.T
     position terms as per-query tables (H + W values per query and head), then a chunk of
     queries at a time through fused attention with that chunk's bias only, so memory is
     O(N·(H + W)) plus a bounded chunk."""
+    refuse_grad("mematte_kernels.native.global_attention", qkv, rel_h, rel_w)
     B, H, W, C3 = qkv.shape
     C = C3 // 3
     N, d = H * W, C // num_heads
