@@ -78,9 +78,11 @@ REFERENCE = OpTable(
 )
 
 
-# Fast ops made of differentiable PyTorch ops: a training table keeps them, as it keeps the
-# references.
-DIFFERENTIABLE = frozenset({native.router_scores, native.patch_embed, native.channels_first_layer_norm})
+# Fast ops made of differentiable PyTorch ops whose gradients match the references' to fp32
+# rounding in the model: a training table keeps them, as it keeps the references. (The
+# fused channels-first LayerNorm is not one: through the ResBottlenecks its gradients drift
+# 2e-3 from fp64 where the reference's stay at 4e-6.)
+DIFFERENTIABLE = frozenset({native.router_scores, native.patch_embed})
 _REFERENCE_OPS = frozenset(getattr(REFERENCE, f.name) for f in fields(OpTable) if f.name != "name")
 # Compiled ops whose autograd formula may be registered: a training table keeps them when it is.
 _EXT_OPS = {ext.dwconv_gelu: "dwconv_gelu", ext.eca: "eca"}
