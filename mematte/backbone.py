@@ -1,9 +1,13 @@
 """MEMatte's ViT backbone: window blocks, and global blocks whose routers send only the
 informative tokens to attention while all tokens take the light LTRM path.
 
-Module and parameter names are those of the official checkpoints. Tokens are channels-last
+Module and parameter names are those of the official checkpoints, and a fresh backbone is
+initialised as upstream's (TRAINING.md "Initialisation"). Tokens are channels-last
 (B, h, w, C) with h = H/16. Every op that has a kernel goes through the op table
 (:class:`mematte_kernels.OpTable`) the caller passes in.
+
+In training (:meth:`ViT.forward_train`) the routed blocks mix the attention of all tokens
+with the LTRM by a straight-through Gumbel policy instead of gathering the selected tokens.
 """
 from __future__ import annotations
 
@@ -217,6 +221,10 @@ class ResBottleneck(nn.Module):
         self.act2 = nn.GELU()
         self.conv3 = nn.Conv2d(mid, dim, 1, bias=False)
         self.norm3 = ChannelsFirstLayerNorm(dim)
+        for conv in (self.conv1, self.conv2, self.conv3):  # detectron2's c2_msra_fill
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        # The block starts as the identity: its last norm is zero.
+        nn.init.zeros_(self.norm3.weight)
 
     def forward(self, x: torch.Tensor, ops: OpTable) -> torch.Tensor:
         out = self.act1(self.norm1(self.conv1(x), ops))
@@ -266,6 +274,36 @@ class RoutedBlock(nn.Module):
         x = x + self.mlp(self.norm2(x), ops)
         return self.residual(x.permute(0, 3, 1, 2), ops).permute(0, 2, 3, 1)
 
+    def forward_train(self, x: torch.Tensor, policy: torch.Tensor, ops: OpTable) -> torch.Tensor:
+        """The block in training: with the policy p (B, N) (0/1 forward values),
+
+            fast = LTRM(x);  slow = proj(policy_attention(qkv(norm1(x)), p))  over all tokens
+            x = x + slow·p + fast·(1 − p);  x = x + MLP(norm2(x));  x = ResBottleneck(x)
+
+        Gradients reach the router through p in the mix and in the attention's key mask."""
+        B, h, w, C = x.shape
+        attn = self.attn
+        fast = self.efficient_block(x.contiguous(), ops).reshape(B, h * w, C)
+        qkv = ops.linear(self.norm1(x), attn.qkv.weight, attn.qkv.bias).reshape(B, h * w, 3, attn.num_heads, attn.head_dim)
+        q, k, v = qkv.unbind(2)  # (B, N, heads, d)
+        o = ops.policy_attention(q, k, v, policy, attn.scale)
+        slow = ops.linear(o.reshape(B, h * w, C), attn.proj.weight, attn.proj.bias)
+        p = policy[..., None]
+        x = x + (slow * p + fast * (1.0 - p)).view(B, h, w, C)
+        x = x + self.mlp(self.norm2(x), ops)
+        return self.residual(x.permute(0, 3, 1, 2), ops).permute(0, 2, 3, 1)
+
+
+def gumbel_policy(scores: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.gumbel_softmax(scores, tau=1, hard=True)[..., 0]`` on (B, N, 2) log-probabilities:
+    (B, N) with the hard one-hot's value (1 = global attention) and the soft sample's
+    gradient. ``noise`` (B, N, 2) replaces the Gumbel draw ``-log(Exponential(1))``."""
+    if noise is None:
+        noise = -torch.empty_like(scores).exponential_().log()
+    y_soft = (scores + noise.to(scores)).softmax(dim=-1)
+    y_hard = torch.zeros_like(scores).scatter_(-1, y_soft.argmax(dim=-1, keepdim=True), 1.0)
+    return (y_hard - y_soft.detach() + y_soft)[..., 0]
+
 
 # -------------------------------------------------------------------- backbone
 
@@ -285,6 +323,8 @@ class ViT(nn.Module):
             RoutedBlock(dim, heads) if i in GLOBAL_BLOCKS else WindowBlock(dim, heads) for i in range(DEPTH)
         )
         self.routers = nn.ModuleList(Router(dim) for _ in GLOBAL_BLOCKS)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.apply(init_weights)
 
     def forward(
         self, x: torch.Tensor, ops: OpTable, max_tokens: int | None
@@ -304,3 +344,43 @@ class ViT(nn.Module):
             else:
                 x = block(x, ops)
         return x.permute(0, 3, 1, 2), scores, decisions
+
+    def forward_train(
+        self, x: torch.Tensor, ops: OpTable, gumbel_noise: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Training forward: features (B, C, h, w), and per router the scores (B, N, 2) and the
+        straight-through policy (B, N), tokens in row-major order. ``gumbel_noise`` holds
+        the four routers' Gumbel draws (B, N, 2), in order."""
+        x = self.patch_embed(x, ops)
+        B, h, w, C = x.shape
+        if gumbel_noise is not None:
+            if len(gumbel_noise) != len(self.routers):
+                raise ValueError(f"gumbel_noise must hold {len(self.routers)} tensors, got {len(gumbel_noise)}")
+            for k, noise in enumerate(gumbel_noise):
+                if tuple(noise.shape) != (B, h * w, 2):
+                    raise ValueError(f"gumbel_noise[{k}] must be (B, N, 2) = {(B, h * w, 2)}, got {tuple(noise.shape)}")
+        x = x + abs_pos(self.pos_embed, h, w)
+        scores, policies = [], []
+        for block in self.blocks:
+            if isinstance(block, RoutedBlock):
+                k = len(policies)
+                score, _ = self.routers[k](x.reshape(B, h * w, C), ops)
+                policy = gumbel_policy(score, None if gumbel_noise is None else gumbel_noise[k])
+                x = block.forward_train(x, policy, ops)
+                scores.append(score)
+                policies.append(policy)
+            else:
+                x = block(x, ops)
+        return x.permute(0, 3, 1, 2), scores, policies
+
+
+def init_weights(module: nn.Module) -> None:
+    """Upstream ViT's ``_init_weights``: Linear weights ~ N(0, 0.02²) truncated at ±2 (in
+    effect untruncated), biases 0; LayerNorm 1 and 0. PyTorch's defaults elsewhere."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

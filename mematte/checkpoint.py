@@ -38,8 +38,11 @@ def check_map_location(map_location: str | torch.device) -> torch.device:
     return device
 
 
-def load_checkpoint_state_dict(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """The state dict stored in ``path``, whatever of the accepted formats it is."""
+def load_checkpoint_state_dict(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", keep_teacher: bool = False
+) -> dict:
+    """The state dict stored in ``path``, whatever of the accepted formats it is (the
+    training teacher's ``teacher_backbone.*`` only with ``keep_teacher``)."""
     path = os.fspath(path)
     device = check_map_location(map_location)
     if not os.path.isfile(path):
@@ -52,7 +55,7 @@ def load_checkpoint_state_dict(path: str | os.PathLike, map_location: str | torc
             obj = load_file(path, device=str(device))
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f"{path!r} is not a readable .safetensors checkpoint: {e}") from None
-        return state_dict_of(obj, source=repr(path))
+        return state_dict_of(obj, source=repr(path), keep_teacher=keep_teacher)
     try:
         obj = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -61,7 +64,7 @@ def load_checkpoint_state_dict(path: str | os.PathLike, map_location: str | torc
         raise ValueError(_not_a_checkpoint(path, e)) from None
     except (zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as e:
         raise ValueError(_not_a_checkpoint(path, e)) from None
-    return state_dict_of(obj, source=repr(path))
+    return state_dict_of(obj, source=repr(path), keep_teacher=keep_teacher)
 
 
 def _not_a_checkpoint(path: str, error: BaseException) -> str:
@@ -93,11 +96,12 @@ class CheckedStateDict(dict):
     handing it on (loader to model class) does not read every weight again."""
 
 
-def state_dict_of(obj: object, source: str = "checkpoint") -> dict:
+def state_dict_of(obj: object, source: str = "checkpoint", keep_teacher: bool = False) -> dict:
     """The state dict inside a loaded checkpoint object.
 
     Unwraps ``{"model": ...}`` and ``{"state_dict": ...}``, strips a ``module.`` prefix
-    that every key carries, drops ``teacher_backbone.*``, and refuses non-finite values.
+    that every key carries, drops ``teacher_backbone.*`` unless ``keep_teacher``, and refuses
+    non-finite values.
     """
     if isinstance(obj, CheckedStateDict):
         return obj
@@ -114,7 +118,8 @@ def state_dict_of(obj: object, source: str = "checkpoint") -> dict:
     keys = [str(k) for k in obj]
     if all(k.startswith(DATA_PARALLEL_PREFIX) for k in keys):
         obj = {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in obj.items()}
-    state_dict = CheckedStateDict((k, v) for k, v in obj.items() if not k.startswith(IGNORED_PREFIXES))
+    ignored = () if keep_teacher else IGNORED_PREFIXES
+    state_dict = CheckedStateDict((k, v) for k, v in obj.items() if not k.startswith(ignored))
     check_finite(state_dict, source)
     return state_dict
 

@@ -15,7 +15,7 @@ inf/NaN there).
 6. ``mse_ratio_loss``         (r − 0.25)², r the hard routed share averaged over the batch,
                               the tokens, then the 4 routers
 
-The losses are computed in fp32, outside autocast.
+The losses are computed in fp32 (fp64 for an fp64 model), outside autocast.
 """
 from __future__ import annotations
 
@@ -112,7 +112,8 @@ def loss_gradient_penalty(pred: torch.Tensor, target: torch.Tensor, unknown: tor
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(student.float(), teacher.float())
+    dtype = torch.promote_types(student.dtype, torch.float32)
+    return F.mse_loss(student.to(dtype), teacher.to(dtype))
 
 
 def mse_ratio_loss(policies: list[torch.Tensor], target: float = ROUTED_TARGET) -> torch.Tensor:
@@ -127,9 +128,10 @@ def mse_ratio_loss(policies: list[torch.Tensor], target: float = ROUTED_TARGET) 
 
 def matting_losses(pred: torch.Tensor, target: torch.Tensor, trimap: torch.Tensor) -> dict[str, torch.Tensor]:
     """The four alpha losses of ``pred`` against ``target`` (B, 1, H, W), with regions from
-    the quantised ``trimap``, in fp32 outside autocast."""
+    the quantised ``trimap``, in at least fp32, outside autocast."""
+    dtype = torch.promote_types(pred.dtype, torch.float32)
     with torch.autocast(pred.device.type, enabled=False):
-        pred, target = pred.float(), target.float()
+        pred, target = pred.to(dtype), target.to(dtype)
         unknown = unknown_region(trimap)
         return {
             "unknown_l1_loss": unknown_l1_loss(pred, target, unknown),

@@ -3,6 +3,10 @@ unchanged, and with every kernel-backed op behind one dispatch point.
 
 Input -> normalise, append trimap, pad -> ViT backbone (routed global blocks) -> Detail
 Capture decoder (tiled by default) -> crop.
+
+In training mode the same call takes the ground-truth alpha and returns upstream's losses
+(TRAINING.md): Gumbel routing over all tokens, the whole-image decoder with batch-statistics
+BatchNorm, and optionally the frozen ViTMatte backbone as the distillation teacher.
 """
 from __future__ import annotations
 
@@ -20,9 +24,10 @@ from mematte_kernels import dispatch
 
 from . import progress
 from .backbone import VARIANTS, ViT
-from .checkpoint import check_map_location, infer_variant, load_checkpoint_state_dict, state_dict_of
+from .checkpoint import IGNORED_PREFIXES, check_map_location, infer_variant, load_checkpoint_state_dict, state_dict_of
 from .decoder import CONTEXT, FAST_CONTEXT, FAST_TILE, TILE, DetailCapture, FoldedDecoder, decode_tiled
 from .io import image_to_array
+from .losses import distill_loss, matting_losses, mse_ratio_loss
 from .trimap import BACKGROUND, FOREGROUND, normalize_trimap, warn_if_degenerate
 
 PIXEL_MEAN = (123.675 / 255, 116.280 / 255, 103.530 / 255)
@@ -35,12 +40,19 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Bytes of decoder activations per batch of tiles: GPUs gain from batching tiles, CPUs
 # hardly do and keep the peak low instead.
 DECODER_MEMORY = {"cuda": 2 << 30, "cpu": 256 << 20}
+MIN_TRAIN_SIZE = 64  # the 5-level Laplacian loss needs 4 px at its coarsest level
 
 
 def padded_size(size: int) -> int:
     """The published padding: ``size + 32 - size % 32`` whenever either side of the image
     is not a multiple of 32 — so a side that already is one still grows by 32."""
     return size + PAD_MULTIPLE - size % PAD_MULTIPLE
+
+
+def training_trimap(trimap: torch.Tensor) -> torch.Tensor:
+    """The trimap as training feeds it to the network: < 85/255 -> 0, >= 170/255 -> 1, the
+    rest -> 0.5 (upstream quantises its raw 0-255 trimaps so)."""
+    return torch.where(trimap < 85 / 255, 0.0, torch.where(trimap >= 170 / 255, 1.0, 0.5)).to(trimap.dtype)
 
 
 class MattingModel(nn.Module):
@@ -88,8 +100,8 @@ class MattingModel(nn.Module):
     @classmethod
     def _read_state_dict(cls, checkpoint, map_location) -> dict:
         if isinstance(checkpoint, Mapping):
-            return state_dict_of(checkpoint)
-        return load_checkpoint_state_dict(checkpoint, map_location)
+            return state_dict_of(checkpoint, keep_teacher=True)
+        return load_checkpoint_state_dict(checkpoint, map_location, keep_teacher=True)
 
     @classmethod
     def from_checkpoint(
@@ -104,7 +116,8 @@ class MattingModel(nn.Module):
         ``checkpoint`` is a path (detectron2 ``.pth`` holding ``{"model": sd}``, a bare
         state dict, ``{"state_dict": sd}``, or ``.safetensors``) or an already-loaded
         state dict; a ``module.`` prefix on every key is stripped, ``teacher_backbone.*``
-        dropped, and NaN or infinite weights refused. The variant is inferred from shapes;
+        loaded into a model built with a teacher (``teacher=True``) and dropped otherwise,
+        and NaN or infinite weights refused. The variant is inferred from shapes;
         ``variant``, when given, must agree with it. ``kwargs`` go to the constructor
         (``backend``, ``dtype``, and the model's own options).
         """
@@ -120,6 +133,7 @@ class MattingModel(nn.Module):
         variant = found
         model = cls(variant, **kwargs)
         expected = model.state_dict()
+        state_dict = {k: v for k, v in state_dict.items() if k in expected or not k.startswith(IGNORED_PREFIXES)}
         missing = sorted(set(expected) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(expected))
         mismatched = sorted(
@@ -213,8 +227,24 @@ class FastMEMatte(MattingModel):
     ``backend`` picks the ops (see :mod:`mematte_kernels.dispatch`); ``dtype`` is
     ``torch.float32`` (exact, the default), ``torch.bfloat16`` or, on GPUs,
     ``torch.float16``; ``decoder_memory`` bounds the decoder's activations per batch of
-    tiles in bytes (a per-device default when None). The call never builds an autograd
-    graph, whatever the caller's grad mode.
+    tiles in bytes (a per-device default when None). In eval mode the call never builds
+    an autograd graph, whatever the caller's grad mode.
+
+    Training (``model.train()``): ``model({"image": img, "trimap": tri, "alpha": gt},
+    gumbel_noise=None)`` returns a dict of 0-dim losses under upstream's names
+    (:mod:`mematte.losses`): ``unknown_l1_loss``, ``known_l1_loss``,
+    ``loss_pha_laplacian``, ``loss_gradient_penalty``, ``distill_loss`` (with a teacher)
+    and ``mse_ratio_loss``; their sum is upstream's loss. ``alpha`` (B, 1, H, W) is in
+    [0, 1]; the trimap is quantised as training does (:func:`training_trimap`).
+    ``gumbel_noise`` (4 tensors (B, N, 2); N tokens of the padded input, row-major)
+    replaces the routers' Gumbel draws. After the step, ``routed_share`` (4,) holds each
+    router's hard routed share over the batch, and ``train_outputs`` the detached
+    ``pred_alpha``, ``router_scores`` and ``policy`` (hard, (B, N) per router). Training
+    takes fp32 weights, under autocast for bf16/fp16.
+
+    ``teacher=True`` adds ``teacher_backbone``, the ViTMatte backbone upstream distils
+    from (keys ``teacher_backbone.*``): frozen (no parameter requires grad), always in eval
+    mode, run without a graph.
     """
 
     def __init__(
@@ -224,11 +254,19 @@ class FastMEMatte(MattingModel):
         max_tokens: int | None = DEFAULT_MAX_TOKENS,
         dtype: torch.dtype = torch.float32,
         decoder_memory: int | None = None,
+        teacher: bool = False,
     ):
         super().__init__(variant, backend, dtype, decoder_memory)
         self.max_tokens = max_tokens
         self.backbone = ViT(variant)
         self.decoder = DetailCapture(in_chans=self.backbone.embed_dim)
+        self.teacher_backbone = None
+        if teacher:
+            from .vitmatte import ViTMatteBackbone  # vitmatte builds on this module
+
+            self.teacher_backbone = ViTMatteBackbone(variant).requires_grad_(False)
+        self.routed_share: torch.Tensor | None = None
+        self.train_outputs: dict | None = None
         # Routers decide which tokens get attention: their weights and margins stay in fp32
         # (backends may run their wide layers on the low-precision tokens).
         self._cast(dtype)
@@ -245,7 +283,23 @@ class FastMEMatte(MattingModel):
     def max_tokens(self, value: int | None) -> None:
         self._max_tokens = check_max_tokens(value)
 
-    def forward(self, batched_inputs: Mapping[str, torch.Tensor], patch_decoder: bool = True):
+    def train(self, mode: bool = True) -> "FastMEMatte":
+        """Training mode for the student; the teacher stays in eval mode."""
+        super().train(mode)
+        if self.teacher_backbone is not None:
+            self.teacher_backbone.eval()
+        return self
+
+    def forward(
+        self,
+        batched_inputs: Mapping[str, torch.Tensor],
+        patch_decoder: bool = True,
+        gumbel_noise: list[torch.Tensor] | None = None,
+    ):
+        if self.training:
+            return self._training_losses(batched_inputs, gumbel_noise)
+        if gumbel_noise is not None:
+            raise ValueError("gumbel_noise drives training-mode routing; call model.train() first")
         # As upstream infers under no_grad; not inference_mode, whose tensors could not
         # enter a later graph.
         with torch.no_grad():
@@ -266,6 +320,43 @@ class FastMEMatte(MattingModel):
 
     def _alpha(self, batched_inputs, patch_decoder: bool) -> torch.Tensor:
         return self(batched_inputs, patch_decoder=patch_decoder)[0]["phas"]
+
+    def _training_losses(self, batched_inputs, gumbel_noise) -> dict[str, torch.Tensor]:
+        if "alpha" not in batched_inputs:
+            raise ValueError("training mode needs the ground truth under 'alpha'; call model.eval() for inference")
+        image, trimap, target = batched_inputs["image"], batched_inputs["trimap"], batched_inputs["alpha"]
+        _check_batch(image, trimap)
+        if not isinstance(target, torch.Tensor) or not target.is_floating_point() or target.shape != trimap.shape:
+            got = f"{target.dtype} {tuple(target.shape)}" if isinstance(target, torch.Tensor) else type(target).__name__
+            raise ValueError(f"'alpha' must be a float tensor shaped like the trimap {tuple(trimap.shape)}, got {got}")
+        _check_values(image, trimap)
+        lo, hi = torch.stack(torch.aminmax(target.detach())).float().tolist()
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo and hi <= 1.0):
+            raise ValueError(f"'alpha' values must be finite and lie in [0, 1], got {lo:g}..{hi:g}")
+        if self.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"training takes fp32 weights (this model is {self.dtype}); use autocast for bf16/fp16")
+        H, W = image.shape[-2:]
+        if min(H, W) < MIN_TRAIN_SIZE:
+            raise ValueError(f"training crops must be at least {MIN_TRAIN_SIZE} px a side (the Laplacian loss), got {W}×{H}")
+        device = self.pixel_mean.device
+        trimap = training_trimap(trimap.to(device))
+        x = self.preprocess(image.to(device), trimap)
+        ops = dispatch.resolve(self.backend, device, training=True)
+        features, scores, policies = self.backbone.forward_train(x, ops, gumbel_noise)
+        alpha = self.decoder(features, x)[:, :, :H, :W]
+        losses = matting_losses(alpha, target.to(device), trimap)
+        if self.teacher_backbone is not None:
+            with torch.no_grad():
+                teacher_features = self.teacher_backbone(x, ops)
+            losses["distill_loss"] = distill_loss(features, teacher_features)
+        losses["mse_ratio_loss"] = mse_ratio_loss(policies)
+        self.routed_share = torch.stack([p.detach().mean() for p in policies])
+        self.train_outputs = {
+            "pred_alpha": alpha.detach(),
+            "router_scores": [s.detach() for s in scores],
+            "policy": [p.detach() for p in policies],
+        }
+        return losses
 
 
 # ---------------------------------------------------------------------- helpers
