@@ -84,15 +84,24 @@ REFERENCE = OpTable(
 # 2e-3 from fp64 where the reference's stay at 4e-6.)
 DIFFERENTIABLE = frozenset({native.router_scores, native.patch_embed})
 _REFERENCE_OPS = frozenset(getattr(REFERENCE, f.name) for f in fields(OpTable) if f.name != "name")
-# Compiled ops whose autograd formula may be registered: a training table keeps them when it is.
+# Compiled ops with an autograd formula: kept where the build has their backward kernels.
 _EXT_OPS = {ext.dwconv_gelu: "dwconv_gelu", ext.eca: "eca"}
+# Triton ops registered with their backward.
+TRITON_DIFFERENTIABLE = ("policy_attention", "varlen_attention")
 
 
-def has_backward(op: Callable) -> bool:
-    """Whether gradients flow through ``op`` (an implementation held by some table)."""
+def has_backward(op: Callable, device: torch.device | str) -> bool:
+    """Whether gradients flow through ``op`` (an implementation held by some table) for
+    ``device``'s tensors."""
     if op in DIFFERENTIABLE or op in _REFERENCE_OPS:
         return True
-    return op in _EXT_OPS and ext.has_autograd(_EXT_OPS[op])
+    if op in _EXT_OPS:
+        return ext.has_kernel(f"{_EXT_OPS[op]}_backward", device)
+    if getattr(op, "__module__", "").startswith(f"{__package__}.triton"):
+        from . import triton as triton_ops
+
+        return any(op is getattr(triton_ops, name) for name in TRITON_DIFFERENTIABLE)
+    return False
 
 
 def requested_backend(backend: str = "auto") -> str:
@@ -114,7 +123,7 @@ def resolve(backend: str, device: torch.device | str, training: bool = False) ->
     name = requested_backend(backend)
     table = _build(name, device)
     if training:
-        table = _trainable(table)
+        table = _trainable(table, device)
     key = (table.name, device.type)
     if key not in _logged:
         _logged.add(key)
@@ -164,10 +173,10 @@ def _build(name: str, device: torch.device) -> OpTable:
     return _with_ltrm(name, device, **routed)
 
 
-def _trainable(table: OpTable) -> OpTable:
+def _trainable(table: OpTable, device: torch.device) -> OpTable:
     """``table`` with each op that has no backward swapped for its reference."""
     ops = {f.name: getattr(table, f.name) for f in fields(OpTable) if f.name != "name"}
-    swapped = {name: getattr(REFERENCE, name) for name, op in ops.items() if not has_backward(op)}
+    swapped = {name: getattr(REFERENCE, name) for name, op in ops.items() if not has_backward(op, device)}
     fast = [name for name, op in ops.items() if name not in swapped and op is not getattr(REFERENCE, name)]
     return replace(table, name=f"{table.name}, training (fast: {', '.join(fast) or 'none'})", **swapped)
 

@@ -32,7 +32,9 @@ _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 def has_kernel(op: str, device: torch.device | str) -> bool:
     """Whether ``mematte_ext::op`` has a kernel for ``device``'s type in this build."""
     key = _DISPATCH_KEYS.get(torch.device(device).type)
-    return _C is not None and key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"mematte_ext::{op}", key)
+    if _C is None or key is None or not hasattr(torch.ops.mematte_ext, op):  # an older build lacks newer ops
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"mematte_ext::{op}", key)
 
 
 def cpu_bf16_kernels() -> bool:

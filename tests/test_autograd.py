@@ -175,7 +175,7 @@ def test_training_table_holds_only_ops_with_a_backward(backend):
         if field.name == "name":
             continue
         op = getattr(table, field.name)
-        assert dispatch.has_backward(op), f"{field.name}: {op} has no backward"
+        assert dispatch.has_backward(op, "cpu"), f"{field.name}: {op} has no backward"
     assert "training" in table.name
 
 
@@ -185,7 +185,7 @@ def test_training_table_keeps_differentiable_fast_ops_and_swaps_the_rest():
     assert inference.window_attention is not reference.window_attention
     assert training.window_attention is reference.window_attention
     if ext.available("cpu"):
-        expected = ext.dwconv_gelu if ext.has_autograd("dwconv_gelu") else reference.dwconv_gelu
+        expected = ext.dwconv_gelu if ext.has_kernel("dwconv_gelu_backward", "cpu") else reference.dwconv_gelu
         assert training.dwconv_gelu is expected
     assert dispatch.resolve("cpu", "cpu") == inference  # inference tables are unchanged
 
@@ -275,22 +275,6 @@ def test_refusal_is_only_where_a_gradient_is_needed():
         out = native.window_attention(*args)
     torch.testing.assert_close(out, reference.window_attention(*args).detach(), rtol=1e-5, atol=1e-5)
     native.window_attention(*_window_args(False))  # nothing requires grad: no refusal
-
-
-@needs_ext
-@pytest.mark.parametrize("op", ["dwconv_gelu", "eca"])
-def test_compiled_ltrm_ops_without_autograd_refuse_grad_by_name(op):
-    x = torch.randn(1, 6, 7, 16, requires_grad=True)
-    if op == "dwconv_gelu":
-        call = lambda: ext.dwconv_gelu(x, torch.randn(16, 1, 5, 5), torch.randn(16))  # noqa: E731
-    else:
-        call = lambda: ext.eca(x, torch.randn(1, 1, 5))  # noqa: E731
-    if ext.has_autograd(op):
-        out = call()
-        assert out.requires_grad and out.grad_fn is not None
-    else:
-        with pytest.raises(RuntimeError, match=f"mematte_ext::{op} has no backward"):
-            call()
 
 
 @needs_triton
