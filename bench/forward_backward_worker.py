@@ -1,7 +1,7 @@
 """Training steps of the model alone (forward + losses + backward, no data loading or
-optimiser) in a fresh process, for the training-step benchmark:
+optimiser) in a fresh process, for the forward+backward benchmark:
 
-    python bench/train_step_worker.py '{"backend": "auto", "crop": 512, "batch": 2, "precision": "fp32", "steps": 3, "warmup": 1}'
+    python bench/forward_backward_worker.py '{"backend": "auto", "crop": 512, "batch": 2, "precision": "fp32", "steps": 3, "warmup": 1}'
 
 MEMatte-S with its ViTMatte-S teacher on the synthetic weights and Gumbel noise of the
 training golden file's recipe (tests/data/golden/README.md), ``crop``² synthetic images.

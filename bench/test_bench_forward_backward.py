@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-WORKER = Path(__file__).parent / "train_step_worker.py"
+WORKER = Path(__file__).parent / "forward_backward_worker.py"
 # Relative loss difference fast vs reference: fp32 is the golden parity bar; low precision
 # runs its own arithmetic in each table, and routing may differ on a few tokens.
 LOSS_RTOL = {"fp32": 1e-5, "bf16": 5e-2, "fp16": 5e-2}
@@ -32,7 +32,7 @@ def reference_runs():
 
 @pytest.mark.parametrize("precision", ["fp32", "low"])
 @pytest.mark.parametrize("impl", ["reference", "fast"])
-def test_train_step(impl, precision, settings, record, reference_runs):
+def test_forward_backward(impl, precision, settings, record, reference_runs):
     gpu = settings.device.type == "cuda"
     if precision == "low":
         if settings.smoke:
@@ -49,8 +49,8 @@ def test_train_step(impl, precision, settings, record, reference_runs):
         for name, value in result["losses"].items():
             assert abs(value - expected[name]) <= LOSS_RTOL[precision] * abs(expected[name]) + 1e-7, (name, value, expected[name])
     record(
-        kind="train_step", group=f"train step vit_s+teacher {crop}x{crop} x2 {precision}",
-        case=f"train-step-{crop}-{precision}", impl=impl, backend=result["backend"], dtype=precision,
+        kind="forward_backward", group=f"forward+backward vit_s+teacher {crop}x{crop} x2 {precision}",
+        case=f"forward-backward-{crop}-{precision}", impl=impl, backend=result["backend"], dtype=precision,
         time_s=result["s_per_step"], peak_mem_bytes=result["peak_bytes"], loaded_rss_bytes=result["loaded_rss_bytes"],
         mem_kind="CUDA max allocated" if gpu else "peak RSS of a fresh process", routed=result["routed"],
         timer=f"median s/step of {steps - warmup} steps (forward, losses, backward)",
