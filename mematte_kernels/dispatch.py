@@ -81,8 +81,10 @@ REFERENCE = OpTable(
 # Fast ops made of differentiable PyTorch ops whose gradients match the references' to fp32
 # rounding in the model: a training table keeps them, as it keeps the references. (The
 # fused channels-first LayerNorm is not one: through the ResBottlenecks its gradients drift
-# 2e-3 from fp64 where the reference's stay at 4e-6.)
-DIFFERENTIABLE = frozenset({native.router_scores})
+# 2e-3 from fp64 where the reference's stay at 4e-6.) The CPU policy attention has its own
+# backward, tested against the fp64 reference as the kernels are; PyTorch's fused attention
+# differentiates the CPU varlen attention.
+DIFFERENTIABLE = frozenset({native.router_scores, native.policy_attention, native.varlen_attention})
 _REFERENCE_OPS = frozenset(getattr(REFERENCE, f.name) for f in fields(OpTable) if f.name != "name")
 # Compiled ops with an autograd formula: kept where the build has their backward kernels.
 _EXT_OPS = {ext.dwconv_gelu: "dwconv_gelu", ext.eca: "eca"}

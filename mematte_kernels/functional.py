@@ -3,7 +3,9 @@
 Each checks its input, then runs the implementation :func:`mematte_kernels.dispatch.resolve`
 picks for the tensors' device, as the model does: the Triton kernels on CUDA tensors, the CPU
 path otherwise, ``MEMATTE_BACKEND`` honoured (``MEMATTE_BACKEND=triton`` runs the kernels on
-CPU tensors when ``TRITON_INTERPRET=1`` was set before import). Both are differentiable.
+CPU tensors when ``TRITON_INTERPRET=1`` was set before import). Both are differentiable:
+when an input needs a gradient, the table is a training one (an inference-only kernel is
+swapped for its reference there).
 """
 from __future__ import annotations
 
@@ -12,6 +14,11 @@ import torch
 from . import dispatch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _table(*inputs: torch.Tensor) -> dispatch.OpTable:
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    return dispatch.resolve("auto", inputs[0].device, training=needs_grad)
 
 
 def _check_qkv(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ndim: int, layout: str) -> None:
@@ -59,7 +66,7 @@ def policy_attention(
         raise ValueError(f"{op}: policy is on {policy.device} but q is on {q.device}")
     if eps < 0:
         raise ValueError(f"{op}: eps must be >= 0, got {eps}")
-    return dispatch.resolve("auto", q.device).policy_attention(q, k, v, policy, scale, eps)
+    return _table(q, k, v, policy).policy_attention(q, k, v, policy, scale, eps)
 
 
 def varlen_attention(
@@ -100,4 +107,4 @@ def varlen_attention(
         raise ValueError(f"{op}: cu_seqlens must be non-decreasing, got {bounds}")
     if max(lengths, default=0) > max_seqlen:
         raise ValueError(f"{op}: max_seqlen {max_seqlen} is shorter than the longest sequence ({max(lengths)})")
-    return dispatch.resolve("auto", q.device).varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale)
+    return _table(q, k, v).varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale)

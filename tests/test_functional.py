@@ -50,6 +50,20 @@ def test_varlen_attention_every_backend(backend, monkeypatch):
                         lambda *t: reference.varlen_attention(*t, cu_seqlens, max_seqlen, scale=0.3), [q, k, v], dout)
 
 
+def test_training_tables_keep_the_attention_paths():
+    """With gradients, the CPU path and the Triton kernels stay: both have a backward (the
+    dense reference would hold N x N matrices)."""
+    from mematte_kernels import native
+
+    cpu = dispatch.resolve("cpu", "cpu", training=True)
+    assert cpu.policy_attention is native.policy_attention
+    assert cpu.varlen_attention is native.varlen_attention
+    if triton_common.INTERPRET:
+        table = dispatch.resolve("triton", "cpu", training=True)
+        assert table.policy_attention is triton_ops.policy_attention
+        assert table.varlen_attention is triton_ops.varlen_attention
+
+
 @pytest.mark.skipif(not triton_common.INTERPRET, reason="the Triton kernels on CPU tensors need TRITON_INTERPRET=1")
 def test_triton_backend_runs_the_kernels(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
