@@ -60,8 +60,24 @@ def test_learning_rates_and_weight_decay_follow_the_recipe(model):
 def test_adamw_settings(model):
     opt = optim.build_optimizer(model)
     assert isinstance(opt, torch.optim.AdamW)
-    assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["eps"] == 1e-8
+    assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["eps"] == 1e-8 and opt.defaults["fused"]
     assert max(g["lr"] for g in opt.param_groups) == pytest.approx(5e-4)
+
+
+def test_fused_update_equals_the_default_one():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(37, 5)), torch.nn.Parameter(torch.randn(11))]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fused = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)
+    plain = torch.optim.AdamW(copies, lr=1e-2, weight_decay=0.1)
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in params]
+        for p, c, g in zip(params, copies, grads):
+            p.grad, c.grad = g, g.clone()
+        fused.step()
+        plain.step()
+    for p, c in zip(params, copies):
+        torch.testing.assert_close(p, c, rtol=1e-6, atol=1e-7)
 
 
 def test_schedule_warmup_and_steps():
