@@ -319,8 +319,9 @@ def test_constructor_rejects_bad_arguments():
         FastMEMatte("vit_h")
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         FastMEMatte("vit_s", backend="fast")
-    with pytest.raises(ValueError, match="max_tokens must be a positive"):
-        FastMEMatte("vit_s", max_tokens=0)
+    with pytest.raises(ValueError, match="max_tokens must be ≥ 0"):
+        FastMEMatte("vit_s", max_tokens=-1)
+    assert FastMEMatte("vit_s", max_tokens=0).max_tokens is None  # 0 means no cap, as on the command line
 
 
 def test_decode_tiled_rejects_tiles_off_the_token_grid():
