@@ -33,6 +33,21 @@ def check_ndim(op: str, name: str, t: torch.Tensor, ndim: int, layout: str) -> N
         raise ValueError(f"{op}: {name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
 
 
+def check_qkv(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ndim: int, layout: str,
+              head_dim: int) -> None:
+    """q, k, v: one float dtype, one ``ndim``-D shape of ``layout``, head dimension ``head_dim`` with
+    unit stride (the kernels load a head's row as one vector)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_ndim(op, name, t, ndim, layout)
+        check_float(op, name, t, q.dtype)
+        if t.shape != q.shape:
+            raise ValueError(f"{op}: q, k and v must have one shape, got {name} {tuple(t.shape)} vs q {tuple(q.shape)}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{op}: {name} must be contiguous in the head dimension, got strides {t.stride()}")
+    if q.shape[-1] != head_dim:
+        raise ValueError(f"{op}: only head_dim {head_dim} is supported, got head_dim {q.shape[-1]}")
+
+
 def check_devices(op: str, **tensors: torch.Tensor) -> None:
     """All on one device, and a CUDA one unless the interpreter runs the kernels."""
     devices = {name: t.device for name, t in tensors.items()}

@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_devices, check_float, check_ndim, on_input_device
+from ._common import INTERPRET, check_devices, check_float, check_ndim, check_qkv, on_input_device
 from .varlen_attention import length_bucket
 
 HEAD_DIM = 64
@@ -361,15 +361,7 @@ def _policy_attention_bwd_dq_kernel(
 
 def check_inputs(q, k, v, policy) -> None:
     op = "policy_attention"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_ndim(op, name, t, 4, "(B, N, heads, head_dim)")
-        check_float(op, name, t, q.dtype)
-        if t.shape != q.shape:
-            raise ValueError(f"{op}: q, k and v must have one shape, got {name} {tuple(t.shape)} vs q {tuple(q.shape)}")
-        if t.stride(-1) != 1:
-            raise ValueError(f"{op}: {name} must be contiguous in the head dimension, got strides {t.stride()}")
-    if q.shape[-1] != HEAD_DIM:
-        raise ValueError(f"{op}: only head_dim {HEAD_DIM} is supported (MEMatte's), got head_dim {q.shape[-1]}")
+    check_qkv(op, q, k, v, 4, "(B, N, heads, head_dim)", HEAD_DIM)
     check_ndim(op, "policy", policy, 2, "(B, N)")
     check_float(op, "policy", policy)
     if tuple(policy.shape) != tuple(q.shape[:2]):

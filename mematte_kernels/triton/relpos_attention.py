@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import INTERPRET, check_devices, check_float, check_ndim, on_input_device
+from ._common import INTERPRET, check_devices, check_float, check_ndim, check_qkv, on_input_device
 
 HEAD_DIM = 64
 LOG2E = math.log2(math.e)
@@ -122,15 +122,7 @@ def _relpos_attention_kernel(
 
 def _check_inputs(q, k, v, bias_h, bias_w) -> None:
     op = "relpos_attention"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_ndim(op, name, t, 4, "(B, N, heads, head_dim)")
-        check_float(op, name, t, q.dtype)
-        if t.shape != q.shape:
-            raise ValueError(f"{op}: q, k and v must have one shape, got {name} {tuple(t.shape)} vs q {tuple(q.shape)}")
-        if t.stride(-1) != 1:
-            raise ValueError(f"{op}: {name} must be contiguous in the head dimension, got strides {t.stride()}")
-    if q.shape[-1] != HEAD_DIM:
-        raise ValueError(f"{op}: only head_dim {HEAD_DIM} is supported (ViTMatte's), got head_dim {q.shape[-1]}")
+    check_qkv(op, q, k, v, 4, "(B, N, heads, head_dim)", HEAD_DIM)
     B, N, heads, _ = q.shape
     for name, t in (("bias_h", bias_h), ("bias_w", bias_w)):
         check_ndim(op, name, t, 4, "(B, N, heads, H or W)")

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_devices, check_float, check_ndim, on_input_device
+from ._common import INTERPRET, check_devices, check_ndim, check_qkv, on_input_device
 
 HEAD_DIM = 64
 
@@ -139,15 +139,7 @@ def _varlen_attention_kernel(
 
 def _check_attention_inputs(q, k, v, cu_seqlens, max_seqlen) -> None:
     op = "varlen_attention"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_ndim(op, name, t, 3, "(T, heads, head_dim)")
-        check_float(op, name, t, q.dtype)
-        if t.shape != q.shape:
-            raise ValueError(f"{op}: q, k and v must have one shape, got {name} {tuple(t.shape)} vs q {tuple(q.shape)}")
-        if t.stride(-1) != 1:
-            raise ValueError(f"{op}: {name} must be contiguous in the head dimension, got strides {t.stride()}")
-    if q.shape[-1] != HEAD_DIM:
-        raise ValueError(f"{op}: only head_dim {HEAD_DIM} is supported (MEMatte's), got head_dim {q.shape[-1]}")
+    check_qkv(op, q, k, v, 3, "(T, heads, head_dim)", HEAD_DIM)
     check_ndim(op, "cu_seqlens", cu_seqlens, 1, "(B + 1,)")
     if cu_seqlens.dtype != torch.int32:
         raise TypeError(f"{op}: cu_seqlens must be int32, got {cu_seqlens.dtype}")
