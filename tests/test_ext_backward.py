@@ -10,9 +10,13 @@ that dtype, plus a floor of 1e-5 of the largest magnitude.
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
+import ltrm_cases
+from ltrm_cases import cases, max_rel_err, shape_id
 from mematte_kernels import ext, reference
 
 # Fresh tensors start as NaN while a test runs: an element a kernel fails to write cannot pass.
@@ -21,8 +25,6 @@ pytestmark = pytest.mark.usefixtures("nan_filled_outputs")
 needs_cpu_ops = pytest.mark.skipif(
     not ext.has_kernel("dwconv_gelu_backward", "cpu"), reason="mematte_kernels._C has no LTRM backward CPU kernels"
 )
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # (B, H, W, C): H and W from {1, 7, 33} (1 is all padding for the 5x5 conv), B 1 to 3,
 # ViT-S's and ViT-B's channel counts and odd ones past a multiple of 32 (partial blocks).
@@ -36,36 +38,9 @@ SHAPES = [
     (1, 1, 1, 5),
 ]
 
-
-def shape_id(shape: tuple[int, int, int, int]) -> str:
-    return "B{}-H{}-W{}-C{}".format(*shape)
-
-
-def cases(dtypes: list[str], shapes=SHAPES) -> list:
-    return [pytest.param(shape, DTYPES[d], id=f"{shape_id(shape)}-{d}") for shape in shapes for d in dtypes]
-
-
-def dwconv_inputs(shape, dtype, device="cpu", seed=0):
-    """x, weight, bias and an incoming gradient."""
-    g = torch.Generator().manual_seed(seed)
-    C = shape[-1]
-    x = torch.randn(shape, generator=g)
-    weight = torch.randn(C, 1, 5, 5, generator=g) * 0.2
-    bias = torch.randn(C, generator=g) * 0.5
-    grad = torch.randn(shape, generator=g)
-    return [t.to(device=device, dtype=dtype) for t in (x, weight, bias, grad)]
-
-
-def eca_inputs(shape, dtype, device="cpu", seed=0):
-    """z, weight, residual and an incoming gradient."""
-    g = torch.Generator().manual_seed(seed)
-    # An offset keeps the channel means away from 0, so the gate is not ~0.5 everywhere; one on
-    # the incoming gradient keeps sum(grad * z) from averaging out.
-    z = torch.randn(shape, generator=g) + torch.randn(shape[-1], generator=g)
-    weight = torch.randn(1, 1, 5, generator=g)
-    residual = torch.randn(shape, generator=g)
-    grad = torch.randn(shape, generator=g) + torch.randn(shape[-1], generator=g)
-    return [t.to(device=device, dtype=dtype) for t in (z, weight, residual, grad)]
+# Every case here takes an incoming gradient, drawn after the forward case's inputs.
+dwconv_inputs = functools.partial(ltrm_cases.dwconv_inputs, with_grad=True)
+eca_inputs = functools.partial(ltrm_cases.eca_inputs, with_grad=True)
 
 
 def reference_grads(op, inputs: list[torch.Tensor], grad: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -81,10 +56,6 @@ def kernel_grads(op, inputs: list[torch.Tensor], grad: torch.Tensor) -> list[tor
     out = op(*leaves)
     assert out.requires_grad
     return list(torch.autograd.grad(out, leaves, grad))
-
-
-def max_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
 
 
 def check_grads(op, ref_op, inputs: list[torch.Tensor], grad: torch.Tensor, names: list[str]) -> None:
@@ -115,7 +86,7 @@ def check_grads(op, ref_op, inputs: list[torch.Tensor], grad: torch.Tensor, name
 
 
 @needs_cpu_ops
-@pytest.mark.parametrize("shape, dtype", cases(["fp32", "bf16"]) + cases(["fp16"], SHAPES[:2]))
+@pytest.mark.parametrize("shape, dtype", cases(["fp32", "bf16"], SHAPES) + cases(["fp16"], SHAPES[:2]))
 def test_dwconv_gelu_grads_cpu(shape, dtype):
     x, weight, bias, grad = dwconv_inputs(shape, dtype)
     check_grads(ext.dwconv_gelu, reference.dwconv_gelu, [x, weight, bias], grad, ["x", "weight", "bias"])
@@ -123,7 +94,7 @@ def test_dwconv_gelu_grads_cpu(shape, dtype):
 
 @needs_cpu_ops
 @pytest.mark.parametrize("with_residual", [False, True], ids=["no-residual", "residual"])
-@pytest.mark.parametrize("shape, dtype", cases(["fp32", "bf16"]) + cases(["fp16"], SHAPES[:2]))
+@pytest.mark.parametrize("shape, dtype", cases(["fp32", "bf16"], SHAPES) + cases(["fp16"], SHAPES[:2]))
 def test_eca_grads_cpu(shape, dtype, with_residual):
     z, weight, residual, grad = eca_inputs(shape, dtype)
     names = ["z", "weight", "residual"] if with_residual else ["z", "weight"]
@@ -446,7 +417,7 @@ def test_cuda_build_has_the_backward_kernels():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape, dtype", cases(["fp32", "bf16"]) + cases(["fp16"], SHAPES[:2]))
+@pytest.mark.parametrize("shape, dtype", cases(["fp32", "bf16"], SHAPES) + cases(["fp16"], SHAPES[:2]))
 def test_dwconv_gelu_grads_cuda(shape, dtype):
     assert ext.has_kernel("dwconv_gelu_backward", "cuda")
     x, weight, bias, grad = dwconv_inputs(shape, dtype, "cuda")
@@ -455,7 +426,7 @@ def test_dwconv_gelu_grads_cuda(shape, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("with_residual", [False, True], ids=["no-residual", "residual"])
-@pytest.mark.parametrize("shape, dtype", cases(["fp32", "bf16"]) + cases(["fp16"], SHAPES[:2]))
+@pytest.mark.parametrize("shape, dtype", cases(["fp32", "bf16"], SHAPES) + cases(["fp16"], SHAPES[:2]))
 def test_eca_grads_cuda(shape, dtype, with_residual):
     assert ext.has_kernel("eca_backward", "cuda")
     z, weight, residual, grad = eca_inputs(shape, dtype, "cuda")

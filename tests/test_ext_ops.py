@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ltrm_cases import DTYPES, cases, dwconv_inputs, eca_inputs, max_rel_err, shape_id
 from mematte_kernels import ext, reference
 
 
@@ -21,8 +22,6 @@ pytestmark = pytest.mark.usefixtures("nan_filled_outputs")
 
 
 needs_cpu_ops = pytest.mark.skipif(not ext.available("cpu"), reason="mematte_kernels._C is not built")
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # (B, H, W, C): H or W of 1 (all padding), odd sizes, the model's channel counts (768 is 2C
 # of ViT-S for the dwconv, 1536 of ViT-B) and counts that are not a multiple of 8 or 32.
@@ -34,36 +33,6 @@ SHAPES = [
     (2, 7, 7, 384),
     (1, 33, 33, 37),
 ]
-
-
-def shape_id(shape: tuple[int, int, int, int]) -> str:
-    return "B{}-H{}-W{}-C{}".format(*shape)
-
-
-def cases(dtypes: list[str]) -> list:
-    return [pytest.param(shape, DTYPES[d], id=f"{shape_id(shape)}-{d}") for shape in SHAPES for d in dtypes]
-
-
-def dwconv_inputs(shape, dtype, device="cpu", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    C = shape[-1]
-    x = torch.randn(shape, generator=g)
-    weight = torch.randn(C, 1, 5, 5, generator=g) * 0.2
-    bias = torch.randn(C, generator=g) * 0.5
-    return [t.to(device=device, dtype=dtype) for t in (x, weight, bias)]
-
-
-def eca_inputs(shape, dtype, device="cpu", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    # An offset keeps the channel means away from 0, so the gate is not ~0.5 everywhere.
-    z = torch.randn(shape, generator=g) + torch.randn(shape[-1], generator=g)
-    weight = torch.randn(1, 1, 5, generator=g)
-    residual = torch.randn(shape, generator=g)
-    return [t.to(device=device, dtype=dtype) for t in (z, weight, residual)]
-
-
-def max_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
 
 
 def check_against_reference(op, ref_op, inputs: list[torch.Tensor]) -> None:
@@ -113,13 +82,13 @@ def test_cuda_ops_compiled_when_toolkit_present():
 
 
 @needs_cpu_ops
-@pytest.mark.parametrize("shape, dtype", cases(["fp32", "bf16", "fp16"]))
+@pytest.mark.parametrize("shape, dtype", cases(["fp32", "bf16", "fp16"], SHAPES))
 def test_dwconv_gelu_cpu(shape, dtype):
     check_against_reference(ext.dwconv_gelu, reference.dwconv_gelu, dwconv_inputs(shape, dtype))
 
 
 @needs_cpu_ops
-@pytest.mark.parametrize("shape, dtype", cases(["fp32", "bf16", "fp16"]))
+@pytest.mark.parametrize("shape, dtype", cases(["fp32", "bf16", "fp16"], SHAPES))
 def test_eca_cpu(shape, dtype):
     z, weight, residual = eca_inputs(shape, dtype)
     check_against_reference(ext.eca, reference.eca, [z, weight])
@@ -267,14 +236,14 @@ def test_opcheck_eca(with_residual):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape, dtype", cases(["fp32", "bf16", "fp16"]))
+@pytest.mark.parametrize("shape, dtype", cases(["fp32", "bf16", "fp16"], SHAPES))
 def test_dwconv_gelu_cuda(shape, dtype):
     assert ext.available("cuda")
     check_against_reference(ext.dwconv_gelu, reference.dwconv_gelu, dwconv_inputs(shape, dtype, "cuda"))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape, dtype", cases(["fp32", "bf16", "fp16"]))
+@pytest.mark.parametrize("shape, dtype", cases(["fp32", "bf16", "fp16"], SHAPES))
 def test_eca_cuda(shape, dtype):
     assert ext.available("cuda")
     z, weight, residual = eca_inputs(shape, dtype, "cuda")
