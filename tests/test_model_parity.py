@@ -1,26 +1,15 @@
 """FastMEMatte against the published MEMatte: state-dict manifest and golden outputs of the
 original code (fp32, CPU) on synthetic weights."""
-import json
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from mematte import FastMEMatte
-
-DATA = Path(__file__).parent / "data"
-sys.path.insert(0, str(DATA / "golden"))
-import synth  # noqa: E402  (the generator the golden outputs were made with)
+from parity import DATA, assert_matches_manifest, synth
 
 
 @pytest.mark.parametrize("variant", ["vit_s", "vit_b"])
 def test_state_dict_matches_official_manifest(variant):
-    manifest = json.loads((DATA / "state_dict_shapes.json").read_text())[f"mematte_{variant}"]
-    state = FastMEMatte(variant).state_dict()
-    assert sorted(state) == sorted(manifest)
-    wrong = {k: (list(v.shape), manifest[k]) for k, v in state.items() if list(v.shape) != manifest[k]}
-    assert not wrong
+    assert_matches_manifest(FastMEMatte(variant).state_dict(), f"mematte_{variant}")
 
 
 @pytest.mark.parametrize("variant, params", [("vit_s", 29_192_965), ("vit_b", 110_109_061)])

@@ -1,35 +1,24 @@
 """FastViTMatte against the published ViTMatte: state-dict manifest and golden outputs of the
 original code (ViT-S, fp32, CPU) on synthetic weights."""
-import json
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from mematte import FastViTMatte
 from mematte.vitmatte import ViTMatteBackbone
 from mematte_kernels import dispatch
-
-DATA = Path(__file__).parent / "data"
-sys.path.insert(0, str(DATA / "golden"))
-import synth  # noqa: E402  (the generator the golden outputs were made with)
+from parity import DATA, assert_matches_manifest, manifest, synth
 
 
 @pytest.mark.parametrize("variant", ["vit_s", "vit_b"])
 def test_state_dict_matches_official_manifest(variant):
-    manifest = json.loads((DATA / "state_dict_shapes.json").read_text())[f"vitmatte_{variant}"]
-    state = FastViTMatte(variant).state_dict()
-    assert sorted(state) == sorted(manifest)
-    wrong = {k: (list(v.shape), manifest[k]) for k, v in state.items() if list(v.shape) != manifest[k]}
-    assert not wrong
+    assert_matches_manifest(FastViTMatte(variant).state_dict(), f"vitmatte_{variant}")
 
 
 @pytest.mark.parametrize("variant", ["vit_s", "vit_b"])
 def test_backbone_alone_holds_the_backbone_keys(variant):
     """The backbone module (MEMatte's teacher too) has exactly the checkpoint's backbone.* keys."""
-    manifest = json.loads((DATA / "state_dict_shapes.json").read_text())[f"vitmatte_{variant}"]
-    backbone = {k.removeprefix("backbone."): v for k, v in manifest.items() if k.startswith("backbone.")}
+    backbone = {k.removeprefix("backbone."): v for k, v in manifest(f"vitmatte_{variant}").items()
+                if k.startswith("backbone.")}
     state = ViTMatteBackbone(variant).state_dict()
     assert {k: list(v.shape) for k, v in state.items()} == backbone
 
