@@ -24,39 +24,16 @@ import triton.language as tl
 
 from .. import reference
 from ._common import INTERPRET, check_devices, check_float, check_ndim, check_qkv, on_input_device
+# The varlen kernel's tiles and autotune key; each program here also holds a (BLOCK_M, BLOCK_N)
+# tile of gathered bias.
+from .varlen_attention import FP32_CONFIGS, TENSOR_CORE_CONFIGS, _prune_configs, configs_for, length_bucket  # noqa: F401
 
 HEAD_DIM = 64
 LOG2E = math.log2(math.e)
 
-# Tensor-core (fp16/bf16) and FMA (fp32) tiles, as for the varlen kernel: each program also
-# holds a (BLOCK_M, BLOCK_N) tile of gathered bias.
-TENSOR_CORE_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-]
-FP32_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=2),
-]
 # The interpreter would benchmark every config on the CPU: it runs this one alone. Its
 # blocks are smaller than the tests' grids, so they cross rows and leave partial blocks.
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
-
-
-def configs_for(dtype: torch.dtype) -> list[triton.Config]:
-    """The configs the autotuner tries for q/k/v of ``dtype``."""
-    return FP32_CONFIGS if dtype == torch.float32 else TENSOR_CORE_CONFIGS
-
-
-def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    return configs_for(named_args["q_ptr"].dtype)
-
-
-def length_bucket(n: int) -> int:
-    """The power of two at or above ``n``: the autotuner's key, never the exact length."""
-    return 1 << max(0, n - 1).bit_length()
 
 
 @triton.autotune(
