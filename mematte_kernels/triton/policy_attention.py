@@ -220,7 +220,7 @@ def _policy_attention_bwd_preprocess_kernel(
                    mask=query_mask[:, None], other=0.0).to(tl.float32)  # (BLOCK_M, HEAD_DIM)
     vsum = tl.load(vsum_ptr + pid_bh * HEAD_DIM + offs_d)  # (HEAD_DIM,)
     stats = pid_bh.to(tl.int64) * N + offs_m
-    denom = tl.load(denom_ptr + stats, mask=query_mask, other=1.0)
+    denom = tl.load(denom_ptr + stats, mask=query_mask, other=1.0)  # (BLOCK_M,)
 
     delta = tl.sum(out * dout, axis=1)  # (BLOCK_M,)
     dmax = -(eps / denom) * (delta - tl.sum(dout * vsum[None, :], axis=1) / N)
@@ -256,11 +256,12 @@ def _policy_attention_bwd_dkdv_kernel(
                 mask=key_mask[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
     v = tl.load(v_ptr + batch.to(tl.int64) * stride_vb + head * stride_vh + offs_key[:, None] * stride_vn + offs_d[None, :],
                 mask=key_mask[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
-    policy = tl.load(policy_ptr + batch * stride_pb + offs_key * stride_pn, mask=key_mask, other=0.0).to(tl.float32)
+    policy = tl.load(policy_ptr + batch * stride_pb + offs_key * stride_pn,
+                     mask=key_mask, other=0.0).to(tl.float32)  # (BLOCK_N,)
 
     dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
-    dpolicy = tl.zeros((BLOCK_N,), tl.float32)
+    dpolicy = tl.zeros((BLOCK_N,), tl.float32)  # per head; summed over heads after the launch
     dout_over_denom = tl.zeros((HEAD_DIM,), tl.float32)  # sum_i dout_i / D_i, for the eps / N term of dv
     for query_start in range(0, N, BLOCK_M):
         offs_query = query_start + offs_m
@@ -269,7 +270,7 @@ def _policy_attention_bwd_dkdv_kernel(
                     mask=query_mask[None, :], other=0.0)  # (HEAD_DIM, BLOCK_M): q^T
         dout = tl.load(dout_base + offs_query[:, None] * stride_dn + offs_d[None, :],
                        mask=query_mask[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
-        # Padded queries: an infinite max makes their weights 0.
+        # Padded queries: an infinite max makes their weights 0. Row statistics are (BLOCK_M,).
         row_max = tl.load(row_max_ptr + stats_base + offs_query, mask=query_mask, other=float("inf"))
         row_argmax = tl.load(row_argmax_ptr + stats_base + offs_query, mask=query_mask, other=-1)
         denom = tl.load(denom_ptr + stats_base + offs_query, mask=query_mask, other=1.0)
@@ -277,7 +278,7 @@ def _policy_attention_bwd_dkdv_kernel(
         dmax = tl.load(dmax_ptr + stats_base + offs_query, mask=query_mask, other=0.0)
 
         logits_t = tl.dot(k, q, input_precision="ieee") * qk_scale  # (BLOCK_N, BLOCK_M), base 2
-        weights_t = tl.math.exp2(logits_t - row_max[None, :])         # exp(l - m)
+        weights_t = tl.math.exp2(logits_t - row_max[None, :])         # (BLOCK_N, BLOCK_M): exp(l - m)
         keep_t = tl.where(offs_key[:, None] == offs_query[None, :], 1.0, policy[:, None])  # (BLOCK_N, BLOCK_M)
         # a / D with a rounded to v's dtype, as the forward summed it into D.
         probs_t = (weights_t * keep_t).to(v.dtype).to(tl.float32) / denom[None, :]
@@ -326,6 +327,7 @@ def _policy_attention_bwd_dq_kernel(
                 mask=query_mask[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
     dout = tl.load(dout_ptr + batch.to(tl.int64) * stride_db + head * stride_dh + offs_query[:, None] * stride_dn + offs_d[None, :],
                    mask=query_mask[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
+    # Row statistics, (BLOCK_M,) each; padded queries get an infinite max, so weights of 0.
     row_max = tl.load(row_max_ptr + stats, mask=query_mask, other=float("inf"))
     row_argmax = tl.load(row_argmax_ptr + stats, mask=query_mask, other=-1)
     denom = tl.load(denom_ptr + stats, mask=query_mask, other=1.0)
@@ -340,10 +342,11 @@ def _policy_attention_bwd_dq_kernel(
                     mask=key_mask[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
         v = tl.load(v_base + offs_key[None, :] * stride_vn + offs_d[:, None],
                     mask=key_mask[None, :], other=0.0)  # (HEAD_DIM, BLOCK_N): v^T
-        policy = tl.load(policy_ptr + batch * stride_pb + offs_key * stride_pn, mask=key_mask, other=0.0).to(tl.float32)
+        policy = tl.load(policy_ptr + batch * stride_pb + offs_key * stride_pn,
+                         mask=key_mask, other=0.0).to(tl.float32)  # (BLOCK_N,)
 
         logits = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N), base 2
-        weights = tl.math.exp2(logits - row_max[:, None])
+        weights = tl.math.exp2(logits - row_max[:, None])  # (BLOCK_M, BLOCK_N): exp(l - m)
         dattn = tl.dot(dout, v, input_precision="ieee")  # (BLOCK_M, BLOCK_N)
         # a / D with a rounded to v's dtype, as the forward summed it into D. Padded keys
         # have k = 0, so whatever their weight they add nothing to dq.
