@@ -277,25 +277,6 @@ def rgba_image(rgb: np.ndarray, alpha: np.ndarray) -> Image.Image:
     return Image.fromarray(to_uint8(np.concatenate([rgb, alpha[:, :, None]], axis=2)))
 
 
-def save_png(path: str | os.PathLike, im: Image.Image) -> Path:
-    return write_atomic(path, png(im))
-
-
-def save_alpha(path: str | os.PathLike, alpha: np.ndarray, *, bits: int = 8) -> Path:
-    """Save an H×W alpha in [0, 1] as a grey PNG with 8 or 16 bits per pixel."""
-    return save_png(path, alpha_image(alpha, bits=bits))
-
-
-def save_rgb(path: str | os.PathLike, rgb: np.ndarray) -> Path:
-    """Save an H×W×3 float image in [0, 1] as an 8-bit RGB PNG."""
-    return save_png(path, rgb_image(rgb))
-
-
-def save_rgba(path: str | os.PathLike, rgb: np.ndarray, alpha: np.ndarray) -> Path:
-    """Save colours H×W×3 and alpha H×W (floats in [0, 1]) as an 8-bit RGBA PNG."""
-    return save_png(path, rgba_image(rgb, alpha))
-
-
 def find_images(folder: str | os.PathLike) -> list[Path]:
     """The image files directly inside ``folder``, sorted by name (hidden files skipped)."""
     return sorted(
