@@ -7,13 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from decoder_cases import small_random_decoder
 from mematte import FastMEMatte
 from mematte.backbone import (
     abs_pos,
     eca_kernel_size,
     rel_pos_table,
 )
-from mematte.decoder import DetailCapture, decode_tiled, tile_grid, tile_length
+from mematte.decoder import decode_tiled, tile_grid, tile_length
 from mematte.model import padded_size
 from mematte_kernels import reference
 
@@ -210,15 +211,7 @@ def test_tile_grid_over_part_of_a_canvas_takes_context_from_beyond_it():
 def test_32px_of_context_decodes_tiles_exactly_as_upstream():
     """The receptive field of the decoder is under 32 px, so larger tiles with 32 px of
     context give upstream's tiled result (fp64, so only the arithmetic order could differ)."""
-    torch.manual_seed(0)
-    # Narrower than MEMatte's, same layers: the receptive field is a property of the layers.
-    decoder = DetailCapture(in_chans=16, fusion_out=(32, 16, 16, 16)).double().eval()
-    with torch.no_grad():
-        for module in decoder.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.normal_(0, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-                module.bias.normal_(0, 0.1)
+    decoder = small_random_decoder()
     images = torch.randn(1, 4, 1024, 1536, dtype=torch.float64)
     features = torch.randn(1, 16, 64, 96, dtype=torch.float64)
     with torch.inference_mode():

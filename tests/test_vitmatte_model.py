@@ -4,28 +4,16 @@ import pytest
 import torch
 
 from mematte import FastViTMatte
-from mematte.decoder import DetailCapture, decode_tiled
+from decoder_cases import small_random_decoder
+from mematte.decoder import decode_tiled
 from mematte_kernels import dispatch, reference
-
-
-def _random_decoder():
-    torch.manual_seed(0)
-    # Narrower than ViTMatte's, same layers: the receptive field is a property of the layers.
-    decoder = DetailCapture(in_chans=16, fusion_out=(32, 16, 16, 16)).double().eval()
-    with torch.no_grad():
-        for module in decoder.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.normal_(0, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-                module.bias.normal_(0, 0.1)
-    return decoder
 
 
 def test_tiles_on_the_input_canvas_equal_whole_image_decoding():
     """ViTMatte decodes the whole padded input at once; tiles with 32 px of context over a
     canvas that is the input itself (no padding to 512) give the same alpha everywhere,
     the input's edges included (fp64, so only the arithmetic order could differ)."""
-    decoder = _random_decoder()
+    decoder = small_random_decoder()
     images = torch.randn(1, 4, 288, 416, dtype=torch.float64)
     features = torch.randn(1, 16, 18, 26, dtype=torch.float64)
     with torch.inference_mode():
@@ -40,7 +28,7 @@ def test_tiles_on_the_input_canvas_equal_whole_image_decoding():
 
 
 def test_canvas_multiple_must_be_token_aligned():
-    decoder = _random_decoder()
+    decoder = small_random_decoder()
     with pytest.raises(ValueError, match="canvas multiple"):
         decode_tiled(decoder, torch.zeros(1, 16, 2, 2, dtype=torch.float64), torch.zeros(1, 4, 32, 32, dtype=torch.float64),
                      canvas_multiple=24)
