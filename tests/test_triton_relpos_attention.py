@@ -122,6 +122,16 @@ def test_rejects_bad_input(args, error, message):
         relpos_attention(*args)
 
 
+@pytest.mark.parametrize("shape, heads, message", [
+    pytest.param((1, 2, 2, 190), 1, r"\(190\) must be 3 \* C", id="not-3C"),
+    pytest.param((1, 2, 2, 3 * 96), 5, r"multiple of num_heads \(5\)", id="C-not-a-multiple-of-heads"),
+    pytest.param((4, 3 * 64), 1, r"qkv must be 4-D", id="2d"),
+])
+def test_global_attention_names_a_bad_qkv(shape, heads, message):
+    with pytest.raises(ValueError, match=message):
+        global_attention(torch.zeros(shape), None, None, heads, 0.125)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [pytest.param(d, id=DTYPE_NAMES[d]) for d in DTYPES])
 def test_gpu_matches_reference(dtype):

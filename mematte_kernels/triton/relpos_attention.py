@@ -164,7 +164,11 @@ def global_attention(qkv, rel_h, rel_w, num_heads: int, scale: float) -> torch.T
     """:func:`mematte_kernels.reference.global_attention` through :func:`relpos_attention`:
     the per-query position tables from one batched product each, then the flash kernel over
     q, k, v read in place from ``qkv`` (B, H, W, 3C) -> (B, H, W, C)."""
+    check_ndim("global_attention", "qkv", qkv, 4, "(B, H, W, 3C)")
     B, H, W, C3 = qkv.shape
+    if C3 % (3 * num_heads):
+        raise ValueError(f"global_attention: qkv's last dimension ({C3}) must be 3 * C with C a multiple of "
+                         f"num_heads ({num_heads})")
     C = C3 // 3
     q, k, v = qkv.reshape(B, H * W, 3, num_heads, C // num_heads).unbind(2)
     bias_h, bias_w = reference.rel_pos_bias(q.reshape(B, H, W, num_heads, C // num_heads), rel_h, rel_w)
