@@ -239,14 +239,14 @@ if _C is not None:
     else:
         log.warning(
             "mematte_kernels: the compiled extension predates dwconv_gelu_backward and eca_backward; "
-            "rebuild it (pip install -e .) to train through the compiled LTRM ops"
+            "rebuild it (pip install --no-build-isolation -e .) to train through the compiled LTRM ops"
         )
 
         def _stale_build_grad(op: str):
             def backward(ctx, grad):
                 raise RuntimeError(
                     f"mematte_ext.{op}: this build of mematte_kernels._C has no backward for it; rebuild it "
-                    "(pip install -e .)"
+                    "(pip install --no-build-isolation -e .)"
                 )
 
             return backward
