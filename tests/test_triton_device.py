@@ -130,3 +130,32 @@ def test_ops_on_the_second_gpu_match_the_first():
         for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
             assert y.device == torch.device("cuda", 1), name
             assert torch.equal(x, y.to(x.device)), f"{name} differs on cuda:1"
+
+
+def _attention_launches(out):
+    """Each attention op's launch into ``out``, on fp32 inputs of the right shape."""
+    from mematte_kernels.triton.policy_attention import launch_forward
+    from mematte_kernels.triton.relpos_attention import launch_relpos_attention
+    from mematte_kernels.triton.varlen_attention import launch_varlen_attention
+
+    q4 = torch.zeros(1, 6, 2, 64)
+    q3 = torch.zeros(6, 2, 64)
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    bias_h, bias_w = torch.zeros(1, 6, 2, 2), torch.zeros(1, 6, 2, 3)
+    return {
+        "varlen_attention": lambda: launch_varlen_attention(q3, q3, q3, cu, 6, out=out(q3)),
+        "relpos_attention": lambda: launch_relpos_attention(q4, q4, q4, bias_h, bias_w, out=out(q4)),
+        "policy_attention": lambda: launch_forward(q4, q4, q4, torch.ones(1, 6), None, 1e-6, out=out(q4),
+                                                   out_fp32=None, row_max=None, row_argmax=None, denom=None),
+    }
+
+
+@pytest.mark.parametrize("op", ["varlen_attention", "relpos_attention", "policy_attention"])
+@pytest.mark.parametrize("bad", [
+    pytest.param(lambda q: torch.zeros_like(q, dtype=torch.float16), id="dtype"),
+    pytest.param(lambda q: torch.zeros_like(q)[:-1], id="shape"),
+    pytest.param(lambda q: torch.zeros(*q.shape[:-1], 2 * q.shape[-1])[..., ::2], id="head-dim-strided"),
+])
+def test_attention_launches_name_an_out_that_cannot_take_the_result(op, bad):
+    with pytest.raises(ValueError, match=f"{op}: out must be a torch.float32 tensor of shape"):
+        _attention_launches(bad)[op]()

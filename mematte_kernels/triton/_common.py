@@ -48,6 +48,14 @@ def check_qkv(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ndim: 
         raise ValueError(f"{op}: only head_dim {head_dim} is supported, got head_dim {q.shape[-1]}")
 
 
+def check_attention_out(op: str, out: torch.Tensor, q: torch.Tensor) -> None:
+    """``out`` can take the attention of ``q``: its shape, dtype and device, unit stride in the
+    head dimension."""
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(f"{op}: out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device} "
+                         "with a contiguous head dimension")
+
+
 def check_devices(op: str, **tensors: torch.Tensor) -> None:
     """All on one device, and a CUDA one unless the interpreter runs the kernels."""
     devices = {name: t.device for name, t in tensors.items()}

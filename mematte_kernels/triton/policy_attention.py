@@ -47,7 +47,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_devices, check_float, check_ndim, check_qkv, on_input_device
+from ._common import (
+    INTERPRET, check_attention_out, check_devices, check_float, check_ndim, check_qkv, on_input_device,
+)
 from .varlen_attention import length_bucket
 
 HEAD_DIM = 64
@@ -395,9 +397,7 @@ def launch_forward(q, k, v, policy, scale: float | None, eps: float, *, out, out
     (B, heads, N): ``row_max`` fp32 (base-2 logits), ``row_argmax`` int32, ``denom`` fp32."""
     check_inputs(q, k, v, policy)
     B, N, heads, head_dim = q.shape
-    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
-        raise ValueError(f"policy_attention: out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device} "
-                         "with a contiguous head dimension")
+    check_attention_out("policy_attention", out, q)
     store_fp32 = q.dtype != torch.float32
     if store_fp32 and (out_fp32 is None or out_fp32.shape != q.shape or out_fp32.dtype != torch.float32
                        or not out_fp32.is_contiguous()):

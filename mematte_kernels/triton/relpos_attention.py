@@ -23,7 +23,9 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import INTERPRET, check_devices, check_float, check_ndim, check_qkv, on_input_device
+from ._common import (
+    INTERPRET, check_attention_out, check_devices, check_float, check_ndim, check_qkv, on_input_device,
+)
 # The varlen kernel's tiles and autotune key; each program here also holds a (BLOCK_M, BLOCK_N)
 # tile of gathered bias.
 from .varlen_attention import FP32_CONFIGS, TENSOR_CORE_CONFIGS, _prune_configs, configs_for, length_bucket  # noqa: F401
@@ -117,9 +119,7 @@ def _check_inputs(q, k, v, bias_h, bias_w) -> None:
 def launch_relpos_attention(q, k, v, bias_h, bias_w, scale: float | None = None, *, out: torch.Tensor) -> None:
     """The attention of every query of the grid into ``out`` (B, N, heads, 64), q's dtype."""
     _check_inputs(q, k, v, bias_h, bias_w)
-    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
-        raise ValueError(f"relpos_attention: out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device} "
-                         "with a contiguous head dimension")
+    check_attention_out("relpos_attention", out, q)
     B, N, heads, head_dim = q.shape
     if B == 0 or N == 0 or heads == 0:
         return

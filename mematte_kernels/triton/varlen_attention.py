@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_devices, check_ndim, check_qkv, on_input_device
+from ._common import INTERPRET, check_attention_out, check_devices, check_ndim, check_qkv, on_input_device
 
 HEAD_DIM = 64
 
@@ -161,9 +161,7 @@ def launch_varlen_attention(
     non-decreasing with ``cu_seqlens[-1] <= T``: both are not checked, as that would need a
     host sync. Rows past ``cu_seqlens[-1]`` are left as they are."""
     _check_attention_inputs(q, k, v, cu_seqlens, max_seqlen)
-    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
-        raise ValueError(f"varlen_attention: out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device} "
-                         "with a contiguous head dimension")
+    check_attention_out("varlen_attention", out, q)
     T, heads, head_dim = q.shape
     batch = cu_seqlens.shape[0] - 1
     if T == 0 or batch == 0 or max_seqlen == 0 or heads == 0:
