@@ -83,9 +83,9 @@ REFERENCE = OpTable(
 # fused channels-first LayerNorm is not one: in the model the gradients upstream of the
 # ResBottlenecks drift 2e-3 from fp64 with it, 3e-2 on a router's bias, where the
 # reference's stay at 5e-5; followed by a copy to NCHW it does not drift, and on its own
-# it matches to 1e-7, so the cause lies in the backward of its channels-last output.) The CPU policy attention has its own
-# backward, tested against the fp64 reference as the kernels are; PyTorch's fused attention
-# differentiates the CPU varlen attention.
+# it matches to 1e-7, so the cause lies in the backward of its channels-last output.)
+# The CPU policy attention has its own backward, tested against the fp64 reference as the
+# kernels are; PyTorch's fused attention differentiates the CPU varlen attention.
 DIFFERENTIABLE = frozenset({native.router_scores, native.policy_attention, native.varlen_attention})
 _REFERENCE_OPS = frozenset(getattr(REFERENCE, f.name) for f in fields(OpTable) if f.name != "name")
 # Compiled ops with an autograd formula: kept where the build has their backward kernels.
