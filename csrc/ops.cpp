@@ -318,7 +318,7 @@ TORCH_LIBRARY_IMPL(mematte_ext, CPU, m) {
 // refuses gradients.
 TORCH_LIBRARY_IMPL(mematte_ext, Autograd, m) {
   for (const char* op : {"dwconv_gelu_backward", "eca_backward", "upsample_taps_relu_", "upsample_conv_relu_",
-                         "varlen_attention", "window_attention"}) {
+                         "varlen_attention", "window_attention", "relpos_attention"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&mematte::no_backward>());
   }
 }

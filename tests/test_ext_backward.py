@@ -335,6 +335,12 @@ def _no_backward_args() -> dict[str, tuple]:
             torch.randn(16, 8, 3, 3),
         ),
         "varlen_attention": (*(torch.randn(16, 1, 64, **bf16) for _ in range(3)), seqlens, 0.125),
+        "relpos_attention": (
+            *(torch.randn(1, 16, 1, 64, **bf16) for _ in range(3)),
+            torch.randn(1, 16, 1, 4),
+            torch.randn(1, 16, 1, 4),
+            0.125,
+        ),
         "window_attention": (
             torch.randn(1, 4, 4, 192, **bf16),
             torch.randn(192, **bf16),
