@@ -164,23 +164,29 @@ def test_training_without_noise_draws_from_the_global_generator():
 
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=needs_triton)])
 def test_fast_backends_train_with_the_reference_gradients(backend):
+    """Gradients are judged against the reference run in fp64: a gradient that cancels
+    (the ECA kernels' sums over the image) is off by ~6e-3 in the fp32 reference itself, so a
+    fast backend may be as far from fp64 as the golden bar or twice the fp32 reference's error."""
     data = batch()
     noise = noise_for(data)
     runs = []
-    for name in ("reference", backend):
-        model = build(name)
-        losses = model(data, gumbel_noise=noise)
+    for name, dtype in (("reference", torch.float64), ("reference", torch.float32), (backend, torch.float32)):
+        model = build(name).to(dtype)
+        losses = model({k: v.to(dtype) for k, v in data.items()}, gumbel_noise=[n.to(dtype) for n in noise])
         sum(losses.values()).backward()
-        runs.append((losses, {n: p.grad for n, p in model.named_parameters()}, model.train_outputs["policy"]))
-    (ref_losses, ref_grads, ref_policy), (losses, grads, policy) = runs
+        grads = {n: p.grad.double() for n, p in model.named_parameters()}
+        runs.append((losses, grads, model.train_outputs["policy"]))
+    (_, exact, exact_policy), (ref_losses, ref_grads, ref_policy), (losses, grads, policy) = runs
     assert all(torch.equal(a, b) for a, b in zip(policy, ref_policy))
+    assert all(torch.equal(a.float(), b) for a, b in zip(exact_policy, ref_policy))
     for name in ref_losses:
         assert losses[name].item() == pytest.approx(ref_losses[name].item(), rel=1e-5, abs=1e-7), name
-    for name, g in ref_grads.items():
+    for name, g in exact.items():
         if name == "decoder.matting_head.matting_convs.0.bias":  # 0 in exact arithmetic (BatchNorm follows)
             assert grads[name].abs().max() <= 1e-5
         else:
-            assert (grads[name] - g).norm() <= 5e-3 * g.norm(), name
+            bar = max(5e-3 * g.norm(), 2 * (ref_grads[name] - g).norm())
+            assert (grads[name] - g).norm() <= bar, name
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
