@@ -7,9 +7,12 @@ synthetic weights whose routers are calibrated to route a chosen fraction of the
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import json
 import math
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -28,7 +31,6 @@ from mematte_kernels import dispatch, reference
 from worker import DTYPES
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKER = Path(__file__).resolve().with_name("worker.py")
 
 
 def _load_synth():
@@ -563,10 +565,12 @@ def run_once(fn, device: torch.device):
 # ---------------------------------------------------------------------------- worker
 
 
-def run_worker(case: ModelCase, weights_path: Path, inputs_path: Path, timeout_s: float = 3600) -> dict:
-    """Build the model and run one forward in a fresh process: its latency, peak RSS and
-    routed ratios. Raises MemoryError when it ran out of memory or was killed (the OOM
-    killer), which the caller reports as a skip: the case does not fit here now."""
+def run_worker(case: ModelCase, weights_path: Path, inputs_path: Path, timeout_s: float = 3600,
+               tree: Path = ROOT) -> dict:  # fmt: skip
+    """Build the model and run one forward in a fresh process, with the code of ``tree``
+    (this checkout, or a baseline commit's): its latency, peak RSS and routed ratios.
+    Raises MemoryError when it ran out of memory or was killed (the OOM killer), which the
+    caller reports as a skip: the case does not fit here now."""
     spec = {
         "weights": str(weights_path),
         "inputs": str(inputs_path),
@@ -576,8 +580,8 @@ def run_worker(case: ModelCase, weights_path: Path, inputs_path: Path, timeout_s
         "model": getattr(case, "model", "mematte"),
     }
     proc = subprocess.run(
-        [sys.executable, str(WORKER), json.dumps(spec)],
-        capture_output=True, text=True, timeout=timeout_s, cwd=ROOT,
+        [sys.executable, str(tree / "bench" / "worker.py"), json.dumps(spec)],
+        capture_output=True, text=True, timeout=timeout_s, cwd=tree,
     )  # fmt: skip
     if proc.returncode < 0:
         raise MemoryError(f"worker for {case.id} killed by signal {-proc.returncode} (out of memory?)")
@@ -586,3 +590,107 @@ def run_worker(case: ModelCase, weights_path: Path, inputs_path: Path, timeout_s
     if proc.returncode:
         raise RuntimeError(f"worker for {case.id} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -------------------------------------------------------------------------- baseline
+
+
+class BaselineError(Exception):
+    """A --bench-baseline revision that cannot run: unknown, without a worker, or not built."""
+
+
+BUILD_STAMP = ".mematte-bench-build.json"  # in a baseline tree: what its extension was built for
+
+
+def baseline_cache() -> Path:
+    """Where baseline commits are unpacked and built, outside any checkout, kept across runs."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mematte-bench"
+
+
+def resolve_commit(rev: str) -> str:
+    """The full hash of ``rev`` (any revision git names: hash, tag, branch, ``main~3``)."""
+    proc = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+                          cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    if proc.returncode:
+        raise BaselineError(f"--bench-baseline {rev!r} names no commit of {ROOT}")
+    return proc.stdout.strip()
+
+
+def build_extension(tree: Path, log) -> int:
+    """Build ``tree``'s compiled ops in place, CPU only, writing the output to ``log``;
+    returns the exit status. The CUDA half is left out: the baseline runs on the CPU."""
+    command = [sys.executable, "setup.py", "build_ext", "--inplace", "--force"]  # --force: no objects of a killed build
+    env = {**os.environ, "MEMATTE_NO_CUDA": "1"}
+    return subprocess.run(command, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+# Run in a baseline tree the way its worker starts: what it imports must come from the tree,
+# compiled ops included, or the baseline would time another checkout's code (an editable
+# install serves a submodule missing from the tree from its own checkout).
+IMPORT_CHECK = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import mematte, mematte_kernels
+try:
+    from mematte_kernels import _C
+except ImportError as e:
+    sys.exit(f"mematte_kernels._C: {e}")
+for module in (mematte, mematte_kernels, _C):
+    print(module.__name__, module.__file__)
+"""
+
+
+def prepare_baseline(commit: str, cache: Path, build=build_extension) -> Path:
+    """The tree of ``commit``, unpacked under ``cache`` and its extension built with
+    ``build(tree, log) -> exit status``; both done once and reused while the interpreter
+    and torch stay the same. Raises BaselineError with what went wrong."""
+    cache = cache.absolute()  # the worker runs with the tree as its working directory
+    tree = cache / f"baseline-{commit}"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f"baseline-{commit}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two runs wanting the same commit unpack and build it once
+        if not tree.exists():
+            _unpack(commit, tree)
+        if not (tree / "bench" / "worker.py").exists():
+            raise BaselineError(f"commit {commit[:10]} has no bench/worker.py to run its model with")
+        stamp = {"python": sys.executable, "torch": torch.__version__}
+        stamp_path = tree / BUILD_STAMP
+        if not stamp_path.exists() or json.loads(stamp_path.read_text()) != stamp:
+            stamp_path.unlink(missing_ok=True)
+            log_path = tree / "build.log"
+            with open(log_path, "w") as log:
+                status = build(tree, log)
+            if status:
+                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+                raise BaselineError(f"building commit {commit[:10]} failed (exit {status}); end of {log_path}:\n{tail}")
+            _check_imports(tree)
+            stamp_path.write_text(json.dumps(stamp))
+    return tree
+
+
+def _unpack(commit: str, tree: Path) -> None:
+    """``git archive`` of ``commit`` into ``tree``; a tree under its final name is complete."""
+    partial = tree.with_name(tree.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir()
+    archive = subprocess.Popen(["git", "archive", commit], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    unpack = subprocess.run(["tar", "-x", "-C", str(partial)], stdin=archive.stdout, capture_output=True, text=True)
+    archive.stdout.close()
+    if archive.wait() or unpack.returncode:
+        raise BaselineError(f"unpacking commit {commit[:10]} failed: {archive.stderr.read().decode()}{unpack.stderr}")
+    partial.rename(tree)
+
+
+def _check_imports(tree: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", IMPORT_CHECK, str(tree)], cwd=tree, capture_output=True, text=True)
+    if proc.returncode:
+        why = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+    else:
+        found = (line.split(" ", 1) for line in proc.stdout.splitlines())
+        outside = [f"{name} from {path}" for name, path in found if not Path(path).is_relative_to(tree)]
+        if not outside:
+            return
+        why = ", ".join(outside)
+    raise BaselineError(f"{tree.name}: after the build, mematte and its compiled ops do not all import from the tree: "
+                        f"{why}")  # fmt: skip

@@ -1,0 +1,95 @@
+"""``--bench-baseline REV``: an older commit unpacked and built once in a cache, its worker
+run beside the fast cases, and its rows paired with theirs in the summary. The build step
+is swapped for a copy of this checkout's compiled ops (compiling takes minutes), so what
+is tested is everything around it: unpacking, reuse, a failed build's message, a worker
+run from the other tree."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import harness
+
+COMPILED = sorted((harness.ROOT / "mematte_kernels").glob("_C*.so"))
+
+
+def head() -> str:
+    return harness.resolve_commit("HEAD")
+
+
+def copy_compiled_ops(calls: list):
+    """A build that puts this checkout's compiled ops into the tree (the tree is HEAD's)."""
+
+    def build(tree: Path, log) -> int:
+        calls.append(tree)
+        log.write("copying the compiled ops\n")
+        for path in COMPILED:
+            shutil.copy2(path, tree / "mematte_kernels" / path.name)
+        return 0
+
+    return build
+
+
+def test_a_revision_git_does_not_know_is_named():
+    with pytest.raises(harness.BaselineError, match="'no-such-rev' names no commit"):
+        harness.resolve_commit("no-such-rev")
+
+
+@pytest.mark.skipif(not COMPILED, reason="needs this checkout's compiled ops to stand in for a build")
+def test_unpacked_and_built_once_then_reused(tmp_path, data):
+    commit, calls = head(), []
+    tree = harness.prepare_baseline(commit, tmp_path, build=copy_compiled_ops(calls))
+    assert tree == tmp_path / f"baseline-{commit}" and calls == [tree]
+    shown = subprocess.run(["git", "show", f"{commit}:bench/worker.py"], cwd=harness.ROOT, capture_output=True,
+                           text=True)  # fmt: skip
+    assert (tree / "bench" / "worker.py").read_text() == shown.stdout
+    assert (tree / "build.log").read_text() == "copying the compiled ops\n"
+
+    assert harness.prepare_baseline(commit, tmp_path, build=copy_compiled_ops(calls)) == tree
+    assert calls == [tree]  # reused: neither unpacked nor built again
+
+    stamp = tree / harness.BUILD_STAMP
+    stamp.write_text(json.dumps({**json.loads(stamp.read_text()), "torch": "another version"}))
+    harness.prepare_baseline(commit, tmp_path, build=copy_compiled_ops(calls))
+    assert calls == [tree, tree]  # built for another torch: built again
+
+    # The tree's own worker runs the case, in the tree, on the benchmark's files.
+    size = harness.Size(256, 256)
+    case = harness.ModelCase("vit_s", size, torch.bfloat16, f"fast@{commit[:7]}")
+    weights = data.weights_path(case.variant, size, case.fraction)
+    result = harness.run_worker(case, weights, data.inputs_path(size), tree=tree)
+    assert result["latency_s"] > 0 and result["peak_rss_bytes"] >= result["loaded_rss_bytes"] > 0
+    assert len(result["routed"]) == 4 and all(0 < r < 1 for r in result["routed"])
+
+
+def test_a_failed_build_says_why_and_is_tried_again(tmp_path):
+    commit, calls = head(), []
+
+    def failing(tree: Path, log) -> int:
+        calls.append(tree)
+        log.write("".join(f"compiling part {i}\n" for i in range(40)) + "attention_cpu.cpp:12: error: no member 'x'\n")
+        return 2
+
+    with pytest.raises(harness.BaselineError) as error:
+        harness.prepare_baseline(commit, tmp_path, build=failing)
+    message = str(error.value)
+    assert f"building commit {commit[:10]} failed (exit 2)" in message
+    assert str(tmp_path / f"baseline-{commit}" / "build.log") in message
+    assert message.endswith("attention_cpu.cpp:12: error: no member 'x'")
+    assert "compiling part 39" in message and "compiling part 0\n" not in message  # the tail, not the whole log
+    with pytest.raises(harness.BaselineError):
+        harness.prepare_baseline(commit, tmp_path, build=failing)
+    assert len(calls) == 2
+
+
+def test_a_build_that_leaves_no_compiled_ops_is_refused(tmp_path):
+    # Without this the baseline would run on the pure-PyTorch fallbacks, and look slow.
+    commit = head()
+    with pytest.raises(harness.BaselineError, match="do not all import from the tree: mematte_kernels._C"):
+        harness.prepare_baseline(commit, tmp_path, build=lambda tree, log: 0)
+    assert not (tmp_path / f"baseline-{commit}" / harness.BUILD_STAMP).exists()
