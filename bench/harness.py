@@ -129,7 +129,12 @@ class ModelCase:
     variant: str
     size: Size
     dtype: torch.dtype
-    impl: str  # "fast" | "reference" | "all_global" (ViTMatte-style: every token global)
+    impl: str  # "fast" | "reference" | "all_global" (ViTMatte-style: every token global) | "fast@<commit>"
+
+    @property
+    def baseline(self) -> str | None:
+        """The (abbreviated) commit whose code a ``fast@<commit>`` case runs, else None."""
+        return self.impl.partition("@")[2] or None
 
     @property
     def backend(self) -> str:
@@ -160,6 +165,7 @@ class Settings:
     smoke: bool  # --benchmark-disable: smallest sizes, one run per case, outputs checked
     full: bool  # --bench-full: ViT-B and 8K too
     sizes: tuple[Size, ...] = ()  # --bench-sizes: replaces the default sizes
+    baseline: str | None = None  # --bench-baseline: the full commit whose fast path runs beside this one
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -211,7 +217,10 @@ def model_cases(settings: Settings) -> list[ModelCase]:
         for size in settings.model_sizes:
             # The published computation runs in fp32; every fast precision is compared to it.
             cases.append(ModelCase(variant, size, torch.float32, "reference"))
-            cases += [ModelCase(variant, size, dtype, "fast") for dtype in settings.dtypes]
+            for dtype in settings.dtypes:
+                cases.append(ModelCase(variant, size, dtype, "fast"))
+                if settings.baseline:  # right after the fast case, so both see the machine alike
+                    cases.append(ModelCase(variant, size, dtype, f"fast@{settings.baseline[:7]}"))
             # What routing saves, in the precision the fast path is used in. A baseline, not
             # a check (route_all is tested in test_calibration), so not in smoke runs.
             if not settings.smoke:
@@ -441,8 +450,10 @@ def model_unavailable(case: ModelCase, device: torch.device) -> str | None:
         table = dispatch.resolve(case.backend, device)
     except Exception as e:  # a backend still being wired raises at resolve
         return f"backend {case.backend!r} unavailable on {device.type}: {e}"
-    if case.impl == "fast" and table.name == "reference":
+    if (case.impl == "fast" or case.baseline) and table.name == "reference":
         return f"'auto' resolves to the reference tables on {device.type}: no fast path to compare"
+    if case.baseline and device.type != "cpu":
+        return "an older commit runs only through its worker, which runs the model on the CPU"
     return fits(model_peak_bytes(case, table.varlen_attention is reference.varlen_attention), device)
 
 

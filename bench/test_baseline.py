@@ -35,6 +35,21 @@ def copy_compiled_ops(calls: list):
     return build
 
 
+def test_cases_pair_every_fast_case_with_its_baseline():
+    commit = "572baf7cb81e2bab3c4586a885a233de005158ee"
+    settings = harness.Settings(torch.device("cpu"), smoke=False, full=False, sizes=(harness.Size(512, 512),),
+                                baseline=commit)  # fmt: skip
+    cases = harness.model_cases(settings)
+    baselines = [c for c in cases if c.baseline]
+    assert [c.id for c in baselines] == ["vit_s-512x512-fp32-fast@572baf7", "vit_s-512x512-bf16-fast@572baf7"]
+    for case in baselines:
+        fast = cases[cases.index(case) - 1]  # each runs right after its fast case
+        assert (fast.impl, fast.dtype, fast.size, fast.group) == ("fast", case.dtype, case.size, case.group)
+        assert (case.backend, case.fraction, case.max_tokens) == (fast.backend, fast.fraction, fast.max_tokens)
+    without = harness.model_cases(harness.Settings(torch.device("cpu"), smoke=False, full=False, sizes=settings.sizes))
+    assert without == [c for c in cases if not c.baseline]
+
+
 def test_a_revision_git_does_not_know_is_named():
     with pytest.raises(harness.BaselineError, match="'no-such-rev' names no commit"):
         harness.resolve_commit("no-such-rev")

@@ -7,6 +7,10 @@ for every configuration of a size. Latency, megapixels per second, peak memory (
 allocated on GPU; on CPU the peak RSS of a fresh process that loads the model and runs one
 forward) and the share each router routed. Fast cases timed in process (all on GPU, below
 2048² on CPU) are first checked against the fp32 reference's alpha.
+
+With ``--bench-baseline REV``, each fast case is followed by ``fast@<commit>``: the same
+case run by that commit's own worker (its code, built in a cache), on the CPU, one run in
+a fresh process at every size.
 """
 import pytest
 import torch
@@ -41,20 +45,19 @@ def test_model(model_case, settings, data, record, request):
         megapixels=case.size.pixels / 1e6,
     )
 
+    if case.baseline:
+        # An older commit's code runs only through its own worker, whatever the size; where
+        # the fast row is timed in process, it is compared with the fast case's worker run.
+        result = _worker(case, weights, data, request.getfixturevalue("baseline_tree"))
+        timer = "one run in a fresh process"
+        if settings.in_process(case.size):
+            timer += " (fast row: in process; compared with its fresh-process run)"
+        record(**common, **_fresh_process(result, timer), baseline_rev=settings.baseline)
+        return
+
     if not settings.in_process(case.size):
         # One run in a fresh process gives both the latency and the peak RSS.
-        result = _worker(case, weights, data)
-        record(
-            **common,
-            backend=result["backend"],
-            time_s=result["latency_s"],
-            rounds=1,
-            timer="one run in a fresh process",
-            peak_mem_bytes=result["peak_rss_bytes"],
-            loaded_rss_bytes=result["loaded_rss_bytes"],
-            mem_kind="peak RSS of a fresh process",
-            routed=result["routed"],
-        )
+        record(**common, **_fresh_process(_worker(case, weights, data), "one run in a fresh process"))
         return
 
     model = load_model(weights, device, case.dtype, case.backend, case.max_tokens)
@@ -86,6 +89,7 @@ def test_model(model_case, settings, data, record, request):
             "peak_mem_bytes": result["peak_rss_bytes"],
             "loaded_rss_bytes": result["loaded_rss_bytes"],
             "mem_kind": "peak RSS of a fresh process",
+            "fresh_process_time_s": result["latency_s"],
         }
     record(
         **common,
@@ -101,11 +105,25 @@ def test_model(model_case, settings, data, record, request):
     )
 
 
-def _worker(case, weights, data) -> dict:
+def _worker(case, weights, data, tree=harness.ROOT) -> dict:
     try:
-        return harness.run_worker(case, weights, data.inputs_path(case.size))
+        return harness.run_worker(case, weights, data.inputs_path(case.size), tree=tree)
     except MemoryError as e:
         pytest.skip(str(e))
+
+
+def _fresh_process(result: dict, timer: str) -> dict:
+    """The record fields of one worker run: its latency and peak RSS."""
+    return dict(
+        backend=result["backend"],
+        time_s=result["latency_s"],
+        rounds=1,
+        timer=timer,
+        peak_mem_bytes=result["peak_rss_bytes"],
+        loaded_rss_bytes=result["loaded_rss_bytes"],
+        mem_kind="peak RSS of a fresh process",
+        routed=result["routed"],
+    )
 
 
 def _reference_alpha(case, data, device) -> torch.Tensor | None:
