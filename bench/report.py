@@ -3,7 +3,9 @@
 A record is a dict describing one measured case. Records of one workload share a
 ``group``; within a group each record whose ``impl`` is not ``"reference"`` is compared
 with the group's reference record (speed-up = reference time / time, memory ratio =
-memory / reference memory).
+memory / reference memory). A record with ``baseline_rev`` (impl ``fast@<commit>``) is
+the same case run by an older commit's code; the record of its impl without the commit
+(``fast``) is also compared with it.
 """
 from __future__ import annotations
 
@@ -132,13 +134,15 @@ def with_rates(record: dict) -> dict:
 def comparisons(records: list[dict]) -> list[dict]:
     """One row per record, grouped (whole-model groups first), reference first; every other
     record is paired with its group's reference (the one of the same dtype when there are
-    several)."""
+    several), and a record that has a baseline (same group, impl and dtype, ``baseline_rev``
+    set) with that too."""
     groups: dict[str, list[dict]] = {}
     for r in sorted(records, key=lambda r: r.get("kind") != "model"):  # stable: run order within
         groups.setdefault(r["group"], []).append(r)
     rows = []
     for group, members in groups.items():
         refs = [r for r in members if r["impl"] == "reference"]
+        baselines = [r for r in members if r.get("baseline_rev")]
         for r in refs + [r for r in members if r["impl"] != "reference"]:
             ref = None
             if r["impl"] != "reference" and refs:
@@ -148,8 +152,23 @@ def comparisons(records: list[dict]) -> list[dict]:
                 row["speedup"] = ref["time_s"] / r["time_s"]
                 if r.get("peak_mem_bytes") and ref.get("peak_mem_bytes"):
                     row["mem_ratio"] = r["peak_mem_bytes"] / ref["peak_mem_bytes"]
+            base = None if r.get("baseline_rev") else next(
+                (b for b in baselines if b["impl"].partition("@")[0] == r["impl"] and b.get("dtype") == r.get("dtype")),
+                None,
+            )  # fmt: skip
+            if base is not None:
+                row["baseline"] = base
+                row["baseline_speedup"] = base["time_s"] / fresh_process_time(r)
+                if r.get("peak_mem_bytes") and base.get("peak_mem_bytes"):
+                    row["baseline_mem_ratio"] = r["peak_mem_bytes"] / base["peak_mem_bytes"]
             rows.append(row)
     return rows
+
+
+def fresh_process_time(record: dict) -> float:
+    """The record's latency in a fresh process, as a baseline row is timed: its time, or
+    for a case timed in process, the one run of its worker."""
+    return record.get("fresh_process_time_s") or record["time_s"]
 
 
 # ------------------------------------------------------------------------- format
@@ -203,15 +222,39 @@ def table(rows: list[dict], header: str) -> str:
             fmt_rate(ref) if paired else "",
             " ".join(f"{x * 100:.0f}" for x in r.get("routed", ())),
         ])  # fmt: skip
+    out = [header, *_render(columns, lines, left={0, 1, len(columns) - 1})]
+    against = [row for row in rows if "baseline" in row]
+    if against:
+        out += ["", "against an older commit, in this run, one fresh process each: speed-up = baseline time / time; "
+                "mem ratio = peak mem / baseline's"]  # fmt: skip
+        columns = ["case", "impl", "baseline", "time", "baseline time", "speed-up", "peak mem", "baseline mem",
+                   "mem ratio"]  # fmt: skip
+        lines = []
+        for row in against:
+            r, base = row["record"], row["baseline"]
+            lines.append([
+                row["group"],
+                r["impl"] + (f" {r['dtype']}" if r.get("dtype") else ""),
+                base["impl"],
+                fmt_time(fresh_process_time(r)),
+                fmt_time(base["time_s"]),
+                f"{row['baseline_speedup']:.2f}x",
+                fmt_bytes(r.get("peak_mem_bytes")),
+                fmt_bytes(base.get("peak_mem_bytes")),
+                f"{row['baseline_mem_ratio']:.2f}x" if "baseline_mem_ratio" in row else "",
+            ])  # fmt: skip
+        out += _render(columns, lines, left={0, 1, 2})
+    return "\n".join(line.rstrip() for line in out)
+
+
+def _render(columns: list[str], lines: list[list[str]], left: set[int]) -> list[str]:
+    """Heading, rule and rows, each column as wide as its widest cell; ``left`` aligned left."""
     widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(columns)]
-    left = {0, 1, len(columns) - 1}
 
     def render(cells):
         return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
-    out = [header, render(columns), render(["-" * w for w in widths])]
-    out += [render(line) for line in lines]
-    return "\n".join(line.rstrip() for line in out)
+    return [render(columns), render(["-" * w for w in widths]), *map(render, lines)]
 
 
 def header(info: dict, git: dict, mode: str) -> str:
@@ -238,8 +281,9 @@ def save(directory: Path, info: dict, git: dict, mode: str, options: dict, recor
         "git": git,
         "records": records,
         "comparisons": [
-            {k: v for k, v in row.items() if k not in ("record", "reference")}
+            {k: v for k, v in row.items() if k not in ("record", "reference", "baseline")}
             | {"case": row["record"]["case"], "reference_case": row["reference"]["case"] if row["reference"] else None}
+            | ({"baseline_case": row["baseline"]["case"]} if "baseline" in row else {})
             for row in rows
         ],
     }

@@ -2,7 +2,7 @@
 run beside the fast cases, and its rows paired with theirs in the summary. The build step
 is swapped for a copy of this checkout's compiled ops (compiling takes minutes), so what
 is tested is everything around it: unpacking, reuse, a failed build's message, a worker
-run from the other tree."""
+run from the other tree, and the pairing in the table and JSON."""
 from __future__ import annotations
 
 import json
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import harness
+import report
 
 COMPILED = sorted((harness.ROOT / "mematte_kernels").glob("_C*.so"))
 
@@ -108,3 +109,41 @@ def test_a_build_that_leaves_no_compiled_ops_is_refused(tmp_path):
     with pytest.raises(harness.BaselineError, match="do not all import from the tree: mematte_kernels._C"):
         harness.prepare_baseline(commit, tmp_path, build=lambda tree, log: 0)
     assert not (tmp_path / f"baseline-{commit}" / harness.BUILD_STAMP).exists()
+
+
+def model_record(impl: str, dtype: str, time_s: float, peak: int, **extra) -> dict:
+    return {"kind": "model", "group": "model vit_s 512x512", "case": f"vit_s-512x512-{dtype}-{impl}", "impl": impl,
+            "dtype": dtype, "time_s": time_s, "peak_mem_bytes": peak, **extra}  # fmt: skip
+
+
+def test_report_pairs_each_fast_row_with_its_baseline(tmp_path):
+    commit = "572baf7cb81e2bab3c4586a885a233de005158ee"
+    records = [
+        model_record("reference", "fp32", 10.0, 4 << 30),
+        model_record("fast", "fp32", 4.0, 2 << 30),  # no baseline row of its dtype
+        model_record("fast", "bf16", 2.0, 1 << 30, fresh_process_time_s=2.5),  # timed in process
+        model_record("fast@572baf7", "bf16", 5.0, 5 << 28, baseline_rev=commit),
+    ]
+    rows = {row["record"]["case"]: row for row in report.comparisons(records)}
+    fast, base = rows["vit_s-512x512-bf16-fast"], rows["vit_s-512x512-bf16-fast@572baf7"]
+    assert fast["baseline"] is records[3]
+    assert fast["baseline_speedup"] == pytest.approx(5.0 / 2.5)  # fresh process against fresh process
+    assert fast["baseline_mem_ratio"] == pytest.approx(0.8)
+    assert fast["speedup"] == pytest.approx(10.0 / 2.0)
+    assert base["speedup"] == pytest.approx(10.0 / 5.0) and "baseline" not in base
+    assert "baseline" not in rows["vit_s-512x512-fp32-fast"]
+
+    text = report.table(list(rows.values()), "header")
+    main, against = text.split("\n\n")
+    assert "fast@572baf7 bf16" in main  # its own row, beside the others
+    [line] = [line for line in against.splitlines() if line.startswith("model vit_s 512x512")]
+    assert line.split() == ["model", "vit_s", "512x512", "fast", "bf16", "fast@572baf7", "2.50", "s", "5.00", "s",
+                            "2.00x", "1.00", "GiB", "1.25", "GiB", "0.80x"]  # fmt: skip
+
+    info = {"device": "cpu", "cpu": "test cpu", "cpu_cores": 2}
+    doc = json.loads(report.save(tmp_path, info, {"commit": None, "dirty": None}, "default", {}, records).read_text())
+    [entry] = [c for c in doc["comparisons"] if c["case"] == "vit_s-512x512-bf16-fast"]
+    assert entry["baseline_case"] == "vit_s-512x512-bf16-fast@572baf7"
+    assert entry["baseline_speedup"] == pytest.approx(2.0) and entry["baseline_mem_ratio"] == pytest.approx(0.8)
+    [saved] = [r for r in doc["records"] if r.get("baseline_rev")]
+    assert (saved["baseline_rev"], saved["time_s"], saved["peak_mem_bytes"]) == (commit, 5.0, 5 << 28)
