@@ -227,9 +227,9 @@ class ResBottleneck(nn.Module):
         nn.init.zeros_(self.norm3.weight)
 
     def forward(self, x: torch.Tensor, ops: OpTable) -> torch.Tensor:
-        out = self.act1(self.norm1(self.conv1(x), ops))
-        out = self.act2(self.norm2(self.conv2(out), ops))
-        return x + self.norm3(self.conv3(out), ops)
+        out = self.act1(self.norm1(ops.conv2d(x, self.conv1.weight, None), ops))
+        out = self.act2(self.norm2(ops.conv2d(out, self.conv2.weight, None, 1, 1), ops))
+        return x + self.norm3(ops.conv2d(out, self.conv3.weight, None), ops)
 
 
 # ------------------------------------------------------------ routed block

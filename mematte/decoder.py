@@ -145,12 +145,12 @@ class FoldedDecoder:
         x = images.contiguous(memory_format=torch.channels_last)
         details = [x]
         for weight, bias in self.stream:
-            details.append(F.conv2d(details[-1], weight, bias, stride=2, padding=1).relu_())
+            details.append(self.ops.conv2d(details[-1], weight, bias, 2, 1).relu_())
         x = features.contiguous(memory_format=torch.channels_last)
         for (w_detail, w_up, bias), detail in zip(self.fusion, reversed(details)):
-            x = self.ops.upsample_conv_relu_(F.conv2d(detail, w_detail, bias, padding=1), x, w_up)
-        x = F.conv2d(x, *self.head, padding=1).relu_()
-        return torch.sigmoid(F.conv2d(x, *self.head_out).float())
+            x = self.ops.upsample_conv_relu_(self.ops.conv2d(detail, w_detail, bias, 1, 1), x, w_up)
+        x = self.ops.conv2d(x, *self.head, 1, 1).relu_()
+        return torch.sigmoid(self.ops.conv2d(x, *self.head_out).float())
 
 
 def tile_length(size: int, tile: int) -> int:

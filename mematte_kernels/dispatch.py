@@ -10,7 +10,9 @@ Backends:
                  compiled extension when it has them for the device. Runs on CPU tensors
                  under ``TRITON_INTERPRET=1``.
   ``cuda``       the GPU fast path: Triton routed path + CUDA LTRM ops.
-  ``cpu``        the CPU fast path: fused PyTorch routed path + C++ LTRM ops.
+  ``cpu``        the CPU fast path: fused PyTorch routed path + C++ LTRM ops; where an op
+                 has several CPU implementations, the one measured fastest on this CPU
+                 (:mod:`mematte_kernels.selection`; ``MEMATTE_CPU_KERNELS`` forces one).
   ``auto``       ``cuda`` for CUDA tensors, ``cpu`` otherwise.
 
 ``MEMATTE_BACKEND`` overrides whatever the caller asked for.
@@ -28,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from . import ext, native, reference
+from . import cpu_choices, ext, native, reference, selection
 
 log = logging.getLogger("mematte_kernels")
 
@@ -52,6 +54,7 @@ class OpTable:
     global_attention: Callable
     channels_first_layer_norm: Callable
     upsample_conv_relu_: Callable
+    conv2d: Callable
     patch_embed: Callable
     linear: Callable
     linear_gelu: Callable
@@ -72,6 +75,7 @@ REFERENCE = OpTable(
     global_attention=reference.global_attention,
     channels_first_layer_norm=reference.channels_first_layer_norm,
     upsample_conv_relu_=reference.upsample_conv_relu_,
+    conv2d=reference.conv2d,
     patch_embed=reference.patch_embed,
     linear=reference.linear,
     linear_gelu=reference.linear_gelu,
@@ -146,10 +150,11 @@ def _build(name: str, device: torch.device) -> OpTable:
         # kernels take CPU tensors only.
         ops = dict(router_scores=native.router_scores, varlen_attention=native.varlen_attention,
                    policy_attention=native.policy_attention)
-        if device.type == "cpu" and torch.backends.mkldnn.is_available():
-            ops.update(linear=native.linear, linear_gelu=native.linear_gelu)
-        if _cpu_bf16_kernels(device):
-            ops.update(varlen_attention=native.varlen_attention_bf16)
+        if device.type == "cpu":
+            # Where an op has several CPU implementations, the fastest on this CPU, measured.
+            choices = cpu_choices.selected()
+            selection.check_forced(choices)
+            ops.update(choices)
         return _with_ltrm("cpu", device, **ops)
     # "triton" and "cuda": the Triton routed path. Whether it can take CPU tensors was fixed
     # when the kernels were decorated, so ask the kernels' module, not the environment now.
@@ -180,14 +185,11 @@ def _build(name: str, device: torch.device) -> OpTable:
 def _trainable(table: OpTable, device: torch.device) -> OpTable:
     """``table`` with each op that has no backward swapped for its reference."""
     ops = {f.name: getattr(table, f.name) for f in fields(OpTable) if f.name != "name"}
-    swapped = {name: getattr(REFERENCE, name) for name, op in ops.items() if not has_backward(op, device)}
+    # A selected op trains with its differentiable candidate where it names one.
+    swapped = {name: getattr(op, "trainable", None) or getattr(REFERENCE, name)
+               for name, op in ops.items() if not has_backward(op, device)}
     fast = [name for name, op in ops.items() if name not in swapped and op is not getattr(REFERENCE, name)]
     return replace(table, name=f"{table.name}, training (fast: {', '.join(fast) or 'none'})", **swapped)
-
-
-def _cpu_bf16_kernels(device: torch.device) -> bool:
-    """Whether the extension's AVX512-BF16 kernels can take ``device``'s tensors."""
-    return device.type == "cpu" and ext.cpu_bf16_kernels()
 
 
 _warned: set[str] = set()
@@ -215,15 +217,12 @@ def _with_ltrm(name: str, device: torch.device, **ops) -> OpTable:
             _warned.add(name)
             log.warning("mematte_kernels: backend %r runs the LTRM ops (dwconv_gelu, eca) as PyTorch "
                         "reference code on the GPU: %s", name.split(" ")[0], _missing_ltrm_reason(device))
-    bf16_kernels = _cpu_bf16_kernels(device)
-    ops.setdefault("global_attention", native.global_attention_bf16 if bf16_kernels else native.global_attention)
-    if ext.has_kernel("upsample_taps_relu_", device):
-        ops.update(upsample_conv_relu_=native.upsample_conv_relu_bf16 if bf16_kernels else native.upsample_conv_relu_)
-    return replace(
-        REFERENCE,
-        name=name,
-        window_attention=native.window_attention_bf16 if bf16_kernels else native.window_attention,
-        channels_first_layer_norm=native.channels_first_layer_norm,
-        **ops,
-    )
+    if device.type == "cpu":
+        fused = {field: op for field, op in cpu_choices.selected().items()
+                 if field in ("window_attention", "global_attention", "upsample_conv_relu_")}
+    else:
+        fused = dict(window_attention=native.window_attention, global_attention=native.global_attention)
+        if ext.has_kernel("upsample_taps_relu_", device):
+            fused.update(upsample_conv_relu_=native.upsample_conv_relu_)
+    return replace(REFERENCE, name=name, channels_first_layer_norm=native.channels_first_layer_norm, **{**fused, **ops})
 

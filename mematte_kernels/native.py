@@ -92,12 +92,22 @@ def varlen_attention_bf16(q, k, v, cu_seqlens, max_seqlen: int, scale: float | N
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, scale: float | None = None) -> torch.Tensor:
     """Per-sequence fused attention over packed (T, heads, d) tensors; O(T) memory."""
+    return _varlen_sdpa(q, k, v, cu_seqlens, scale, q.dtype)
+
+
+def varlen_attention_fp32(q, k, v, cu_seqlens, max_seqlen: int, scale: float | None = None) -> torch.Tensor:
+    """:func:`varlen_attention` of bf16/fp16 tensors computed in fp32, a sequence at a time."""
+    refuse_grad("mematte_kernels.native.varlen_attention_fp32", q, k, v)
+    return _varlen_sdpa(q, k, v, cu_seqlens, scale, torch.float32)
+
+
+def _varlen_sdpa(q, k, v, cu_seqlens, scale: float | None, compute: torch.dtype) -> torch.Tensor:
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
             continue
-        qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))  # (1, heads, n, d)
+        qs, ks, vs = (t[start:end].transpose(0, 1)[None].to(compute) for t in (q, k, v))  # (1, heads, n, d)
         o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)
         out[start:end] = o[0].transpose(0, 1)
     return out
@@ -169,9 +179,20 @@ def upsample_conv_relu_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     the upsampling, where it costs a quarter: one 1×1 conv of x onto the nine taps' weights,
     then ``mematte_ext.upsample_taps_relu_``. x and out channels-last (B, C, H, W) tensors."""
     refuse_grad("mematte_kernels.native.upsample_conv_relu_", out, x, weight)
+    return _upsample_taps_relu_(out, x, weight, reference.conv2d)
+
+
+def upsample_conv_relu_fp32(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """:func:`upsample_conv_relu_` of bf16/fp16 tensors with the taps' GEMM in fp32
+    (:func:`conv2d_fp32`); the taps are kept, and the epilogue run, in the tensors' dtype."""
+    refuse_grad("mematte_kernels.native.upsample_conv_relu_fp32", out, x, weight)
+    return _upsample_taps_relu_(out, x, weight, conv2d_fp32)
+
+
+def _upsample_taps_relu_(out, x, weight, conv) -> torch.Tensor:
     C, Cin = weight.shape[:2]
     tap_weight = weight.permute(2, 3, 0, 1).reshape(9 * C, Cin, 1, 1)
-    taps = F.conv2d(x, tap_weight.contiguous(memory_format=torch.channels_last))
+    taps = conv(x, tap_weight.contiguous(memory_format=torch.channels_last), None)
     ext.upsample_taps_relu_(out.permute(0, 2, 3, 1), taps.permute(0, 2, 3, 1))
     return out
 
@@ -221,6 +242,97 @@ def global_attention_bf16(qkv, rel_h, rel_w, num_heads: int, scale: float) -> to
     q, k, v = qkv.contiguous().view(B, H * W, 3, num_heads, 64).unbind(2)
     bias_h, bias_w = reference.rel_pos_bias(q.reshape(B, H, W, num_heads, 64).float(), rel_h.float(), rel_w.float())
     return ext.relpos_attention(q, k, v, bias_h.contiguous(), bias_w.contiguous(), scale).view(B, H, W, C)
+
+
+# ------------------------------------------------------ bf16/fp16 computed in fp32
+#
+# Where the CPU has no bf16 dot-product instructions (no AVX512-BF16, no AMX), torch emulates
+# bf16 GEMMs and convolutions, several times slower than the same work in fp32. These run
+# low-precision tensors' products in fp32 and round the result once; the selection
+# (:mod:`mematte_kernels.selection`) picks them only where they measure faster. Their fp32
+# copies are made a bounded chunk at a time, so a low-precision model keeps its peak memory.
+
+FP32_CHUNK_BYTES = 32 << 20
+
+
+def linear_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """:func:`linear` of bf16/fp16 tensors computed in fp32, a chunk of rows at a time."""
+    refuse_grad("mematte_kernels.native.linear_fp32", x, weight, bias)
+    return _rows_in_fp32(linear, x, weight, bias)
+
+
+def linear_gelu_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """:func:`linear_gelu` of bf16/fp16 tensors computed in fp32, a chunk of rows at a time."""
+    refuse_grad("mematte_kernels.native.linear_gelu_fp32", x, weight, bias)
+    return _rows_in_fp32(linear_gelu, x, weight, bias)
+
+
+def _rows_in_fp32(fn, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    K, N = x.shape[-1], weight.shape[0]
+    rows = x.reshape(-1, K)
+    out = x.new_empty((rows.shape[0], N))
+    weight, bias = weight.float(), bias.float()
+    step = max(1, FP32_CHUNK_BYTES // (4 * (K + N)))
+    for start in range(0, rows.shape[0], step):
+        out[start : start + step] = fn(rows[start : start + step].float(), weight, bias)
+    return out.view(*x.shape[:-1], N)
+
+
+def conv2d_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int = 1, padding: int = 0) -> torch.Tensor:
+    """:func:`mematte_kernels.reference.conv2d` of bf16/fp16 tensors computed in fp32, a band
+    of output rows at a time: each band reads its input rows plus the kernel's halo, zero
+    rows standing in for the padding at the image's top and bottom."""
+    refuse_grad("mematte_kernels.native.conv2d_fp32", x, weight, bias)
+    B, Cin, H, W = x.shape
+    C, _, kh, kw = weight.shape
+    out_h = (H + 2 * padding - kh) // stride + 1
+    out_w = (W + 2 * padding - kw) // stride + 1
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    out = torch.empty((B, C, out_h, out_w), dtype=x.dtype, device=x.device, memory_format=layout)
+    weight = weight.float()
+    bias = None if bias is None else bias.float()
+    band = max(1, FP32_CHUNK_BYTES // max(1, 4 * B * (out_w * C + stride * W * Cin)))
+    for top in range(0, out_h, band):
+        bottom = min(top + band, out_h)
+        first, last = top * stride - padding, (bottom - 1) * stride - padding + kh  # input rows [first, last)
+        rows = x[:, :, max(first, 0) : min(last, H)].float()
+        if first < 0 or last > H:
+            rows = F.pad(rows, (0, 0, max(-first, 0), max(last - H, 0)))
+        out[:, :, top:bottom] = F.conv2d(rows, weight, bias, stride=stride, padding=(0, padding))
+    return out
+
+
+def router_scores_fp32(x, *params):
+    """:func:`router_scores` of bf16/fp16 tokens computed in fp32 (same arguments)."""
+    refuse_grad("mematte_kernels.native.router_scores_fp32", x)
+    return router_scores(x.float(), *params)
+
+
+def patch_embed_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """:func:`mematte_kernels.reference.patch_embed` of a bf16/fp16 image computed in fp32, a
+    band of patch rows at a time."""
+    refuse_grad("mematte_kernels.native.patch_embed_fp32", x, weight, bias)
+    B, Cin, H, W = x.shape
+    p, C = weight.shape[-1], weight.shape[0]
+    out = x.new_empty((B, H // p, W // p, C))
+    weight, bias = weight.float(), bias.float()
+    band = max(1, FP32_CHUNK_BYTES // max(1, 4 * B * W * (Cin * p + C)))
+    for row in range(0, H // p, band):
+        out[:, row : row + band] = reference.patch_embed(x[:, :, row * p : (row + band) * p].float(), weight, bias)
+    return out
+
+
+def window_attention_fp32(qkv, pad_qkv, rel_h, rel_w, num_heads: int, scale: float, window: int) -> torch.Tensor:
+    """:func:`window_attention` of bf16/fp16 tensors computed in fp32."""
+    refuse_grad("mematte_kernels.native.window_attention_fp32", qkv, pad_qkv, rel_h, rel_w)
+    out = window_attention(qkv.float(), pad_qkv.float(), rel_h.float(), rel_w.float(), num_heads, scale, window)
+    return out.to(qkv.dtype)
+
+
+def global_attention_fp32(qkv, rel_h, rel_w, num_heads: int, scale: float) -> torch.Tensor:
+    """:func:`global_attention` of bf16/fp16 tensors computed in fp32."""
+    refuse_grad("mematte_kernels.native.global_attention_fp32", qkv, rel_h, rel_w)
+    return global_attention(qkv.float(), rel_h.float(), rel_w.float(), num_heads, scale).to(qkv.dtype)
 
 
 # Queries per chunk of the CPU policy attention: bounds its (B, heads, chunk, N) fp32 tiles

@@ -173,6 +173,12 @@ def patch_embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     return F.linear(patches, weight.reshape(weight.shape[0], -1), bias)
 
 
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int = 1, padding: int = 0) -> torch.Tensor:
+    """Conv2d(x): the ResBottlenecks' and the decoder's convolutions (square stride and
+    padding, no dilation or groups)."""
+    return F.conv2d(x, weight, bias, stride=stride, padding=padding)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Linear(x): the backbone's projections (qkv, proj, fc2)."""
     return F.linear(x, weight, bias)

@@ -9,6 +9,19 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cpu_kernel_choices_in_a_temporary_cache(tmp_path_factory):
+    """The CPU backend's measured kernel choices are kept on disk: the tests keep theirs in a
+    directory of their own, not in the user's cache."""
+    previous = os.environ.get("MEMATTE_CACHE_DIR")
+    os.environ["MEMATTE_CACHE_DIR"] = str(tmp_path_factory.mktemp("mematte-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("MEMATTE_CACHE_DIR", None)
+    else:
+        os.environ["MEMATTE_CACHE_DIR"] = previous
+
+
 def pytest_report_header(config):
     from mematte_kernels import ext
 
