@@ -57,6 +57,25 @@ def abs_pos(pos_embed: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return grid.permute(0, 2, 3, 1)
 
 
+class ResizedPosEmbed:
+    """:func:`abs_pos` that keeps, outside autograd, the last grid it resized to: at 4K the
+    bicubic resize costs a tenth of a second or more on a CPU, and its result changes only
+    with the weights: another tensor (``.to()``, ``load_state_dict(assign=True)``) or an
+    in-place update, which moves the tensor's version counter (weights made under
+    ``torch.inference_mode()`` have none, and are resized every call)."""
+
+    def __init__(self):
+        self.key, self.grid = None, None
+
+    def __call__(self, pos_embed: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        if torch.is_grad_enabled() or pos_embed.is_inference():
+            return abs_pos(pos_embed, h, w)
+        key = (h, w, id(pos_embed), pos_embed.data_ptr(), pos_embed._version, pos_embed.dtype, pos_embed.device)
+        if key != self.key:
+            self.key, self.grid = key, abs_pos(pos_embed, h, w)
+        return self.grid
+
+
 # ------------------------------------------------------ window attention blocks
 
 
@@ -325,13 +344,14 @@ class ViT(nn.Module):
         self.routers = nn.ModuleList(Router(dim) for _ in GLOBAL_BLOCKS)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.apply(init_weights)
+        self.resized_pos_embed = ResizedPosEmbed()
 
     def forward(
         self, x: torch.Tensor, ops: OpTable, max_tokens: int | None
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         x = self.patch_embed(x, ops)
         B, h, w, C = x.shape
-        x = x + abs_pos(self.pos_embed, h, w)
+        x = x + self.resized_pos_embed(self.pos_embed, h, w)
         scores, decisions = [], []
         routers = iter(self.routers)
         for block in self.blocks:

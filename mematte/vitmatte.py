@@ -24,8 +24,8 @@ from .backbone import (
     Mlp,
     PatchEmbed,
     ResBottleneck,
+    ResizedPosEmbed,
     WindowBlock,
-    abs_pos,
     rel_pos_table,
 )
 from . import hf
@@ -78,10 +78,11 @@ class ViTMatteBackbone(nn.Module):
         self.blocks = nn.ModuleList(
             GlobalBlock(dim, heads) if i in GLOBAL_BLOCKS else WindowBlock(dim, heads) for i in range(DEPTH)
         )
+        self.resized_pos_embed = ResizedPosEmbed()
 
     def forward(self, x: torch.Tensor, ops: OpTable) -> torch.Tensor:
         x = self.patch_embed(x, ops)
-        x = x + abs_pos(self.pos_embed, *x.shape[1:3])
+        x = x + self.resized_pos_embed(self.pos_embed, *x.shape[1:3])
         for block in self.blocks:
             x = block(x, ops)
         return x.permute(0, 3, 1, 2)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from decoder_cases import small_random_decoder
 from mematte import FastMEMatte
 from mematte.backbone import (
+    ResizedPosEmbed,
     abs_pos,
     eca_kernel_size,
     rel_pos_table,
@@ -341,3 +342,32 @@ def test_upstream_call_shapes(model_s):
     assert [s.shape for s in scores] == [(1, h, w, 2)] * 4
     assert [d.shape for d in decisions] == [(1, h, w, 1)] * 4
     assert all(math.isclose(s.exp().sum(-1).mean().item(), 1.0, rel_tol=1e-5) for s in scores)
+
+
+def test_resized_pos_embed_is_kept_until_the_weights_change():
+    pos = torch.nn.Parameter(torch.randn(1, 197, 8))
+    resized = ResizedPosEmbed()
+    with torch.no_grad():
+        first = resized(pos, 5, 9)
+        assert resized(pos, 5, 9) is first                     # kept
+        assert not torch.equal(resized(pos, 6, 9), first)      # another grid: resized again
+        pos.add_(1.0)                                          # an in-place update (an optimiser step)
+        torch.testing.assert_close(resized(pos, 6, 9), abs_pos(pos, 6, 9), rtol=0, atol=0)
+        pos.data = torch.randn(1, 197, 8)                      # new weights under the same Parameter
+        torch.testing.assert_close(resized(pos, 6, 9), abs_pos(pos, 6, 9), rtol=0, atol=0)
+    out = resized(pos, 6, 9)                                   # with autograd: part of the graph
+    assert out.requires_grad and out is not resized.grid
+
+
+def test_model_output_follows_newly_loaded_weights(checkpoint):
+    g = torch.Generator().manual_seed(0)
+    image, trimap = torch.rand(1, 3, 64, 96, generator=g), torch.randint(0, 3, (1, 1, 64, 96), generator=g) / 2
+    model = FastMEMatte.from_checkpoint(checkpoint)
+    other = {k: (v + 0.5 if k == "backbone.pos_embed" else v) for k, v in model.state_dict().items()}
+    with torch.inference_mode():
+        model({"image": image, "trimap": trimap})
+    model.load_state_dict(other)
+    fresh = FastMEMatte.from_checkpoint(other)
+    with torch.inference_mode():
+        torch.testing.assert_close(model({"image": image, "trimap": trimap})[0]["phas"],
+                                   fresh({"image": image, "trimap": trimap})[0]["phas"], rtol=0, atol=0)
