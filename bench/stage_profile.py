@@ -8,9 +8,11 @@ profile is of the forward ``pytest bench`` times. After a warm-up forward at 256
 forward at the requested size runs with a clock around
 
 - every op of the op table the model resolves (``dispatch.resolve`` is wrapped for the
-  duration, so each table entry is timed with whatever implementation the backend chose);
-- the calls the model makes to torch outside the table: ``conv2d`` (ResBottleneck, the
-  decoder) and ``layer_norm``, seen through a ``TorchFunctionMode``.
+  duration, so each table entry is timed with whatever implementation the backend chose,
+  or measured fastest on this CPU in the warm-up); a ``conv2d`` goes to the ResBottleneck
+  or decoder stage by its weight;
+- the calls the model makes to torch outside the table: ``conv2d`` (the upstream decoder
+  the reference backend runs) and ``layer_norm``, seen through a ``TorchFunctionMode``.
 
 Time goes to the outermost timed call only: the torch calls inside a table op are part of
 that op. What no clock saw (input checks, preprocessing, padding, the position-embedding
@@ -157,7 +159,16 @@ OP_STAGES = {
     "patch_embed": (PATCH, _patch_embed_flop),
     "linear": (GEMM, _linear_flop),
     "linear_gelu": (GEMM, _linear_flop),
+    # The stage of a conv2d call follows from its weight (see timed_table).
+    "conv2d": (DECODER, lambda x, weight, *rest: _conv2d_flop(_conv_out(x, weight, *rest), weight)),
 }
+
+
+def _conv_out(x, weight, bias=None, stride=1, padding=0) -> torch.Tensor:
+    """A meta tensor of the conv's output shape, for its FLOP count."""
+    B, _, H, W = x.shape
+    kh, kw = weight.shape[-2:]
+    return torch.empty((B, weight.shape[0], (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1), device="meta")
 
 
 # ----------------------------------------------------------------------------- clocks
@@ -192,19 +203,22 @@ class StageClock:
 class TimedOp:
     """An op-table entry with a clock around it."""
 
-    def __init__(self, clock: StageClock, stage: str, op, flop):
+    def __init__(self, clock: StageClock, stage, op, flop):
         self.clock, self.stage, self.op = clock, stage, op
         self.flop = None if flop is None else (lambda args, kwargs, out: flop(*args, **kwargs))
 
     def __call__(self, *args, **kwargs):
-        return self.clock.call(self.stage, self.op, args, kwargs, self.flop)
+        stage = self.stage(args) if callable(self.stage) else self.stage
+        return self.clock.call(stage, self.op, args, kwargs, self.flop)
 
     def __repr__(self) -> str:
         return f"TimedOp({self.stage!r}, {implementation(self.op)})"
 
 
-def timed_table(table: dispatch.OpTable, clock: StageClock) -> dispatch.OpTable:
-    """``table`` with every op timed (an op no stage names is its own stage)."""
+def timed_table(table: dispatch.OpTable, clock: StageClock, conv_stages: dict[int, str] | None = None) -> dispatch.OpTable:
+    """``table`` with every op timed (an op no stage names is its own stage); a conv2d in
+    the stage ``conv_stages`` gives its weight, the decoder's by default."""
+    conv_stages = conv_stages or {}
     ops = {}
     for field in fields(table):
         op = getattr(table, field.name)
@@ -212,6 +226,8 @@ def timed_table(table: dispatch.OpTable, clock: StageClock) -> dispatch.OpTable:
             continue
         op = op.op if isinstance(op, TimedOp) else op
         stage, flop = OP_STAGES.get(field.name, (field.name, None))
+        if field.name == "conv2d":
+            stage = lambda args, default=stage: conv_stages.get(id(args[1]), default)  # noqa: E731
         ops[field.name] = TimedOp(clock, stage, op, flop)
     return replace(table, **ops)
 
@@ -252,17 +268,18 @@ def instrumented(model: torch.nn.Module, clock: StageClock):
     """While open, the op tables the model resolves are timed on ``clock``, and so are its
     own conv2d and layer_norm calls."""
     resolve = dispatch.resolve
+    stages = conv_stages(model)
     # The model runs the upstream decoder when handed the reference table itself.
-    reference = timed_table(dispatch.REFERENCE, clock)
+    reference = timed_table(dispatch.REFERENCE, clock, stages)
 
     def timed_resolve(*args, **kwargs):
         table = resolve(*args, **kwargs)
-        return table if table is reference else timed_table(table, clock)
+        return table if table is reference else timed_table(table, clock, stages)
 
     with (
         mock.patch.object(dispatch, "resolve", timed_resolve),
         mock.patch.object(dispatch, "REFERENCE", reference),
-        TorchCalls(clock, conv_stages(model)),
+        TorchCalls(clock, stages),
     ):
         yield
 
