@@ -398,6 +398,7 @@ class BenchData:
         # Reference results handed to the fast cases compared with them.
         self.reference_outputs: dict[str, torch.Tensor] = {}  # op group -> output
         self.reference_alpha: dict[tuple, torch.Tensor] = {}  # (variant, size) -> fp32 alpha
+        self.reference_decisions: dict[tuple, list] = {}  # (variant, size) -> routing decisions
 
     def weights(self, variant: str) -> dict:
         if variant not in self._weights:
@@ -577,9 +578,10 @@ def run_once(fn, device: torch.device):
 
 
 def run_worker(case: ModelCase, weights_path: Path, inputs_path: Path, timeout_s: float = 3600,
-               tree: Path = ROOT) -> dict:  # fmt: skip
+               tree: Path = ROOT, alpha_path: Path | None = None) -> dict:  # fmt: skip
     """Build the model and run one forward in a fresh process, with the code of ``tree``
-    (this checkout, or a baseline commit's): its latency, peak RSS and routed ratios.
+    (this checkout, or a baseline commit's): its latency, peak RSS and routed ratios; with
+    ``alpha_path`` (this checkout's worker), the alpha and decisions saved there.
     Raises MemoryError when it ran out of memory or was killed (the OOM killer), which the
     caller reports as a skip: the case does not fit here now."""
     spec = {
@@ -590,6 +592,8 @@ def run_worker(case: ModelCase, weights_path: Path, inputs_path: Path, timeout_s
         "max_tokens": case.max_tokens,
         "model": getattr(case, "model", "mematte"),
     }
+    if alpha_path is not None:
+        spec["alpha_out"] = str(alpha_path)
     proc = subprocess.run(
         [sys.executable, str(tree / "bench" / "worker.py"), json.dumps(spec)],
         capture_output=True, text=True, timeout=timeout_s, cwd=tree,

@@ -202,7 +202,7 @@ def fmt_rate(r: dict | None) -> str:
 
 def table(rows: list[dict], header: str) -> str:
     columns = ["case", "impl", "time", "reference", "speed-up", "peak mem", "ref mem", "mem ratio", "MP/s",
-               "throughput", "ref throughput", "routed %"]  # fmt: skip
+               "throughput", "ref throughput", "alpha err", "agree %", "routed %"]  # fmt: skip
     lines = []
     for row in rows:
         r, ref = row["record"], row["reference"]
@@ -220,6 +220,8 @@ def table(rows: list[dict], header: str) -> str:
             f"{r['mp_per_s']:.3g}" if "mp_per_s" in r else "",
             fmt_rate(r),
             fmt_rate(ref) if paired else "",
+            f"{r['alpha_mean_abs_error']:.1e}" if r.get("alpha_mean_abs_error") is not None else "",
+            f"{r['decisions_agreement'] * 100:.1f}" if r.get("decisions_agreement") is not None else "",
             " ".join(f"{x * 100:.0f}" for x in r.get("routed", ())),
         ])  # fmt: skip
     out = [header, *_render(columns, lines, left={0, 1, len(columns) - 1})]

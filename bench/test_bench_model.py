@@ -56,8 +56,13 @@ def test_model(model_case, settings, data, record, request):
         return
 
     if not settings.in_process(case.size):
-        # One run in a fresh process gives both the latency and the peak RSS.
-        record(**common, **_fresh_process(_worker(case, weights, data), "one run in a fresh process"))
+        # One run in a fresh process gives the latency, the peak RSS and the alpha.
+        alpha_path = data.directory / f"alpha-{case.id}.pt"
+        result = _worker(case, weights, data, alpha_path=alpha_path)
+        outputs = torch.load(alpha_path)
+        alpha_path.unlink()
+        accuracy = _against_reference(case, data, outputs["alpha"], outputs["decisions"])
+        record(**common, **_fresh_process(result, "one run in a fresh process"), **accuracy)
         return
 
     model = load_model(weights, device, case.dtype, case.backend, case.max_tokens)
@@ -68,13 +73,9 @@ def test_model(model_case, settings, data, record, request):
     with harness.skip_on_oom():
         (outputs, _, decisions), first_s = harness.run_once(forward, device)
     alpha = outputs["phas"].float().cpu()
-    error = None
-    if case.impl == "reference":
-        data.reference_alpha[case.variant, case.size] = alpha
-    elif case.impl == "fast" and (expected := _reference_alpha(case, data, device)) is not None:
-        error = float((alpha - expected).abs().mean())
-        tolerance = harness.ALPHA_ATOL[case.dtype]
-        assert error <= tolerance, f"{case.id}: mean |alpha - reference fp32| = {error:.2e} > {tolerance:.0e}"
+    if case.impl == "fast":
+        _reference_alpha(case, data, device)
+    accuracy = _against_reference(case, data, alpha, [d.cpu() for d in decisions])
 
     with harness.skip_on_oom():
         timing = harness.measure(
@@ -101,13 +102,33 @@ def test_model(model_case, settings, data, record, request):
         timer=timing.timer,
         **memory,
         routed=harness.routed_ratios(decisions),
-        alpha_mean_abs_error=error,
+        **accuracy,
     )
 
 
-def _worker(case, weights, data, tree=harness.ROOT) -> dict:
+def _against_reference(case, data, alpha: torch.Tensor, decisions: list) -> dict:
+    """A reference case's alpha and decisions kept for the fast cases of its size; a fast
+    case's mean |alpha - reference fp32| (checked) and share of routing decisions equal to
+    the reference's, where the reference ran in this session."""
+    key = (case.variant, case.size)
+    if case.impl == "reference":
+        data.reference_alpha[key], data.reference_decisions[key] = alpha, decisions
+        return {}
+    if case.impl != "fast" or key not in data.reference_alpha:
+        return {}
+    error = float((alpha - data.reference_alpha[key]).abs().mean())
+    tolerance = harness.ALPHA_ATOL[case.dtype]
+    assert error <= tolerance, f"{case.id}: mean |alpha - reference fp32| = {error:.2e} > {tolerance:.0e}"
+    expected = data.reference_decisions.get(key)
+    agreement = None
+    if expected:
+        agreement = sum(float((a == b).float().sum()) for a, b in zip(decisions, expected)) / sum(d.numel() for d in expected)
+    return {"alpha_mean_abs_error": error, "decisions_agreement": agreement}
+
+
+def _worker(case, weights, data, tree=harness.ROOT, alpha_path=None) -> dict:
     try:
-        return harness.run_worker(case, weights, data.inputs_path(case.size), tree=tree)
+        return harness.run_worker(case, weights, data.inputs_path(case.size), tree=tree, alpha_path=alpha_path)
     except MemoryError as e:
         pytest.skip(str(e))
 
@@ -126,17 +147,17 @@ def _fresh_process(result: dict, timer: str) -> dict:
     )
 
 
-def _reference_alpha(case, data, device) -> torch.Tensor | None:
-    """The fp32 reference alpha of this size (from the reference case when it ran), or
-    None when the reference cannot run here."""
+def _reference_alpha(case, data, device) -> None:
+    """Run the fp32 reference of this size in process where its case did not run (a -k
+    selection) and it can run here, for :func:`_against_reference`."""
     key = (case.variant, case.size)
     if key not in data.reference_alpha:
         ref = harness.ModelCase(case.variant, case.size, torch.float32, "reference")
         if harness.model_unavailable(ref, device):
-            return None
+            return
         weights = data.weights_path(case.variant, case.size, ref.fraction)
         model = load_model(weights, device, ref.dtype, ref.backend, ref.max_tokens)
         image, trimap = data.inputs(case.size)
         with torch.inference_mode():
-            data.reference_alpha[key] = model({"image": image, "trimap": trimap})[0]["phas"].float().cpu()
-    return data.reference_alpha[key]
+            outputs, _, decisions = model({"image": image, "trimap": trimap})
+        _against_reference(ref, data, outputs["phas"].float().cpu(), [d.cpu() for d in decisions])

@@ -3,8 +3,10 @@
     python bench/worker.py '{"weights": ..., "inputs": ..., "dtype": "bf16", "backend": "auto", "max_tokens": 18500}'
 
 prints one JSON line: latency_s (the forward alone), peak_rss_bytes, loaded_rss_bytes
-(before the forward), routed (per router; ViTMatte: none) and backend. ``"model":
-"vitmatte"`` runs FastViTMatte instead of FastMEMatte. It imports only what an
+(before the forward), routed (per router; ViTMatte: none), backend and the CPU kernel
+choices (made before the forward: a one-time measurement per machine, not part of a
+forward). ``"model": "vitmatte"`` runs FastViTMatte instead of FastMEMatte; ``"alpha_out":
+path`` saves the alpha (fp32) and the routing decisions there. It imports only what an
 application would (torch, mematte), so its peak RSS is what running the model costs.
 """
 import json
@@ -16,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout as well
 from mematte import FastMEMatte, FastViTMatte  # noqa: E402
-from mematte_kernels import dispatch  # noqa: E402
+from mematte_kernels import dispatch, selection  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -41,19 +43,25 @@ def main(spec: dict) -> dict:
         model = FastViTMatte.from_checkpoint(spec["weights"], backend=spec["backend"], **kwargs)
     else:
         model = load_model(spec["weights"], "cpu", dtype, spec["backend"], spec["max_tokens"])
+    table = dispatch.resolve(spec["backend"], "cpu")
+    choices = selection.choose_all(table, dtype)
     data = torch.load(spec["inputs"], mmap=True)
     loaded = status_bytes("VmRSS")
     with torch.inference_mode():
         start = time.perf_counter()
         outputs = model({"image": data["image"], "trimap": data["trimap"]})
         latency = time.perf_counter() - start
-    decisions = outputs[2] if isinstance(outputs, tuple) else []
+    peak = status_bytes("VmHWM")
+    alpha, decisions = (outputs[0]["phas"], outputs[2]) if isinstance(outputs, tuple) else (outputs["phas"], [])
+    if spec.get("alpha_out"):
+        torch.save({"alpha": alpha.float(), "decisions": decisions}, spec["alpha_out"])
     return {
         "latency_s": latency,
-        "peak_rss_bytes": status_bytes("VmHWM"),
+        "peak_rss_bytes": peak,
         "loaded_rss_bytes": loaded,
         "routed": [float(d.float().mean()) for d in decisions],
-        "backend": dispatch.resolve(spec["backend"], "cpu").name,
+        "backend": table.name,
+        "choices": choices,
     }
 
 

@@ -158,6 +158,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def choose_all(table, dtype: torch.dtype) -> dict[str, str]:
+    """Make now every choice an op table holds for ``dtype`` (measuring what is not cached),
+    so that a first forward that is timed times the model alone; {field: candidate name}."""
+    return {field: op.choose(dtype).name for field, op in vars(table).items() if isinstance(op, SelectedOp)}
+
+
 # ------------------------------------------------------------------------- forcing
 
 
