@@ -203,29 +203,35 @@ GLOBAL_CHUNK_LOGITS = 32 << 20
 
 
 def global_attention(qkv, rel_h, rel_w, num_heads: int, scale: float) -> torch.Tensor:
-    """:func:`mematte_kernels.reference.global_attention` without the N×N matrix: the
-    position terms as per-query tables (H + W values per query and head), then a chunk of
-    queries at a time through fused attention with that chunk's bias only, so memory is
-    O(N·(H + W)) plus a bounded chunk."""
+    """:func:`mematte_kernels.reference.global_attention` without the N×N matrix: a strip of
+    query rows at a time, its position terms as per-query tables (H + W values per query and
+    head) and then its bias, through fused attention; memory O(N) plus a bounded strip."""
     refuse_grad("mematte_kernels.native.global_attention", qkv, rel_h, rel_w)
+    return _global_sdpa(qkv, rel_h, rel_w, num_heads, scale, qkv.dtype)
+
+
+def _global_sdpa(qkv, rel_h, rel_w, num_heads: int, scale: float, compute: torch.dtype) -> torch.Tensor:
     B, H, W, C3 = qkv.shape
     C = C3 // 3
     N, d = H * W, C // num_heads
-    qkv = qkv.reshape(B, N, 3, num_heads, d)
-    q = qkv[:, :, 0]
-    bias_h, bias_w = reference.rel_pos_bias(q.reshape(B, H, W, num_heads, d), rel_h, rel_w)
-    out = qkv.new_empty((B, N, num_heads, d))
-    chunk = max(1, GLOBAL_CHUNK_LOGITS // max(1, num_heads * N))
+    grid = qkv.reshape(B, H, W, 3, num_heads, d)
+    rel_h, rel_w = rel_h.to(compute), rel_w.to(compute)
+    out = qkv.new_empty((B, H, W, num_heads, d))
+    rows = max(1, GLOBAL_CHUNK_LOGITS // max(1, num_heads * N * W))
     for b in range(B):
-        k, v = (qkv[b, :, i].transpose(0, 1).contiguous()[None] for i in (1, 2))  # (1, heads, N, d)
-        for s in range(0, N, chunk):
-            e = min(s + chunk, N)
-            bias = q.new_empty((num_heads, e - s, H, W))
-            torch.add(bias_h[b, s:e].transpose(0, 1)[..., None], bias_w[b, s:e].transpose(0, 1)[..., None, :], out=bias)
+        k, v = (grid[b, :, :, i].reshape(N, num_heads, d).transpose(0, 1).to(compute).contiguous()[None] for i in (1, 2))
+        for top in range(0, H, rows):
+            q = grid[b, top : top + rows, :, 0].to(compute)  # (r, W, heads, d)
+            r = q.shape[0]
+            # The strip's per-query position terms (as reference.rel_pos_bias), then its bias.
+            bias_h = torch.einsum("yxnc,ykc->nyxk", q, rel_h[top : top + r])  # (heads, r, W, H)
+            bias_w = torch.einsum("yxnc,xkc->nyxk", q, rel_w)  # (heads, r, W, W)
+            bias = q.new_empty((num_heads, r, W, H, W))
+            torch.add(bias_h[..., None], bias_w[..., None, :], out=bias)
             o = F.scaled_dot_product_attention(
-                q[b, s:e].transpose(0, 1)[None], k, v, attn_mask=bias.view(1, num_heads, e - s, N), scale=scale
-            )
-            out[b, s:e] = o[0].transpose(0, 1)
+                q.reshape(r * W, num_heads, d).transpose(0, 1)[None], k, v, attn_mask=bias.view(1, num_heads, r * W, N), scale=scale
+            )  # (1, heads, rW, d)
+            out[b, top : top + r] = o[0].transpose(0, 1).reshape(r, W, num_heads, d)
     return out.view(B, H, W, C)
 
 
@@ -252,7 +258,7 @@ def global_attention_bf16(qkv, rel_h, rel_w, num_heads: int, scale: float) -> to
 # (:mod:`mematte_kernels.selection`) picks them only where they measure faster. Their fp32
 # copies are made a bounded chunk at a time, so a low-precision model keeps its peak memory.
 
-FP32_CHUNK_BYTES = 32 << 20
+FP32_CHUNK_BYTES = 8 << 20
 
 
 def linear_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -323,16 +329,24 @@ def patch_embed_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
 
 
 def window_attention_fp32(qkv, pad_qkv, rel_h, rel_w, num_heads: int, scale: float, window: int) -> torch.Tensor:
-    """:func:`window_attention` of bf16/fp16 tensors computed in fp32."""
+    """:func:`window_attention` of bf16/fp16 tensors computed in fp32, a strip of whole
+    window rows at a time (windows start at the grid's top-left corner, so such strips hold
+    whole windows and the padding stays where it was)."""
     refuse_grad("mematte_kernels.native.window_attention_fp32", qkv, pad_qkv, rel_h, rel_w)
-    out = window_attention(qkv.float(), pad_qkv.float(), rel_h.float(), rel_w.float(), num_heads, scale, window)
-    return out.to(qkv.dtype)
+    B, H, W, C3 = qkv.shape
+    out = qkv.new_empty((B, H, W, C3 // 3))
+    tables = pad_qkv.float(), rel_h.float(), rel_w.float()
+    rows = max(1, FP32_CHUNK_BYTES // max(1, 4 * B * W * C3 * window)) * window
+    for top in range(0, H, rows):
+        out[:, top : top + rows] = window_attention(qkv[:, top : top + rows].float(), *tables, num_heads, scale, window)
+    return out
 
 
 def global_attention_fp32(qkv, rel_h, rel_w, num_heads: int, scale: float) -> torch.Tensor:
-    """:func:`global_attention` of bf16/fp16 tensors computed in fp32."""
+    """:func:`global_attention` of bf16/fp16 tensors computed in fp32: keys and values
+    converted once, queries a strip at a time."""
     refuse_grad("mematte_kernels.native.global_attention_fp32", qkv, rel_h, rel_w)
-    return global_attention(qkv.float(), rel_h.float(), rel_w.float(), num_heads, scale).to(qkv.dtype)
+    return _global_sdpa(qkv, rel_h, rel_w, num_heads, scale, torch.float32)
 
 
 # Queries per chunk of the CPU policy attention: bounds its (B, heads, chunk, N) fp32 tiles

@@ -98,6 +98,31 @@ def test_fp32_patch_embed_in_one_row_bands_equals_one_fp32_embedding(monkeypatch
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("H, W", [pytest.param(29, 17, id="29x17"), pytest.param(14, 30, id="14x30")])
+def test_fp32_window_attention_in_strips_of_one_window_row_equals_one_call(H, W, monkeypatch):
+    """Strips of one window row (the smallest), the last one padded: the whole grid's
+    fp32 window attention, rounded once."""
+    g = torch.Generator().manual_seed(6)
+    heads, d, window = 2, 16, 7
+    qkv = torch.randn(1, H, W, 3 * heads * d, generator=g).bfloat16()
+    pad, rel_h, rel_w = torch.randn(3 * heads * d, generator=g).bfloat16(), *(torch.randn(window, window, d, generator=g).bfloat16() * 0.2 for _ in range(2))
+    expected = native.window_attention(qkv.float(), pad.float(), rel_h.float(), rel_w.float(), heads, d**-0.5, window)
+    monkeypatch.setattr(native, "FP32_CHUNK_BYTES", 1)
+    out = native.window_attention_fp32(qkv, pad, rel_h, rel_w, heads, d**-0.5, window)
+    torch.testing.assert_close(out.float(), expected, rtol=2**-8, atol=1e-6)
+
+
+def test_fp32_global_attention_in_strips_of_one_row_equals_one_call(monkeypatch):
+    g = torch.Generator().manual_seed(7)
+    heads, d, H, W = 2, 16, 5, 7
+    qkv = torch.randn(2, H, W, 3 * heads * d, generator=g).bfloat16()
+    rel_h, rel_w = torch.randn(H, H, d, generator=g).bfloat16() * 0.2, torch.randn(W, W, d, generator=g).bfloat16() * 0.2
+    expected = native.global_attention(qkv.float(), rel_h.float(), rel_w.float(), heads, d**-0.5)
+    monkeypatch.setattr(native, "GLOBAL_CHUNK_LOGITS", 1)
+    out = native.global_attention_fp32(qkv, rel_h, rel_w, heads, d**-0.5)
+    torch.testing.assert_close(out.float(), expected, rtol=2**-8, atol=1e-6)
+
+
 @pytest.mark.parametrize("op, args", [
     pytest.param(native.conv2d_fp32, lambda: (torch.zeros(0, 3, 8, 8).bfloat16(), torch.ones(2, 3, 3, 3).bfloat16(), None, 1, 1), id="conv2d-B0"),
     pytest.param(native.linear_fp32, lambda: (torch.zeros(0, 8).bfloat16(), torch.ones(4, 8).bfloat16(), torch.ones(4).bfloat16()), id="linear-T0"),

@@ -57,10 +57,11 @@ def test_fp32_path_matches_upstream(B, H, W, heads):
 
 
 def test_fp32_path_chunks_the_queries(monkeypatch):
-    """With a chunk of a few queries (the bound the fp32 path keeps at 4K), the same result."""
+    """With strips of two query rows, the last one shorter (the bound the fp32 path keeps at
+    4K), the same result."""
     qkv, rel_h, rel_w, heads = grid_case(1, 9, 7, 2, torch.float32, seed=1)
     whole = native.global_attention(qkv, rel_h, rel_w, heads, 0.3)
-    monkeypatch.setattr(native, "GLOBAL_CHUNK_LOGITS", 2 * 63 * 5)  # 5 queries per chunk
+    monkeypatch.setattr(native, "GLOBAL_CHUNK_LOGITS", 2 * 63 * 7 * 2)  # heads x N x W x 2 rows
     torch.testing.assert_close(native.global_attention(qkv, rel_h, rel_w, heads, 0.3), whole, rtol=0, atol=1e-6)
 
 
