@@ -38,12 +38,22 @@ def pytest_addoption(parser):
         help="also run each whole-model fast case with the code of this git revision, built once in "
         "${XDG_CACHE_HOME:-~/.cache}/mematte-bench, as its own row fast@<commit>",
     )
+    group.addoption(
+        "--bench-train-iters",
+        type=int,
+        default=6,
+        metavar="N",
+        help="training iterations per train-step case, the first of every three untimed (default 6: 4 timed); "
+        "fewer where a step takes minutes (bf16 on a CPU without bf16 dot products)",
+    )
 
 
 def pytest_configure(config):
     # The summary table replaces pytest-benchmark's per-group tables; --benchmark-json still works.
     config.option.benchmark_quiet = True
     sizes = tuple(harness.Size.parse(s) for s in config.getoption("bench_sizes").split(",") if s.strip())
+    if config.getoption("bench_train_iters") < 2:
+        raise pytest.UsageError("--bench-train-iters: at least 2 (one untimed, one timed)")
     rev = config.getoption("bench_baseline")
     try:
         baseline = harness.resolve_commit(rev) if rev else None
@@ -55,6 +65,7 @@ def pytest_configure(config):
         full=config.getoption("bench_full"),
         sizes=sizes,
         baseline=baseline,
+        train_iters=config.getoption("bench_train_iters"),
     )
     config.stash[RECORDS] = []
 

@@ -166,6 +166,7 @@ class Settings:
     full: bool  # --bench-full: ViT-B and 8K too
     sizes: tuple[Size, ...] = ()  # --bench-sizes: replaces the default sizes
     baseline: str | None = None  # --bench-baseline: the full commit whose fast path runs beside this one
+    train_iters: int = 6  # --bench-train-iters: iterations per train-step case
 
     @property
     def variants(self) -> tuple[str, ...]:

@@ -3,8 +3,9 @@ loading and AdamW step included): seconds per iteration and peak memory, the fas
 against the reference backend in the same precision, each in a fresh process.
 
 Default: crop 512, batch 2, fp32 and bf16 autocast on a CPU (fp16 autocast on a GPU, as
-published), 6 iterations of which the first 2 are not timed. Smoke (--benchmark-disable):
-crop 64, 2 iterations, the first precision only.
+published), 6 iterations of which the first 2 are not timed (``--bench-train-iters N``: N,
+the first of every three untimed). Smoke (--benchmark-disable): crop 64, 2 iterations, the
+first precision only.
 """
 import inspect
 import json
@@ -32,7 +33,8 @@ def pytest_generate_tests(metafunc):
 @pytest.mark.parametrize("impl", ["reference", "fast"])
 def test_train_step(impl, precision, settings, record):
     gpu = settings.device.type == "cuda"
-    crop, iters, warmup = (64, 2, 1) if settings.smoke else (512, 6, 2)
+    iters = settings.train_iters
+    crop, iters, warmup = (64, 2, 1) if settings.smoke else (512, iters, max(1, iters // 3))
     spec = {"crop": crop, "batch_size": 2, "precision": precision, "iters": iters, "warmup": warmup,
             "backend": "reference" if impl == "reference" else "auto"}
     proc = subprocess.run([sys.executable, str(WORKER), json.dumps(spec)], capture_output=True, text=True,
