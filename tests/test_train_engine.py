@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import default_collate
 
 from mematte.train.data import TrainSampler, find_dataset
-from mematte.train.engine import LAST_CHECKPOINT, Trainer, step_seed
+from mematte.train.engine import LAST_CHECKPOINT, Trainer, emulated_precision_warning, step_seed
 from train_helpers import ToyMatte, make_dataset, toy_config
 
 CPU = torch.device("cpu")
@@ -186,3 +186,20 @@ def test_losses_that_stay_nonfinite_stop_the_run(data_dir, tmp_path):
     t = Trainer(model, find_dataset(data_dir), toy_config(tmp_path, iters=30), CPU, progress=False)
     with pytest.raises(FloatingPointError, match="10 iterations in a row"):
         t.train()
+
+
+@pytest.mark.parametrize("choice, warns", [pytest.param("fp32", True, id="bf16-emulated"),
+                                           pytest.param("onednn", False, id="bf16-native")])
+def test_mixed_precision_on_a_cpu_that_emulates_it_is_called_out(choice, warns, monkeypatch):
+    """The warning follows the CPU backend's measured choice for bf16 dense layers."""
+    from mematte_kernels import cpu_choices
+
+    linear = cpu_choices.selected()["linear"]
+    chosen = next(c for c in linear.candidates if c.name == choice)
+    monkeypatch.setattr(linear, "choose", lambda dtype: chosen)
+    warning = emulated_precision_warning(torch.device("cpu"), torch.bfloat16)
+    assert (warning is not None) == warns
+    if warns:
+        assert "bf16 autocast" in warning and "--precision fp32" in warning
+    assert emulated_precision_warning(torch.device("cpu"), None) is None
+    assert emulated_precision_warning(torch.device("cuda"), torch.bfloat16) is None

@@ -37,6 +37,22 @@ from .data import DatasetFiles, MattingDataset, TrainSampler
 log = logging.getLogger("mematte.train")
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def emulated_precision_warning(device: torch.device, dtype: torch.dtype | None) -> str | None:
+    """Why mixed precision would slow training down here, or None: on a CPU without dot
+    products in ``dtype`` (no AVX512-BF16 or AMX for bf16), autocast's GEMMs and convolutions
+    run emulated, several times slower than fp32. The CPU backend's measured choice for its
+    dense layers says which it is (:mod:`mematte_kernels.selection`)."""
+    if device.type != "cpu" or dtype is None:
+        return None
+    from mematte_kernels import cpu_choices
+
+    if cpu_choices.selected()["linear"].choose(dtype).name != "fp32":
+        return None
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return (f"{name} autocast on this CPU runs its GEMMs and convolutions emulated: they measure slower "
+            f"in {name} than in fp32 here, so --precision fp32 trains faster")
 LAST_CHECKPOINT = "last_checkpoint"
 METRICS = "metrics.csv"
 ROUTED_BLOCKS = (2, 5, 8, 11)
@@ -235,6 +251,8 @@ class Trainer:
         model.train()
         autocast = (torch.autocast(self.device.type, dtype=PRECISIONS[cfg.precision])
                     if PRECISIONS[cfg.precision] is not None else nullcontext())
+        if ddp.main and (warning := emulated_precision_warning(self.device, PRECISIONS[cfg.precision])):
+            log.warning(warning)
         if ddp.main:
             cfg.out.mkdir(parents=True, exist_ok=True)
         metrics = self._open_metrics() if ddp.main else None
