@@ -42,6 +42,14 @@ def _own_relpos(dtype: torch.dtype) -> bool:
     return _own_bf16(dtype) and ext.has_kernel("relpos_attention", "cpu")
 
 
+def _taps(dtype: torch.dtype) -> bool:
+    return ext.has_kernel("upsample_taps_relu_", "cpu")
+
+
+def _taps_low_precision(dtype: torch.dtype) -> bool:
+    return _taps(dtype) and _low_precision(dtype)
+
+
 def _randn(*shape, dtype, scale=1.0, channels_last=False):
     generator = torch.Generator().manual_seed(0)
     t = (torch.randn(shape, generator=generator) * scale).to(dtype)
@@ -141,11 +149,11 @@ def selected() -> dict[str, SelectedOp]:
             Candidate("sdpa", native.global_attention),
             Candidate("sdpa_fp32", native.global_attention_fp32, _low_precision),
         ], _global_probe),
-    }  # fmt: skip
-    if ext.has_kernel("upsample_taps_relu_", "cpu"):
-        ops["upsample_conv_relu_"] = SelectedOp("upsample_conv_relu_", [
+        # Used where the extension has its epilogue (upsample_taps_relu_); see dispatch.
+        "upsample_conv_relu_": SelectedOp("upsample_conv_relu_", [
             Candidate("fused", native.upsample_conv_relu_bf16, _own_bf16),
-            Candidate("gemm", native.upsample_conv_relu_),
-            Candidate("fp32", native.upsample_conv_relu_fp32, _low_precision),
-        ], _upsample_probe)  # fmt: skip
+            Candidate("gemm", native.upsample_conv_relu_, _taps),
+            Candidate("fp32", native.upsample_conv_relu_fp32, _taps_low_precision),
+        ], _upsample_probe),
+    }  # fmt: skip
     return ops

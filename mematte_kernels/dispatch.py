@@ -154,7 +154,7 @@ def _build(name: str, device: torch.device) -> OpTable:
             # Where an op has several CPU implementations, the fastest on this CPU, measured.
             choices = cpu_choices.selected()
             selection.check_forced(choices)
-            ops.update(choices)
+            ops.update({field: op for field, op in choices.items() if field not in FUSED_CPU_CHOICES})
         return _with_ltrm("cpu", device, **ops)
     # "triton" and "cuda": the Triton routed path. Whether it can take CPU tensors was fixed
     # when the kernels were decorated, so ask the kernels' module, not the environment now.
@@ -205,6 +205,11 @@ def _missing_ltrm_reason(device: torch.device) -> str:
     return f"mematte_kernels._C has no {device.type} kernels for them"
 
 
+# Fast ops every non-reference backend runs on CPU tensors (the Triton backend under the
+# interpreter included): on the CPU, the ones measured fastest.
+FUSED_CPU_CHOICES = ("window_attention", "global_attention", "upsample_conv_relu_")
+
+
 def _with_ltrm(name: str, device: torch.device, **ops) -> OpTable:
     """A table on the reference, with ``ops`` swapped in, fused window attention, and the
     compiled ops when the extension has them for ``device``."""
@@ -218,11 +223,11 @@ def _with_ltrm(name: str, device: torch.device, **ops) -> OpTable:
             log.warning("mematte_kernels: backend %r runs the LTRM ops (dwconv_gelu, eca) as PyTorch "
                         "reference code on the GPU: %s", name.split(" ")[0], _missing_ltrm_reason(device))
     if device.type == "cpu":
-        fused = {field: op for field, op in cpu_choices.selected().items()
-                 if field in ("window_attention", "global_attention", "upsample_conv_relu_")}
+        fused = {field: cpu_choices.selected()[field] for field in FUSED_CPU_CHOICES}
     else:
-        fused = dict(window_attention=native.window_attention, global_attention=native.global_attention)
-        if ext.has_kernel("upsample_taps_relu_", device):
-            fused.update(upsample_conv_relu_=native.upsample_conv_relu_)
+        fused = dict(window_attention=native.window_attention, global_attention=native.global_attention,
+                     upsample_conv_relu_=native.upsample_conv_relu_)
+    if not ext.has_kernel("upsample_taps_relu_", device):
+        del fused["upsample_conv_relu_"]
     return replace(REFERENCE, name=name, channels_first_layer_norm=native.channels_first_layer_norm, **{**fused, **ops})
 

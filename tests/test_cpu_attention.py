@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from mematte.backbone import rel_pos_table
-from mematte_kernels import dispatch, ext, native, reference
+from mematte_kernels import cpu_choices, dispatch, ext, native, reference
 
 # Fresh tensors (the op's output included) start as NaN while a test runs: an element the
 # kernel fails to write cannot pass.
@@ -587,17 +587,21 @@ def test_opcheck_window_attention():
 @pytest.mark.parametrize("backend", ["cpu", "auto"])
 def test_cpu_backend_uses_the_kernel(backend, monkeypatch):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    """The kernels are candidates the CPU backend measures for bf16 (mematte_kernels.selection)."""
     table = dispatch.resolve(backend, "cpu")
-    assert table.varlen_attention is native.varlen_attention_bf16
-    assert table.window_attention is native.window_attention_bf16
+    for field, kernel in (("varlen_attention", native.varlen_attention_bf16), ("window_attention", native.window_attention_bf16)):
+        assert getattr(table, field) is cpu_choices.selected()[field]
+        assert kernel in [c.fn for c in getattr(table, field).runnable(torch.bfloat16)]
 
 
 def test_cpu_backend_without_the_kernel_uses_sdpa(monkeypatch):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     monkeypatch.setattr(ext, "cpu_bf16_kernels", lambda: False)
     table = dispatch.resolve("cpu", "cpu")
-    assert table.varlen_attention is native.varlen_attention
-    assert table.window_attention is native.window_attention
+    for field, sdpa in (("varlen_attention", native.varlen_attention), ("window_attention", native.window_attention)):
+        op = getattr(table, field)
+        assert [c.name for c in op.runnable(torch.bfloat16)] == ["sdpa", "sdpa_fp32"]
+        assert [c.fn for c in op.runnable(torch.float32)] == [sdpa]
 
 
 def test_reference_backend_uses_the_reference_window_attention(monkeypatch):

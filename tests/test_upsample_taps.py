@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mematte_kernels import dispatch, ext, native, reference
+from mematte_kernels import cpu_choices, dispatch, ext, native, reference
 
 # Fresh tensors start as NaN while a test runs: an element an op fails to write cannot pass.
 # (The op itself reads ``out``, so NaN in ``out`` is tested separately below.)
@@ -756,7 +756,10 @@ def no_backend_override(monkeypatch):
 @pytest.mark.usefixtures("no_backend_override")
 @pytest.mark.parametrize("backend", ["cpu", "auto"])
 def test_cpu_backend_uses_the_fused_op(backend):
-    assert dispatch.resolve(backend, "cpu").upsample_conv_relu_ is native.upsample_conv_relu_bf16
+    """The fused kernel is a candidate the CPU backend measures for bf16."""
+    op = dispatch.resolve(backend, "cpu").upsample_conv_relu_
+    assert op is cpu_choices.selected()["upsample_conv_relu_"]
+    assert native.upsample_conv_relu_bf16 in [c.fn for c in op.runnable(torch.bfloat16)]
 
 
 @needs_cpu_ops
@@ -764,7 +767,9 @@ def test_cpu_backend_uses_the_fused_op(backend):
 @pytest.mark.parametrize("backend", ["cpu", "auto"])
 def test_cpu_backend_without_bf16_kernels_uses_the_native_op(backend, monkeypatch):
     monkeypatch.setattr(ext, "cpu_bf16_kernels", lambda: False)
-    assert dispatch.resolve(backend, "cpu").upsample_conv_relu_ is native.upsample_conv_relu_
+    op = dispatch.resolve(backend, "cpu").upsample_conv_relu_
+    assert [c.name for c in op.runnable(torch.bfloat16)] == ["gemm", "fp32"]
+    assert [c.fn for c in op.runnable(torch.float32)] == [native.upsample_conv_relu_]
 
 
 @pytest.mark.usefixtures("no_backend_override")
