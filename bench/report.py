@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from mematte.io import write_atomic
-from mematte_kernels.selection import cpu_model
+from mematte_kernels.selection import cpu_model, cpuinfo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,14 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def cpu_flags() -> set[str]:
     """The ISA flags /proc/cpuinfo lists for the first CPU (empty where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set((cpuinfo("flags") or "").split())
 
 
 def machine(device: torch.device) -> dict:

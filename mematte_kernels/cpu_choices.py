@@ -31,7 +31,7 @@ def _low_precision(dtype: torch.dtype) -> bool:
 
 
 def _onednn(dtype: torch.dtype) -> bool:
-    return torch.backends.mkldnn.is_available() and native._onednn_runs(torch.empty(0, dtype=dtype))
+    return torch.backends.mkldnn.is_available() and native.onednn_runs(dtype)
 
 
 def _own_bf16(dtype: torch.dtype) -> bool:

@@ -57,15 +57,16 @@ def router_scores(
 ONEDNN_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def _onednn_runs(x: torch.Tensor) -> bool:
-    return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and ONEDNN_BF16)
+def onednn_runs(dtype: torch.dtype) -> bool:
+    """Whether :func:`linear` and :func:`linear_gelu` run ``dtype`` through oneDNN here."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and ONEDNN_BF16)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Linear(x) as one oneDNN call with the bias applied to the GEMM's output tiles; PyTorch's
     CPU addmm first copies the bias into every output row, one more pass over the output.
     CPU tensors; dtypes oneDNN cannot run here go to ``F.linear``."""
-    if not _onednn_runs(x):
+    if not onednn_runs(x.dtype):
         return F.linear(x, weight, bias)
     refuse_grad("mematte_kernels.native.linear", x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
@@ -74,7 +75,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.T
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """GELU(Linear(x)) as one oneDNN call: bias and exact GELU applied to the GEMM's output
     tiles while they are in cache, instead of two more passes over a 4C-wide activation."""
-    if not _onednn_runs(x):
+    if not onednn_runs(x.dtype):
         return F.gelu(F.linear(x, weight, bias))
     refuse_grad("mematte_kernels.native.linear_gelu", x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")

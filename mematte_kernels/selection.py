@@ -209,14 +209,19 @@ def machine_key() -> str:
 
 
 def cpu_model() -> str:
+    return cpuinfo("model name") or platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpuinfo(field: str) -> str | None:
+    """The first CPU's ``field`` in /proc/cpuinfo (None where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return None
 
 
 def _read_file() -> dict:
