@@ -74,7 +74,7 @@ def test_model(model_case, settings, data, record, request):
         (outputs, _, decisions), first_s = harness.run_once(forward, device)
     alpha = outputs["phas"].float().cpu()
     if case.impl == "fast":
-        _reference_alpha(case, data, device)
+        _run_reference(case, data, device)
     accuracy = _against_reference(case, data, alpha, [d.cpu() for d in decisions])
 
     with harness.skip_on_oom():
@@ -147,7 +147,7 @@ def _fresh_process(result: dict, timer: str) -> dict:
     )
 
 
-def _reference_alpha(case, data, device) -> None:
+def _run_reference(case, data, device) -> None:
     """Run the fp32 reference of this size in process where its case did not run (a -k
     selection) and it can run here, for :func:`_against_reference`."""
     key = (case.variant, case.size)

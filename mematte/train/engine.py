@@ -37,6 +37,10 @@ from .data import DatasetFiles, MattingDataset, TrainSampler
 log = logging.getLogger("mematte.train")
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LAST_CHECKPOINT = "last_checkpoint"
+METRICS = "metrics.csv"
+ROUTED_BLOCKS = (2, 5, 8, 11)
+MAX_NONFINITE = 10  # iterations in a row with a non-finite loss before the run stops
 
 
 def emulated_precision_warning(device: torch.device, dtype: torch.dtype | None) -> str | None:
@@ -53,10 +57,6 @@ def emulated_precision_warning(device: torch.device, dtype: torch.dtype | None) 
     name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     return (f"{name} autocast on this CPU runs its GEMMs and convolutions emulated: they measure slower "
             f"in {name} than in fp32 here, so --precision fp32 trains faster")
-LAST_CHECKPOINT = "last_checkpoint"
-METRICS = "metrics.csv"
-ROUTED_BLOCKS = (2, 5, 8, 11)
-MAX_NONFINITE = 10  # iterations in a row with a non-finite loss before the run stops
 
 
 @dataclass
@@ -251,9 +251,9 @@ class Trainer:
         model.train()
         autocast = (torch.autocast(self.device.type, dtype=PRECISIONS[cfg.precision])
                     if PRECISIONS[cfg.precision] is not None else nullcontext())
-        if ddp.main and (warning := emulated_precision_warning(self.device, PRECISIONS[cfg.precision])):
-            log.warning(warning)
         if ddp.main:
+            if warning := emulated_precision_warning(self.device, PRECISIONS[cfg.precision]):
+                log.warning(warning)
             cfg.out.mkdir(parents=True, exist_ok=True)
         metrics = self._open_metrics() if ddp.main else None
         bar = tqdm(range(self.start_iter, cfg.iters), initial=self.start_iter, total=cfg.iters,
