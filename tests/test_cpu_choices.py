@@ -140,3 +140,13 @@ def test_fp32_candidates_take_empty_inputs(op, args):
 def test_fp32_candidates_refuse_gradients_by_name(op, args):
     with pytest.raises(RuntimeError, match=op.__name__):
         op(*args())
+
+
+@pytest.mark.parametrize("stride, padding", [pytest.param(1, 1, id="s1-p1"), pytest.param(2, 1, id="s2-p1"), pytest.param(1, 0, id="s1-p0")])
+def test_conv2d_reference_gradcheck(stride, padding):
+    """The conv2d table op trains through its reference: gradients of input, weight and bias."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 3, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: reference.conv2d(*t, stride, padding), (x, weight, bias))
