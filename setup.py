@@ -18,7 +18,7 @@ from pathlib import Path
 from setuptools import setup
 
 CSRC = Path("csrc")
-CPU_SOURCES = ["ops.cpp", "dwconv_gelu_cpu.cpp", "eca_cpu.cpp", "upsample_taps_cpu.cpp", "attention_cpu.cpp"]
+CPU_SOURCES = ["ops.cpp", "dwconv_gelu_cpu.cpp", "eca_cpu.cpp", "upsample_taps_cpu.cpp", "attention_cpu.cpp", "global_attention_cpu.cpp"]
 CUDA_SOURCES = ["dwconv_gelu.cu", "eca.cu"]
 DEFAULT_CUDA_ARCHS = ("8.0", "9.0")
 

@@ -34,6 +34,13 @@
 #define MEMATTE_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
 #endif
 
+// Kernels written with AVX2 + FMA intrinsics, likewise called after cpu_has_avx2_fma().
+#if defined(__x86_64__) && defined(__GNUC__) && (__GNUC__ >= 11 || defined(__clang__))
+#define MEMATTE_HAVE_AVX2_KERNEL 1
+#include <immintrin.h>
+#define MEMATTE_AVX2 __attribute__((target("avx2,fma")))
+#endif
+
 namespace mematte::cpu {
 
 MEMATTE_INLINE float to_float(float v) { return v; }

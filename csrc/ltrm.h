@@ -66,6 +66,15 @@ at::Tensor window_attention_cpu(const at::Tensor& qkv, const at::Tensor& pad_qkv
 at::Tensor relpos_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias_h,
                                 const at::Tensor& bias_w, double scale);
 
+// ViTMatte's global attention on CPUs with AVX2 + FMA (cpu_has_avx2_fma()), computed in fp32
+// for fp32, bf16 and fp16: qkv (B, H, W, 3C) contiguous, C = num_heads * 64; rel_h (H, H, 64)
+// and rel_w (W, W, 64) the gathered tables, fp32 contiguous. Every token attends to all the
+// tokens of its image with the decomposed position bias q[i].rel_h[row(i), row(j)] +
+// q[i].rel_w[col(i), col(j)]. Returns (B, H, W, C) in qkv's dtype.
+bool cpu_has_avx2_fma();
+at::Tensor global_attention_cpu(const at::Tensor& qkv, const at::Tensor& rel_h, const at::Tensor& rel_w,
+                                int64_t num_heads, double scale);
+
 #ifdef MEMATTE_WITH_CUDA
 at::Tensor dwconv_gelu_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
 at::Tensor eca_cuda(const at::Tensor& z, const at::Tensor& weight, const std::optional<at::Tensor>& residual);

@@ -282,6 +282,25 @@ void checked_upsample_taps_relu(at::Tensor& out, const at::Tensor& taps) {
   check_upsample_taps_relu(out, taps);
   kernel(out, taps);
 }
+at::Tensor checked_global_attention(const at::Tensor& qkv, const at::Tensor& rel_h, const at::Tensor& rel_w,
+                                    int64_t num_heads, double scale) {
+  TORCH_CHECK(cpu_has_avx2_fma(), "mematte_ext.global_attention: needs a CPU with AVX2 and FMA; this one has none");
+  TORCH_CHECK(num_heads >= 1, "mematte_ext.global_attention: num_heads must be positive, got ", num_heads);
+  TORCH_CHECK(qkv.dim() == 4 && qkv.size(3) == 3 * 64 * num_heads,
+              "mematte_ext.global_attention: qkv must be (B, H, W, 3C) with C = num_heads * 64 = ", 64 * num_heads,
+              ", got shape ", qkv.sizes());
+  TORCH_CHECK(is_supported_dtype(qkv.scalar_type()) && qkv.is_contiguous(),
+              "mematte_ext.global_attention: qkv must be a contiguous float32, float16 or bfloat16 tensor, got ",
+              qkv.scalar_type(), " with strides ", qkv.strides());
+  for (const auto& [name, t, n] : {std::tuple{"rel_h", rel_h, qkv.size(1)}, std::tuple{"rel_w", rel_w, qkv.size(2)}}) {
+    TORCH_CHECK(t.dim() == 3 && t.size(0) == n && t.size(1) == n && t.size(2) == 64,
+                "mematte_ext.global_attention: ", name, " must be the gathered table (", n, ", ", n,
+                ", 64) of the grid, got shape ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device() == qkv.device(),
+                "mematte_ext.global_attention: ", name, " must be a contiguous float32 tensor on qkv's device");
+  }
+  return global_attention_cpu(qkv, rel_h, rel_w, num_heads, scale);
+}
 
 }  // namespace
 }  // namespace mematte
@@ -300,6 +319,7 @@ TORCH_LIBRARY(mematte_ext, m) {
       "window_attention(Tensor qkv, Tensor pad_qkv, Tensor rel_h, Tensor rel_w, int num_heads, float scale, "
       "int window) -> Tensor");
   m.def("relpos_attention(Tensor q, Tensor k, Tensor v, Tensor bias_h, Tensor bias_w, float scale) -> Tensor");
+  m.def("global_attention(Tensor qkv, Tensor rel_h, Tensor rel_w, int num_heads, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mematte_ext, CPU, m) {
@@ -312,13 +332,14 @@ TORCH_LIBRARY_IMPL(mematte_ext, CPU, m) {
   m.impl("varlen_attention", &mematte::checked_varlen_attention);
   m.impl("window_attention", &mematte::checked_window_attention);
   m.impl("relpos_attention", &mematte::checked_relpos_attention);
+  m.impl("global_attention", &mematte::checked_global_attention);
 }
 
 // dwconv_gelu and eca get their autograd formulas in mematte_kernels/ext.py; every other op
 // refuses gradients.
 TORCH_LIBRARY_IMPL(mematte_ext, Autograd, m) {
   for (const char* op : {"dwconv_gelu_backward", "eca_backward", "upsample_taps_relu_", "upsample_conv_relu_",
-                         "varlen_attention", "window_attention", "relpos_attention"}) {
+                         "varlen_attention", "window_attention", "relpos_attention", "global_attention"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&mematte::no_backward>());
   }
 }
@@ -353,10 +374,12 @@ PyMODINIT_FUNC PyInit__C() {
   const char* cuda_arch_list = "";
 #endif
   PyObject* cpu_bf16_kernels = mematte::cpu_has_avx512_bf16() ? Py_True : Py_False;
+  PyObject* cpu_avx2_kernels = mematte::cpu_has_avx2_fma() ? Py_True : Py_False;
   if (PyModule_AddObjectRef(module, "cuda_compiled", cuda_compiled) < 0 ||
       PyModule_AddObjectRef(module, "cuda_opted_out", cuda_opted_out) < 0 ||
       PyModule_AddStringConstant(module, "cuda_arch_list", cuda_arch_list) < 0 ||
-      PyModule_AddObjectRef(module, "cpu_bf16_kernels", cpu_bf16_kernels) < 0) {
+      PyModule_AddObjectRef(module, "cpu_bf16_kernels", cpu_bf16_kernels) < 0 ||
+      PyModule_AddObjectRef(module, "cpu_avx2_kernels", cpu_avx2_kernels) < 0) {
     Py_DECREF(module);
     return nullptr;
   }

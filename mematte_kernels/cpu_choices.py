@@ -4,6 +4,7 @@ real calls'). The ``cpu`` backend's table holds these as :class:`~.selection.Sel
 
 Candidate names, as ``MEMATTE_CPU_KERNELS`` takes them:
   ``own``        the extension's AVX512-BF16 kernel (bf16, CPUs with the instruction)
+  ``own_avx2``   the extension's AVX2 + FMA kernel, computed in fp32 (every dtype)
   ``fused``      the extension's AVX512-BF16 upsample-conv kernel (same)
   ``sdpa``       torch's fused attention (flash attention on CPU)
   ``sdpa_fp32``  the same on bf16/fp16 tensors computed in fp32
@@ -40,6 +41,10 @@ def _own_bf16(dtype: torch.dtype) -> bool:
 
 def _own_relpos(dtype: torch.dtype) -> bool:
     return _own_bf16(dtype) and ext.has_kernel("relpos_attention", "cpu")
+
+
+def _own_avx2(dtype: torch.dtype) -> bool:
+    return ext.cpu_avx2_kernels()
 
 
 def _taps(dtype: torch.dtype) -> bool:
@@ -146,6 +151,7 @@ def selected() -> dict[str, SelectedOp]:
         ], _window_probe),
         "global_attention": SelectedOp("global_attention", [
             Candidate("own", native.global_attention_bf16, _own_relpos),
+            Candidate("own_avx2", native.global_attention_avx2, _own_avx2),
             Candidate("sdpa", native.global_attention),
             Candidate("sdpa_fp32", native.global_attention_fp32, _low_precision),
         ], _global_probe),

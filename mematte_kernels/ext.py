@@ -44,6 +44,12 @@ def cpu_bf16_kernels() -> bool:
     return has_kernel("varlen_attention", "cpu") and bool(_C.cpu_bf16_kernels)
 
 
+def cpu_avx2_kernels() -> bool:
+    """Whether the AVX2 + FMA kernel (:func:`global_attention`) runs here: built, and the CPU
+    has the instructions."""
+    return has_kernel("global_attention", "cpu") and bool(getattr(_C, "cpu_avx2_kernels", False))
+
+
 def available(device: torch.device | str) -> bool:
     """Whether both LTRM ops have a kernel for ``device``'s type in this build."""
     return all(has_kernel(op, device) for op in OPS)
@@ -162,6 +168,15 @@ def relpos_attention(
     return torch.ops.mematte_ext.relpos_attention(q, k, v, bias_h, bias_w, scale)
 
 
+def global_attention(qkv: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, num_heads: int,
+                     scale: float) -> torch.Tensor:
+    """:func:`mematte_kernels.reference.global_attention` on CPUs with AVX2 + FMA, computed in
+    fp32: qkv (B, H, W, 3C) contiguous fp32/bf16/fp16 with head dim 64, the gathered tables
+    rel_h (H, H, 64) and rel_w (W, W, 64) fp32 contiguous -> (B, H, W, C) in qkv's dtype;
+    flash-style, no N×N matrix and no per-query tables of the whole grid."""
+    return torch.ops.mematte_ext.global_attention(qkv, rel_h, rel_w, num_heads, scale)
+
+
 if _C is not None:
     # Shapes for FakeTensor / torch.compile: the LTRM ops return a tensor like their input;
     # upsample_taps_relu_ only writes its first argument.
@@ -191,6 +206,12 @@ if _C is not None:
         @torch.library.register_fake("mematte_ext::relpos_attention")
         def _relpos_attention_fake(q, k, v, bias_h, bias_w, scale):
             return q.new_empty(q.shape)
+
+    if hasattr(torch.ops.mematte_ext, "global_attention"):
+
+        @torch.library.register_fake("mematte_ext::global_attention")
+        def _global_attention_fake(qkv, rel_h, rel_w, num_heads, scale):
+            return qkv.new_empty((*qkv.shape[:-1], qkv.shape[-1] // 3))
 
     @torch.library.register_fake("mematte_ext::upsample_conv_relu_")
     def _upsample_conv_relu_fake(out, x, weight):

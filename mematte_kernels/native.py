@@ -251,6 +251,18 @@ def global_attention_bf16(qkv, rel_h, rel_w, num_heads: int, scale: float) -> to
     return ext.relpos_attention(q, k, v, bias_h.contiguous(), bias_w.contiguous(), scale).view(B, H, W, C)
 
 
+def global_attention_avx2(qkv, rel_h, rel_w, num_heads: int, scale: float) -> torch.Tensor:
+    """:func:`global_attention` through the extension's AVX2 + FMA kernel where it applies
+    (head dim 64, an extension that has the op): flash-style, each query's position terms
+    gathered inside the key loop, computed in fp32 for fp32, bf16 and fp16 tensors."""
+    B, H, W, C3 = qkv.shape
+    if C3 != 3 * 64 * num_heads or not ext.has_kernel("global_attention", qkv.device):
+        return global_attention(qkv, rel_h, rel_w, num_heads, scale)
+    refuse_grad("mematte_kernels.native.global_attention_avx2", qkv, rel_h, rel_w)
+    return ext.global_attention(qkv.contiguous(), rel_h.float().contiguous(), rel_w.float().contiguous(), num_heads,
+                                scale)
+
+
 # ------------------------------------------------------ bf16/fp16 computed in fp32
 #
 # Where the CPU has no bf16 dot-product instructions (no AVX512-BF16, no AMX), torch emulates

@@ -123,7 +123,9 @@ class SelectedOp:
             return runnable[0], "the only one that runs here"
         key = f"{self.op}/{_dtype_name(dtype)}"
         cached = read_cache().get(key)
-        if cached is not None and cached.get("choice") in {c.name for c in runnable}:
+        # A cache entry counts only if it measured exactly the candidates that run here now:
+        # a rebuilt extension with a new kernel gets measured.
+        if cached is not None and set(cached.get("ms", {})) == {c.name for c in runnable}:
             by_name = {c.name: c for c in runnable}
             return by_name[cached["choice"]], f"cached: {_timings_text(cached.get('ms', {}))}"
         timings = self._measure(runnable, dtype)

@@ -1,11 +1,14 @@
-"""``mematte_ext.relpos_attention``, the AVX512-BF16 CPU flash attention over whole token grids
-with per-query position terms (ViTMatte's global attention), and ``native.global_attention``
-(its fp32 path: chunks of queries through fused attention) and ``global_attention_bf16``.
+"""ViTMatte's global attention on CPUs (every query of a token grid against all its keys, with
+per-query position terms): ``mematte_ext.relpos_attention``, the AVX512-BF16 flash kernel;
+``mematte_ext.global_attention``, the AVX2 + FMA flash kernel computed in fp32 for every
+dtype; ``native.global_attention`` (strips of queries through fused attention) and the
+wrappers the CPU selection offers.
 
-The oracle is upstream's N×N formula in float64 from the same inputs. The bf16 kernel may be
-at most twice PyTorch's own bf16 error there (the reference run in bf16), plus a floor of
-1e-3; the fp32 path is held to 1e-5. Grids cross the kernel's 32-query and 128-key blocks and
-its 1024-token short/long split, with one-row and one-column grids and an empty batch.
+The oracle is upstream's N×N formula in float64 from the same inputs. A kernel on bf16/fp16
+tensors may be at most twice PyTorch's own error there (the reference run in that dtype),
+plus a floor of 1e-3 for the bf16 kernel; fp32 is held to 1e-5. Grids cross the kernels'
+query blocks (32, 48), key blocks (128) and tiles (16), the AVX512 kernel's 1024-token
+short/long split, one-row and one-column grids, h ≠ w, resized tables and an empty batch.
 """
 from __future__ import annotations
 
@@ -22,6 +25,11 @@ needs_bf16_attention = pytest.mark.skipif(
     reason="mematte_kernels._C has no AVX512-BF16 relpos_attention kernel here (not built, or no AVX512-BF16 CPU)",
 )
 
+needs_avx2_attention = pytest.mark.skipif(
+    not ext.cpu_avx2_kernels(),
+    reason="mematte_kernels._C has no AVX2 global_attention kernel here (not built, or no AVX2 + FMA CPU)",
+)
+
 HEAD_DIM = 64
 
 # (B, H, W, heads)
@@ -32,6 +40,7 @@ GRIDS = {
     "B2-5x7": (2, 5, 7, 2),
     "B1-13x11": (1, 13, 11, 1),
     "B1-34x38": (1, 34, 38, 1),  # 1292 tokens: the long path, ViTMatte's golden grid
+    "B1-7x40": (1, 7, 40, 3),  # 280 tokens: query blocks and a short last key block across rows
     "B0-4x4": (0, 4, 4, 2),
 }
 
@@ -98,3 +107,81 @@ def test_bf16_kernel_rejects_bad_input():
         ext.relpos_attention(q, q, q, bias_h, bias_w, 0.125)
     with pytest.raises(RuntimeError, match="bias_h must be a contiguous float32"):
         ext.relpos_attention(q, q, q, bias_h.bfloat16(), torch.zeros(1, 6, 1, 3), 0.125)
+
+
+def _check_low_precision(out, qkv, rel_h, rel_w, heads, floor=0.0):
+    expected = upstream(qkv, rel_h, rel_w, heads)
+    assert out.shape == expected.shape and out.dtype == qkv.dtype
+    assert torch.isfinite(out).all()
+    if not out.numel():
+        return
+    torch_lp = reference.global_attention(qkv, rel_h.to(qkv.dtype), rel_w.to(qkv.dtype), heads, HEAD_DIM**-0.5)
+    error = (out.double() - expected).abs().max().item()
+    torch_error = (torch_lp.double() - expected).abs().max().item()
+    assert error <= 2 * torch_error + floor, (error, torch_error)
+
+
+@needs_avx2_attention
+@pytest.mark.parametrize("dtype", [pytest.param(d, id=str(d)[6:]) for d in (torch.float32, torch.bfloat16, torch.float16)])
+@pytest.mark.parametrize("B, H, W, heads", [pytest.param(*v, id=k) for k, v in GRIDS.items()])
+def test_avx2_kernel_matches_upstream(B, H, W, heads, dtype):
+    qkv, rel_h, rel_w, heads = grid_case(B, H, W, heads, dtype)
+    out = ext.global_attention(qkv, rel_h.float(), rel_w.float(), heads, HEAD_DIM**-0.5)
+    if dtype == torch.float32:
+        assert out.shape == (B, H, W, heads * HEAD_DIM) and torch.isfinite(out).all()
+        torch.testing.assert_close(out.double(), upstream(qkv, rel_h, rel_w, heads), rtol=0, atol=1e-5)
+    else:
+        _check_low_precision(out, qkv, rel_h, rel_w, heads)
+
+
+@needs_avx2_attention
+def test_avx2_kernel_takes_the_bias_per_key():
+    """Each grid axis's position terms change the output, and the two are not interchangeable."""
+    qkv, rel_h, rel_w, heads = grid_case(1, 6, 9, 1, torch.float32, seed=2)
+    expected = upstream(qkv, rel_h, rel_w, heads)
+    for h, w in ((rel_h * 0, rel_w), (rel_h, rel_w * 0)):
+        out = ext.global_attention(qkv, h, w, heads, HEAD_DIM**-0.5)
+        assert (out.double() - expected).abs().max() > 1e-2
+        torch.testing.assert_close(out.double(), upstream(qkv, h, w, heads), rtol=0, atol=1e-5)
+
+
+@needs_avx2_attention
+def test_avx2_kernel_keeps_nan_where_the_input_has_it():
+    """A NaN query spoils its own row only; a NaN key spoils every row (as upstream's softmax)."""
+    qkv, rel_h, rel_w, heads = grid_case(1, 5, 6, 1, torch.float32, seed=3)
+    qkv[0, 2, 3, 0] = float("nan")  # a query element
+    out = ext.global_attention(qkv, rel_h, rel_w, heads, HEAD_DIM**-0.5)
+    assert out[0, 2, 3].isnan().all() and not out[0, 2, 2].isnan().any()
+    qkv[0, 2, 3, 0] = 0.0
+    qkv[0, 1, 1, 64] = float("nan")  # a key element
+    assert ext.global_attention(qkv, rel_h, rel_w, heads, HEAD_DIM**-0.5).isnan().all()
+
+
+@needs_avx2_attention
+@pytest.mark.parametrize("make_args, message", [
+    pytest.param(lambda qkv, h, w: (qkv.double(), h, w), "qkv must be a contiguous float32, float16 or bfloat16", id="fp64"),
+    pytest.param(lambda qkv, h, w: (qkv[:, :, :3], h, w), "qkv must be a contiguous", id="strided"),
+    pytest.param(lambda qkv, h, w: (qkv[..., :300], h, w), r"qkv must be \(B, H, W, 3C\)", id="not-3C"),
+    pytest.param(lambda qkv, h, w: (qkv, w, h), r"rel_h must be the gathered table \(4, 4, 64\)", id="tables-swapped"),
+    pytest.param(lambda qkv, h, w: (qkv, h.bfloat16(), w), "rel_h must be a contiguous float32", id="table-bf16"),
+])  # fmt: skip
+def test_avx2_kernel_rejects_bad_input(make_args, message):
+    qkv, rel_h, rel_w = torch.zeros(1, 4, 5, 384), torch.zeros(4, 4, 64), torch.zeros(5, 5, 64)
+    with pytest.raises(RuntimeError, match=message):
+        ext.global_attention(*make_args(qkv, rel_h, rel_w), 2, 0.125)
+
+
+@needs_avx2_attention
+def test_opcheck_global_attention():
+    qkv, rel_h, rel_w, heads = grid_case(1, 3, 5, 2, torch.float32, seed=4)
+    torch.library.opcheck(torch.ops.mematte_ext.global_attention.default, (qkv, rel_h, rel_w, heads, 0.125))
+
+
+@needs_avx2_attention
+@pytest.mark.parametrize("dtype", [pytest.param(d, id=str(d)[6:]) for d in (torch.float32, torch.bfloat16)])
+def test_avx2_wrapper_takes_tables_in_the_model_dtype(dtype):
+    """native.global_attention_avx2, as the CPU selection calls it: tables in the model's dtype."""
+    qkv, rel_h, rel_w, heads = grid_case(1, 9, 7, 2, dtype, seed=5)
+    out = native.global_attention_avx2(qkv, rel_h, rel_w, heads, HEAD_DIM**-0.5)
+    expected = ext.global_attention(qkv, rel_h.float(), rel_w.float(), heads, HEAD_DIM**-0.5)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)

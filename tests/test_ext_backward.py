@@ -341,6 +341,7 @@ def _no_backward_args() -> dict[str, tuple]:
             torch.randn(1, 16, 1, 4),
             0.125,
         ),
+        "global_attention": (torch.randn(1, 4, 4, 384), torch.randn(4, 4, 64), torch.randn(4, 4, 64), 2, 0.125),
         "window_attention": (
             torch.randn(1, 4, 4, 192, **bf16),
             torch.randn(192, **bf16),

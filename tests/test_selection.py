@@ -157,6 +157,14 @@ def test_cached_choice_no_longer_offered_is_measured_again(monkeypatch, cache_di
     assert op.choose(torch.float32).name == "b" and timed
 
 
+def test_cache_without_a_newly_runnable_candidate_is_measured_again(monkeypatch, cache_dir):
+    """A rebuilt extension brings a kernel the cached measurement never saw: it gets timed."""
+    selection.write_cache("toy_op/float32", {"choice": "a", "ms": {"a": 3.0, "b": 2.0}})
+    op = make_op("a", "b", "new")
+    timed = fake_timer(monkeypatch, {"a": 3.0, "b": 2.0, "new": 0.5})
+    assert op.choose(torch.float32).name == "new" and "new" in timed
+
+
 def test_unwritable_cache_costs_only_a_warning(monkeypatch, tmp_path, caplog):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
