@@ -75,20 +75,20 @@ MEMATTE_INLINE c10::BFloat16 from_float<c10::BFloat16>(float v) {
   return c10::BFloat16(static_cast<uint16_t>(v != v ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
 }
 
-// 2^y for y <= 0: y = n + f with n an integer and |f| <= 1/2, 2^f from a degree-5 minimax
-// polynomial (relative error 8e-8), 2^n from the exponent bits. Inputs under -126 give 2^-126,
-// still a normal float.
+// 2^f for |f| <= 1/2: a degree-5 minimax polynomial (relative error 8e-8), highest power
+// first, shared by the scalar and vector forms of exp2_nonpositive.
+constexpr float kExp2Poly[6] = {1.3276446843519807e-3f, 9.675541892647743e-3f, 5.550713464617729e-2f,
+                                2.4022120237350464e-1f, 6.931469440460205e-1f, 1.0000001192092896f};
+
+// 2^y for y <= 0: y = n + f with n an integer and |f| <= 1/2, 2^f from kExp2Poly, 2^n from
+// the exponent bits. Inputs under -126 give 2^-126, still a normal float.
 MEMATTE_INLINE float exp2_nonpositive(float y) {
   y = std::max(y, -126.0f);
   constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const float n = (y + kRoundMagic) - kRoundMagic;
   const float f = y - n;
-  float p = 1.3276446843519807e-3f;
-  p = p * f + 9.675541892647743e-3f;
-  p = p * f + 5.550713464617729e-2f;
-  p = p * f + 2.4022120237350464e-1f;
-  p = p * f + 6.931469440460205e-1f;
-  p = p * f + 1.0000001192092896f;
+  float p = kExp2Poly[0];
+  for (int i = 1; i < 6; ++i) p = p * f + kExp2Poly[i];
   const uint32_t scale_bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &scale_bits, sizeof(scale));

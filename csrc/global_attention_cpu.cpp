@@ -64,16 +64,12 @@ struct GridArgs {
 };
 
 MEMATTE_AVX2 inline __m256 exp2_nonpositive(__m256 y) {
-  // As cpu::exp2_nonpositive: 2^n * 2^f, |f| <= 1/2, degree-5 minimax polynomial.
+  // As cpu::exp2_nonpositive: 2^n * 2^f, |f| <= 1/2, 2^f from cpu::kExp2Poly.
   y = _mm256_max_ps(_mm256_set1_ps(-126.0f), y);  // max returns its second operand for NaN: keep it
   const __m256 n = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(y, n);
-  __m256 p = _mm256_set1_ps(1.3276446843519807e-3f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.675541892647743e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550713464617729e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022120237350464e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931469440460205e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0000001192092896f));
+  __m256 p = _mm256_set1_ps(cpu::kExp2Poly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(cpu::kExp2Poly[i]));
   const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
 }
