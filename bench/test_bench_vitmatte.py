@@ -8,7 +8,7 @@ process that reports both (its peak RSS) and the alpha; smaller ones are timed i
 measured for memory in a fresh process. Fast cases are checked against the fp32 reference's
 alpha of their size where it ran. Cases whose estimated
 peak does not fit the memory available now are skipped (the reference at 2048² needs ~20 GB
-and at 3840x2160 ~70 GB: its global blocks build N×N logits).
+and at 3840x2160 ~80 GB: its global blocks build N×N logits).
 
     pytest bench/test_bench_vitmatte.py                       1024², 2048², 3840x2160
     pytest bench/test_bench_vitmatte.py --bench-sizes 3840x2160
