@@ -6,8 +6,9 @@
 // over all the H x W tokens j of i's image, straight from the (B, H, W, 3C) qkv projection.
 // Flash-style: the logits exist one (query block x key block) tile at a time, the softmax is
 // online, and the position bias is gathered inside the key loop from each query's own terms,
-// bias_h[i, 0:H] and bias_w[i, 0:W], computed per query block. Memory: the packed keys and
-// values of one (image, head) plus per-thread tiles; never N x N, never N x (H + W).
+// bias_h[i, 0:H] and bias_w[i, 0:W], computed per query block. Memory: the position tables
+// transposed (H x 64 x H + W x 64 x W floats), the packed keys and values of one (image, head)
+// and per-thread tiles; never N x N, never N x (H + W).
 //
 // Work per (image, head): K and V are converted to fp32 and re-laid out once,
 //   K: (key blocks of 16, 64 channels, 16 keys)  so a 16-key row of logits is 64 FMAs;

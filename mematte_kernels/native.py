@@ -256,7 +256,7 @@ def global_attention_avx2(qkv, rel_h, rel_w, num_heads: int, scale: float) -> to
     (head dim 64, an extension that has the op): flash-style, each query's position terms
     gathered inside the key loop, computed in fp32 for fp32, bf16 and fp16 tensors."""
     B, H, W, C3 = qkv.shape
-    if C3 != 3 * 64 * num_heads or not ext.has_kernel("global_attention", qkv.device):
+    if C3 != 3 * 64 * num_heads or qkv.device.type != "cpu" or not ext.cpu_avx2_kernels():
         return global_attention(qkv, rel_h, rel_w, num_heads, scale)
     refuse_grad("mematte_kernels.native.global_attention_avx2", qkv, rel_h, rel_w)
     return ext.global_attention(qkv.contiguous(), rel_h.float().contiguous(), rel_w.float().contiguous(), num_heads,

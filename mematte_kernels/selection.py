@@ -125,9 +125,9 @@ class SelectedOp:
         cached = read_cache().get(key)
         # A cache entry counts only if it measured exactly the candidates that run here now:
         # a rebuilt extension with a new kernel gets measured.
-        if cached is not None and set(cached.get("ms", {})) == {c.name for c in runnable}:
-            by_name = {c.name: c for c in runnable}
-            return by_name[cached["choice"]], f"cached: {_timings_text(cached.get('ms', {}))}"
+        by_name = {c.name: c for c in runnable}
+        if cached is not None and set(cached.get("ms", {})) == set(by_name) and cached.get("choice") in by_name:
+            return by_name[cached["choice"]], f"cached: {_timings_text(cached['ms'])}"
         timings = self._measure(runnable, dtype)
         best = min(timings, key=timings.get)
         write_cache(key, {"choice": best, "ms": timings})

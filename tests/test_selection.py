@@ -165,6 +165,14 @@ def test_cache_without_a_newly_runnable_candidate_is_measured_again(monkeypatch,
     assert op.choose(torch.float32).name == "new" and "new" in timed
 
 
+def test_cache_entry_naming_no_candidate_is_measured_again(monkeypatch, cache_dir):
+    """An entry whose timings match but whose choice is missing or foreign (edited by hand)."""
+    for entry in ({"ms": {"a": 3.0, "b": 2.0}}, {"choice": "c", "ms": {"a": 3.0, "b": 2.0}}):
+        selection.write_cache("toy_op/float32", entry)
+        timed = fake_timer(monkeypatch, {"a": 3.0, "b": 2.0})
+        assert make_op("a", "b").choose(torch.float32).name == "b" and timed
+
+
 def test_unwritable_cache_costs_only_a_warning(monkeypatch, tmp_path, caplog):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
