@@ -13,9 +13,10 @@
 // shapes at fp32 speed on these CPUs; this is the bf16 rate.
 //
 // Whole grids (ViTMatte's global attention, relpos_attention): every sequence is an H x W grid
-// of any size, and each query brings its own position terms, bias_h[i, 0:H] and bias_w[i, 0:W]
-// (fp32, q . rel_h[row(i), r] precomputed); key j's bias, bias_h[i, j / W] + bias_w[i, j % W],
-// is gathered inside the key loop. H + W values per query, never N.
+// of any size, and each query has its own position terms, bias_h[i, 0:H] and bias_w[i, 0:W]
+// (fp32, q . rel_h[row(i), r]), computed per query block from the gathered tables; key j's
+// bias, bias_h[i, j / W] + bias_w[i, j % W], is gathered inside the key loop. H + W values per
+// query of the block, never N, never the whole grid's.
 //
 // The same kernel runs the ViT's window attention straight from the (B, H, W, 3C) qkv
 // projection (window_attention): each window is a sequence whose tokens are read where
@@ -90,12 +91,17 @@ struct AttentionArgs {
   int64_t window, image_h, image_w;
   const c10::BFloat16* pad_k;
   const c10::BFloat16* pad_v;
-  // Whole grids: per-query position terms, (T, heads, grid_h) and (T, heads, grid_w) fp32
-  // contiguous; null otherwise.
-  const float* grid_bias_h;
-  const float* grid_bias_w;
-  int64_t grid_h, grid_w;
+  // Whole grids: the gathered position tables transposed, (grid_h, 64, grid_h_pad) and
+  // (grid_w, 64, grid_w_pad) fp32 times log2(e), zero past grid_h (grid_w); null otherwise.
+  const float* grid_rel_h;
+  const float* grid_rel_w;
+  int64_t grid_h, grid_w, grid_h_pad, grid_w_pad;
 };
+
+constexpr int64_t kTermCols = 64;  // position terms are computed 64 columns (4 registers) at a time
+
+// Floats of per-task scratch attend_block needs for a whole grid's position terms.
+int64_t grid_terms_size(const AttentionArgs& a) { return a.grid_rel_h != nullptr ? kBlockM * (a.grid_h_pad + a.grid_w_pad) : 0; }
 
 // The token row of position p of sequence s, or -1 for window padding.
 inline int64_t token_row(const AttentionArgs& a, const Sequence& s, int64_t p) {
@@ -224,9 +230,28 @@ MEMATTE_AVX512BF16 inline __m512 rel_bias(const uint16_t* q_row, const uint16_t*
   return _mm512_mul_ps(_mm512_add_ps(even, odd), _mm512_set1_ps(1.4426950408889634f));
 }
 
-// kBlockM queries of one (sequence, head) against all the sequence's keys, packed in kp, vp.
+// terms[0:cols_pad] = q . table[0:cols_pad] for one bf16 query row, table (64, cols_pad) fp32:
+// a query's position terms along one grid axis, 4 registers at a time so the FMA chains overlap.
+MEMATTE_AVX512BF16 inline void position_terms(const uint16_t* q_row, const float* table, int64_t cols_pad,
+                                              float* terms) {
+  for (int64_t x0 = 0; x0 < cols_pad; x0 += kTermCols) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t c = 0; c < kDim; ++c) {
+      const uint32_t bits = static_cast<uint32_t>(q_row[c]) << 16;  // bf16 -> fp32, exact
+      float qc;
+      std::memcpy(&qc, &bits, sizeof(qc));
+      const __m512 q = _mm512_set1_ps(qc);
+      for (int64_t t = 0; t < 4; ++t)
+        acc[t] = _mm512_fmadd_ps(q, _mm512_loadu_ps(table + c * cols_pad + x0 + t * kLanes), acc[t]);
+    }
+    for (int64_t t = 0; t < 4; ++t) _mm512_storeu_ps(terms + x0 + t * kLanes, acc[t]);
+  }
+}
+
+// kBlockM queries of one (sequence, head) against all the sequence's keys, packed in kp, vp;
+// grid_terms: grid_terms_size(a) floats of scratch.
 MEMATTE_AVX512BF16 void attend_block(const AttentionArgs& a, const Sequence& s, int64_t head, int64_t m0,
-                                     const uint16_t* kp, const uint16_t* vp) {
+                                     const uint16_t* kp, const uint16_t* vp, float* grid_terms) {
   alignas(64) uint16_t q_rows[kBlockM * kDim];   // the block's queries, zero past the end
   alignas(64) float logits[kBlockM * kBlockN];
   alignas(64) uint16_t probs[kBlockM * kBlockN];
@@ -258,18 +283,21 @@ MEMATTE_AVX512BF16 void attend_block(const AttentionArgs& a, const Sequence& s, 
     }
   }
 
-  // Whole grids: each row's two position-term rows (padding rows: the last real row's).
-  const bool grid_biased = a.grid_bias_h != nullptr;
+  // Whole grids: each row's position terms, in base 2 (padding rows: those of a zero query).
+  const bool grid_biased = a.grid_rel_h != nullptr;
   const float* grid_rows_h[kBlockM];
   const float* grid_rows_w[kBlockM];
   if (grid_biased) {
     for (int64_t r = 0; r < tile_rows; ++r) {
-      const int64_t row = out_rows[std::min(r, rows - 1)];
-      grid_rows_h[r] = a.grid_bias_h + (row * a.heads + head) * a.grid_h;
-      grid_rows_w[r] = a.grid_bias_w + (row * a.heads + head) * a.grid_w;
+      const int64_t i = m0 + std::min(r, rows - 1);  // the query's position in its grid
+      float* terms_h = grid_terms + r * a.grid_h_pad;
+      float* terms_w = grid_terms + kBlockM * a.grid_h_pad + r * a.grid_w_pad;
+      position_terms(q_rows + r * kDim, a.grid_rel_h + (i / a.grid_w) * kDim * a.grid_h_pad, a.grid_h_pad, terms_h);
+      position_terms(q_rows + r * kDim, a.grid_rel_w + (i % a.grid_w) * kDim * a.grid_w_pad, a.grid_w_pad, terms_w);
+      grid_rows_h[r] = terms_h;
+      grid_rows_w[r] = terms_w;
     }
   }
-  const __m512 log2e = _mm512_set1_ps(1.4426950408889634f);
 
   const __m512 scale = _mm512_set1_ps(a.scale_log2);
   const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -321,8 +349,7 @@ MEMATTE_AVX512BF16 void attend_block(const AttentionArgs& a, const Sequence& s, 
         } else if (grid_biased) {
           const __m512 bias_h = _mm512_i32gather_ps(_mm512_load_si512(grid_key_h + t * kLanes), grid_rows_h[r], 4);
           const __m512 bias_w = _mm512_i32gather_ps(_mm512_load_si512(grid_key_w + t * kLanes), grid_rows_w[r], 4);
-          const __m512 bias = _mm512_mul_ps(_mm512_add_ps(bias_h, bias_w), log2e);
-          x = _mm512_mask_mov_ps(minus_inf, mask, _mm512_fmadd_ps(logit, scale, bias));
+          x = _mm512_mask_mov_ps(minus_inf, mask, _mm512_fmadd_ps(logit, scale, _mm512_add_ps(bias_h, bias_w)));
         } else {
           x = _mm512_mask_mul_ps(minus_inf, mask, logit, scale);
         }
@@ -378,6 +405,17 @@ std::vector<uint16_t> pack_rel(const at::Tensor& rel) {
   return packed;
 }
 
+// A gathered table (n, n, 64) fp32 -> (n, 64, n_pad) times log2(e), zero past n.
+std::vector<float> transpose_rel(const at::Tensor& rel, int64_t n_pad) {
+  const int64_t n = rel.size(0);
+  std::vector<float> t(n * kDim * n_pad, 0.0f);
+  const float* src = rel.const_data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t c = 0; c < kDim; ++c) t[(i * kDim + c) * n_pad + j] = src[(i * n + j) * kDim + c] * 1.4426950408889634f;
+  return t;
+}
+
 // Runs every (sequence, head) of seqs. Long sequences are packed once into shared buffers
 // and split into (sequence, head, query block) tasks; short ones (windows) go one task per
 // (sequence, head), packed into the task's own buffers, which stay in its core's cache.
@@ -400,10 +438,12 @@ void run_attention(const AttentionArgs& args, const std::vector<Sequence>& seqs,
   const int64_t n_short = static_cast<int64_t>(short_seqs.size());
   at::parallel_for(0, n_short * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint16_t> kp(padded_length(kShortSequence) * kDim), vp(padded_length(kShortSequence) * kDim);
+    std::vector<float> grid_terms(grid_terms_size(args));
     for (int64_t i = begin; i < end; ++i) {
       const Sequence& s = short_seqs[i / heads];
       pack_kv(args, s, i % heads, kp.data(), vp.data());
-      for (int64_t m0 = 0; m0 < s.length; m0 += kBlockM) attend_block(args, s, i % heads, m0, kp.data(), vp.data());
+      for (int64_t m0 = 0; m0 < s.length; m0 += kBlockM)
+        attend_block(args, s, i % heads, m0, kp.data(), vp.data(), grid_terms.data());
     }
   });
 
@@ -425,9 +465,11 @@ void run_attention(const AttentionArgs& args, const std::vector<Sequence>& seqs,
     for (int64_t m0 = 0; m0 < long_seqs[i].length; m0 += kBlockM)
       for (int64_t h = 0; h < heads; ++h) tasks.push_back({i, h, m0});
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> grid_terms(grid_terms_size(args));
     for (int64_t t = begin; t < end; ++t) {
       const auto [seq, head, m0] = tasks[t];
-      attend_block(args, long_seqs[seq], head, m0, packed(k_packed, seq, head), packed(v_packed, seq, head));
+      attend_block(args, long_seqs[seq], head, m0, packed(k_packed, seq, head), packed(v_packed, seq, head),
+                   grid_terms.data());
     }
   });
 }
@@ -452,7 +494,7 @@ at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
                            rel_h.has_value() ? rel_h_packed.data() : nullptr,
                            rel_w.has_value() ? rel_w_packed.data() : nullptr,
                            rel_w.has_value() ? rel_w->size(0) : 0,
-                           0, 0, 0, nullptr, nullptr, nullptr, nullptr, 0, 0};
+                           0, 0, 0, nullptr, nullptr, nullptr, nullptr, 0, 0, 0, 0};
   run_attention(args, seqs, q.options());
 #else
   TORCH_CHECK(false, "mematte_ext.varlen_attention: this build has no AVX512-BF16 kernel");
@@ -476,7 +518,7 @@ at::Tensor window_attention_cpu(const at::Tensor& qkv, const at::Tensor& pad_qkv
   const AttentionArgs args{q, q + C, q + 2 * C, 3 * C, kDim, 3 * C, kDim, 3 * C, kDim,
                            out.mutable_data_ptr<c10::BFloat16>(), num_heads,
                            static_cast<float>(scale * 1.4426950408889634), rel_h_packed.data(), rel_w_packed.data(),
-                           window, window, H, W, pad + C, pad + 2 * C, nullptr, nullptr, 0, 0};
+                           window, window, H, W, pad + C, pad + 2 * C, nullptr, nullptr, 0, 0, 0, 0};
   run_attention(args, seqs, qkv.options());
 #else
   TORCH_CHECK(false, "mematte_ext.window_attention: this build has no AVX512-BF16 kernel");
@@ -484,8 +526,8 @@ at::Tensor window_attention_cpu(const at::Tensor& qkv, const at::Tensor& pad_qkv
   return out;
 }
 
-at::Tensor relpos_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias_h,
-                                const at::Tensor& bias_w, double scale) {
+at::Tensor relpos_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rel_h,
+                                const at::Tensor& rel_w, double scale) {
   const int64_t B = q.size(0), N = q.size(1), heads = q.size(2);
   at::Tensor out = at::empty({B, N, heads, 64}, q.options());
 #ifdef MEMATTE_HAVE_AVX512BF16_KERNEL
@@ -493,13 +535,15 @@ at::Tensor relpos_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   // N times its token stride).
   std::vector<Sequence> seqs;
   for (int64_t b = 0; b < B; ++b) seqs.push_back({b * N, N, 0, 0, 0});
+  const int64_t H = rel_h.size(0), W = rel_w.size(0);
+  const int64_t h_pad = (H + kTermCols - 1) / kTermCols * kTermCols, w_pad = (W + kTermCols - 1) / kTermCols * kTermCols;
+  const std::vector<float> rel_h_t = transpose_rel(rel_h, h_pad), rel_w_t = transpose_rel(rel_w, w_pad);
   const AttentionArgs args{q.const_data_ptr<c10::BFloat16>(), k.const_data_ptr<c10::BFloat16>(),
                            v.const_data_ptr<c10::BFloat16>(), q.stride(1), q.stride(2), k.stride(1), k.stride(2),
                            v.stride(1), v.stride(2), out.mutable_data_ptr<c10::BFloat16>(), heads,
                            static_cast<float>(scale * 1.4426950408889634), nullptr, nullptr, 0,
                            0, 0, 0, nullptr, nullptr,
-                           bias_h.const_data_ptr<float>(), bias_w.const_data_ptr<float>(), bias_h.size(3),
-                           bias_w.size(3)};
+                           rel_h_t.data(), rel_w_t.data(), H, W, h_pad, w_pad};
   run_attention(args, seqs, q.options());
 #else
   TORCH_CHECK(false, "mematte_ext.relpos_attention: this build has no AVX512-BF16 kernel");

@@ -58,13 +58,13 @@ at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
 at::Tensor window_attention_cpu(const at::Tensor& qkv, const at::Tensor& pad_qkv, const at::Tensor& rel_h,
                                 const at::Tensor& rel_w, int64_t num_heads, double scale, int64_t window);
 
-// Attention over whole H x W token grids with per-query position terms (ViTMatte's global
+// Attention over whole H x W token grids with decomposed relative position (ViTMatte's global
 // attention), bf16, head dim 64, on CPUs with AVX512-BF16: q, k, v (B, N = H * W, heads, 64)
-// with a contiguous last dim and a batch stride of N token strides; bias_h (B, N, heads, H)
-// and bias_w (B, N, heads, W) fp32 contiguous. logit[i, j] = scale q[i].k[j] +
-// bias_h[i, j / W] + bias_w[i, j % W]. Returns (B, N, heads, 64).
-at::Tensor relpos_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias_h,
-                                const at::Tensor& bias_w, double scale);
+// with a contiguous last dim and a batch stride of N token strides; rel_h (H, H, 64) and
+// rel_w (W, W, 64) the gathered tables, fp32 contiguous. logit[i, j] = scale q[i].k[j] +
+// q[i].rel_h[row(i), row(j)] + q[i].rel_w[col(i), col(j)]. Returns (B, N, heads, 64).
+at::Tensor relpos_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rel_h,
+                                const at::Tensor& rel_w, double scale);
 
 // ViTMatte's global attention on CPUs with AVX2 + FMA (cpu_has_avx2_fma()), computed in fp32
 // for fp32, bf16 and fp16: qkv (B, H, W, 3C) contiguous, C = num_heads * 64; rel_h (H, H, 64)

@@ -146,7 +146,7 @@ at::Tensor checked_varlen_attention(const at::Tensor& q, const at::Tensor& k, co
 }
 
 at::Tensor checked_relpos_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                    const at::Tensor& bias_h, const at::Tensor& bias_w, double scale) {
+                                    const at::Tensor& rel_h, const at::Tensor& rel_w, double scale) {
   TORCH_CHECK(cpu_has_avx512_bf16(), "mematte_ext.relpos_attention: needs a CPU with AVX512-BF16; this one has none");
   for (const auto& [name, t] : {std::pair{"q", q}, std::pair{"k", k}, std::pair{"v", v}}) {
     TORCH_CHECK(t.dim() == 4 && t.size(3) == 64, "mematte_ext.relpos_attention: ", name,
@@ -160,17 +160,15 @@ at::Tensor checked_relpos_attention(const at::Tensor& q, const at::Tensor& k, co
                 "mematte_ext.relpos_attention: ", name,
                 " must have a contiguous head dim and a batch stride of N token strides, got strides ", t.strides());
   }
-  const int64_t B = q.size(0), N = q.size(1), heads = q.size(2);
-  for (const auto& [name, t] : {std::pair{"bias_h", bias_h}, std::pair{"bias_w", bias_w}}) {
-    TORCH_CHECK(t.dim() == 4 && t.size(0) == B && t.size(1) == N && t.size(2) == heads && t.size(3) >= 1,
-                "mematte_ext.relpos_attention: ", name, " must be (", B, ", ", N, ", ", heads, ", H or W), got shape ",
-                t.sizes());
+  for (const auto& [name, t] : {std::pair{"rel_h", rel_h}, std::pair{"rel_w", rel_w}}) {
+    TORCH_CHECK(t.dim() == 3 && t.size(0) >= 1 && t.size(1) == t.size(0) && t.size(2) == 64,
+                "mematte_ext.relpos_attention: ", name, " must be a gathered table (n, n, 64), got shape ", t.sizes());
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device() == q.device(),
                 "mematte_ext.relpos_attention: ", name, " must be a contiguous float32 tensor on q's device");
   }
-  TORCH_CHECK(bias_h.size(3) * bias_w.size(3) == N, "mematte_ext.relpos_attention: the grid is ", bias_h.size(3),
-              "x", bias_w.size(3), " (from bias_h, bias_w) but q holds ", N, " tokens per image");
-  return relpos_attention_cpu(q, k, v, bias_h, bias_w, scale);
+  TORCH_CHECK(rel_h.size(0) * rel_w.size(0) == q.size(1), "mematte_ext.relpos_attention: the grid is ", rel_h.size(0),
+              "x", rel_w.size(0), " (from rel_h, rel_w) but q holds ", q.size(1), " tokens per image");
+  return relpos_attention_cpu(q, k, v, rel_h, rel_w, scale);
 }
 
 at::Tensor checked_window_attention(const at::Tensor& qkv, const at::Tensor& pad_qkv, const at::Tensor& rel_h,
@@ -318,7 +316,7 @@ TORCH_LIBRARY(mematte_ext, m) {
   m.def(
       "window_attention(Tensor qkv, Tensor pad_qkv, Tensor rel_h, Tensor rel_w, int num_heads, float scale, "
       "int window) -> Tensor");
-  m.def("relpos_attention(Tensor q, Tensor k, Tensor v, Tensor bias_h, Tensor bias_w, float scale) -> Tensor");
+  m.def("relpos_attention(Tensor q, Tensor k, Tensor v, Tensor rel_h, Tensor rel_w, float scale) -> Tensor");
   m.def("global_attention(Tensor qkv, Tensor rel_h, Tensor rel_w, int num_heads, float scale) -> Tensor");
 }
 

@@ -159,13 +159,13 @@ def window_attention(
 
 
 def relpos_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_h: torch.Tensor, bias_w: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """:func:`mematte_kernels.reference.relpos_attention` on AVX512-BF16 CPUs: bf16 q, k, v
-    (B, N, heads, 64) (a batch stride of N token strides, as views of one qkv give), fp32
-    per-query position terms bias_h (B, N, heads, H) and bias_w (B, N, heads, W) contiguous
-    -> (B, N, heads, 64); no N×N matrix is built."""
-    return torch.ops.mematte_ext.relpos_attention(q, k, v, bias_h, bias_w, scale)
+    """:func:`mematte_kernels.reference.rel_pos_attention` on AVX512-BF16 CPUs: bf16 q, k, v
+    (B, N, heads, 64) (a batch stride of N token strides, as views of one qkv give) over H×W
+    grids, the gathered tables rel_h (H, H, 64) and rel_w (W, W, 64) fp32 contiguous ->
+    (B, N, heads, 64); no N×N matrix, each query block's position terms computed in the kernel."""
+    return torch.ops.mematte_ext.relpos_attention(q, k, v, rel_h, rel_w, scale)
 
 
 def global_attention(qkv: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, num_heads: int,
@@ -204,7 +204,7 @@ if _C is not None:
     if hasattr(torch.ops.mematte_ext, "relpos_attention"):  # builds from before the op lack it
 
         @torch.library.register_fake("mematte_ext::relpos_attention")
-        def _relpos_attention_fake(q, k, v, bias_h, bias_w, scale):
+        def _relpos_attention_fake(q, k, v, rel_h, rel_w, scale):
             return q.new_empty(q.shape)
 
     if hasattr(torch.ops.mematte_ext, "global_attention"):

@@ -239,7 +239,7 @@ def _global_sdpa(qkv, rel_h, rel_w, num_heads: int, scale: float, compute: torch
 def global_attention_bf16(qkv, rel_h, rel_w, num_heads: int, scale: float) -> torch.Tensor:
     """:func:`global_attention` through the extension's AVX512-BF16 kernel where it applies
     (bf16, head dim 64, an extension that has the op): q, k, v read in place from ``qkv``,
-    the per-query position terms in fp32 (H + W values per query and head)."""
+    each query block's position terms computed in fp32 by the kernel."""
     B, H, W, C3 = qkv.shape
     C = C3 // 3
     if qkv.dtype != torch.bfloat16 or C != 64 * num_heads or not ext.has_kernel("relpos_attention", qkv.device):
@@ -247,8 +247,7 @@ def global_attention_bf16(qkv, rel_h, rel_w, num_heads: int, scale: float) -> to
     if B == 0 or H * W == 0:
         return qkv.new_empty((B, H, W, C))
     q, k, v = qkv.contiguous().view(B, H * W, 3, num_heads, 64).unbind(2)
-    bias_h, bias_w = reference.rel_pos_bias(q.reshape(B, H, W, num_heads, 64).float(), rel_h.float(), rel_w.float())
-    return ext.relpos_attention(q, k, v, bias_h.contiguous(), bias_w.contiguous(), scale).view(B, H, W, C)
+    return ext.relpos_attention(q, k, v, rel_h.float().contiguous(), rel_w.float().contiguous(), scale).view(B, H, W, C)
 
 
 def global_attention_avx2(qkv, rel_h, rel_w, num_heads: int, scale: float) -> torch.Tensor:

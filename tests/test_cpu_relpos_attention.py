@@ -104,11 +104,13 @@ def test_bf16_kernel_takes_the_bias_per_key():
 @needs_bf16_attention
 def test_bf16_kernel_rejects_bad_input():
     q = torch.zeros(1, 6, 1, 64, dtype=torch.bfloat16)
-    bias_h, bias_w = torch.zeros(1, 6, 1, 2), torch.zeros(1, 6, 1, 4)
+    rel_h, rel_w = torch.zeros(2, 2, 64), torch.zeros(4, 4, 64)
     with pytest.raises(RuntimeError, match="the grid is 2x4"):
-        ext.relpos_attention(q, q, q, bias_h, bias_w, 0.125)
-    with pytest.raises(RuntimeError, match="bias_h must be a contiguous float32"):
-        ext.relpos_attention(q, q, q, bias_h.bfloat16(), torch.zeros(1, 6, 1, 3), 0.125)
+        ext.relpos_attention(q, q, q, rel_h, rel_w, 0.125)
+    with pytest.raises(RuntimeError, match="rel_h must be a contiguous float32"):
+        ext.relpos_attention(q, q, q, rel_h.bfloat16(), torch.zeros(3, 3, 64), 0.125)
+    with pytest.raises(RuntimeError, match=r"rel_w must be a gathered table \(n, n, 64\)"):
+        ext.relpos_attention(q, q, q, rel_h, torch.zeros(3, 2, 64), 0.125)
 
 
 def _check_low_precision(out, qkv, rel_h, rel_w, heads, floor=0.0):

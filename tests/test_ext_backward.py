@@ -337,8 +337,8 @@ def _no_backward_args() -> dict[str, tuple]:
         "varlen_attention": (*(torch.randn(16, 1, 64, **bf16) for _ in range(3)), seqlens, 0.125),
         "relpos_attention": (
             *(torch.randn(1, 16, 1, 64, **bf16) for _ in range(3)),
-            torch.randn(1, 16, 1, 4),
-            torch.randn(1, 16, 1, 4),
+            torch.randn(4, 4, 64),
+            torch.randn(4, 4, 64),
             0.125,
         ),
         "global_attention": (torch.randn(1, 4, 4, 384), torch.randn(4, 4, 64), torch.randn(4, 4, 64), 2, 0.125),
