@@ -180,6 +180,7 @@ def test_a_nonfinite_loss_skips_the_update(data_dir, tmp_path):
     assert rows[1]["total_loss"] == "nan" and rows[2]["total_loss"] != "nan"
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # skipped updates keep the schedule quietly
 def test_losses_that_stay_nonfinite_stop_the_run(data_dir, tmp_path):
     torch.manual_seed(0)
     model = NanAt(range(100))

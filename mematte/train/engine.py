@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -291,7 +292,11 @@ class Trainer:
                     if ddp.main:
                         tqdm.write(f"iteration {iteration}: loss not finite ({text}); update skipped", file=sys.stderr)
                 lr = max(g["lr"] for g in self.optimizer.param_groups)
-                self.scheduler.step()
+                with warnings.catch_warnings():
+                    # The schedule follows iterations, skipped updates included; torch warns
+                    # when the first ones were skipped.
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                    self.scheduler.step()
                 seconds = time.perf_counter() - start
                 if metrics is not None:
                     self._metrics_row(metrics, iteration, {**values, "lr": lr, "s_per_iter": seconds})
