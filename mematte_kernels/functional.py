@@ -3,7 +3,7 @@
 Each checks its input, then runs the implementation :func:`mematte_kernels.dispatch.resolve`
 picks for the tensors' device, as the model does: the Triton kernels on CUDA tensors, the CPU
 path otherwise, ``MEMATTE_BACKEND`` honoured (``MEMATTE_BACKEND=triton`` runs the kernels on
-CPU tensors when ``TRITON_INTERPRET=1`` was set before import). Both are differentiable:
+CPU tensors when ``TRITON_INTERPRET=1`` was set before import). All are differentiable:
 when an input needs a gradient, the table is a training one (an inference-only kernel is
 swapped for its reference there).
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
+from .reference import rel_pos_table
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -108,3 +109,47 @@ def varlen_attention(
     if max(lengths, default=0) > max_seqlen:
         raise ValueError(f"{op}: max_seqlen {max_seqlen} is shorter than the longest sequence ({max(lengths)})")
     return _table(q, k, v).varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+def global_attention(
+    qkv: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    num_heads: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Global attention with decomposed relative position over a token grid, as the global
+    blocks of ViTDet, SAM's image encoder and ViTMatte compute it, without the N×N matrix on
+    the fast paths (flash attention with each query's H + W position terms).
+
+    qkv (B, H, W, 3 * num_heads * d): the block's qkv projection on the H×W grid (q, k, v in
+    that order along the last dim, heads within each, as ``qkv(x).reshape(B, H, W, 3, heads,
+    d)``); rel_pos_h (Lh, d) and rel_pos_w (Lw, d): the block's learned tables, linearly
+    resized to 2H − 1 and 2W − 1 rows where their length differs, as upstream does. The logit
+    of query i and key j is ``scale * q_i·k_j + q_i·Rh[row(i) − row(j)] + q_i·Rw[col(i) −
+    col(j)]``. Returns (B, H, W, num_heads * d) before the output projection. ``scale``
+    defaults to d ** -0.5. Differentiable in qkv and both tables (through the reference,
+    which builds the N×N logits, when one of them needs a gradient).
+    """
+    op = "global_attention"
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+        raise ValueError(f"{op}: num_heads must be a positive int, got {num_heads!r}")
+    for name, t in (("qkv", qkv), ("rel_pos_h", rel_pos_h), ("rel_pos_w", rel_pos_w)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if t.device != qkv.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but qkv is on {qkv.device}")
+    if qkv.dim() != 4 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"{op}: qkv must be 4-D (B, H, W, 3 * num_heads * head_dim) with num_heads = {num_heads}, "
+                         f"got shape {tuple(qkv.shape)}")
+    d = qkv.shape[-1] // (3 * num_heads)
+    for name, t in (("rel_pos_h", rel_pos_h), ("rel_pos_w", rel_pos_w)):
+        if t.dim() != 2 or t.shape[0] < 1 or t.shape[1] != d:
+            raise ValueError(f"{op}: {name} must be a (length, head_dim = {d}) table, got shape {tuple(t.shape)}")
+    B, H, W, _ = qkv.shape
+    rel_h = rel_pos_table(H, H, rel_pos_h).to(qkv.dtype)
+    rel_w = rel_pos_table(W, W, rel_pos_w).to(qkv.dtype)
+    table = _table(qkv, rel_pos_h, rel_pos_w)
+    return table.global_attention(qkv, rel_h, rel_w, num_heads, d**-0.5 if scale is None else scale)

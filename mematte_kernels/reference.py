@@ -281,6 +281,19 @@ def rel_pos_attention(
 # ------------------------------------------------------------ global attention
 
 
+def rel_pos_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """Gather relative positions for a q_size × k_size grid axis: (q_size, k_size, d) with
+    ``R[i, j] = rel_pos[i - j + k_size - 1]`` (scaled when q_size != k_size). The table is
+    linearly resized first when its length is not ``2 * max(q_size, k_size) - 1``."""
+    length = 2 * max(q_size, k_size) - 1
+    if rel_pos.shape[0] != length:
+        rel_pos = F.interpolate(rel_pos.T[None], size=length, mode="linear")[0].T
+    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
+    relative = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return rel_pos[relative.long()]
+
+
 def rel_pos_bias(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-query position terms of decomposed relative position over an H×W grid.
 

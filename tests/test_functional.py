@@ -1,4 +1,4 @@
-"""The public ops mematte_kernels.policy_attention and mematte_kernels.varlen_attention:
+"""The public ops mematte_kernels.policy_attention, varlen_attention and global_attention:
 dispatch as the model's (MEMATTE_BACKEND honoured), gradients on every backend, and clear
 errors for bad input."""
 from __future__ import annotations
@@ -72,6 +72,70 @@ def test_triton_backend_runs_the_kernels(monkeypatch):
     q, k, v, cu_seqlens, max_seqlen = packed_qkv([12, 5], 2, torch.float32, seed=16)
     assert torch.equal(mematte_kernels.varlen_attention(q, k, v, cu_seqlens, max_seqlen),
                        triton_ops.varlen_attention(q, k, v, cu_seqlens, max_seqlen))
+    qkv, table_h, table_w = grid_inputs(1, 3, 4, 1, seed=17)
+    rel_h, rel_w = reference.rel_pos_table(3, 3, table_h), reference.rel_pos_table(4, 4, table_w)
+    assert torch.equal(mematte_kernels.global_attention(qkv, table_h, table_w, 1),
+                       triton_ops.global_attention(qkv, rel_h, rel_w, 1, 0.125))
+
+
+def grid_inputs(B, H, W, heads, dtype=torch.float32, seed=0):
+    """qkv (B, H, W, 3 * heads * 64) and learned tables of 13 rows (resized for H, W != 7)."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, H, W, 3 * heads * 64, generator=g).to(dtype)
+    return qkv, torch.randn(13, 64, generator=g) * 0.2, torch.randn(13, 64, generator=g) * 0.2
+
+
+def upstream_global(qkv, table_h, table_w, heads, scale):
+    """ViTDet's global attention: tables resized and gathered, then the N×N formula."""
+    H, W = qkv.shape[1:3]
+    rel_h, rel_w = reference.rel_pos_table(H, H, table_h), reference.rel_pos_table(W, W, table_w)
+    return reference.global_attention(qkv, rel_h, rel_w, heads, scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_global_attention_every_backend(backend, monkeypatch):
+    """Gradients in qkv and both learned tables (one resized: 13 rows for a 5-row grid)."""
+    monkeypatch.setenv(dispatch.ENV_VAR, backend)
+    qkv, table_h, table_w = grid_inputs(2, 5, 7, 2, seed=18)
+    dout = torch.randn(2, 5, 7, 128, generator=torch.Generator().manual_seed(19))
+    assert_matches_fp64(lambda *t: mematte_kernels.global_attention(*t, 2, scale=0.3),
+                        lambda *t: upstream_global(*t, 2, 0.3), [qkv, table_h, table_w], dout)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(d, id=str(d)[6:]) for d in (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+def test_global_attention_inference_runs_the_fast_path(backend, dtype, monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, backend)
+    qkv, table_h, table_w = grid_inputs(1, 9, 6, 2, dtype, seed=20)
+    with torch.inference_mode():
+        out = mematte_kernels.global_attention(qkv, table_h, table_w, 2)
+    expected = upstream_global(qkv.double(), table_h.double(), table_w.double(), 2, 64**-0.5)
+    assert out.dtype == dtype and out.shape == expected.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+    else:
+        torch_bf16 = upstream_global(qkv, table_h.to(dtype), table_w.to(dtype), 2, 64**-0.5)
+        assert (out.double() - expected).abs().max() <= 2 * (torch_bf16.double() - expected).abs().max()
+
+
+def _bad_global_inputs():
+    qkv, th, tw = grid_inputs(1, 3, 4, 2)
+    yield "float64", (qkv.double(), th, tw, 2), TypeError, "qkv must be float16, bfloat16 or float32, got torch.float64"
+    yield "heads-zero", (qkv, th, tw, 0), ValueError, "num_heads must be a positive int, got 0"
+    yield "heads-float", (qkv, th, tw, 2.0), ValueError, "num_heads must be a positive int, got 2.0"
+    yield "not-3-heads-d", (qkv[..., :380], th, tw, 2), ValueError, r"qkv must be 4-D \(B, H, W, 3 \* num_heads"
+    yield "3d-qkv", (qkv[0], th, tw, 2), ValueError, r"qkv must be 4-D"
+    yield "table-dim", (qkv, th[:, :32], tw, 2), ValueError, r"rel_pos_h must be a \(length, head_dim = 64\) table"
+    yield "table-empty", (qkv, th, tw[:0], 2), ValueError, r"rel_pos_w must be a \(length, head_dim = 64\) table"
+    yield "table-device", (qkv, th.to("meta"), tw, 2), ValueError, "rel_pos_h is on meta but qkv is on cpu"
+    yield "table-list", (qkv, th, tw.tolist(), 2), TypeError, "rel_pos_w must be a tensor, got list"
+
+
+@pytest.mark.parametrize("args, error, message",
+                         [pytest.param(a, e, m, id=name) for name, a, e, m in _bad_global_inputs()])
+def test_global_attention_rejects_bad_input(args, error, message):
+    with pytest.raises(error, match=message):
+        mematte_kernels.global_attention(*args)
 
 
 def _bad_policy_inputs():
