@@ -12,7 +12,10 @@ Steps, in order; each has its own time limit, cut to what is left of the budget:
              window attention and a small model forward, in fp32, bf16 and fp16
   racecheck  compute-sanitizer --tool racecheck over the same calls, without the model
   attention  Triton varlen attention TFLOP/s at T = 4096 and 18500 tokens (ViT-S and ViT-B
-             heads, bf16 and fp16), torch's fused SDPA on the same shapes alongside
+             heads, bf16 and fp16), and ViTMatte's global attention (decomposed relative
+             position, from the qkv grid) on the 128x128 and 240x135 grids of 2048² and
+             3840x2160 images (ViT-S heads, bf16); torch's fused SDPA without the position
+             terms on the same shapes alongside
   bench      pytest bench/test_bench_model.py at 2048² then 3840x2160: the reference (fp32)
              against the fast path in bf16 and fp16, CUDA events, max_memory_allocated
 
@@ -48,11 +51,12 @@ DEFAULT_BUDGET_S = 470
 BENCH_SIZES = ("2048", "3840x2160")
 BENCH_SHARES = (0.4, 1.0)  # of the time left when each size starts: 4K costs about twice 2048²
 # Each step's own limit (seconds); the budget left cuts it further. bench takes the rest.
-STEP_LIMITS = {"build": 130, "tests-gpu": 110, "memcheck": 60, "racecheck": 45, "attention": 35}
+STEP_LIMITS = {"build": 130, "tests-gpu": 110, "memcheck": 60, "racecheck": 45, "attention": 55}
 # Without a GPU the steps that run (collecting the tests, Triton's interpreter) are slow.
 CPU_STEP_LIMIT = 300
 ATTENTION_LENGTHS = (4096, 18500)
 ATTENTION_HEADS = {"vit_s": 6, "vit_b": 12}
+GLOBAL_GRIDS = ((128, 128), (240, 135))  # (W, H) token grids of 2048² and 3840x2160 images
 LOG_TAIL_LINES = 40
 
 
@@ -267,10 +271,12 @@ def run_kernels_once(ours_only: bool) -> None:
 
 
 def attention_throughput() -> list[dict]:
-    """Triton varlen attention on one sequence of T tokens, against torch's fused SDPA."""
+    """Triton varlen attention on one sequence of T tokens, and ViTMatte's global attention
+    on one image's token grid, each against torch's fused SDPA (no position terms)."""
     import torch.nn.functional as F
 
-    from mematte_kernels.triton import varlen_attention
+    from mematte_kernels.reference import rel_pos_table
+    from mematte_kernels.triton import global_attention, varlen_attention
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
@@ -302,12 +308,28 @@ def attention_throughput() -> list[dict]:
                 per_head = [t.transpose(0, 1)[None] for t in (q, k, v)]
                 sdpa_s = median_s(lambda: F.scaled_dot_product_attention(*per_head))
                 records.append({
-                    "case": f"T{T}-{variant}-{heads}h-{str(dtype).removeprefix('torch.')}",
+                    "case": f"T{T}-{variant}-{heads}h-{str(dtype).removeprefix('torch.')}", "op": "varlen_attention",
                     "tokens": T, "heads": heads, "dtype": str(dtype), "flops": flops,
                     "time_s": triton_s, "tflops": flops / triton_s / 1e12,
                     "sdpa_time_s": sdpa_s, "sdpa_tflops": flops / sdpa_s / 1e12,
                     "timer": "triton.testing.do_bench median (CUDA events)" if gpu else "perf_counter median of 3",
                 })  # fmt: skip
+    heads = ATTENTION_HEADS["vit_s"] if gpu else 2
+    for W, H in GLOBAL_GRIDS if gpu else ((7, 5),):
+        qkv = torch.randn(1, H, W, 3 * heads * 64, device=device, dtype=torch.bfloat16)
+        tables = torch.randn(2, 2 * max(H, W) - 1, 64, device=device, dtype=torch.bfloat16) * 0.02
+        rel_h, rel_w = rel_pos_table(H, H, tables[0]), rel_pos_table(W, W, tables[1])
+        T = H * W
+        flops = 4 * T * T * 64 * heads + 2 * T * (H + W) * 64 * heads  # q·k, p·v, the position terms
+        triton_s = median_s(lambda: global_attention(qkv, rel_h, rel_w, heads, 0.125))
+        per_head = [t.reshape(T, heads, 64).transpose(0, 1)[None] for t in qkv.unflatten(-1, (3, -1)).unbind(-2)]
+        sdpa_s = median_s(lambda: F.scaled_dot_product_attention(*per_head))
+        records.append({
+            "case": f"grid{W}x{H}-{heads}h-bfloat16", "op": "global_attention", "tokens": T, "heads": heads,
+            "dtype": str(torch.bfloat16), "flops": flops, "time_s": triton_s, "tflops": flops / triton_s / 1e12,
+            "sdpa_time_s": sdpa_s, "sdpa_tflops": 4 * T * T * 64 * heads / sdpa_s / 1e12,
+            "timer": "triton.testing.do_bench median (CUDA events)" if gpu else "perf_counter median of 3",
+        })  # fmt: skip
     return records
 
 
