@@ -405,17 +405,6 @@ std::vector<uint16_t> pack_rel(const at::Tensor& rel) {
   return packed;
 }
 
-// A gathered table (n, n, 64) fp32 -> (n, 64, n_pad) times log2(e), zero past n.
-std::vector<float> transpose_rel(const at::Tensor& rel, int64_t n_pad) {
-  const int64_t n = rel.size(0);
-  std::vector<float> t(n * kDim * n_pad, 0.0f);
-  const float* src = rel.const_data_ptr<float>();
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < n; ++j)
-      for (int64_t c = 0; c < kDim; ++c) t[(i * kDim + c) * n_pad + j] = src[(i * n + j) * kDim + c] * 1.4426950408889634f;
-  return t;
-}
-
 // Runs every (sequence, head) of seqs. Long sequences are packed once into shared buffers
 // and split into (sequence, head, query block) tasks; short ones (windows) go one task per
 // (sequence, head), packed into the task's own buffers, which stay in its core's cache.
@@ -537,7 +526,7 @@ at::Tensor relpos_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   for (int64_t b = 0; b < B; ++b) seqs.push_back({b * N, N, 0, 0, 0});
   const int64_t H = rel_h.size(0), W = rel_w.size(0);
   const int64_t h_pad = (H + kTermCols - 1) / kTermCols * kTermCols, w_pad = (W + kTermCols - 1) / kTermCols * kTermCols;
-  const std::vector<float> rel_h_t = transpose_rel(rel_h, h_pad), rel_w_t = transpose_rel(rel_w, w_pad);
+  const std::vector<float> rel_h_t = transposed_rel_table(rel_h, h_pad), rel_w_t = transposed_rel_table(rel_w, w_pad);
   const AttentionArgs args{q.const_data_ptr<c10::BFloat16>(), k.const_data_ptr<c10::BFloat16>(),
                            v.const_data_ptr<c10::BFloat16>(), q.stride(1), q.stride(2), k.stride(1), k.stride(2),
                            v.stride(1), v.stride(2), out.mutable_data_ptr<c10::BFloat16>(), heads,

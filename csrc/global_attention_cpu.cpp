@@ -256,23 +256,12 @@ MEMATTE_AVX2 void attend_block(const GridArgs& a, const scalar_t* q, scalar_t* o
   }
 }
 
-// A gathered table (n, n, 64) -> (n, 64, n_pad) times log2(e), zero past n.
-std::vector<float> transpose_table(const at::Tensor& rel, int64_t n_pad) {
-  const int64_t n = rel.size(0);
-  std::vector<float> t(n * kDim * n_pad, 0.0f);
-  const float* src = rel.const_data_ptr<float>();
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < n; ++j)
-      for (int64_t c = 0; c < kDim; ++c) t[(i * kDim + c) * n_pad + j] = src[(i * n + j) * kDim + c] * kLog2e;
-  return t;
-}
-
 template <typename scalar_t>
 void run_grid(const at::Tensor& qkv, const at::Tensor& rel_h, const at::Tensor& rel_w, int64_t heads, double scale,
               at::Tensor& out) {
   const int64_t B = qkv.size(0), H = qkv.size(1), W = qkv.size(2), C = heads * kDim, N = H * W;
   const int64_t h_pad = round_up(H, kBiasCols), w_pad = round_up(W, kBiasCols);
-  const std::vector<float> rel_h_t = transpose_table(rel_h, h_pad), rel_w_t = transpose_table(rel_w, w_pad);
+  const std::vector<float> rel_h_t = transposed_rel_table(rel_h, h_pad), rel_w_t = transposed_rel_table(rel_w, w_pad);
   const GridArgs a{H, W, heads, 3 * C, static_cast<float>(scale * kLog2e), rel_h_t.data(), rel_w_t.data(), h_pad, w_pad};
   const int64_t n_pad = round_up(N, kBlockN);
   std::vector<float> kp(n_pad * kDim), vp(n_pad * kDim);
@@ -304,12 +293,8 @@ at::Tensor global_attention_cpu(const at::Tensor& qkv, const at::Tensor& rel_h, 
   at::Tensor out = at::empty({qkv.size(0), qkv.size(1), qkv.size(2), num_heads * 64}, qkv.options());
   if (out.numel() == 0) return out;
 #ifdef MEMATTE_HAVE_AVX2_KERNEL
-  switch (qkv.scalar_type()) {
-    case at::kFloat: run_grid<float>(qkv, rel_h, rel_w, num_heads, scale, out); break;
-    case at::kBFloat16: run_grid<c10::BFloat16>(qkv, rel_h, rel_w, num_heads, scale, out); break;
-    case at::kHalf: run_grid<c10::Half>(qkv, rel_h, rel_w, num_heads, scale, out); break;
-    default: TORCH_CHECK(false, "mematte_ext.global_attention: unsupported dtype ", qkv.scalar_type());
-  }
+  MEMATTE_DISPATCH_FLOAT_HALF_BF16(qkv.scalar_type(), "global_attention_cpu",
+                                   [&] { run_grid<scalar_t>(qkv, rel_h, rel_w, num_heads, scale, out); });
 #else
   TORCH_CHECK(false, "mematte_ext.global_attention: this build has no AVX2 kernel");
 #endif

@@ -8,6 +8,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 // The dtypes the ops accept; instantiating only these keeps the build short.
 #define MEMATTE_DISPATCH_FLOAT_HALF_BF16(TYPE, NAME, ...)        \
@@ -17,6 +18,19 @@
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace mematte {
+
+// A gathered position table (n, n, 64) fp32 laid out for the CPU attention kernels, which
+// compute each query's position terms along a grid axis as 64 rows of n_pad multiply-adds:
+// (n, 64, n_pad) times log2(e) (their softmax runs in base 2), zero past n.
+inline std::vector<float> transposed_rel_table(const at::Tensor& rel, int64_t n_pad) {
+  const int64_t n = rel.size(0);
+  std::vector<float> t(n * 64 * n_pad, 0.0f);
+  const float* src = rel.const_data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t c = 0; c < 64; ++c) t[(i * 64 + c) * n_pad + j] = src[(i * n + j) * 64 + c] * 1.4426950408889634f;
+  return t;
+}
 
 // Depthwise 5x5 conv, padding 2, + bias + exact GELU.
 // x (B, H, W, C) contiguous; weight (C, 1, 5, 5); bias (C).
