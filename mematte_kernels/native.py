@@ -218,7 +218,10 @@ def _global_sdpa(qkv, rel_h, rel_w, num_heads: int, scale: float, compute: torch
     grid = qkv.reshape(B, H, W, 3, num_heads, d)
     rel_h, rel_w = rel_h.to(compute), rel_w.to(compute)
     out = qkv.new_empty((B, H, W, num_heads, d))
-    rows = max(1, GLOBAL_CHUNK_LOGITS // max(1, num_heads * N * W))
+    rows = max(1, min(H, GLOBAL_CHUNK_LOGITS // max(1, num_heads * N * W)))
+    # One buffer for every strip's bias: a fresh allocation of this size is new pages from
+    # the OS each time, and faulting them in costs more than writing the bias.
+    bias_storage = qkv.new_empty(num_heads * rows * W * N, dtype=compute)
     for b in range(B):
         k, v = (grid[b, :, :, i].reshape(N, num_heads, d).transpose(0, 1).to(compute).contiguous()[None] for i in (1, 2))
         for top in range(0, H, rows):
@@ -227,7 +230,7 @@ def _global_sdpa(qkv, rel_h, rel_w, num_heads: int, scale: float, compute: torch
             # The strip's per-query position terms (as reference.rel_pos_bias), then its bias.
             bias_h = torch.einsum("yxnc,ykc->nyxk", q, rel_h[top : top + r])  # (heads, r, W, H)
             bias_w = torch.einsum("yxnc,xkc->nyxk", q, rel_w)  # (heads, r, W, W)
-            bias = q.new_empty((num_heads, r, W, H, W))
+            bias = bias_storage[: num_heads * r * W * N].view(num_heads, r, W, H, W)
             torch.add(bias_h[..., None], bias_w[..., None, :], out=bias)
             o = F.scaled_dot_product_attention(
                 q.reshape(r * W, num_heads, d).transpose(0, 1)[None], k, v, attn_mask=bias.view(1, num_heads, r * W, N), scale=scale
