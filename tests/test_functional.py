@@ -92,6 +92,15 @@ def upstream_global(qkv, table_h, table_w, heads, scale):
     return reference.global_attention(qkv, rel_h, rel_w, heads, scale)
 
 
+@pytest.mark.parametrize("H, W", [pytest.param(3, 4, id="3x4-both-resized"), pytest.param(1, 7, id="1x7-w-as-learned")])
+def test_global_attention_reference_gradcheck(H, W):
+    """The path gradients take: the learned tables resized (13 rows to 2n - 1) and gathered,
+    then the N×N formula, in float64."""
+    qkv, table_h, table_w = grid_inputs(1, H, W, 1, torch.float64, seed=21)
+    inputs = tuple(t.double().requires_grad_() for t in (qkv, table_h, table_w))
+    assert torch.autograd.gradcheck(lambda *t: upstream_global(*t, 1, 0.3), inputs)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_global_attention_every_backend(backend, monkeypatch):
     """Gradients in qkv and both learned tables (one resized: 13 rows for a 5-row grid)."""
