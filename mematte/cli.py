@@ -29,6 +29,7 @@ COMMANDS = (
     "mematte.cli:add_predict",
     "mematte.cli:add_eval",
     "mematte.cli:add_info",
+    "mematte.serve.command:add_parser",
     "mematte.train.command:add_parser",
 )
 
