@@ -281,6 +281,36 @@ def test_unknown_paths_and_methods_answer_json(server):
         assert c.get("/admin").status_code == 404 and "error" in c.get("/admin").json()
 
 
+def test_a_client_that_goes_away_has_its_work_dropped(server):
+    size = (384, 384)
+    body = httpx.Request("POST", server.url + "/v1/matte", files={
+        "image": png_bytes(photo(*size)), "trimap": png_bytes(trimap(*size))})
+    body.read()
+    head = b"POST /v1/matte HTTP/1.1\r\nHost: x\r\n" + b"".join(
+        f"{k}: {v}\r\n".encode() for k, v in body.headers.items() if k.lower() != "host") + b"\r\n"
+    host, port = server.url.removeprefix("http://").split(":")
+    with server.client() as c:
+        dropped = _count(c.get("/metrics").text, "499")
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(head + body.content)
+            for _ in range(100):  # until the model works on it
+                if c.get("/healthz").json()["in_progress"]:
+                    break
+                time.sleep(0.02)
+        for _ in range(100):
+            if _count(c.get("/metrics").text, "499") > dropped:
+                break
+            time.sleep(0.05)
+        assert _count(c.get("/metrics").text, "499") == dropped + 1
+        assert c.get("/healthz").json()["status"] == "ok"
+        assert post(server, files=GOOD).status_code == 200
+
+
+def _count(metrics: str, status: str) -> float:
+    line = next((l for l in metrics.splitlines() if l.startswith(f'mematte_requests_total{{status="{status}"}}')), None)
+    return float(line.split()[-1]) if line else 0.0
+
+
 # ---------------------------------------------------------------------- load
 
 
