@@ -3,9 +3,17 @@ tests/test_estimate_memory.py): prints JSON with the growth of the peak resident
 the resident size just before the call, and the model's own estimate.
 
     python tests/memory_worker.py {mematte,vitmatte} DTYPE HEIGHT WIDTH
+
+glibc's malloc moves its mmap threshold as blocks are freed, which makes the resident
+size after a warm-up call vary by a factor of 3 from run to run; a fixed threshold makes
+every large block its own mapping, so the peak resident size is the peak of what is live.
 """
 import json
+import os
 import sys
+
+if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # glibc reads it at start-up: run again with it
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
 
 import numpy as np
 import torch
