@@ -374,11 +374,25 @@ def test_load_64_clients_get_200_or_503_and_memory_stays_within_admission(checkp
 # ---------------------------------------------------------------------- SIGTERM, API key
 
 
-def test_sigterm_finishes_the_request_in_flight_and_exits_0(checkpoint):
+@pytest.fixture(scope="module")
+def vitmatte_checkpoint(tmp_path_factory):
+    import torch
+
+    from mematte import FastViTMatte
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vitmatte") / "random_vitmatte_s.pth"
+    torch.save(FastViTMatte("vit_s").state_dict(), path)
+    return path
+
+
+def test_sigterm_finishes_the_request_in_flight_and_exits_0(vitmatte_checkpoint):
     size = (512, 512)
     image, guide = png_bytes(photo(*size)), png_bytes(trimap(*size))
-    server = serve_helpers.start(checkpoint, "--timeout", "60")
+    server = serve_helpers.start(vitmatte_checkpoint, "--timeout", "60")
     try:
+        with server.client() as c:  # a ViTMatte checkpoint is served as well
+            assert c.get("/healthz").json()["model"] == "FastViTMatte(vit_s)"
         answer = []
         request = threading.Thread(target=lambda: answer.append(
             post(server, files={"image": image, "trimap": guide})))

@@ -43,9 +43,9 @@ FILE_FIELDS = ("image", "trimap", "mask", "background")
 TEXT_FIELDS = ("band", "output", "bits", "max_tokens")
 OUTPUTS = ("alpha", "rgba", "composite")
 MAX_BAND = 1024
-# Bytes per pixel the request adds around the model call (decoded arrays, trimap, alpha,
-# foreground colours, PNG encoding), measured with the model call left out: see
-# docs/serving.md.
+# Bytes per pixel a request holds besides the model call (decoded image and trimap, alpha,
+# foreground colours, composite, PNG encoding), added to it as an upper bound: requests'
+# measured peaks stay below the sum (docs/serving.md).
 PIPELINE_BYTES_PER_PIXEL = {"alpha": 40, "rgba": 120, "composite": 150}
 STATIC = resources.files(__package__) / "static"
 # The page may use nothing but itself.
