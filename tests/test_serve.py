@@ -311,6 +311,23 @@ def _count(metrics: str, status: str) -> float:
     return float(line.split()[-1]) if line else 0.0
 
 
+def test_past_the_timeout_the_answer_is_504_and_the_work_is_dropped(server):
+    size = (1536, 1536)  # seconds of matting on a CPU, against the fixture's --timeout 4
+    files = {"image": png_bytes(np.zeros((*size, 3), np.uint8)), "trimap": png_bytes(np.full(size, 128, np.uint8))}
+    start = time.monotonic()
+    response = post(server, files=files)
+    assert response.status_code == 504 and "timeout" in response.json()["error"]
+    assert time.monotonic() - start < 4 + 2
+    assert post(server, files=GOOD).status_code == 200  # the model's thread is free again
+
+
+def test_cors_is_off_without_cors_origin(server):
+    with server.client() as c:
+        answer = c.options("/v1/matte", headers={"Origin": "http://example.test",
+                                                 "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in answer.headers
+
+
 # ---------------------------------------------------------------------- load
 
 
@@ -428,7 +445,11 @@ def test_binding_off_loopback_needs_a_key(checkpoint):
 def test_the_api_key_is_enforced_on_0_0_0_0(checkpoint):
     key = "s3cret-key-for-tests"
     with serve_helpers.running(checkpoint, "--host", "0.0.0.0", "--api-key-env", "MEMATTE_TEST_KEY",
-                               env={"MEMATTE_TEST_KEY": key}) as server:
+                               "--cors-origin", "http://allowed.test", env={"MEMATTE_TEST_KEY": key}) as server:
+        with server.client() as c:  # --cors-origin allows that origin, and no other
+            for origin, allowed in (("http://allowed.test", True), ("http://other.test", False)):
+                answer = c.options("/v1/matte", headers={"Origin": origin, "Access-Control-Request-Method": "POST"})
+                assert (answer.headers.get("access-control-allow-origin") == origin) == allowed, origin
         for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer " + key[:-1]},
                         {"Authorization": "Basic " + key}):
             response = post(server, files=GOOD, headers=headers)
