@@ -460,3 +460,13 @@ def test_the_api_key_is_enforced_on_0_0_0_0(checkpoint):
             assert c.get("/healthz").json()["api_key_required"] is True
         for headers in ({"X-API-Key": key}, {"Authorization": "Bearer " + key}):
             assert post(server, files=GOOD, headers=headers).status_code == 200
+
+
+def test_importing_mematte_and_serve_help_import_no_server_library():
+    code = ("import sys, mematte; from mematte.cli import main; main(['serve', '--help']); "
+            "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette', 'prometheus_client', 'torch') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=serve_helpers.ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "POST /v1/matte" in done.stdout and done.stdout.splitlines()[-1] == "[]"
