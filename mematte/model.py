@@ -185,7 +185,7 @@ class MattingModel(nn.Module):
     # fresh processes on the CPU (docs/serving.md): per token and channel of the backbone,
     # per pixel of the largest batch of decoder tiles, and a constant.
     _MEMORY_FIT: dict[torch.dtype, tuple[float, float, int]] = {
-        torch.bfloat16: (0.0, 131.2, 0), torch.float32: (119.2, 0.0, 20 << 20)}
+        torch.bfloat16: (0.0, 85.3, 17_800_000), torch.float32: (0.0, 156.0, 21_700_000)}
     _canvas_multiple = TILE
 
     def estimate_memory(self, height: int, width: int) -> int:
