@@ -85,10 +85,13 @@ def test_round_trip_gives_the_bytes_of_mematte_predict(server, checkpoint, tmp_p
     (tmp_path / "bg.png").write_bytes(png_bytes(photo(40, 60, seed=1)))
     (tmp_path / "photo_mask.png").write_bytes(MASK)
     run = [sys.executable, "-m", "mematte", "predict", str(tmp_path / "photo.jpg"), "--checkpoint", str(checkpoint)]
-    subprocess.run(run + ["--trimap", str(tmp_path / "photo_trimap.png"), "--rgba", "--background",
-                          str(tmp_path / "bg.png"), "-o", str(tmp_path / "trimap")], check=True, capture_output=True)
-    subprocess.run(run + ["--mask", str(tmp_path / "photo_mask.png"), "--band", "6", "--16bit",
-                          "-o", str(tmp_path / "mask")], check=True, capture_output=True)
+    predicts = [subprocess.Popen(run + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for args in (
+        ["--trimap", str(tmp_path / "photo_trimap.png"), "--rgba", "--background", str(tmp_path / "bg.png"),
+         "-o", str(tmp_path / "trimap")],
+        ["--mask", str(tmp_path / "photo_mask.png"), "--band", "6", "--16bit", "-o", str(tmp_path / "mask")])]
+    for done in predicts:
+        _, err = done.communicate(timeout=300)
+        assert done.returncode == 0, err.decode()
     image = (tmp_path / "photo.jpg").read_bytes()
     asked = {
         "trimap/photo_alpha.png": ({"trimap": TRIMAP}, {}),
