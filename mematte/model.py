@@ -185,7 +185,7 @@ class MattingModel(nn.Module):
     # fresh processes on the CPU (docs/serving.md): per token and channel of the backbone,
     # per pixel of the largest batch of decoder tiles, and a constant.
     _MEMORY_FIT: dict[torch.dtype, tuple[float, float, int]] = {
-        torch.bfloat16: (0.0, 85.3, 17_800_000), torch.float32: (0.0, 156.0, 21_700_000)}
+        torch.bfloat16: (5.23, 77.4, 18_100_000), torch.float32: (5.48, 147.7, 22_200_000)}
     _canvas_multiple = TILE
 
     def estimate_memory(self, height: int, width: int) -> int:
@@ -194,8 +194,8 @@ class MattingModel(nn.Module):
         activations, the largest batch of decoder tiles and the alpha, for the fast
         backends' tiled decoding.
 
-        On the CPU this is the growth of the process's resident memory (tested within 25 %
-        at several sizes); on a GPU the same formula stands for the growth of
+        On the CPU this is the growth of what the process holds (its resident memory with
+        glibc's mmap threshold fixed; tested within 25 % at several sizes); on a GPU the same formula stands for the growth of
         ``torch.cuda.max_memory_allocated`` (with the GPU's larger tile budget) and is not
         measured. The reference backend and whole-image decoding need more.
         """
