@@ -1,6 +1,6 @@
 """The HTTP application: admission (key, form, formats, sizes, memory) on the event loop,
-matting on the model's thread (:mod:`.worker`), everything answered as PNG or as JSON
-``{"error": ...}``."""
+matting on the model's thread with same-size images batched (:mod:`.worker`), everything
+answered as PNG or as JSON ``{"error": ...}``."""
 from __future__ import annotations
 
 import hmac
@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 from .. import io
 from ..model import check_max_tokens
 from .limits import BodyLimits, BodyTooLarge, BodyTooSlow
-from .worker import Cancelled, Job, Matter, QueueFull
+from .worker import MAX_BATCH, Cancelled, Job, Matter, QueueFull
 
 log = logging.getLogger("mematte.serve")
 
@@ -94,8 +94,11 @@ def request_memory(model, height: int, width: int, output: str) -> int:
 def create_app(model, settings: Settings, *, free_memory=free_memory):
     """The ASGI application serving ``model`` (one loaded FastMEMatte or FastViTMatte)."""
     device = model.pixel_mean.device
-    matter = Matter(model, queue=settings.queue, tile=settings.tile, max_pixels=settings.max_pixels)
     registry = CollectorRegistry()
+    batch_sizes = Histogram("mematte_batch_size", "Images matted together in one forward pass", registry=registry,
+                            buckets=tuple(range(1, MAX_BATCH + 1)))
+    matter = Matter(model, queue=settings.queue, tile=settings.tile, max_pixels=settings.max_pixels,
+                    free_memory=lambda: free_memory(device), on_batch=batch_sizes.observe)
     requests = Counter("mematte_requests", "Matting requests by HTTP status", ["status"], registry=registry)
     latency = Histogram("mematte_request_seconds", "Time to answer a matting request", registry=registry,
                         buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120))
@@ -274,7 +277,7 @@ async def _admit(request: Request, folder: Path, model, settings: Settings, devi
                            f"the {device.type} has {free / 2**30:.1f} GiB free")
     return Job(folder=folder, image=files["image"], trimap=files.get("trimap"), mask=files.get("mask"),
                background=files.get("background"), band=band, output=output, bits=bits,
-               max_tokens=max_tokens)
+               max_tokens=max_tokens, size=(height, width), need=need)
 
 
 def _whole(options: dict, name: str, default: int, least: int, most: int) -> int:
