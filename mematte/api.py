@@ -183,23 +183,36 @@ def matte(model: FastMEMatte, image: np.ndarray, trimap: np.ndarray, *,
     clamped); its "routing" sends every token to global attention. Raises ValueError
     rather than return a NaN or infinite alpha.
     """
-    img = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
-    tri = torch.from_numpy(trimap.astype(np.float32) / 255.0)[None, None]
+    return matte_batch(model, [image], [trimap], tile=tile)[0]
+
+
+def matte_batch(model: FastMEMatte, images: list[np.ndarray], trimaps: list[np.ndarray], *,
+                tile: bool = True) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+    """:func:`matte` of several images of one size in one forward pass (routing and
+    attention are per image, so each alpha is the one :func:`matte` gives)."""
+    img = torch.from_numpy(np.stack([np.ascontiguousarray(image.transpose(2, 0, 1)) for image in images]))
+    tri = torch.from_numpy(np.stack([trimap.astype(np.float32) / 255.0 for trimap in trimaps]))[:, None]
     if not isinstance(model, FastMEMatte):  # ViTMatte: every token of a global block attends
         with torch.inference_mode():
-            alpha = model({"image": img, "trimap": tri})["phas"][0, 0].float().cpu().numpy()
-        check_alpha(alpha)
-        H, W = image.shape[:2]
+            alphas = model({"image": img, "trimap": tri})["phas"][:, 0].float().cpu().numpy()
+        H, W = images[0].shape[:2]
         if H % 32 or W % 32:
             H, W = padded_size(H), padded_size(W)
-        return alpha, [np.ones((H // 16, W // 16), bool) for _ in range(4)]
+        results = []
+        for alpha in alphas:
+            check_alpha(alpha)
+            results.append((alpha, [np.ones((H // 16, W // 16), bool) for _ in range(4)]))
+        return results
     with torch.inference_mode():
         outputs, _, decisions = model({"image": img, "trimap": tri}, patch_decoder=tile)
-        alpha = outputs["phas"][0, 0].float().cpu().numpy()
-    check_alpha(alpha)
-    alpha[trimap == BACKGROUND] = 0.0
-    alpha[trimap == FOREGROUND] = 1.0
-    return alpha, [d[0, :, :, 0].bool().cpu().numpy() for d in decisions]
+        alphas = outputs["phas"][:, 0].float().cpu().numpy()
+    results = []
+    for b, (alpha, trimap) in enumerate(zip(alphas, trimaps)):
+        check_alpha(alpha)
+        alpha[trimap == BACKGROUND] = 0.0
+        alpha[trimap == FOREGROUND] = 1.0
+        results.append((alpha, [d[b, :, :, 0].bool().cpu().numpy() for d in decisions]))
+    return results
 
 
 def background_array(background) -> np.ndarray:
@@ -360,9 +373,20 @@ def predict_file(
 
     warn_if_degenerate(trimap, name=f"trimap of {image_path}")
     alpha, routing = matte(model, image, trimap, tile=tile)
+    return finish_matte(image_path, image, trimap, alpha, routing, device=model.pixel_mean.device,
+                        out_dir=out_dir, rgba=rgba, background=background, save_routing=save_routing, bits=bits)
+
+
+def finish_matte(image_path: str | os.PathLike, image: np.ndarray, trimap: np.ndarray, alpha: np.ndarray,
+                 routing: list[np.ndarray], *, device: torch.device, out_dir: str | os.PathLike | None = None,
+                 rgba: bool = False, background: np.ndarray | None = None, save_routing: bool = False,
+                 bits: int = 8) -> Matte:
+    """The second half of :func:`predict_file`, after the model: foreground colours and
+    composite where asked, and the outputs written as one set. ``background`` as
+    :func:`background_array` returns it."""
     result = Matte(alpha=alpha, trimap=trimap, routing=routing)
     if rgba or background is not None:
-        result.foreground = estimate_foreground(image, alpha, device=model.pixel_mean.device)
+        result.foreground = estimate_foreground(image, alpha, device=device)
     if background is not None:
         backdrop = fit_background(background, *alpha.shape)
         result.composite = composite(result.foreground, alpha, backdrop)

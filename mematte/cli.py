@@ -29,6 +29,7 @@ COMMANDS = (
     "mematte.cli:add_predict",
     "mematte.cli:add_eval",
     "mematte.cli:add_info",
+    "mematte.serve.command:add_parser",
     "mematte.train.command:add_parser",
 )
 
@@ -215,6 +216,9 @@ def add_info(sub) -> argparse.ArgumentParser:
         epilog=EXIT_CODES_TEXT, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     i.add_argument("checkpoint", metavar="CHECKPOINT", type=Path)
+    i.add_argument("--size", type=_image_size, action="append", default=[], metavar="WxH",
+                   help="also print the memory matting a W×H image takes (model.estimate_memory), "
+                        "on the CPU in the dtype --dtype auto picks (repeatable)")
     i.set_defaults(run="mematte.commands:run_info")
     return i
 
@@ -232,6 +236,14 @@ def _whole(least: int, unit: str, most: int | None = None):
             raise argparse.ArgumentTypeError(f"{text} {unit}: must be ≤ {most:,}")
         return value
     return parse
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    """An argparse type: ``WxH`` (or ``W×H``) as (height, width)."""
+    parts = text.lower().replace("×", "x").split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 3840x2160 (width x height)")
+    return int(parts[1]), int(parts[0])
 
 
 def add_max_pixels(p: argparse.ArgumentParser) -> None:

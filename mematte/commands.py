@@ -442,6 +442,14 @@ def run_info(args: argparse.Namespace) -> int:
     # Papers count the state dict, BatchNorm statistics included.
     print(f"parameters:  {stored:,} ({learned:,} learned + {stored - learned:,} BatchNorm statistics)")
     print(f"loads into:  {cls.__name__}({variant})")
+    if args.size:
+        device = torch.device("cpu")
+        dtype = api.resolve_dtype("auto", device)
+        model = cls.from_checkpoint(state_dict, dtype=dtype)
+        for height, width in args.size:
+            need = model.estimate_memory(height, width)
+            print(f"memory:      {width}×{height}: {need / 2**30:.2f} GiB beyond the weights "
+                  f"({need / (height * width):.0f} B/px), cpu, {str(dtype).removeprefix('torch.')}")
     return EXIT_OK
 
 

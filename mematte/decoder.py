@@ -189,6 +189,20 @@ def tiles_per_batch(crop_pixels: int, images_per_tile: int, element_size: int, m
     return max(1, memory // per_tile)
 
 
+def tile_batches(height: int, width: int, canvas: tuple[int, int], tile: int, context: int,
+                 images_per_tile: int, element_size: int, memory: int | None) -> list[list]:
+    """The tiles of :func:`tile_grid` in the batches :func:`decode_tiled` decodes together:
+    tiles of the same crop size, as many as fit ``memory`` bytes (one at a time when None)."""
+    by_shape: dict[tuple[int, int], list] = {}
+    for crop, place in tile_grid(height, width, tile, context, canvas=canvas):
+        by_shape.setdefault((crop[1] - crop[0], crop[3] - crop[2]), []).append((crop, place))
+    chunks = []
+    for (crop_h, crop_w), group in by_shape.items():
+        max_batch = 1 if memory is None else tiles_per_batch(crop_h * crop_w, images_per_tile, element_size, memory)
+        chunks += [group[start : start + max_batch] for start in range(0, len(group), max_batch)]
+    return chunks
+
+
 def decode_tiled(
     decoder: DetailCapture | FoldedDecoder,
     features: torch.Tensor,
@@ -224,14 +238,7 @@ def decode_tiled(
     if not (0 < height <= Hp and 0 < width <= Wp):
         raise ValueError(f"size {size} must be within the {Hp}×{Wp} canvas")
     alpha = images.new_empty((B, 1, height, width), dtype=torch.float32)
-
-    by_shape: dict[tuple[int, int], list] = {}
-    for crop, place in tile_grid(height, width, tile, context, canvas=(Hp, Wp)):
-        by_shape.setdefault((crop[1] - crop[0], crop[3] - crop[2]), []).append((crop, place))
-    chunks = []
-    for (crop_h, crop_w), group in by_shape.items():
-        max_batch = 1 if memory is None else tiles_per_batch(crop_h * crop_w, B, images.element_size(), memory)
-        chunks += [group[start : start + max_batch] for start in range(0, len(group), max_batch)]
+    chunks = tile_batches(height, width, (Hp, Wp), tile, context, B, images.element_size(), memory)
     for done, chunk in enumerate(chunks, 1):
         imgs = torch.cat([images[:, :, t:b, l:r] for (t, b, l, r), _ in chunk])
         feats = torch.cat(

@@ -73,6 +73,29 @@ def open_image(path: str | os.PathLike, *, max_pixels: int | None = MAX_PIXELS) 
         raise ValueError(f"{path}: not a readable image ({e})") from e
 
 
+def read_header(path: str | os.PathLike, *, formats: tuple[str, ...] | None = None) -> tuple[str, int, int]:
+    """The format and the (height, width) a viewer shows (EXIF orientation applied; for a
+    PNG only where its EXIF precedes the pixels) of an image file, from its header alone:
+    nothing is decoded, so a file that claims a huge size costs nothing. ``formats``
+    limits the formats tried (Pillow's names).
+
+    Raises PIL.UnidentifiedImageError for a file in none of them and OSError for an
+    unreadable header.
+    """
+    with _pillow_limit:  # the size is checked by the caller, not by Pillow
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            with Image.open(path, formats=formats) as im:
+                # a PNG's EXIF may follow its pixels, where Pillow would decode them to reach it
+                stored_exif = im.format != "PNG" or "exif" in im.info
+                orientation = im.getexif().get(0x0112, 1) if stored_exif else 1
+                size, fmt = im.size, im.format
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    width, height = size
+    return fmt, *((width, height) if orientation in (5, 6, 7, 8) else (height, width))
+
+
 def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int | None) -> None:
     w, h = size
     if max_pixels is None or w * h <= max_pixels:

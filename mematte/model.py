@@ -23,9 +23,9 @@ from PIL import Image
 from mematte_kernels import dispatch
 
 from . import progress
-from .backbone import VARIANTS, ViT
+from .backbone import PATCH, VARIANTS, ViT
 from .checkpoint import IGNORED_PREFIXES, check_map_location, infer_variant, load_checkpoint_state_dict, state_dict_of
-from .decoder import CONTEXT, FAST_CONTEXT, FAST_TILE, TILE, DetailCapture, FoldedDecoder, decode_tiled
+from .decoder import CONTEXT, FAST_CONTEXT, FAST_TILE, TILE, DetailCapture, FoldedDecoder, decode_tiled, tile_batches
 from .io import image_to_array
 from .losses import distill_loss, matting_losses, mse_ratio_loss
 from .trimap import BACKGROUND, FOREGROUND, normalize_trimap, warn_if_degenerate
@@ -178,6 +178,43 @@ class MattingModel(nn.Module):
     def _alpha(self, batched_inputs: Mapping[str, torch.Tensor], patch_decoder: bool) -> torch.Tensor:
         """The (B, 1, H, W) alpha of an upstream-style call."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ memory
+
+    # Bytes per unit of work at the peak of one call, by dtype, fitted to the peak RSS of
+    # fresh processes on the CPU (docs/serving.md): per token and channel of the backbone,
+    # per pixel of the largest batch of decoder tiles, and a constant.
+    _MEMORY_FIT: dict[torch.dtype, tuple[float, float, int]] = {
+        torch.bfloat16: (5.23, 77.4, 18_100_000), torch.float32: (5.48, 147.7, 22_200_000)}
+    _canvas_multiple = TILE
+
+    def estimate_memory(self, height: int, width: int) -> int:
+        """Predicted peak bytes that matting one height×width image takes on the model's
+        device beyond the loaded model (its weights): the input tensors, the backbone's
+        activations, the largest batch of decoder tiles and the alpha, for the fast
+        backends' tiled decoding.
+
+        On the CPU this is the growth of what the process holds (its resident memory with
+        glibc's mmap threshold fixed; tested within 25 % at several sizes); on a GPU the same formula stands for the growth of
+        ``torch.cuda.max_memory_allocated`` (with the GPU's larger tile budget) and is not
+        measured. The reference backend and whole-image decoding need more.
+        """
+        if height < 1 or width < 1:
+            raise ValueError(f"the image must have at least one pixel, got {width}×{height} (W×H)")
+        Hp, Wp = (padded_size(height), padded_size(width)) if height % PAD_MULTIPLE or width % PAD_MULTIPLE else (height, width)
+        element = self.dtype.itemsize
+        pixels = height * width
+        # the image and trimap as float32 tensors, the preprocessed input, the alpha
+        # (fp32 tensor and its numpy copy)
+        inputs = pixels * (12 + 4 + 2 * 4) + Hp * Wp * 4 * element
+        per_token_channel, per_decoder_pixel, constant = self._MEMORY_FIT[self.dtype if self.dtype in self._MEMORY_FIT else torch.float32]
+        tokens = Hp * Wp // PATCH**2
+        backbone = tokens * self.backbone.embed_dim * per_token_channel * element
+        canvas = tuple(-(-n // self._canvas_multiple) * self._canvas_multiple for n in (Hp, Wp))
+        batches = tile_batches(height, width, canvas, FAST_TILE, FAST_CONTEXT, 1, element, self._decoder_memory())
+        decoder_pixels = max(sum((b - t) * (r - l) for (t, b, l, r), _ in batch) for batch in batches)
+        decoder = decoder_pixels * per_decoder_pixel * element
+        return int(inputs + backbone + decoder + constant)
 
     # ------------------------------------------------------------------ one image
 
