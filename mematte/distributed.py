@@ -80,7 +80,8 @@ def share_cpu_threads(ddp: Distributed, device: torch.device) -> None:
     """Under torchrun on the CPU: this process's equal share of the cores it may use."""
     if not ddp.enabled or device.type != "cpu":
         return
-    if int(os.environ.get("OMP_NUM_THREADS", "1") or "1") > 1:
+    chosen = os.environ.get("OMP_NUM_THREADS", "")
+    if chosen.isdigit() and int(chosen) > 1:
         return
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ddp.local_world_size))
 
