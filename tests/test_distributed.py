@@ -26,24 +26,24 @@ THREADS_PER_PROCESS = max(1, len(os.sched_getaffinity(0)) // PROCESSES)
 
 
 def run(*argv):
-    """main(argv) in this process, with a torchrun process's threads: (status, stdout, stderr)."""
+    """main(argv) on the CPU in this process, with a torchrun process's threads: (status, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS_PER_PROCESS)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = main([str(a) for a in argv])
+            rc = main([*map(str, argv), "--device", "cpu"])
     finally:
         torch.set_num_threads(threads)
     return rc, out.getvalue(), err.getvalue()
 
 
 def torchrun(*argv):
-    """``torchrun --standalone --nproc-per-node 2 -m mematte ...`` (gloo, CPU)."""
+    """``torchrun --standalone --nproc-per-node 2 -m mematte ... --device cpu`` (gloo)."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # torchrun's default
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(PROCESSES),
-         "-m", "mematte", *map(str, argv)],
+         "-m", "mematte", *map(str, argv), "--device", "cpu"],
         env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
 
 
