@@ -88,6 +88,9 @@ more than a couple of seconds shows its progress (backbone blocks, decoder tiles
 --dtype auto is bfloat16 on CPUs with AVX512-BF16 running the CPU fast path (whose bf16
 kernels are tested against fp32), float32 everywhere else (GPUs included).
 
+Several GPUs or machines: torchrun --nproc-per-node N -m mematte predict DIR ...; process r
+takes images r, r+N, ... of the sorted folder, on the GPU of its local rank (or the CPU).
+
 {EXIT_CODES_TEXT}
 """
 
@@ -101,6 +104,9 @@ papers report them; maps are divided by 255 (not min-max normalised), and the pr
 is rounded to 8 bits first, as the published protocol scores saved PNGs. time: the model
 call alone; peak memory: max allocated on a GPU, on a CPU the process's peak resident size
 so far.
+
+Several GPUs or machines: torchrun --nproc-per-node N -m mematte eval DATASET ...; the
+images are shared among the processes, and rank 0 prints the scores of every image.
 
 {EXIT_CODES_TEXT}
 """

@@ -3,7 +3,8 @@
 Everything a command line can get wrong is checked before the model loads or any image
 is read (exit status 2): the checkpoint file, device, dtype and backend together, and
 every output location. Then each image is a unit of work: it either gets all its outputs
-or none, and a failure is reported and skipped (exit status 1 at the end).
+or none, and a failure is reported and skipped (exit status 1 at the end). Under torchrun,
+``predict`` and ``eval`` share a folder among the processes (:mod:`mematte.distributed`).
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from tqdm import tqdm
 from . import api, hf, io, metrics, progress
 from .checkpoint import DATA_PARALLEL_PREFIX, IGNORED_PREFIXES, WRAPPERS, infer_variant
 from .cli import EXIT_FAILED, EXIT_OK, UsageError
+from .distributed import (FOLDER_RUN_TIMEOUT, Distributed, barrier, distributed_from_env, gather_to_all,
+                          process_group, shard, share_cpu_threads, take_device)
 from .model import FastMEMatte
 from .trimap import warn_if_degenerate
 from .vitmatte import model_class, read_state_dict
@@ -54,15 +57,25 @@ def _require_checkpoint(args: argparse.Namespace) -> None:
         raise UsageError(f"--checkpoint {args.checkpoint}: no such file")
 
 
-def _runtime(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, str]:
-    """Device, dtype and op table the model options give, or a usage error saying why
-    they cannot run here (e.g. float16 or --backend cuda on a CPU)."""
+def _launch() -> Distributed:
+    """This process's place in a ``torchrun`` launch (rank 0 of 1 otherwise)."""
     try:
-        device = api.resolve_device(args.device)
+        return distributed_from_env()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _runtime(args: argparse.Namespace, ddp: Distributed = Distributed()) -> tuple[torch.device, torch.dtype, str]:
+    """Device, dtype and op table the model options give, or a usage error saying why
+    they cannot run here (e.g. float16 or --backend cuda on a CPU). Under torchrun the
+    device is the GPU of the local rank, or the CPU with this process's share of its cores."""
+    try:
+        device = take_device(ddp, api.resolve_device(args.device))  # before anything else touches CUDA
         backend = api.check_backend(args.backend, device)
         dtype = api.resolve_dtype(args.dtype, device, args.backend)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    share_cpu_threads(ddp, device)
     return device, dtype, backend
 
 
@@ -97,7 +110,8 @@ def _probe_writable(folder: Path, what: str) -> None:
         raise UsageError(f"{what}: cannot write in {folder} ({e.strerror or e})") from None
 
 
-def _load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, backend: str):
+def _load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, backend: str,
+          ddp: Distributed = Distributed()):
     """The model, or None after reporting why the checkpoint cannot be loaded."""
     try:
         model = api.load_model(args.checkpoint, device=device, dtype=dtype, backend=args.backend,
@@ -111,8 +125,14 @@ def _load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, ba
         cap = "no cap"
     else:
         cap = f"at most {model.max_tokens:,} global tokens per image"
-    print(f"mematte: {type(model).__name__}({model.variant}) on {device}, "
-          f"{str(dtype).removeprefix('torch.')}, backend {backend}, {cap}", file=sys.stderr)
+    if ddp.main:
+        launch = ""
+        if ddp.enabled:
+            n = torch.get_num_threads()
+            threads = f", {n} thread{'s' if n > 1 else ''} each" if device.type == "cpu" else ""
+            launch = f"; {ddp.world_size} processes, each on its share of the images{threads}"
+        print(f"mematte: {type(model).__name__}({model.variant}) on {device}, "
+              f"{str(dtype).removeprefix('torch.')}, backend {backend}, {cap}{launch}", file=sys.stderr)
     return model
 
 
@@ -147,18 +167,25 @@ class _ImageProgress:
             self.bar = None
 
 
-def _run_one(name: str, work):
+def _run_one(name: str, work, *, show_progress: bool = True):
     """``work()`` with progress inside the image, and its warnings printed once, naming it."""
-    shown = _ImageProgress(name)
+    shown = _ImageProgress(name) if show_progress else None
     try:
         with warnings.catch_warnings(record=True) as caught, progress.reporting(shown):
             warnings.simplefilter("always")
             result = work()
     finally:
-        shown.close()
+        if shown is not None:
+            shown.close()
     for message in dict.fromkeys(str(w.message) for w in caught):
         tqdm.write(f"warning: {name}: {message}", file=sys.stderr)
     return result
+
+
+def _folder_bar(items: list, total: int, ddp: Distributed) -> tqdm:
+    """The progress bar over a folder: under torchrun only rank 0 shows one, over its share."""
+    desc = f"rank 0 of {ddp.world_size}" if ddp.enabled else None
+    return tqdm(items, unit="image", desc=desc, disable=total < 2 or not ddp.main, file=sys.stderr)
 
 
 def _release_gpu_memory(error: BaseException) -> None:
@@ -173,12 +200,13 @@ def _release_gpu_memory(error: BaseException) -> None:
 def run_predict(args: argparse.Namespace) -> int:
     _require_checkpoint(args)
     args.max_pixels = args.max_pixels or None
-    device, dtype, backend = _runtime(args)
+    ddp = _launch()
+    device, dtype, backend = _runtime(args, ddp)
     _check_output_folder(args.output, "-o")
     if args.background is not None and not args.background.is_file():
         raise UsageError(f"--background {args.background}: no such file")
     guide, guide_path = ("mask", args.mask) if args.mask is not None else ("trimap", args.trimap)
-    jobs = _pair_inputs(args.input, guide_path, guide)
+    jobs = _pair_inputs(args.input, guide_path, guide, report=ddp.main)
     background = None
     if args.background is not None:
         try:
@@ -186,12 +214,17 @@ def run_predict(args: argparse.Namespace) -> int:
         except FILE_ERRORS as e:
             print(f"mematte predict: error: --background: {e}", file=sys.stderr)
             return EXIT_FAILED
-    model = _load(args, device, dtype, backend)
-    if model is None:
-        return EXIT_FAILED
+    with process_group(ddp, "gloo", FOLDER_RUN_TIMEOUT):
+        model = _load(args, device, dtype, backend, ddp)
+        if model is None:
+            return EXIT_FAILED
+        return _predict_share(args, model, jobs, guide, background, ddp)
 
+
+def _predict_share(args, model, jobs, guide: str, background, ddp: Distributed) -> int:
+    """Matte this process's share of ``jobs``; rank 0 reports on all of them."""
     failed = skipped = 0
-    bar = tqdm(jobs, unit="image", disable=len(jobs) < 2, file=sys.stderr)
+    bar = _folder_bar(shard(jobs, ddp), len(jobs), ddp)
     for image_path, guide_file in bar:
         bar.set_postfix_str(image_path.name, refresh=False)
         wanted = api.requested_outputs(image_path, args.output, rgba=args.rgba,
@@ -210,7 +243,7 @@ def run_predict(args: argparse.Namespace) -> int:
                 out_dir=args.output, rgba=args.rgba, background=background,
                 save_routing=args.save_routing, bits=args.bits, tile=args.tile,
                 max_pixels=args.max_pixels,
-            ))
+            ), show_progress=ddp.main)
         except FILE_ERRORS as e:
             failed += 1
             _fail(image_path.name, e)
@@ -219,6 +252,15 @@ def run_predict(args: argparse.Namespace) -> int:
         if len(jobs) == 1:
             for path in result.written.values():
                 print(path)
+    counts = gather_to_all(ddp, (failed, skipped))
+    failed, skipped = sum(f for f, _ in counts), sum(s for _, s in counts)
+    if ddp.main:
+        _predict_summary(args, jobs, failed, skipped)
+    barrier(ddp)  # the other ranks end after rank 0 has reported
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _predict_summary(args, jobs, failed: int, skipped: int) -> None:
     if len(jobs) > 1:
         done = len(jobs) - failed - skipped
         note = f" ({skipped} skipped: their outputs exist)" if skipped else ""
@@ -227,12 +269,12 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"{jobs[0][0].name}: skipped, its outputs exist in {args.output}", file=sys.stderr)
     if failed:
         print(f"mematte predict: {failed} of {len(jobs)} images failed", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+    sys.stdout.flush()
 
 
-def _pair_inputs(inp: Path, guide: Path, what: str) -> list[tuple[Path, Path | Exception]]:
-    """(image, trimap or mask) per image; a pairing problem is kept as that file's error."""
+def _pair_inputs(inp: Path, guide: Path, what: str, *, report: bool = True) -> list[tuple[Path, Path | Exception]]:
+    """(image, trimap or mask) per image, sorted; a pairing problem is kept as that file's
+    error. ``report``: say which files are left out as outputs of this command."""
     if not inp.exists():
         raise UsageError(f"{inp}: no such file or folder")
     if not guide.exists():
@@ -243,7 +285,7 @@ def _pair_inputs(inp: Path, guide: Path, what: str) -> list[tuple[Path, Path | E
         return [(inp, _lookup(io.index_by_stem(guide), inp.stem, guide, what))]
     if not guide.is_dir():
         raise UsageError(f"INPUT {inp} is a folder, so --{what} must be a folder too")
-    images = _without_own_outputs(io.find_images(inp))
+    images = _without_own_outputs(io.find_images(inp), report)
     if not images:
         raise UsageError(f"no images ({', '.join(io.IMAGE_SUFFIXES)}) in {inp}")
     stems = [p.stem for p in images]
@@ -258,14 +300,14 @@ def _pair_inputs(inp: Path, guide: Path, what: str) -> list[tuple[Path, Path | E
     return jobs
 
 
-def _without_own_outputs(images: list[Path]) -> list[Path]:
+def _without_own_outputs(images: list[Path], report: bool) -> list[Path]:
     """Drop the files this command wrote for images of the same folder (``x_alpha.png``
     beside ``x.jpg``, as when -o is the input folder), so a rerun does not matte them."""
     stems = {p.stem for p in images}
     suffixes = tuple(name.format(stem="") for name in api.OUTPUT_NAMES.values())  # "_alpha.png", …
     own = [p for p in images
            if any(p.name.endswith(s) and p.name[: -len(s)] in stems for s in suffixes)]
-    if own:
+    if own and report:
         print(f"skipping {len(own)} files that are outputs of mematte predict "
               f"(e.g. {own[0].name})", file=sys.stderr)
     return [p for p in images if p not in own]
@@ -288,34 +330,58 @@ HEADINGS = ("image", "SAD", "MSE", "Grad", "Conn", "time_s", "peak_MiB")  # prin
 def run_eval(args: argparse.Namespace) -> int:
     _require_checkpoint(args)
     args.max_pixels = args.max_pixels or None
-    device, dtype, backend = _runtime(args)
+    ddp = _launch()
+    device, dtype, backend = _runtime(args, ddp)
     if args.csv is not None:
         _check_output_file(args.csv, "--csv")
     layout, folders = _find_layout(args.dataset)
     jobs = _dataset_items(folders)
-    model = _load(args, device, dtype, backend)
-    if model is None:
-        return EXIT_FAILED
-    _warm_up(model, args.tile)
+    with process_group(ddp, "gloo", FOLDER_RUN_TIMEOUT):
+        model = _load(args, device, dtype, backend, ddp)
+        if model is None:
+            return EXIT_FAILED
+        _warm_up(model, args.tile)
+        if ddp.main:
+            print(f"{layout}: {len(jobs)} images in {args.dataset}")
+            print(_row_text(HEADINGS))
+        rows, failed = _score_share(args, model, device, jobs, ddp)
+        if ddp.main:
+            _eval_summary(args, jobs, rows, failed, show_rows=ddp.enabled)
+        barrier(ddp)  # the other ranks end after rank 0 has reported
+    return EXIT_FAILED if failed else EXIT_OK
 
-    print(f"{layout}: {len(jobs)} images in {args.dataset}")
-    print(_row_text(HEADINGS))
-    rows, failed = [], 0
-    bar = tqdm(jobs, unit="image", disable=len(jobs) < 2, file=sys.stderr)
-    for name, paths in bar:
+
+def _score_share(args, model, device: torch.device, jobs, ddp: Distributed) -> tuple[list[dict], int]:
+    """Score this process's share of ``jobs``: the rows of every process in the order of
+    ``jobs``, and how many images failed on all of them. One process prints each row as it
+    is scored; under torchrun rank 0 prints them all at the end."""
+    mine, failed = [], 0
+    bar = _folder_bar(shard(list(enumerate(jobs)), ddp), len(jobs), ddp)
+    for position, (name, paths) in bar:
         bar.set_postfix_str(name, refresh=False)
         try:
             if isinstance(paths, Exception):
                 raise paths
             row = _run_one(name, lambda: _score(model, device, *paths, tile=args.tile,
-                                                max_pixels=args.max_pixels))
+                                                max_pixels=args.max_pixels), show_progress=ddp.main)
         except FILE_ERRORS as e:
             failed += 1
             _fail(name, e)
             _release_gpu_memory(e)
             continue
-        rows.append({"image": name, **row})
-        tqdm.write(_row_text([rows[-1][c] for c in COLUMNS]))
+        row = {"image": name, **row}
+        mine.append((position, row))
+        if not ddp.enabled:
+            tqdm.write(_row_text([row[c] for c in COLUMNS]))
+    shares = gather_to_all(ddp, (mine, failed))
+    everyones = sorted((entry for share_rows, _ in shares for entry in share_rows), key=lambda entry: entry[0])
+    return [row for _, row in everyones], sum(f for _, f in shares)
+
+
+def _eval_summary(args, jobs, rows: list[dict], failed: int, *, show_rows: bool) -> None:
+    if show_rows:
+        for row in rows:
+            print(_row_text([row[c] for c in COLUMNS]))
     if rows:
         mean = {"image": "mean", **{c: float(np.mean([r[c] for r in rows])) for c in COLUMNS[1:]}}
         print(_row_text([mean[c] for c in COLUMNS]))
@@ -325,8 +391,7 @@ def run_eval(args: argparse.Namespace) -> int:
             _write_csv(args.csv, rows + [mean])
     if failed:
         print(f"mematte eval: {failed} of {len(jobs)} images failed", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+    sys.stdout.flush()
 
 
 def _find_layout(dataset: Path) -> tuple[str, tuple[Path, Path, Path]]:

@@ -187,7 +187,10 @@ def test_torchrun_first_step_equals_one_process(tmp_path, data_dir, vitmatte_ini
 
     options = ["--init", vitmatte_init, "--iters", "2", "--checkpoint-period", "1", *SMALL]
     out = tmp_path / "ddp"
-    cli("train", data_dir, "--out", out, *options, nproc=2)
+    proc = cli("train", data_dir, "--out", out, *options, nproc=2)
+    # the start says the run's global batch against the published one, once (rank 0)
+    start = "global batch 4 (2 crops of 64² per process × 2 processes), 0.125× the published 32 (2 GPUs × 16)"
+    assert proc.stderr.count(start) == 1, proc.stderr[-4000:]
     first = torch.load(out / "model_0000000.pth", weights_only=True)["model"]
 
     # the same start on one process, each rank's batch and Gumbel draws, gradients averaged

@@ -9,7 +9,8 @@ from ..cli import BACKENDS, EXIT_OK
 # The published recipe; mirrors mematte.train.optim (a test checks that they agree),
 # spelled out so that building the parser imports no torch.
 VARIANTS = ("vit_s", "vit_b")
-RECIPE = {"vit_s": {"iters": 40406, "batch_size": 16}, "vit_b": {"iters": 64650, "batch_size": 10}}
+RECIPE = {"vit_s": {"iters": 40406, "gpus": 2, "batch_per_gpu": 16},
+          "vit_b": {"iters": 64650, "gpus": 4, "batch_per_gpu": 10}}
 LR, WEIGHT_DECAY, LR_DECAY, WARMUP = 5e-4, 0.1, 0.65, 250
 CROP_MULTIPLE = 32
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -25,11 +26,13 @@ alpha, a crop centred on unknown pixels, colour jitter, composited on the backgr
 
 The published recipe is the default: AdamW, lr 5e-4 with layer-wise decay 0.65, weight
 decay 0.1, 250 warmup iterations, lr x0.1 and x0.05 at 6/30 and 26/30 of the run (ViT-S;
-ViT-B: 30/60, 52/60), ViT-S 40406 iterations of 16 crops per process, ViT-B 64650 of 10,
-15 checkpoints per run, fp16 mixed precision on GPUs.
+ViT-B: 30/60, 52/60), ViT-S 40406 iterations of a global batch of 32 crops (2 GPUs x 16),
+ViT-B 64650 of 40 (4 GPUs x 10), 15 checkpoints per run, fp16 mixed precision on GPUs.
+Without --batch-size the global batch is divided among the processes (ViT-S on 4 GPUs:
+8 crops each); --batch-size sets the crops per process.
 
 Several processes: torchrun --nproc-per-node N -m mematte train DATA --out RUN ...
-(DDP: NCCL on GPUs, gloo on CPUs; --batch-size is per process).
+(DDP: NCCL on GPUs, each process on the GPU of its local rank; gloo on CPUs).
 
 RUN/ receives model_{iteration:07d}.pth and model_final.pth (detectron2 layout, loadable by
 FastMEMatte.from_checkpoint and by the original code), last_checkpoint and metrics.csv.
@@ -60,7 +63,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s = p.add_argument_group("schedule")
     s.add_argument("--iters", type=int, metavar="N", help="iterations (default: 40406 ViT-S, 64650 ViT-B)")
     s.add_argument("--batch-size", type=int, metavar="N",
-                   help="crops per process and iteration, ≥ 2 (default: 16 ViT-S, 10 ViT-B)")
+                   help="crops per process and iteration, ≥ 2 (default: the published global batch, "
+                        "32 ViT-S or 40 ViT-B, divided among the processes)")
     s.add_argument("--crop", type=int, default=512, metavar="PX",
                    help="training crop side, a multiple of 32 (default: %(default)s)")
     s.add_argument("--lr", type=float, default=LR, help="base learning rate (default: %(default)s)")

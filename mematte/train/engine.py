@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import sys
 import time
 import warnings
@@ -32,6 +31,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .. import io
+from ..distributed import Distributed, init_process_group
 from . import optim
 from .data import DatasetFiles, MattingDataset, TrainSampler
 
@@ -67,7 +67,7 @@ class TrainConfig:
     out: Path
     variant: str = "vit_s"
     iters: int = optim.RECIPE["vit_s"]["iters"]
-    batch_size: int = optim.RECIPE["vit_s"]["batch_size"]  # per process
+    batch_size: int = optim.RECIPE["vit_s"]["batch_per_gpu"]  # per process
     crop: int = 512
     lr: float = optim.LR
     weight_decay: float = optim.WEIGHT_DECAY
@@ -85,30 +85,8 @@ class TrainConfig:
         return {k: v for k, v in asdict(self).items() if k not in ("out", "workers", "resume")}
 
 
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def distributed_from_env() -> Distributed:
-    """The process's place in a ``torchrun`` launch (one process when not launched so)."""
-    env = os.environ
-    return Distributed(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
-
-
 def init_distributed(ddp: Distributed, device: torch.device) -> None:
-    if ddp.enabled and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    init_process_group(ddp, "nccl" if device.type == "cuda" else "gloo")
 
 
 def step_seed(seed: int, rank: int, iteration: int) -> int:

@@ -115,8 +115,15 @@ class WarmupMultiStep(torch.optim.lr_scheduler.LRScheduler):
 # save 15 checkpoints.
 MILESTONE_FRACTIONS = {"vit_s": (6 / 30, 26 / 30), "vit_b": (30 / 60, 52 / 60)}
 CHECKPOINTS_PER_RUN = 15
-# Published length and batch size per process.
-RECIPE = {"vit_s": {"iters": 40406, "batch_size": 16}, "vit_b": {"iters": 64650, "batch_size": 10}}
+# The published runs: iterations, GPUs and crops per GPU (a global batch of 32 for ViT-S,
+# 40 for ViT-B; the iteration counts are 30 and 60 "epochs" of 43,100 samples at that batch).
+RECIPE = {"vit_s": {"iters": 40406, "gpus": 2, "batch_per_gpu": 16},
+          "vit_b": {"iters": 64650, "gpus": 4, "batch_per_gpu": 10}}
+
+
+def published_batch(variant: str) -> int:
+    """The global batch of the published run of ``variant``."""
+    return RECIPE[variant]["gpus"] * RECIPE[variant]["batch_per_gpu"]
 
 
 def milestones_for(iters: int, fractions: Sequence[float]) -> list[int]:

@@ -10,10 +10,10 @@ import torch
 
 from ..api import resolve_device
 from ..cli import UsageError
+from ..distributed import Distributed, distributed_from_env, share_cpu_threads, take_device
 from . import optim
 from .data import DatasetError, DatasetFiles, find_dataset
-from .engine import (Distributed, TrainConfig, Trainer, distributed_from_env, existing_run,
-                     find_resume_checkpoint, init_distributed)
+from .engine import TrainConfig, Trainer, existing_run, find_resume_checkpoint, init_distributed
 from .init import InitError, InitPlan, load_init, plan_init, plan_teacher, upstream_init
 
 SHOWN_SKIPS = 10
@@ -32,13 +32,12 @@ class Prepared:
 
 def prepare(args: argparse.Namespace) -> Prepared:
     """Everything the run needs, checked; raises :class:`UsageError` for what cannot work."""
-    ddp = distributed_from_env()
     try:
-        device = resolve_device(args.device)
+        ddp = distributed_from_env()
+        device = take_device(ddp, resolve_device(args.device))  # before anything else touches CUDA
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if device.type == "cuda" and ddp.enabled and device.index is None:
-        device = torch.device("cuda", ddp.local_rank)
+    share_cpu_threads(ddp, device)
     precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
     if precision == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16 needs a GPU; on CPUs use bf16 (or fp32)")
@@ -66,7 +65,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
         raise UsageError(f"--variant {variant} but --init {args.init} is {plan.variant}")
 
     iters = args.iters or optim.RECIPE[variant]["iters"]
-    batch_size = args.batch_size or optim.RECIPE[variant]["batch_size"]
+    batch_size = args.batch_size or default_batch_size(variant, ddp.world_size)
     fractions = args.milestones or optim.MILESTONE_FRACTIONS[variant]
     if len(files.bg) < batch_size * ddp.world_size:
         raise UsageError(f"{len(files.bg)} backgrounds cannot fill one batch of {batch_size} on each of "
@@ -79,6 +78,29 @@ def prepare(args: argparse.Namespace) -> Prepared:
         precision=precision, seed=args.seed, workers=args.workers, resume=args.resume,
     )
     return Prepared(cfg, files, device, ddp, plan, teacher, args.backend)
+
+
+def default_batch_size(variant: str, world_size: int) -> int:
+    """Crops per process that make the published global batch over ``world_size`` processes."""
+    published = optim.published_batch(variant)
+    per_process, rest = divmod(published, world_size)
+    if rest or per_process < 2:
+        fits = [str(n) for n in range(1, published + 1) if published % n == 0 and published // n >= 2]
+        raise UsageError(
+            f"the published global batch of {variant}, {published} crops, does not divide among {world_size} "
+            f"processes into batches of 2 or more (the decoder's BatchNorm needs 2 per process): run "
+            f"{', '.join(fits)} processes, or give --batch-size (crops per process)")
+    return per_process
+
+
+def describe_batch(cfg: TrainConfig, world_size: int) -> str:
+    """The run's global batch, set against the published one."""
+    recipe, published = optim.RECIPE[cfg.variant], optim.published_batch(cfg.variant)
+    global_batch = cfg.batch_size * world_size
+    processes = f"{world_size} process{'es' if world_size > 1 else ''}"
+    comparison = "as published" if global_batch == published else f"{global_batch / published:.3g}× the published {published}"
+    return (f"global batch {global_batch} ({cfg.batch_size} crops of {cfg.crop}² per process × {processes}), "
+            f"{comparison} ({recipe['gpus']} GPUs × {recipe['batch_per_gpu']})")
 
 
 def build_model(p: Prepared) -> tuple[torch.nn.Module, list[str]]:
@@ -132,9 +154,8 @@ def train_command(args: argparse.Namespace) -> int:
         if trainer.start_iter >= cfg.iters:
             say(f"{cfg.out} has finished its {cfg.iters} iterations")
             return 0
-    say(f"training {cfg.variant}: {cfg.iters} iterations, {cfg.batch_size} crops of {cfg.crop}² per process × "
-        f"{p.ddp.world_size} process{'es' if p.ddp.world_size > 1 else ''}, {cfg.precision} on {p.device}; "
-        f"{len(p.files.fg)} foregrounds, {len(p.files.bg)} backgrounds")
+    say(f"training {cfg.variant}: {cfg.iters} iterations, {describe_batch(cfg, p.ddp.world_size)}; "
+        f"{cfg.precision} on {p.device}; {len(p.files.fg)} foregrounds, {len(p.files.bg)} backgrounds")
     try:
         final = trainer.train()
     finally:
