@@ -30,12 +30,14 @@ def seeded(kind: str, **kwargs):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """kind -> (reference model, ONNX path), exported once: every size runs from this file."""
+    """kind -> (reference model, ONNX path, its session), exported once: every size runs
+    from this file."""
     folder = tmp_path_factory.mktemp("onnx")
     out = {}
     for kind in MODELS:
         model = seeded(kind)
-        out[kind] = model, export_onnx(model, folder / f"{kind}.onnx")
+        path = export_onnx(model, folder / f"{kind}.onnx")
+        out[kind] = model, path, session(path)
     return out
 
 
@@ -54,9 +56,9 @@ def feeds(height, width):
 @pytest.mark.parametrize("kind", MODELS)
 @pytest.mark.parametrize("height, width", [(320, 320), (512, 736)], ids=["320x320", "512x736"])
 def test_onnx_runtime_matches_the_reference(exported, kind, height, width):
-    model, path = exported[kind]
+    model, _, onnx_session = exported[kind]
     image, trimap, inputs = feeds(height, width)
-    outputs = session(path).run(None, inputs)
+    outputs = onnx_session.run(None, inputs)
     reference = model({"image": image, "trimap": trimap})
     alpha = reference[0]["phas"] if kind == "mematte" else reference["phas"]
     assert outputs[0].shape == (1, 1, height, width)
@@ -70,7 +72,7 @@ def test_onnx_runtime_matches_the_reference(exported, kind, height, width):
 
 @pytest.mark.parametrize("kind", MODELS)
 def test_graph_is_standard_onnx(exported, kind):
-    _, path = exported[kind]
+    _, path, _ = exported[kind]
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
@@ -89,16 +91,18 @@ def test_graph_is_standard_onnx(exported, kind):
 
 
 @pytest.mark.parametrize("kind", MODELS)
-def test_no_tensor_is_quadratic_in_the_tokens(tmp_path, kind):
+def test_no_tensor_is_quadratic_in_the_tokens(exported, tmp_path, kind):
     """Every node's output shape, Loop and If bodies included (ONNX Runtime's profile), at
     640×640: N = 1600 tokens, more than any channel count, all of them routed to global
     attention. No tensor has two axes as long as N: attention runs over strips of queries."""
-    model = seeded(kind, **({"max_tokens": None} if kind == "mematte" else {}))
     if kind == "mematte":
+        model = seeded(kind, max_tokens=None)
         with torch.no_grad():
             for router in model.backbone.routers:  # every token global
                 router.out_conv[4].bias[0] += 1e4
-    path = export_onnx(model, tmp_path / "m.onnx", max_tokens=None)
+        path = export_onnx(model, tmp_path / "m.onnx", max_tokens=None)
+    else:
+        path = exported[kind][1]
     sess = session(path, enable_profiling=True, profile_file_prefix=str(tmp_path / "profile"))
     outputs = sess.run(None, feeds(640, 640)[2])
     if kind == "mematte":
@@ -118,7 +122,7 @@ def test_no_tensor_is_quadratic_in_the_tokens(tmp_path, kind):
 
 
 def test_float16_export_runs_in_onnx_runtime(exported, tmp_path):
-    model, _ = exported["vitmatte"]
+    model, _, _ = exported["vitmatte"]
     path = export_onnx(model, tmp_path / "half.onnx", dtype=torch.float16)
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     sizes = {onnx.TensorProto.FLOAT: 0, onnx.TensorProto.FLOAT16: 0}
@@ -134,7 +138,7 @@ def test_float16_export_runs_in_onnx_runtime(exported, tmp_path):
 
 
 def test_export_refuses_bad_arguments(exported, tmp_path):
-    model, _ = exported["vitmatte"]
+    model, _, _ = exported["vitmatte"]
     with pytest.raises(ValueError, match="dtype"):
         export_onnx(model, tmp_path / "m.onnx", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="opset"):
