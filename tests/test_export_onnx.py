@@ -238,3 +238,10 @@ def test_export_command_failure_leaves_no_file(checkpoint, tmp_path, monkeypatch
     rc, err = run(checkpoint, tmp_path / "m.onnx")
     assert rc == 1 and "out of memory" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_export_command_without_onnx_says_what_to_install(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
+    rc, err = run(checkpoint, tmp_path / "m.onnx")
+    assert rc == 2 and "mematte-kernels[export]" in err
+    assert not list(tmp_path.iterdir())

@@ -24,7 +24,10 @@ def run_export(args: argparse.Namespace) -> int:
     if fmt == "torch" and (args.dtype != "float32" or args.opset is not None):
         raise UsageError("--dtype and --opset are ONNX options; the torch format exports the fp32 fast path")
     if fmt == "onnx":
-        import onnx
+        try:
+            import onnx
+        except ImportError:
+            raise UsageError("the onnx format needs the onnx package: pip install 'mematte-kernels[export]'") from None
 
         from .onnx_graph import MIN_OPSET
 
