@@ -17,6 +17,7 @@ _EXPORTS = {
     "FastViTMatte": "mematte.vitmatte",
     "Matte": "mematte.api",
     "estimate_foreground": "mematte.foreground",
+    "export_onnx": "mematte.export",
     "load_model": "mematte.api",
     "metrics": None,  # the submodule itself
     "normalize_trimap": "mematte.trimap",

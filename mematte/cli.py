@@ -29,6 +29,7 @@ COMMANDS = (
     "mematte.cli:add_predict",
     "mematte.cli:add_eval",
     "mematte.cli:add_info",
+    "mematte.cli:add_export",
     "mematte.serve.command:add_parser",
     "mematte.train.command:add_parser",
 )
@@ -227,6 +228,40 @@ def add_info(sub) -> argparse.ArgumentParser:
                         "on the CPU in the dtype --dtype auto picks (repeatable)")
     i.set_defaults(run="mematte.commands:run_info")
     return i
+
+
+EXPORT_FORMATS = {".onnx": "onnx", ".pt2": "torch"}
+
+EXPORT_EPILOG = f"""\
+formats: onnx (OUT.onnx): one ONNX file for ONNX Runtime and other runtimes, any H×W;
+inputs image (1, 3, H, W) and trimap (1, 1, H, W) float32 in [0, 1], output alpha.
+torch (OUT.pt2): a torch.export program of the fast path, any H×W.
+The file is written whole or not at all; the checkpoint, the output location and the
+options are checked before any work.
+
+{EXIT_CODES_TEXT}
+"""
+
+
+def add_export(sub) -> argparse.ArgumentParser:
+    x = sub.add_parser(
+        "export", help="export a checkpoint to ONNX or a torch.export program",
+        description="Export a MEMatte or ViTMatte checkpoint as one file that runs at any image size.",
+        epilog=EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    x.add_argument("checkpoint", metavar="CKPT", type=Path, help="MEMatte or ViTMatte checkpoint (upstream or HF)")
+    x.add_argument("output", metavar="OUT", type=Path, help="the file to write (.onnx or .pt2)")
+    x.add_argument("--format", choices=sorted(set(EXPORT_FORMATS.values())),
+                   help="onnx or torch (default: from OUT's suffix, .onnx or .pt2)")
+    x.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="ONNX weights and activations; float16 is for GPU runtimes (default: %(default)s)")
+    x.add_argument("--opset", type=_whole(1, "opset"), metavar="N",
+                   help="ONNX opset, from 18 (default: 20)")
+    x.add_argument("--max-tokens", type=_whole(0, "tokens", MAX_TOKENS_LIMIT), default=DEFAULT_MAX_TOKENS, metavar="N",
+                   help="MEMatte: most tokens per image sent to global attention; 0: no cap "
+                        "(default: %(default)s)")
+    x.set_defaults(run="mematte.export.command:run_export")
+    return x
 
 
 def _whole(least: int, unit: str, most: int | None = None):
