@@ -2,8 +2,9 @@
 
 A build without code for the GPU it runs on registers its CUDA ops (so they look available)
 and fails at the first launch with "no kernel image is available for execution on the
-device". The default architecture list carries PTX, so GPUs newer than the H100 compile it
-when the module loads, and the local GPUs' own architectures are added when there are any.
+device". The default architecture list has code for Turing (the paper's 2080 Ti), the A100,
+consumer Ampere and the H100, and carries PTX, so GPUs newer than the H100 compile it when
+the module loads; the local GPUs' own architectures are added when there are any.
 """
 from __future__ import annotations
 
@@ -30,13 +31,14 @@ def setup_module():
 @pytest.mark.parametrize(
     "requested, local, expected",
     [
-        pytest.param(None, [], "8.0;9.0+PTX", id="no-gpu"),
-        pytest.param(None, ["9.0"], "8.0;9.0+PTX", id="h100"),
-        pytest.param(None, ["8.6"], "8.0;8.6;9.0+PTX", id="rtx3090"),
-        pytest.param(None, ["12.0"], "8.0;9.0+PTX;12.0", id="rtx5090"),
-        pytest.param(None, ["10.0", "8.0"], "8.0;9.0+PTX;10.0", id="b200-and-a100"),
-        pytest.param("", ["12.0"], "8.0;9.0+PTX;12.0", id="empty-variable"),
-        pytest.param("7.5;8.9", ["12.0"], "7.5;8.9", id="variable-wins"),
+        pytest.param(None, [], "7.5;8.0;8.6;9.0+PTX", id="no-gpu"),
+        pytest.param(None, ["9.0"], "7.5;8.0;8.6;9.0+PTX", id="h100"),
+        pytest.param(None, ["7.5"], "7.5;8.0;8.6;9.0+PTX", id="rtx2080ti"),
+        pytest.param(None, ["8.9"], "7.5;8.0;8.6;8.9;9.0+PTX", id="rtx4090"),
+        pytest.param(None, ["12.0"], "7.5;8.0;8.6;9.0+PTX;12.0", id="rtx5090"),
+        pytest.param(None, ["10.0", "8.0"], "7.5;8.0;8.6;9.0+PTX;10.0", id="b200-and-a100"),
+        pytest.param("", ["12.0"], "7.5;8.0;8.6;9.0+PTX;12.0", id="empty-variable"),
+        pytest.param("8.9", ["12.0"], "8.9", id="variable-wins"),
     ],
 )
 def test_arch_list(setup_module, requested, local, expected):
