@@ -9,6 +9,9 @@ the module loads; the local GPUs' own architectures are added when there are any
 from __future__ import annotations
 
 import importlib.util
+import re
+import subprocess
+import sysconfig
 import types
 from pathlib import Path
 
@@ -137,3 +140,31 @@ def test_cpu_fallback_does_not_warn(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="mematte_kernels"):
         dispatch._build("auto", torch.device("cpu"))
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+TURING_SHARED_MEMORY = 64 * 1024  # bytes per block on sm_75 (the 2080 Ti)
+
+
+@pytest.mark.parametrize("source", sorted(path.name for path in (SETUP_PY.parent / "csrc").glob("*.cu")))
+def test_cuda_sources_compile_for_turing(setup_module, tmp_path, source):
+    """The default arch list builds sm_75 code: every kernel of the LTRM ops compiles for
+    the 2080 Ti (bf16 too, which Turing converts in software), without register spills and
+    within its shared memory. Device code only (--cubin), so no host compiler pass."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
+
+    cuda_home = setup_module.find_cuda_home()
+    if cuda_home is None:
+        pytest.skip("nvcc not found")
+    command = [
+        f"{cuda_home}/bin/nvcc", "--cubin", "-arch=sm_75", "-std=c++20", "-O3", "-Xptxas", "-v",
+        str(SETUP_PY.parent / "csrc" / source), "-o", str(tmp_path / "out.cubin"),
+        *COMMON_NVCC_FLAGS, "-DMEMATTE_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
+        *(f"-I{path}" for path in [*include_paths("cuda"), sysconfig.get_paths()["include"], SETUP_PY.parent / "csrc"]),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = result.stdout + result.stderr
+    kernels = re.findall(r"Compiling entry function '(\w+)' for 'sm_75'", report)
+    assert kernels, report[-2000:]
+    assert not re.findall(r"[1-9]\d* bytes spill (?:stores|loads)", report)
+    assert all(int(n) <= TURING_SHARED_MEMORY for n in re.findall(r"(\d+) bytes smem", report))
