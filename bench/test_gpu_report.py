@@ -19,7 +19,7 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).with_name("gpu_report.py")
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script builds and benchmarks for minutes")
+without_a_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU it builds and benchmarks for minutes")
 
 
 def start(tmp_path: Path, *args: str) -> subprocess.Popen:
@@ -72,6 +72,7 @@ def gone(pid: int, timeout_s: float = 10) -> bool:
     return False
 
 
+@without_a_gpu
 @pytest.mark.slow
 def test_runs_end_to_end_without_a_gpu(tmp_path):
     proc = start(tmp_path, "--budget", "900")
@@ -91,6 +92,7 @@ def test_runs_end_to_end_without_a_gpu(tmp_path):
     assert "steps: build skipped" in output.splitlines()[-2]  # the summary ends the output
 
 
+@without_a_gpu
 def test_a_kill_mid_step_leaves_the_steps_before_on_disk(tmp_path):
     proc = start(tmp_path, "--steps", "build,tests-gpu,kernel-calls", "--hang", "kernel-calls")
     group = None
@@ -111,6 +113,7 @@ def test_a_kill_mid_step_leaves_the_steps_before_on_disk(tmp_path):
     assert not list((tmp_path / "out").glob("*.tmp"))
 
 
+@without_a_gpu
 def test_sigterm_kills_the_step_in_flight_and_its_children(tmp_path):
     proc = start(tmp_path, "--steps", "kernel-calls", "--hang", "kernel-calls")
     try:
