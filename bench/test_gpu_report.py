@@ -166,3 +166,29 @@ def test_each_step_ends_by_its_share_of_the_budget(tmp_path, gpu_report, monkeyp
     assert not runner.run("memcheck", [sys.executable, "-c", "pass"], limit_s=20)
     assert [step["status"] for step in runner.steps.values()] == ["skipped", "timeout", "skipped", "ok", "skipped"]
     assert runner.steps["memcheck"]["reason"] == "out of time budget"
+
+
+@pytest.mark.parametrize("autotune", [False, True], ids=["first-configs", "autotune"])
+def test_on_a_gpu_the_measurements_come_first(tmp_path, gpu_report, monkeypatch, autotune):
+    """The steps a GPU machine runs (commands recorded, not run): build for the local arch,
+    the whole-model benchmarks at 4K then 2048², attention, then the tests and sanitizers."""
+    calls = []
+    monkeypatch.setattr(gpu_report.Runner, "run",
+                        lambda self, name, command, limit_s, env=None: calls.append((name, command, limit_s, env)))
+    monkeypatch.setattr(gpu_report, "find_sanitizer", lambda: "/opt/cuda/bin/compute-sanitizer")
+    monkeypatch.setattr(gpu_report, "fold_bench_json", lambda slug, started: {"records": []})
+    doc = {"steps": {}, "arch": "9.0"}
+    runner = gpu_report.Runner(doc, tmp_path / "report.json", tmp_path, budget_s=gpu_report.DEFAULT_BUDGET_S)
+    gpu_report.run_steps(runner, doc, gpu=True, wanted=[*gpu_report.STEP_LIMITS], slug="h100", autotune=autotune)
+    assert [name for name, *_ in calls] == [
+        "build", "bench-3840x2160", "bench-2048", "attention", "tests-gpu", "memcheck", "racecheck",
+    ]  # fmt: skip
+    assert {name: limit for name, _, limit, _ in calls} == gpu_report.STEP_LIMITS
+    command = {name: " ".join(command) for name, command, *_ in calls}
+    env = {name: env or {} for name, _, _, env in calls}
+    assert env["build"]["TORCH_CUDA_ARCH_LIST"] == "9.0"
+    assert "--bench-sizes 3840x2160" in command["bench-3840x2160"] and "--bench-sizes 2048" in command["bench-2048"]
+    assert command["memcheck"].startswith("/opt/cuda/bin/compute-sanitizer --tool memcheck")
+    fixed = {name for name, variables in env.items() if variables.get("MEMATTE_TRITON_AUTOTUNE") == "0"}
+    assert fixed == (set() if autotune else {"bench-3840x2160", "bench-2048", "attention"})
+    assert set(doc["bench"]) == {"3840x2160", "2048"}
