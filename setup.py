@@ -5,8 +5,10 @@ pyproject.toml.
 Environment:
   MEMATTE_NO_CUDA=1       build the CPU ops only.
   CUDA_HOME / CUDA_PATH   the CUDA toolkit (else /usr/local/cuda, else nvcc on PATH).
-  TORCH_CUDA_ARCH_LIST    GPU architectures (default "8.0;9.0+PTX": A100 and H100 code, PTX
-                          that newer GPUs compile at load, and code for the local GPUs).
+  TORCH_CUDA_ARCH_LIST    GPU architectures (default "7.5;8.0;8.6;9.0+PTX": code for Turing
+                          (2080 Ti), A100, Ampere consumer cards (3090; the 4090 runs it too)
+                          and H100, PTX that newer GPUs compile at load, and code for the
+                          local GPUs).
   MAX_JOBS                parallel compile jobs (with ninja).
 """
 from __future__ import annotations
@@ -20,7 +22,8 @@ from setuptools import setup
 CSRC = Path("csrc")
 CPU_SOURCES = ["ops.cpp", "dwconv_gelu_cpu.cpp", "eca_cpu.cpp", "upsample_taps_cpu.cpp", "attention_cpu.cpp", "global_attention_cpu.cpp"]
 CUDA_SOURCES = ["dwconv_gelu.cu", "eca.cu"]
-DEFAULT_CUDA_ARCHS = ("8.0", "9.0")
+# Turing (2080 Ti), A100, consumer Ampere (3090; Ada's sm_89 runs sm_86 code), H100.
+DEFAULT_CUDA_ARCHS = ("7.5", "8.0", "8.6", "9.0")
 
 
 def _arch_key(arch: str) -> tuple[int, ...]:
@@ -28,9 +31,10 @@ def _arch_key(arch: str) -> tuple[int, ...]:
 
 
 def cuda_arch_list(requested: str | None, local_archs: list[str]) -> str:
-    """TORCH_CUDA_ARCH_LIST for the build: ``requested`` (the variable) as given, else A100 and
-    H100 code with the H100's PTX, which GPUs after it (sm_100, sm_120) compile when the
-    module loads, plus code for each local GPU (``local_archs``, e.g. ["12.0"])."""
+    """TORCH_CUDA_ARCH_LIST for the build: ``requested`` (the variable) as given, else code for
+    Turing, the A100, consumer Ampere and the H100, with the H100's PTX, which GPUs after it
+    (sm_100, sm_120) compile when the module loads, plus code for each local GPU
+    (``local_archs``, e.g. ["12.0"])."""
     if requested and requested.strip():
         return requested.strip()
     archs = sorted(set(DEFAULT_CUDA_ARCHS) | set(local_archs), key=_arch_key)

@@ -1,31 +1,40 @@
-"""Everything a machine with one CUDA GPU should check and measure, in one call of at most
-8 minutes:
+"""Everything a machine with one CUDA GPU should measure and check, in one call of under
+7 minutes, the measurements first:
 
-    python3 bench/gpu_report.py [--budget 470] [--out bench/results] [--logs DIR]
+    python3 bench/gpu_report.py [--budget 400] [--out bench/results] [--logs DIR] [--steps a,b]
 
-Steps, in order; each has its own time limit, cut to what is left of the budget:
+Steps, in order; each must end by the sum of its own and the earlier steps' limits (so time
+an earlier step leaves unused goes to the next), and all within ``--budget``:
 
-  build      setup.py build_ext --inplace, for the local GPU's architecture only
-  tests-gpu  pytest tests -m gpu: every GPU-marked test, whichever file defines it
-  memcheck   compute-sanitizer --tool memcheck over one small call of every Triton op
-             (tests/kernel_calls.py), the compiled LTRM ops (and their backward), the
-             window attention and a small model forward, in fp32, bf16 and fp16
-  racecheck  compute-sanitizer --tool racecheck over the same calls, without the model
-  attention  Triton varlen attention TFLOP/s at T = 4096 and 18500 tokens (ViT-S and ViT-B
-             heads, bf16 and fp16), and ViTMatte's global attention (decomposed relative
-             position, from the qkv grid) on the 128x128 and 240x135 grids of 2048² and
-             3840x2160 images (ViT-S heads, bf16); torch's fused SDPA without the position
-             terms on the same shapes alongside
-  bench      pytest bench/test_bench_model.py at 2048² then 3840x2160: the reference (fp32)
-             against the fast path in bf16 and fp16, CUDA events, max_memory_allocated
+  build            setup.py build_ext --inplace (ninja), for the local GPU's architecture only
+  bench-3840x2160  pytest bench/test_bench_model.py at 3840x2160: the reference (fp32) against
+                   the fast path in bf16 and fp16, CUDA events, max_memory_allocated
+  bench-2048       the same at 2048x2048
+  attention        Triton varlen attention TFLOP/s at T = 4096 and 18500 tokens (ViT-S and
+                   ViT-B heads, bf16 and fp16), and ViTMatte's global attention (decomposed
+                   relative position, from the qkv grid) on the 128x128 and 240x135 grids of
+                   2048² and 3840x2160 images (ViT-S heads, bf16); torch's fused SDPA without
+                   the position terms on the same shapes alongside
+  tests-gpu        pytest tests -m gpu: every GPU-marked test, whichever file defines it
+  memcheck         compute-sanitizer --tool memcheck over one small call of every Triton op
+                   (tests/kernel_calls.py), the compiled LTRM ops (and their backward), the
+                   window attention and a small model forward, in fp32, bf16 and fp16
+  racecheck        compute-sanitizer --tool racecheck over the same calls, without the model
 
-It writes ``<out>/<gpu>-<date>.json``: the machine, each step's status, time and the tail of
-its log, the attention throughput and the benchmark records, and prints a short summary
-last. The exit status is 1 when a step failed or ran out of time.
+Each step runs in a process group of its own; at its time limit the whole group is killed
+(the compiler's and the tests' children too) and the next step starts. The benchmark and
+attention steps run each autotuned kernel's first config (MEMATTE_TRITON_AUTOTUNE=0), as
+tuning every config at the first call would not fit; --autotune tunes them.
 
-Without a GPU the GPU steps are skipped, each saying so, and the sanitizer's calls and the
-attention measurement run once at tiny sizes on the CPU (Triton's interpreter), so that the
-script itself is exercised end to end.
+``<out>/<gpu>-<date>.json`` is rewritten before and after every step, so a kill leaves
+what was measured: the machine, each step's status (a step in flight reads "running", with
+its process group), time and log tail, the benchmark records and the attention throughput.
+SIGTERM or Ctrl-C kills the step in flight and records it as "interrupted". A one-screen
+summary is printed last; the exit status is 1 when a step failed or ran out of time.
+
+Without a GPU the GPU steps are skipped, each saying so; the GPU-marked tests are collected
+(and skipped), and the calls the sanitizers would watch and the attention measurement run
+once at tiny sizes in Triton's interpreter, so that the script itself is exercised end to end.
 """
 from __future__ import annotations
 
@@ -33,6 +42,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -47,59 +57,116 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 import report  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-DEFAULT_BUDGET_S = 470
-BENCH_SIZES = ("2048", "3840x2160")
-BENCH_SHARES = (0.4, 1.0)  # of the time left when each size starts: 4K costs about twice 2048²
-# Each step's own limit (seconds); the budget left cuts it further. bench takes the rest.
-STEP_LIMITS = {"build": 130, "tests-gpu": 110, "memcheck": 60, "racecheck": 45, "attention": 55}
+BENCH_SIZES = {"bench-3840x2160": "3840x2160", "bench-2048": "2048"}
+# Each step's limit on a GPU, in run order (seconds). They sum to 400 s, which leaves the
+# script's start, its JSON and its summary well inside 7 minutes.
+STEP_LIMITS = {
+    "build": 120,  # 16 cores: the C++ CPU sources dominate; the CUDA ones for one arch
+    "bench-3840x2160": 90,  # three cases: compile, warm-up, timed rounds
+    "bench-2048": 50,
+    "attention": 45,
+    "tests-gpu": 50,
+    "memcheck": 30,
+    "racecheck": 15,
+}
+DEFAULT_BUDGET_S = sum(STEP_LIMITS.values())
 # Without a GPU the steps that run (collecting the tests, Triton's interpreter) are slow.
 CPU_STEP_LIMIT = 300
+MIN_STEP_S = 5
 ATTENTION_LENGTHS = (4096, 18500)
 ATTENTION_HEADS = {"vit_s": 6, "vit_b": 12}
 GLOBAL_GRIDS = ((128, 128), (240, 135))  # (W, H) token grids of 2048² and 3840x2160 images
 LOG_TAIL_LINES = 40
+# What a step replaced by --hang runs: a child that waits, and a grandchild that waits too.
+HANG = ("import os, subprocess, sys, time; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3600)']); "
+        "print('pids', os.getpid(), child.pid, flush=True); time.sleep(3600)")
 
 
 # ------------------------------------------------------------------------ the steps
 
 
+class Interrupted(Exception):
+    """SIGTERM (or SIGINT) reached the script."""
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """Kill ``proc``'s process group (it leads one: start_new_session) and reap ``proc``."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 class Runner:
-    """Runs steps as subprocesses within one time budget and keeps what each one did."""
+    """Runs steps as subprocesses, each by its deadline, and writes the report's JSON before
+    and after each one."""
 
-    def __init__(self, budget_s: float, logs: Path):
-        self.deadline = time.monotonic() + budget_s
-        self.logs = logs
-        self.steps: dict[str, dict] = {}
+    def __init__(self, doc: dict, path: Path, logs: Path, budget_s: float, hang: str | None = None):
+        self.doc, self.path, self.logs, self.hang = doc, path, logs, hang
+        self.start = time.monotonic()
+        self.budget_end = self.start + budget_s
+        self.allotted = 0.0  # the sum of the limits of the steps so far
+        self.steps: dict[str, dict] = doc.setdefault("steps", {})
 
-    def left(self) -> float:
-        return self.deadline - time.monotonic()
+    def save(self) -> None:
+        """Write the JSON whole or not at all: to a temporary file, then renamed over."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.doc, indent=1, default=str))
+        os.replace(tmp, self.path)
 
-    def skip(self, name: str, reason: str) -> None:
+    def skip(self, name: str, reason: str, limit_s: float = 0.0) -> None:
+        self.allotted += limit_s
         print(f"== {name}: skipped ({reason})", flush=True)
         self.steps[name] = {"status": "skipped", "reason": reason}
+        self.save()
 
     def run(self, name: str, command: list[str], limit_s: float, env: dict | None = None) -> bool:
-        timeout = min(limit_s, self.left())
-        if timeout < 5:
+        """Run ``command`` by this step's deadline (the earlier steps' limits plus ``limit_s``
+        after the start, within the budget); at the deadline kill its process group."""
+        self.allotted += limit_s
+        now = time.monotonic()
+        timeout = min(self.start + self.allotted, self.budget_end) - now
+        if timeout < MIN_STEP_S:
             self.skip(name, "out of time budget")
             return False
+        if name == self.hang:
+            command = [sys.executable, "-c", HANG]
         log = self.logs / f"{name}.log"
         print(f"== {name} (limit {timeout:.0f} s): {' '.join(command)}", flush=True)
-        start = time.monotonic()
         with open(log, "w") as f:
+            proc = subprocess.Popen(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                    env={**os.environ, **(env or {})}, start_new_session=True)
+            self.steps[name] = {"status": "running", "process_group": proc.pid, "limit_s": round(timeout),
+                                "command": command}  # fmt: skip
+            self.save()
             try:
-                proc = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
-                                      env={**os.environ, **(env or {})})
-                status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+                returncode = proc.wait(timeout=timeout)
+                status = "ok" if returncode == 0 else f"failed (exit {returncode})"
             except subprocess.TimeoutExpired:
+                kill_group(proc)
                 status = "timeout"
-        seconds = time.monotonic() - start
-        tail = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
-        self.steps[name] = {"status": status, "seconds": round(seconds, 1), "command": command, "log_tail": tail}
-        print(f"   {status} in {seconds:.0f} s; log: {log}", flush=True)
+            except BaseException:
+                kill_group(proc)
+                self._record(name, "interrupted", now, log)
+                raise
+        self._record(name, status, now, log)
         if status != "ok":
-            print("   " + "\n   ".join(tail[-15:]), flush=True)
+            print("   " + "\n   ".join(self.steps[name]["log_tail"][-15:]), flush=True)
         return status == "ok"
+
+    def _record(self, name: str, status: str, started: float, log: Path) -> None:
+        seconds = time.monotonic() - started
+        tail = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        self.steps[name] = {"status": status, "seconds": round(seconds, 1), "command": self.steps[name]["command"],
+                            "log_tail": tail}  # fmt: skip
+        self.save()
+        print(f"   {status} in {seconds:.0f} s; log: {log}", flush=True)
 
 
 def local_arch() -> str:
@@ -116,9 +183,9 @@ def find_sanitizer() -> str | None:
     return found
 
 
-def fold_bench_json(started: float) -> dict | None:
+def fold_bench_json(slug: str, started: float) -> dict | None:
     """The JSON the bench step wrote (latest-<gpu>.json, if written since ``started``)."""
-    latest = RESULTS / f"latest-{report.device_slug(report.machine(torch.device('cuda')))}.json"
+    latest = RESULTS / f"latest-{slug}.json"
     if latest.exists() and latest.stat().st_mtime >= started:
         return json.loads(latest.read_text())
     return None
@@ -129,6 +196,10 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="seconds for all steps together")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where <gpu>-<date>.json goes")
     parser.add_argument("--logs", type=Path, help="where each step's log goes (default: a temporary folder)")
+    parser.add_argument("--steps", help="comma-separated steps to run (default: all)")
+    parser.add_argument("--autotune", action="store_true", help="let the benchmarks autotune the Triton kernels")
+    # Tests: this step's command is replaced by one that never ends.
+    parser.add_argument("--hang", help=argparse.SUPPRESS)
     # The subprocesses' own entry points.
     parser.add_argument("--kernels-once", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ours-only", action="store_true", help=argparse.SUPPRESS)
@@ -143,81 +214,123 @@ def main() -> int:
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
+    all_steps = [*STEP_LIMITS, "kernel-calls"]
+    wanted = args.steps.split(",") if args.steps else all_steps
+    unknown = sorted(set(wanted) - set(all_steps))
+    if unknown:
+        parser.error(f"unknown steps {unknown}; the steps are {', '.join(all_steps)}")
     logs = args.logs or Path(tempfile.mkdtemp(prefix="gpu-report-"))
     logs.mkdir(parents=True, exist_ok=True)
-    runner = Runner(args.budget, logs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    info = report.machine(device)
+    slug = report.device_slug(info)
+    doc: dict = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "budget_s": args.budget, "machine": info,
+                 "git": report.git_state(), "autotune": args.autotune, "logs": str(logs), "steps": {}}  # fmt: skip
+    if gpu:
+        doc["arch"] = local_arch()
+    path = args.out / f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    runner = Runner(doc, path, logs, args.budget, hang=args.hang)
+    runner.save()
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        run_steps(runner, doc, gpu, wanted, slug, args.autotune)
+    except (Interrupted, KeyboardInterrupt) as stop:
+        doc["interrupted"] = str(stop) or "SIGINT"
+        runner.save()
+        print(f"\ninterrupted ({doc['interrupted']}); report so far: {path}", flush=True)
+        return 130
+    summary(doc, path)
+    failed = [s for s in runner.steps.values() if s["status"] not in ("ok", "skipped")]
+    return 1 if failed else 0
+
+
+def run_steps(runner: Runner, doc: dict, gpu: bool, wanted: list[str], slug: str, autotune: bool) -> None:
     py = sys.executable
     me = str(Path(__file__).resolve())
     no_gpu = "no CUDA GPU"
-    doc: dict = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "budget_s": args.budget}
+    fixed_configs = {} if autotune else {"MEMATTE_TRITON_AUTOTUNE": "0"}
+
+    def limit(name: str) -> float:
+        return STEP_LIMITS[name] if gpu else CPU_STEP_LIMIT
+
+    def step(name: str, command: list[str] | None, skip_reason: str = no_gpu, env: dict | None = None) -> None:
+        if name not in wanted:
+            return
+        if command is None:
+            runner.skip(name, skip_reason, limit(name) if gpu else 0.0)
+        else:
+            runner.run(name, command, limit(name), env)
 
     # build: only the local architecture, which is all this run needs and the fastest to build.
-    if gpu:
-        doc["arch"] = local_arch()
-        runner.run("build", [py, "setup.py", "build_ext", "--inplace"], STEP_LIMITS["build"],
-                   env={"TORCH_CUDA_ARCH_LIST": doc["arch"], "MAX_JOBS": str(os.cpu_count() or 4)})
-    else:
-        runner.skip("build", no_gpu)
+    step("build", [py, "setup.py", "build_ext", "--inplace"] if gpu else None,
+         env={"TORCH_CUDA_ARCH_LIST": doc.get("arch", ""), "MAX_JOBS": str(os.cpu_count() or 4)})
 
-    # tests-gpu: without a GPU the GPU-marked tests are collected and skipped by conftest.
-    runner.run("tests-gpu", [py, "-m", "pytest", "tests", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider"],
-               STEP_LIMITS["tests-gpu"] if gpu else CPU_STEP_LIMIT)
+    doc["bench"] = {}
+    for name, size in BENCH_SIZES.items():
+        started = time.time()
+        step(name, [py, "-m", "pytest", "bench/test_bench_model.py", "-q", "-p", "no:cacheprovider",
+                    "--bench-sizes", size, "-k", "reference or bf16-fast or fp16-fast"] if gpu else None,
+             env=fixed_configs)  # fmt: skip
+        if gpu and name in wanted:
+            doc["bench"][size] = fold_bench_json(slug, started)
+            runner.save()
+
+    attention_json = runner.logs / "attention.json"
+    step("attention", [py, me, "--attention", str(attention_json)],
+         env=fixed_configs if gpu else {"TRITON_INTERPRET": "1"})
+    if attention_json.exists():
+        doc["attention"] = json.loads(attention_json.read_text())
+        runner.save()
+
+    # Without a GPU the GPU-marked tests are collected and skipped by conftest.
+    step("tests-gpu", [py, "-m", "pytest", "tests", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider"])
 
     sanitizer = find_sanitizer() if gpu else None
     once = [py, me, "--kernels-once"]
     # racecheck looks at shared memory, which only the kernels of this project are checked for.
     for tool, extra in (("memcheck", []), ("racecheck", ["--ours-only"])):
-        if sanitizer:
-            # Without the caching allocator every tensor is its own allocation, so an access
-            # past its end is caught instead of landing in a neighbour.
-            runner.run(tool, [sanitizer, "--tool", tool, "--error-exitcode", "1", "--print-limit", "20",
-                              *once, *extra], STEP_LIMITS[tool], env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"})
-        else:
-            runner.skip(tool, "compute-sanitizer not found" if gpu else no_gpu)
-    if not gpu:
-        # The calls the sanitizer would watch, at tiny sizes on the CPU: the script's own check.
+        # Without the caching allocator every tensor is its own allocation, so an access past
+        # its end is caught instead of landing in a neighbour.
+        step(tool, [sanitizer, "--tool", tool, "--error-exitcode", "1", "--print-limit", "20", *once, *extra]
+             if sanitizer else None, "compute-sanitizer not found" if gpu else no_gpu,
+             env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"})  # fmt: skip
+    if not gpu and "kernel-calls" in wanted:
+        # The calls the sanitizers would watch, at tiny sizes on the CPU: the script's own check.
         runner.run("kernel-calls", once, CPU_STEP_LIMIT, env={"TRITON_INTERPRET": "1"})
-
-    attention_json = logs / "attention.json"
-    runner.run("attention", [py, me, "--attention", str(attention_json)],
-               STEP_LIMITS["attention"] if gpu else CPU_STEP_LIMIT, env={} if gpu else {"TRITON_INTERPRET": "1"})
-    if attention_json.exists():
-        doc["attention"] = json.loads(attention_json.read_text())
-
-    doc["bench"] = {}
-    for size, share in zip(BENCH_SIZES, BENCH_SHARES):
-        name = f"bench-{size}"
-        if not gpu:
-            runner.skip(name, no_gpu)
-            continue
-        started = time.time()
-        runner.run(name, [py, "-m", "pytest", "bench/test_bench_model.py", "-q", "-p", "no:cacheprovider",
-                          "--bench-sizes", size, "-k", "reference or bf16-fast or fp16-fast"],
-                   share * runner.left())
-        doc["bench"][size] = fold_bench_json(started)
-
-    info = report.machine(device)
-    doc.update(machine=info, git=report.git_state(), steps=runner.steps)
     if gpu:
         from mematte_kernels import ext
 
         doc["extension"] = {"cuda_arch_list": ext.cuda_arch_list(), "cuda_available": ext.available("cuda")}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{report.device_slug(info)}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(doc, indent=1, default=str))
+        runner.save()
 
-    print()
-    for size, bench in doc["bench"].items():
-        if bench:
-            print(report.table(report.comparisons(bench["records"]), report.header(bench["machine"], bench["git"],
-                                                                                   f"gpu report {size}")))
+
+def summary(doc: dict, path: Path) -> None:
+    """One screen: the whole-model benchmarks, the attention throughput, the steps."""
+    info = doc["machine"]
+    where = info.get("gpu") or f"{info['cpu']} ({info['cpu_cores']} cores)"
+    tuning = "" if "arch" not in doc else "; autotune " + ("on" if doc["autotune"] else "off (first configs)")
+    print(f"\n{where}; torch {info['torch']}, triton {info['triton']}{tuning}")
+    for size, bench in doc.get("bench", {}).items():
+        if not bench:
+            print(f"model {size}: no records")
+            continue
+        print(f"model {size} (time: CUDA events, median; mem: max allocated)")
+        for row in report.comparisons(bench["records"]):
+            r = row["record"]
+            if r.get("kind") != "model":
+                continue
+            err = r.get("alpha_mean_abs_error")
+            print(f"  {r['impl']:<10} {r.get('dtype') or '':<9} {report.fmt_time(r['time_s']):>10} "
+                  f"{report.fmt_bytes(r.get('peak_mem_bytes')):>10}"
+                  + (f"  {row['speedup']:.2f}x ref" if "speedup" in row else "")
+                  + (f", mem {row['mem_ratio']:.2f}x" if "mem_ratio" in row else "")
+                  + (f", alpha err {err:.1e}" if err is not None else ""))
     for record in doc.get("attention", []):
-        print(f"attention {record['case']}: {record['time_s'] * 1e3:.3g} ms, {record['tflops']:.3g} TFLOP/s "
+        print(f"attention {record['case']:<28} {record['time_s'] * 1e3:8.3g} ms {record['tflops']:7.3g} TFLOP/s "
               f"(torch SDPA {record['sdpa_tflops']:.3g})")
-    print("  ".join(f"{name}: {step['status']}" for name, step in runner.steps.items()))
+    print("steps: " + "  ".join(f"{name} {step['status']}" + (f" {step['seconds']:.0f}s" if "seconds" in step else "")
+                                for name, step in doc["steps"].items()))  # fmt: skip
     print(f"report: {path}")
-    failed = [s for s in runner.steps.values() if s["status"] not in ("ok", "skipped")]
-    return 1 if failed else 0
 
 
 # ------------------------------------------------- what the sanitizer runs (a subprocess)

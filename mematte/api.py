@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from mematte_kernels import dispatch, ext
 
-from . import io
+from . import io, precision
 from .backbone import GLOBAL_BLOCKS
 from .foreground import estimate_foreground
 from .model import DEFAULT_MAX_TOKENS, FastMEMatte, check_alpha, padded_size
@@ -82,12 +82,17 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device, backend: str = "auto") -> torch.dtype:
     """The compute dtype; ``"auto"`` is bfloat16 where the CPU fast path runs its
-    AVX512-BF16 kernels (whose parity with fp32 is tested), float32 everywhere else.
+    AVX512-BF16 kernels (whose parity with fp32 is tested), float16 on GPUs without bf16
+    (compute capability below 8.0, e.g. Turing: fp32 has no tensor cores there), float32
+    everywhere else.
 
-    Raises ValueError for an unknown dtype and for float16 on the CPU.
+    Raises ValueError for an unknown dtype, for float16 on the CPU and for bfloat16 on a
+    GPU without bf16.
     """
     if isinstance(dtype, str):
         if dtype == "auto":
+            if not precision.has_bf16(device):
+                return torch.float16
             ops = dispatch.resolve(backend, device)
             fast_cpu = device.type == "cpu" and ops.name.startswith("cpu")
             return torch.bfloat16 if fast_cpu and ext.cpu_bf16_kernels() else torch.float32
@@ -96,6 +101,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, backend: str =
         dtype = DTYPES[dtype]
     if dtype == torch.float16 and device.type == "cpu":
         raise ValueError("float16 is for GPUs; on the CPU use bfloat16 (or float32)")
+    precision.check_bf16_device(dtype, device)
     return dtype
 
 
@@ -112,13 +118,16 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     backend: str = "auto",
     max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    allow_tf32: bool = False,
 ) -> FastMEMatte:
     """Load a MEMatte or ViTMatte checkpoint (detectron2 .pth, bare state dict or
     .safetensors; for ViTMatte also HF weights or an HF model directory). The model class
     follows from the keys; ``max_tokens`` applies to MEMatte.
 
     ``dtype`` is ``"float32"``, ``"bfloat16"``, ``"float16"`` (GPUs), a torch dtype, or
-    ``"auto"`` (see :func:`resolve_dtype`); ``max_tokens`` 0 or None: no cap. Raises
+    ``"auto"`` (see :func:`resolve_dtype`); ``max_tokens`` 0 or None: no cap;
+    ``allow_tf32`` lets fp32 matmuls and convolutions run in TF32 on Ampere and later GPUs
+    (faster, errors of order 1e-4 to 1e-3 on alpha). Raises
     ValueError when ``checkpoint`` is None, is not a checkpoint, does not match the model,
     or the device, dtype and backend cannot run together — before reading any weights;
     nothing is ever downloaded.
@@ -131,7 +140,7 @@ def load_model(
     from .vitmatte import load_matting_model
 
     return load_matting_model(
-        checkpoint, map_location=device, backend=backend, max_tokens=max_tokens, dtype=dtype,
+        checkpoint, map_location=device, backend=backend, max_tokens=max_tokens, dtype=dtype, allow_tf32=allow_tf32,
     )
 
 

@@ -87,7 +87,9 @@ unknown pixel, or nothing but unknown pixels, gets a warning.
 Running: the device, dtype and backend are printed once on stderr; an image that takes
 more than a couple of seconds shows its progress (backbone blocks, decoder tiles).
 --dtype auto is bfloat16 on CPUs with AVX512-BF16 running the CPU fast path (whose bf16
-kernels are tested against fp32), float32 everywhere else (GPUs included).
+kernels are tested against fp32), float16 on GPUs without bf16 (compute capability below
+8.0, e.g. a GeForce 2080 Ti), float32 everywhere else. float32 runs with TF32 off unless
+--allow-tf32 is given (faster on Ampere and later GPUs, errors of order 1e-4 to 1e-3 on alpha).
 
 Several GPUs or machines: torchrun --nproc-per-node N -m mematte predict DIR ...; process r
 takes images r, r+N, ... of the sorted folder, on the GPU of its local rank (or the CPU).
@@ -303,7 +305,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="auto (a CUDA GPU when there is one), cpu, cuda, cuda:N (default: auto)")
     g.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="compute dtype; auto: bfloat16 on CPUs with AVX512-BF16 (CPU fast path), "
-                        "float32 elsewhere; float16 only on GPUs (default: %(default)s)")
+                        "float16 on GPUs without bf16 (before Ampere), float32 elsewhere; float16 only "
+                        "on GPUs, bfloat16 on CPUs and GPUs from Ampere on (default: %(default)s)")
+    g.add_argument("--allow-tf32", action="store_true",
+                   help="let float32 matmuls and convolutions run in TF32 on Ampere and later GPUs: "
+                        "faster, errors of order 1e-4 to 1e-3 on alpha (default: full float32)")
     g.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="kernel implementation (default: %(default)s)")
     g.add_argument("--max-tokens", type=_whole(0, "tokens", MAX_TOKENS_LIMIT), default=DEFAULT_MAX_TOKENS, metavar="N",

@@ -115,7 +115,7 @@ def _load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, ba
     """The model, or None after reporting why the checkpoint cannot be loaded."""
     try:
         model = api.load_model(args.checkpoint, device=device, dtype=dtype, backend=args.backend,
-                               max_tokens=args.max_tokens)
+                               max_tokens=args.max_tokens, allow_tf32=args.allow_tf32)
     except FILE_ERRORS as e:
         print(f"mematte {args.command}: error: {e}", file=sys.stderr)
         return None

@@ -98,7 +98,7 @@ class FastViTMatte(MattingModel):
     exactly that; the fast backends decode the same canvas in tiles with enough context
     that every pixel gets the same value, and only the tiles over the image.
 
-    ``backend``, ``dtype`` and ``decoder_memory`` as in :class:`FastMEMatte`.
+    ``backend``, ``dtype``, ``decoder_memory`` and ``allow_tf32`` as in :class:`FastMEMatte`.
     """
 
     clamp_known = False  # upstream's inference script leaves the trimap's known regions as predicted
@@ -111,8 +111,9 @@ class FastViTMatte(MattingModel):
         backend: str = "auto",
         dtype: torch.dtype = torch.float32,
         decoder_memory: int | None = None,
+        allow_tf32: bool = False,
     ):
-        super().__init__(variant, backend, dtype, decoder_memory)
+        super().__init__(variant, backend, dtype, decoder_memory, allow_tf32)
         self.backbone = ViTMatteBackbone(variant)
         self.decoder = DetailCapture(in_chans=self.backbone.embed_dim)
         self._cast(dtype)
@@ -127,7 +128,7 @@ class FastViTMatte(MattingModel):
         return read_state_dict(checkpoint, map_location)
 
     def forward(self, batched_inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        with torch.no_grad():  # inference builds no graph, as FastMEMatte's
+        with torch.no_grad(), self._precision():  # inference builds no graph, as FastMEMatte's
             return self._infer(batched_inputs)
 
     def _infer(self, batched_inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

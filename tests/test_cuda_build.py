@@ -2,12 +2,16 @@
 
 A build without code for the GPU it runs on registers its CUDA ops (so they look available)
 and fails at the first launch with "no kernel image is available for execution on the
-device". The default architecture list carries PTX, so GPUs newer than the H100 compile it
-when the module loads, and the local GPUs' own architectures are added when there are any.
+device". The default architecture list has code for Turing (the paper's 2080 Ti), the A100,
+consumer Ampere and the H100, and carries PTX, so GPUs newer than the H100 compile it when
+the module loads; the local GPUs' own architectures are added when there are any.
 """
 from __future__ import annotations
 
 import importlib.util
+import re
+import subprocess
+import sysconfig
 import types
 from pathlib import Path
 
@@ -30,13 +34,14 @@ def setup_module():
 @pytest.mark.parametrize(
     "requested, local, expected",
     [
-        pytest.param(None, [], "8.0;9.0+PTX", id="no-gpu"),
-        pytest.param(None, ["9.0"], "8.0;9.0+PTX", id="h100"),
-        pytest.param(None, ["8.6"], "8.0;8.6;9.0+PTX", id="rtx3090"),
-        pytest.param(None, ["12.0"], "8.0;9.0+PTX;12.0", id="rtx5090"),
-        pytest.param(None, ["10.0", "8.0"], "8.0;9.0+PTX;10.0", id="b200-and-a100"),
-        pytest.param("", ["12.0"], "8.0;9.0+PTX;12.0", id="empty-variable"),
-        pytest.param("7.5;8.9", ["12.0"], "7.5;8.9", id="variable-wins"),
+        pytest.param(None, [], "7.5;8.0;8.6;9.0+PTX", id="no-gpu"),
+        pytest.param(None, ["9.0"], "7.5;8.0;8.6;9.0+PTX", id="h100"),
+        pytest.param(None, ["7.5"], "7.5;8.0;8.6;9.0+PTX", id="rtx2080ti"),
+        pytest.param(None, ["8.9"], "7.5;8.0;8.6;8.9;9.0+PTX", id="rtx4090"),
+        pytest.param(None, ["12.0"], "7.5;8.0;8.6;9.0+PTX;12.0", id="rtx5090"),
+        pytest.param(None, ["10.0", "8.0"], "7.5;8.0;8.6;9.0+PTX;10.0", id="b200-and-a100"),
+        pytest.param("", ["12.0"], "7.5;8.0;8.6;9.0+PTX;12.0", id="empty-variable"),
+        pytest.param("8.9", ["12.0"], "8.9", id="variable-wins"),
     ],
 )
 def test_arch_list(setup_module, requested, local, expected):
@@ -135,3 +140,31 @@ def test_cpu_fallback_does_not_warn(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="mematte_kernels"):
         dispatch._build("auto", torch.device("cpu"))
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+TURING_SHARED_MEMORY = 64 * 1024  # bytes per block on sm_75 (the 2080 Ti)
+
+
+@pytest.mark.parametrize("source", sorted(path.name for path in (SETUP_PY.parent / "csrc").glob("*.cu")))
+def test_cuda_sources_compile_for_turing(setup_module, tmp_path, source):
+    """The default arch list builds sm_75 code: every kernel of the LTRM ops compiles for
+    the 2080 Ti (bf16 too, which Turing converts in software), without register spills and
+    within its shared memory. Device code only (--cubin), so no host compiler pass."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
+
+    cuda_home = setup_module.find_cuda_home()
+    if cuda_home is None:
+        pytest.skip("nvcc not found")
+    command = [
+        f"{cuda_home}/bin/nvcc", "--cubin", "-arch=sm_75", "-std=c++20", "-O3", "-Xptxas", "-v",
+        str(SETUP_PY.parent / "csrc" / source), "-o", str(tmp_path / "out.cubin"),
+        *COMMON_NVCC_FLAGS, "-DMEMATTE_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
+        *(f"-I{path}" for path in [*include_paths("cuda"), sysconfig.get_paths()["include"], SETUP_PY.parent / "csrc"]),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = result.stdout + result.stderr
+    kernels = re.findall(r"Compiling entry function '(\w+)' for 'sm_75'", report)
+    assert kernels, report[-2000:]
+    assert not re.findall(r"[1-9]\d* bytes spill (?:stores|loads)", report)
+    assert all(int(n) <= TURING_SHARED_MEMORY for n in re.findall(r"(\d+) bytes smem", report))
