@@ -1,6 +1,6 @@
 """The public attention ops on the Triton backend at head dims other than MEMatte's 64: 32
-(narrow heads), 80 (not a power of two: padded lanes) and 128 (the widest the kernels take),
-forward and backward against the fp64 reference; and backward passes whose every logit lies
+(narrow heads), 80 (not a power of two: padded lanes), 128 (the widest the kernels take) and
+160 (past the kernels: PyTorch's attention), forward and backward against the fp64 reference; and backward passes whose every logit lies
 far below zero, where keys past a sequence's end must not take part.
 
 Without a GPU the kernels run in Triton's interpreter (see conftest.py) on small sizes.
@@ -16,7 +16,7 @@ import mematte_kernels
 from mematte_kernels import dispatch, reference
 from mematte_kernels import triton as triton_ops
 
-HEAD_DIMS = (32, 80, 128)
+HEAD_DIMS = (32, 80, 128, 160)
 # fp32 against fp64, relative to the largest magnitude of each expected tensor.
 FP32_RTOL = 1e-5
 
