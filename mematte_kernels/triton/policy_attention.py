@@ -62,7 +62,8 @@ LOG2E = math.log2(math.e)
 
 # Tensor-core (fp16/bf16) and FMA (fp32) tiles. fp32 dots hold whole operand rows in
 # registers, so its tiles are smaller. The backward holds four (BLOCK_N, d) tiles (k, v
-# and their gradients) per program, so its tiles are smaller than the forward's.
+# and their gradients) per program, so its tiles are smaller than the forward's; its
+# 32 x 32 tiles are the ones within Turing's 64 KiB of shared memory at head dim 128.
 FORWARD_CONFIGS = {
     "tensor_core": [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
@@ -76,6 +77,7 @@ FORWARD_CONFIGS = {
 }
 BACKWARD_CONFIGS = {
     "tensor_core": [
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),

@@ -31,8 +31,11 @@ from .varlen_attention import _check_attention_inputs, length_bucket
 
 LOG2E = math.log2(math.e)
 
+# The tensor-core (fp16/bf16) 32 x 32 tiles are the ones within Turing's 64 KiB of shared
+# memory at head dim 128.
 CONFIGS = {
     "tensor_core": [
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
