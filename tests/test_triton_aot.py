@@ -1,16 +1,25 @@
-"""Ahead-of-time compilation of every Triton kernel, in every config its wrapper can launch,
-for sm_80 (A100) and sm_90 (H100), without a GPU.
+"""Ahead-of-time compilation of the Triton kernels without a GPU, for the consumer cards
+sm_75 (RTX 2080 Ti, the paper's GPU), sm_86 (RTX 30x0) and sm_89 (RTX 40x0) and the
+data-centre ones sm_80 (A100) and sm_90 (H100); the attention kernels at head dims 64
+(MEMatte's) and 128 (the largest they take, whose tiles hold the most; 32 and 80 hold no
+more). Turing has no bf16.
 
-Each compiled config must fit the card's shared memory per block, and the dots must take
-the intended path: tensor-core MMA for fp16/bf16, exact fp32 FMA (no TF32 MMA) for fp32.
+Every kernel with one fixed config is compiled for each card and must fit its shared memory
+per block. Every config of every autotuned kernel is compiled at head dim 64 for sm_80 and
+sm_90; on the other cards, and at head dim 128, its configs are compiled smallest first until
+one fits, as the autotuner drops a config the card cannot launch (Triton raises
+OutOfResources for it) and needs only one left. The dots must take the intended path:
+tensor-core MMA for fp16/bf16, exact fp32 FMA (no TF32 MMA) for fp32; on Turing FMA for
+every dtype, as this Triton emits MMA from sm_80 on only.
 
-The compiling runs in a subprocess, which runs this file as a script: the test session sets
-TRITON_INTERPRET=1 without a GPU, and kernels decorated under it are interpreter wrappers
-that cannot be compiled.
+The compiling runs in a subprocess, which runs this file as a script, one compiling process
+per core: the test session sets TRITON_INTERPRET=1 without a GPU, and kernels decorated
+under it are interpreter wrappers that cannot be compiled.
 """
 from __future__ import annotations
 
 import importlib
+import functools
 import json
 import os
 import shutil
@@ -22,9 +31,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Shared memory one block may use (opt-in maximum): A100 163 KiB, H100 227 KiB.
-SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
+# Shared memory one block may use (opt-in maximum): Turing 64 KiB, GA10x and AD10x 99 KiB,
+# A100 163 KiB, H100 227 KiB.
+SHARED_MEMORY_LIMIT = {75: 65536, 86: 101376, 89: 101376, 80: 166912, 90: 232448}
 DTYPES = ("fp32", "bf16", "fp16")
+ARCH_DTYPES = {arch: tuple(d for d in DTYPES if not (arch < 80 and d == "bf16")) for arch in SHARED_MEMORY_LIMIT}
+HEAD_DIMS = (64, 128)
+# Where every config of the autotuned kernels is compiled.
+SWEEP_ARCHS, SWEEP_HEAD_DIM = (80, 90), 64
 # MEMatte's widths: ViT-S and ViT-B. They set the router head's padded C/4 and the row tiles.
 WIDTHS = (384, 768)
 
@@ -62,14 +76,14 @@ SIGNATURES = {
     ),
     "_varlen_attention_kernel": dict(
         q_ptr=ACT, k_ptr=ACT, v_ptr=ACT, out_ptr=ACT, cu_seqlens_ptr="*i32",
-        num_heads="i32", qk_scale="fp32", seqlen_bucket=I32_16,
+        num_heads="i32", qk_scale="fp32", seqlen_bucket="i32",
         stride_qt=I32_16, stride_qh=I32_16, stride_kt=I32_16, stride_kh=I32_16,
         stride_vt=I32_16, stride_vh=I32_16, stride_ot=I32_16, stride_oh=I32_16,
     ),
     # ViTMatte's global attention: the position tables' strides follow the grid (any integer).
     "_relpos_attention_kernel": dict(
         q_ptr=ACT, k_ptr=ACT, v_ptr=ACT, bias_h_ptr=ACT, bias_w_ptr=ACT, out_ptr=ACT,
-        N="i32", grid_w="i32", num_heads="i32", qk_scale="fp32", length_bucket="i32",
+        num_queries="i32", N="i32", grid_w="i32", num_heads="i32", qk_scale="fp32", length_bucket="i32",
         stride_qb=I32_16, stride_qn=I32_16, stride_qh=I32_16, stride_kb=I32_16, stride_kn=I32_16, stride_kh=I32_16,
         stride_vb=I32_16, stride_vn=I32_16, stride_vh=I32_16, stride_hb="i32", stride_hn="i32", stride_hh="i32",
         stride_wb="i32", stride_wn="i32", stride_wh="i32", stride_ob=I32_16, stride_on=I32_16, stride_oh=I32_16,
@@ -81,14 +95,14 @@ _POLICY_QKV_STRIDES = dict(stride_qb=I32_16, stride_qn=I32_16, stride_qh=I32_16,
 _POLICY_STATS = dict(row_max_ptr="*fp32", row_argmax_ptr="*i32", denom_ptr="*fp32")
 _POLICY_BACKWARD = dict(
     q_ptr=ACT, k_ptr=ACT, v_ptr=ACT, policy_ptr=ACT, dout_ptr=ACT, **_POLICY_STATS, delta_ptr="*fp32", dmax_ptr="*fp32",
-    N="i32", seqlen_bucket=I32_16, num_heads="i32", qk_scale="fp32", scale="fp32", **_POLICY_QKV_STRIDES,
+    N="i32", seqlen_bucket="i32", num_heads="i32", qk_scale="fp32", scale="fp32", **_POLICY_QKV_STRIDES,
     stride_db=I32_16, stride_dn=I32_16, stride_dh=I32_16, stride_pb="i32", stride_pn=1,
 )
 SIGNATURES.update({
     "_policy_attention_fwd_kernel": dict(
         q_ptr=ACT, k_ptr=ACT, v_ptr=ACT, policy_ptr=ACT, vsum_ptr="*fp32", out_ptr=ACT, out_fp32_ptr="*fp32",
         **_POLICY_STATS,
-        N="i32", seqlen_bucket=I32_16, num_heads="i32", qk_scale="fp32", eps="fp32", **_POLICY_QKV_STRIDES,
+        N="i32", seqlen_bucket="i32", num_heads="i32", qk_scale="fp32", eps="fp32", **_POLICY_QKV_STRIDES,
         stride_ob=I32_16, stride_on=I32_16, stride_oh=I32_16, stride_pb="i32", stride_pn=1,
     ),
     "_policy_attention_bwd_preprocess_kernel": dict(
@@ -109,65 +123,72 @@ _VARLEN_STRIDES = {f"stride_{t}{d}": I32_16 for t in ("q", "k", "v", "d") for d 
 SIGNATURES.update({
     "_varlen_attention_lse_kernel": dict(
         q_ptr=ACT, k_ptr=ACT, cu_seqlens_ptr="*i32", lse_ptr="*fp32", total="i32", num_heads="i32", qk_scale="fp32",
-        seqlen_bucket=I32_16, stride_qt=I32_16, stride_qh=I32_16, stride_kt=I32_16, stride_kh=I32_16,
+        seqlen_bucket="i32", stride_qt=I32_16, stride_qh=I32_16, stride_kt=I32_16, stride_kh=I32_16,
     ),
     "_varlen_attention_bwd_dkdv_kernel": dict(
         q_ptr=ACT, k_ptr=ACT, v_ptr=ACT, dout_ptr=ACT, lse_ptr="*fp32", delta_ptr="*fp32", cu_seqlens_ptr="*i32",
-        dk_ptr=ACT, dv_ptr=ACT, total="i32", num_heads="i32", qk_scale="fp32", scale="fp32", seqlen_bucket=I32_16,
+        dk_ptr=ACT, dv_ptr=ACT, total="i32", num_heads="i32", qk_scale="fp32", scale="fp32", seqlen_bucket="i32",
         **_VARLEN_STRIDES, stride_dkt=I32_16, stride_dkh=I32_16, stride_dvt=I32_16, stride_dvh=I32_16,
     ),
     "_varlen_attention_bwd_dq_kernel": dict(
         q_ptr=ACT, k_ptr=ACT, v_ptr=ACT, dout_ptr=ACT, lse_ptr="*fp32", delta_ptr="*fp32", cu_seqlens_ptr="*i32",
-        dq_ptr=ACT, total="i32", num_heads="i32", qk_scale="fp32", scale="fp32", seqlen_bucket=I32_16,
+        dq_ptr=ACT, total="i32", num_heads="i32", qk_scale="fp32", scale="fp32", seqlen_bucket="i32",
         **_VARLEN_STRIDES, stride_dqt=I32_16, stride_dqh=I32_16,
     ),
 })
 VARLEN_BACKWARD = ("_varlen_attention_lse_kernel", "_varlen_attention_bwd_dkdv_kernel", "_varlen_attention_bwd_dq_kernel")
 POLICY_AUTOTUNED = ("_policy_attention_fwd_kernel", "_policy_attention_bwd_dkdv_kernel", "_policy_attention_bwd_dq_kernel")
+AUTOTUNED = ("_varlen_attention_kernel", "_relpos_attention_kernel", *POLICY_AUTOTUNED, *VARLEN_BACKWARD)
 # Kernels whose tl.dot decides between tensor cores and FMA.
 DOT_KERNELS = {"_router_hidden_kernel", "_router_head_kernel", "_varlen_attention_kernel", "_relpos_attention_kernel",
                *POLICY_AUTOTUNED, *VARLEN_BACKWARD}
 
 
-def policy_attention_variants(torch_dtype):
-    """Every config of the policy attention kernels' autotuners, after the per-dtype pruning."""
+def head_tiles(head_dim):
+    from mematte_kernels.triton._common import head_block
+
+    return {"HEAD_DIM": head_dim, "BLOCK_D": head_block(head_dim)}
+
+
+def tuned(kernel, configs, **constexprs):
+    """A variant per config of an autotuned kernel's list (after its per-dtype pruning)."""
+    assert all(config in kernel.configs for config in configs)
+    return [(kernel.fn, {**config.kwargs, **constexprs}, config.num_warps, config.num_stages, True) for config in configs]
+
+
+def attention_variants(torch_dtype, head_dim):
+    """Every config of the attention kernels at ``head_dim``: (kernel, constexprs, num_warps,
+    num_stages, autotuned)."""
     import torch
 
-    pa = importlib.import_module("mematte_kernels.triton.policy_attention")  # the package exports a function of that name
-    variants = [(pa._policy_attention_bwd_preprocess_kernel, {"HEAD_DIM": 64, "BLOCK_M": pa.PREPROCESS_BLOCK_M}, 4, 3)]
-    # The forward also writes its output in fp32 for fp16/bf16 inputs.
-    store_fp32 = {"STORE_FP32": torch_dtype != torch.float32}
-    for kernel, configs, extra in ((pa._policy_attention_fwd_kernel, pa.forward_configs_for(torch_dtype), store_fp32),
-                                   (pa._policy_attention_bwd_dkdv_kernel, pa.backward_configs_for(torch_dtype), {}),
-                                   (pa._policy_attention_bwd_dq_kernel, pa.backward_configs_for(torch_dtype), {})):
-        assert all(config in kernel.configs for config in configs)
-        variants += [(kernel.fn, {**config.kwargs, "HEAD_DIM": 64, **extra}, config.num_warps, config.num_stages)
-                     for config in configs]
-    return variants
-
-
-def varlen_backward_variants(torch_dtype):
-    """Every config of varlen attention's backward autotuners, after the per-dtype pruning."""
+    # The package exports functions of these modules' names.
+    pa = importlib.import_module("mematte_kernels.triton.policy_attention")
+    relpos = importlib.import_module("mematte_kernels.triton.relpos_attention")
     from mematte_kernels.triton import varlen_attention_backward as vb
+    from mematte_kernels.triton.varlen_attention import _varlen_attention_kernel, configs_for
 
-    variants = []
+    tiles = head_tiles(head_dim)
+    variants = tuned(_varlen_attention_kernel, configs_for(torch_dtype), **tiles)
+    variants += tuned(relpos._relpos_attention_kernel, relpos.configs_for(torch_dtype), **tiles)
+    # The forward also writes its output in fp32 for fp16/bf16 inputs.
+    variants += tuned(pa._policy_attention_fwd_kernel, pa.forward_configs_for(torch_dtype), **tiles,
+                      STORE_FP32=torch_dtype != torch.float32)
+    variants.append((pa._policy_attention_bwd_preprocess_kernel, {**tiles, "BLOCK_M": pa.PREPROCESS_BLOCK_M}, 4, 3,
+                     False))
+    for kernel in (pa._policy_attention_bwd_dkdv_kernel, pa._policy_attention_bwd_dq_kernel):
+        variants += tuned(kernel, pa.backward_configs_for(torch_dtype), **tiles)
     for name in VARLEN_BACKWARD:
-        kernel = getattr(vb, name)
-        assert all(config in kernel.configs for config in vb.configs_for(torch_dtype))
-        variants += [(kernel.fn, {**config.kwargs, "HEAD_DIM": 64}, config.num_warps, config.num_stages)
-                     for config in vb.configs_for(torch_dtype)]
+        variants += tuned(getattr(vb, name), vb.configs_for(torch_dtype), **tiles)
     return variants
 
 
 def launch_variants(dtype):
-    """(kernel, constexprs, num_warps, num_stages) for every config the wrappers launch on
-    ``dtype`` inputs of MEMatte's widths. Runs in the compiling subprocess."""
+    """(kernel, constexprs, num_warps, num_stages, autotuned) for every config the wrappers
+    launch on ``dtype`` inputs of MEMatte's widths and the head dims of HEAD_DIMS. Runs in the
+    compiling subprocess."""
     import torch
 
     from mematte_kernels.triton import gather_scatter, router
-    from mematte_kernels.triton.relpos_attention import _relpos_attention_kernel as relpos_kernel
-    from mematte_kernels.triton.relpos_attention import configs_for as relpos_configs_for
-    from mematte_kernels.triton.varlen_attention import _varlen_attention_kernel, configs_for
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 
@@ -177,22 +198,17 @@ def launch_variants(dtype):
     hidden, hidden_warps = split(router.hidden_tile(torch_dtype))
     fold, fold_warps = split(router.FOLD_TILE)
     head, head_warps = split(router.HEAD_TILE)
-    variants = [(router._router_hidden_kernel, hidden, hidden_warps, 3),
-                (router._router_fold_kernel, fold, fold_warps, 3)]
+    variants = [(router._router_hidden_kernel, hidden, hidden_warps, 3, False),
+                (router._router_fold_kernel, fold, fold_warps, 3, False)]
     for C in WIDTHS:
-        variants.append((router._router_head_kernel, {**head, "QUARTER_PAD": router.quarter_pad(C)}, head_warps, 3))
+        variants.append((router._router_head_kernel, {**head, "QUARTER_PAD": router.quarter_pad(C)}, head_warps, 3,
+                         False))
         rows, rows_warps = split(gather_scatter._row_tile(C))
-        variants += [(gather_scatter._gather_layernorm_kernel, rows, rows_warps, 3),
-                     (gather_scatter._scatter_residual_kernel, rows, rows_warps, 3)]
-    # The autotuner's own list, after its per-dtype pruning.
-    assert all(config in _varlen_attention_kernel.configs for config in configs_for(torch_dtype))
-    for config in configs_for(torch_dtype):
-        variants.append((_varlen_attention_kernel.fn, {**config.kwargs, "HEAD_DIM": 64}, config.num_warps,
-                         config.num_stages))
-    assert all(config in relpos_kernel.configs for config in relpos_configs_for(torch_dtype))
-    for config in relpos_configs_for(torch_dtype):
-        variants.append((relpos_kernel.fn, {**config.kwargs, "HEAD_DIM": 64}, config.num_warps, config.num_stages))
-    return variants + policy_attention_variants(torch_dtype) + varlen_backward_variants(torch_dtype)
+        variants += [(gather_scatter._gather_layernorm_kernel, rows, rows_warps, 3, False),
+                     (gather_scatter._scatter_residual_kernel, rows, rows_warps, 3, False)]
+    for head_dim in HEAD_DIMS:
+        variants += attention_variants(torch_dtype, head_dim)
+    return variants
 
 
 def ast_source(kernel, dtype, constexprs):
@@ -214,24 +230,64 @@ def ast_source(kernel, dtype, constexprs):
     return triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
 
 
-def compile_all() -> list[dict]:
-    """Compile every variant for every dtype and target; one record each."""
+def shared_memory_estimate(constexprs, num_stages):
+    """Orders an autotuned kernel's configs smallest first: the pipelined key/value tiles."""
+    return constexprs.get("BLOCK_M", 0) + constexprs.get("BLOCK_N", 0) * num_stages
+
+
+def compile_plan() -> list[tuple[str, list[int], int, bool]]:
+    """Units of work: (dtype, indices into launch_variants(dtype), arch, stop at the first
+    config that fits)."""
+    plan = []
+    for dtype in DTYPES:
+        groups = {}
+        for index, (kernel, constexprs, _, num_stages, autotuned) in enumerate(launch_variants(dtype)):
+            for arch, dtypes in ARCH_DTYPES.items():
+                if dtype not in dtypes:
+                    continue
+                if not autotuned or (arch in SWEEP_ARCHS and constexprs["HEAD_DIM"] == SWEEP_HEAD_DIM):
+                    plan.append((dtype, [index], arch, False))
+                else:
+                    key = (kernel.__name__, constexprs["HEAD_DIM"], arch)
+                    groups.setdefault(key, []).append((shared_memory_estimate(constexprs, num_stages), index))
+        plan += [(dtype, [index for _, index in sorted(group)], arch, True) for (*_, arch), group in groups.items()]
+    return plan
+
+
+@functools.cache
+def cached_variants(dtype):
+    return launch_variants(dtype)
+
+
+def compile_unit(unit) -> list[dict]:
+    """Compile a unit's variants in order for its arch; one record each."""
     import triton
     from triton.backends.compiler import GPUTarget
 
+    dtype, indices, arch, first_fit = unit
     records = []
-    for dtype in DTYPES:
-        for kernel, constexprs, num_warps, num_stages in launch_variants(dtype):
-            source = ast_source(kernel, dtype, constexprs)
-            for arch in SHARED_MEMORY_LIMIT:
-                compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                                          options=dict(num_warps=num_warps, num_stages=num_stages))
-                records.append(dict(
-                    kernel=kernel.__name__, dtype=dtype, arch=arch, shared=compiled.metadata.shared,
-                    config=f"{constexprs} warps={num_warps} stages={num_stages}",
-                    mma="mma" in compiled.asm["ptx"],
-                ))
+    for index in indices:
+        kernel, constexprs, num_warps, num_stages, autotuned = cached_variants(dtype)[index]
+        compiled = triton.compile(ast_source(kernel, dtype, constexprs), target=GPUTarget("cuda", arch, 32),
+                                  options=dict(num_warps=num_warps, num_stages=num_stages))
+        records.append(dict(
+            kernel=kernel.__name__, dtype=dtype, arch=arch, shared=compiled.metadata.shared,
+            head_dim=constexprs.get("HEAD_DIM"), autotuned=autotuned,
+            config=f"{constexprs} warps={num_warps} stages={num_stages}",
+            mma="mma" in compiled.asm["ptx"],
+        ))
+        if first_fit and compiled.metadata.shared <= SHARED_MEMORY_LIMIT[arch]:
+            break
     return records
+
+
+def compile_all() -> list[dict]:
+    """Compile the plan's units, one process per core this process may use (at most 4: each
+    holds torch and Triton)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=min(len(os.sched_getaffinity(0)), 4)) as pool:
+        return [record for records in pool.map(compile_unit, compile_plan()) for record in records]
 
 
 def _find_ptxas() -> str | None:
@@ -260,39 +316,53 @@ def compiled():
 
 
 def test_every_config_compiles(compiled):
-    # Per dtype and target: router 2 + 2 head widths, gather/scatter 2 per width, attention configs,
-    # then the policy attention kernels (a preprocess + three autotuned) and varlen backward's three.
-    from mematte_kernels.triton.relpos_attention import FP32_CONFIGS as RELPOS_FP32
-    from mematte_kernels.triton.relpos_attention import TENSOR_CORE_CONFIGS as RELPOS_TENSOR_CORE
-    from mematte_kernels.triton.varlen_attention import FP32_CONFIGS, TENSOR_CORE_CONFIGS
-
-    def attention_configs(dtype, fp32, tensor_core):
-        return len(fp32 if dtype == "fp32" else tensor_core)
-
+    # Per dtype and target: router 2 + 2 head widths, gather/scatter 2 per width and policy
+    # attention's preprocess per head dim; on the sweep's targets at its head dim, the configs
+    # of the autotuned kernels (varlen and relpos forward, policy attention's forward and two
+    # backward kernels, varlen backward's three).
     pa = importlib.import_module("mematte_kernels.triton.policy_attention")
+    relpos = importlib.import_module("mematte_kernels.triton.relpos_attention")
+    va = importlib.import_module("mematte_kernels.triton.varlen_attention")
     vb = importlib.import_module("mematte_kernels.triton.varlen_attention_backward")
 
-    def backward_count(dtype):
+    def autotuned_count(dtype):
         kind = "fp32" if dtype == "fp32" else "tensor_core"
-        policy = 1 + len(pa.FORWARD_CONFIGS[kind]) + 2 * len(pa.BACKWARD_CONFIGS[kind])
-        return policy + 3 * len(vb.CONFIGS[kind])
+        forward = len(va.FP32_CONFIGS if dtype == "fp32" else va.TENSOR_CORE_CONFIGS)
+        relpos_forward = len(relpos.FP32_CONFIGS if dtype == "fp32" else relpos.TENSOR_CORE_CONFIGS)
+        policy = len(pa.FORWARD_CONFIGS[kind]) + 2 * len(pa.BACKWARD_CONFIGS[kind])
+        return forward + relpos_forward + policy + 3 * len(vb.CONFIGS[kind])
 
-    per_arch = sum(2 + 3 * len(WIDTHS) + attention_configs(dtype, FP32_CONFIGS, TENSOR_CORE_CONFIGS)
-                   + attention_configs(dtype, RELPOS_FP32, RELPOS_TENSOR_CORE)
-                   + backward_count(dtype) for dtype in DTYPES)
-    assert len(compiled) == per_arch * len(SHARED_MEMORY_LIMIT)
+    swept = [r for r in compiled if not r["autotuned"] or (r["arch"] in SWEEP_ARCHS and r["head_dim"] == SWEEP_HEAD_DIM)]
+    expected = sum(2 + 3 * len(WIDTHS) + len(HEAD_DIMS) + (autotuned_count(dtype) if arch in SWEEP_ARCHS else 0)
+                   for arch, dtypes in ARCH_DTYPES.items() for dtype in dtypes)
+    assert len(swept) == expected
+    assert len({(r["kernel"], r["dtype"], r["arch"], r["config"]) for r in swept}) == expected
+    assert {(r["arch"], r["dtype"]) for r in compiled} == {(a, d) for a, ds in ARCH_DTYPES.items() for d in ds}
 
 
 @pytest.mark.parametrize("arch", [pytest.param(arch, id=f"sm{arch}") for arch in SHARED_MEMORY_LIMIT])
-def test_shared_memory_fits(compiled, arch):
-    over = [r for r in compiled if r["arch"] == arch and r["shared"] > SHARED_MEMORY_LIMIT[arch]]
+def test_fixed_configs_fit_shared_memory(compiled, arch):
+    over = [r for r in compiled
+            if r["arch"] == arch and not r["autotuned"] and r["shared"] > SHARED_MEMORY_LIMIT[arch]]
     assert not over, f"over {SHARED_MEMORY_LIMIT[arch]} bytes of shared memory: {over}"
+
+
+@pytest.mark.parametrize("arch", [pytest.param(arch, id=f"sm{arch}") for arch in SHARED_MEMORY_LIMIT])
+def test_every_autotuned_kernel_has_a_config_that_fits(compiled, arch):
+    lists = {}
+    for r in compiled:
+        if r["arch"] == arch and r["autotuned"]:
+            lists.setdefault((r["kernel"], r["dtype"], r["head_dim"]), []).append(r["shared"])
+    assert set(lists) == {(kernel, dtype, head_dim)
+                          for kernel in AUTOTUNED for dtype in ARCH_DTYPES[arch] for head_dim in HEAD_DIMS}
+    none_fit = {key: shared for key, shared in lists.items() if min(shared) > SHARED_MEMORY_LIMIT[arch]}
+    assert not none_fit, f"no config within {SHARED_MEMORY_LIMIT[arch]} bytes of shared memory: {none_fit}"
 
 
 def test_dots_take_the_intended_path(compiled):
     for record in compiled:
         if record["kernel"] in DOT_KERNELS:
-            tensor_cores = record["dtype"] != "fp32"
+            tensor_cores = record["dtype"] != "fp32" and record["arch"] >= 80
             assert record["mma"] == tensor_cores, record
 
 

@@ -106,7 +106,8 @@ def test_autotune_key_is_a_power_of_two_bucket():
 def _bad_inputs():
     q, k, v, bh, bw = grid_inputs(1, 3, 4, 2, torch.float32)
     yield "grid-mismatch", (q, k, v, bh[..., :2], bw), ValueError, r"grid is 2×4"
-    yield "head-dim-32", (q[..., :32], k[..., :32], v[..., :32], bh, bw), ValueError, "head_dim 64"
+    wide = torch.randn(1, 12, 2, 256)
+    yield "head-dim-256", (wide, wide, wide, bh, bw), ValueError, "takes head_dim up to 128, got head_dim 256"
     yield "float64", (q.double(), k.double(), v.double(), bh.double(), bw.double()), TypeError, "float16, bfloat16 or float32"
     yield "bias-dtype", (q, k, v, bh.half(), bw), TypeError, "bias_h must have the same dtype"
     yield "bias-shape", (q, k, v, bh[:, :5], bw), ValueError, r"bias_h must be \(1, 12, 2, H or W\)"

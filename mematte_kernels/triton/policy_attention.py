@@ -34,7 +34,11 @@ Three launches: a per-row preprocess (delta, dmax), then dk/dv/dp per key block 
 query blocks, and dq per query block looping over key blocks. Both recompute the logits;
 nothing N x N is stored, and there are no atomics, so gradients are deterministic.
 
-q, k, v are (B, N, heads, 64), possibly strided views, with a contiguous head dimension.
+q, k, v are (B, N, heads, d), possibly strided views, with a contiguous head dimension; d up
+to 128, held in BLOCK_D lanes (the next power of two). Keys past N are loaded as zeros, so
+their logit is 0 whatever the real ones are: the backward masks their weights to 0
+(``tl.where``), since where every real logit of a query lies below about -88 exp2(0 - max)
+overflows to inf, and inf times a zero-loaded k is NaN.
 Logits are the fp32 dot result times ``scale * log2(e)`` (the exponentials run in base 2);
 fp32 uses exact fp32 dots (``input_precision="ieee"``), fp16/bf16 the tensor cores with fp32
 accumulation.
@@ -47,17 +51,19 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import native
 from ._common import (
-    INTERPRET, check_attention_out, check_devices, check_float, check_ndim, check_qkv, on_input_device,
+    AUTOTUNE_OPTIONS, INTERPRET, MAX_HEAD_DIM, check_attention_out, check_devices, check_float, check_ndim, check_qkv,
+    head_block, on_input_device,
 )
 from .varlen_attention import length_bucket
 
-HEAD_DIM = 64
 LOG2E = math.log2(math.e)
 
 # Tensor-core (fp16/bf16) and FMA (fp32) tiles. fp32 dots hold whole operand rows in
-# registers, so its tiles are smaller. The backward holds four (BLOCK_N, 64) tiles (k, v
-# and their gradients) per program, so its tiles are smaller than the forward's.
+# registers, so its tiles are smaller. The backward holds four (BLOCK_N, d) tiles (k, v
+# and their gradients) per program, so its tiles are smaller than the forward's; its
+# 32 x 32 tiles are the ones within Turing's 64 KiB of shared memory at head dim 128.
 FORWARD_CONFIGS = {
     "tensor_core": [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
@@ -71,6 +77,7 @@ FORWARD_CONFIGS = {
 }
 BACKWARD_CONFIGS = {
     "tensor_core": [
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
@@ -115,6 +122,8 @@ def _prune_backward(configs, named_args: dict, **kwargs) -> list[triton.Config]:
 # to a power of 2, read by the autotuner only) keeps a small warm-up from choosing the tiles
 # of 18,500-token images, and lets token counts of one bucket share a tuning.
 AUTOTUNE_KEY = ["HEAD_DIM", "seqlen_bucket"]
+# Integer arguments that change with the image size (policy is (B, N)): one compilation for all.
+VARYING = ["N", "seqlen_bucket", "stride_pb"]
 
 
 @triton.jit
@@ -127,14 +136,16 @@ def _keep_weight(policy, offs_query, offs_key):
 # ----------------------------------------------------------------------------- forward
 
 
-@triton.autotune(configs=_all(FORWARD_CONFIGS), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_forward})
-@triton.jit
+@triton.autotune(configs=_all(FORWARD_CONFIGS), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_forward},
+                 **AUTOTUNE_OPTIONS)
+@triton.jit(do_not_specialize=VARYING)
 def _policy_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, policy_ptr, vsum_ptr, out_ptr, out_fp32_ptr, row_max_ptr, row_argmax_ptr, denom_ptr,
     N, seqlen_bucket, num_heads, qk_scale, eps,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh, stride_pb, stride_pn,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STORE_FP32: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    STORE_FP32: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -143,16 +154,18 @@ def _policy_attention_fwd_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) queries
     offs_n = tl.arange(0, BLOCK_N)                    # (BLOCK_N,) keys, within a key block
-    offs_d = tl.arange(0, HEAD_DIM)                   # (HEAD_DIM,)
+    offs_d = tl.arange(0, BLOCK_D)                    # (BLOCK_D,) lanes of the head dimension
+    d_mask = offs_d < HEAD_DIM
     query_mask = offs_m < N
+    row_mask = query_mask[:, None] & d_mask[None, :]
     q_base = q_ptr + batch.to(tl.int64) * stride_qb + head * stride_qh
     k_base = k_ptr + batch.to(tl.int64) * stride_kb + head * stride_kh
     v_base = v_ptr + batch.to(tl.int64) * stride_vb + head * stride_vh
 
     q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=query_mask[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
+                mask=row_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
 
-    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)              # sum_j a v_j, relative to row_max
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)               # sum_j a v_j, relative to row_max
     row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)     # base-2 logits
     row_argmax = tl.zeros((BLOCK_M,), tl.int32)
     row_sum = tl.zeros((BLOCK_M,), tl.float32)                   # sum_j a, relative to row_max
@@ -160,9 +173,9 @@ def _policy_attention_fwd_kernel(
         offs_key = key_start + offs_n
         key_mask = offs_key < N
         k = tl.load(k_base + offs_key[None, :] * stride_kn + offs_d[:, None],
-                    mask=key_mask[None, :], other=0.0)  # (HEAD_DIM, BLOCK_N): k^T
+                    mask=d_mask[:, None] & key_mask[None, :], other=0.0)  # (BLOCK_D, BLOCK_N): k^T
         v = tl.load(v_base + offs_key[:, None] * stride_vn + offs_d[None, :],
-                    mask=key_mask[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
+                    mask=key_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
         policy = tl.load(policy_ptr + batch * stride_pb + offs_key * stride_pn,
                          mask=key_mask, other=0.0).to(tl.float32)  # (BLOCK_N,)
 
@@ -183,15 +196,15 @@ def _policy_attention_fwd_kernel(
         acc = tl.dot(a, v, acc * rescale[:, None], input_precision="ieee")
         row_max = new_max
 
-    vsum = tl.load(vsum_ptr + pid_bh * HEAD_DIM + offs_d)  # (HEAD_DIM,) fp32
+    vsum = tl.load(vsum_ptr + pid_bh * HEAD_DIM + offs_d, mask=d_mask, other=0.0)  # (BLOCK_D,) fp32
     denom = row_sum + eps
-    out = (acc + (eps / N) * vsum[None, :]) / denom[:, None]  # (BLOCK_M, HEAD_DIM)
+    out = (acc + (eps / N) * vsum[None, :]) / denom[:, None]  # (BLOCK_M, BLOCK_D)
     tl.store(out_ptr + batch.to(tl.int64) * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=query_mask[:, None])
+             out.to(out_ptr.dtype.element_ty), mask=row_mask)
     if STORE_FP32:
         # (B, N, heads, HEAD_DIM) contiguous, for the backward's delta = dout . out.
         rows = (batch.to(tl.int64) * N + offs_m) * num_heads + head
-        tl.store(out_fp32_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], out, mask=query_mask[:, None])
+        tl.store(out_fp32_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_mask)
     stats = pid_bh.to(tl.int64) * N + offs_m  # (BLOCK_M,) rows of the (B, heads, N) statistics
     tl.store(row_max_ptr + stats, row_max, mask=query_mask)
     tl.store(row_argmax_ptr + stats, row_argmax, mask=query_mask)
@@ -201,26 +214,28 @@ def _policy_attention_fwd_kernel(
 # ---------------------------------------------------------------------------- backward
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _policy_attention_bwd_preprocess_kernel(
     out_ptr, dout_ptr, vsum_ptr, denom_ptr, delta_ptr, dmax_ptr,
     N, num_heads, eps,
     stride_ob, stride_on, stride_oh, stride_db, stride_dn, stride_dh,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     batch = pid_bh // num_heads
     head = pid_bh % num_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) queries
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
     query_mask = offs_m < N
+    row_mask = query_mask[:, None] & d_mask[None, :]
 
     out = tl.load(out_ptr + batch.to(tl.int64) * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
-                  mask=query_mask[:, None], other=0.0).to(tl.float32)  # (BLOCK_M, HEAD_DIM)
+                  mask=row_mask, other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_D)
     dout = tl.load(dout_ptr + batch.to(tl.int64) * stride_db + head * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :],
-                   mask=query_mask[:, None], other=0.0).to(tl.float32)  # (BLOCK_M, HEAD_DIM)
-    vsum = tl.load(vsum_ptr + pid_bh * HEAD_DIM + offs_d)  # (HEAD_DIM,)
+                   mask=row_mask, other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_D)
+    vsum = tl.load(vsum_ptr + pid_bh * HEAD_DIM + offs_d, mask=d_mask, other=0.0)  # (BLOCK_D,)
     stats = pid_bh.to(tl.int64) * N + offs_m
     denom = tl.load(denom_ptr + stats, mask=query_mask, other=1.0)  # (BLOCK_M,)
 
@@ -230,8 +245,9 @@ def _policy_attention_bwd_preprocess_kernel(
     tl.store(dmax_ptr + stats, dmax, mask=query_mask)
 
 
-@triton.autotune(configs=_all(BACKWARD_CONFIGS), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_backward})
-@triton.jit
+@triton.autotune(configs=_all(BACKWARD_CONFIGS), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_backward},
+                 **AUTOTUNE_OPTIONS)
+@triton.jit(do_not_specialize=VARYING)
 def _policy_attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, policy_ptr, dout_ptr, row_max_ptr, row_argmax_ptr, denom_ptr, delta_ptr, dmax_ptr,
     dk_ptr, dv_ptr, dpolicy_ptr,
@@ -239,7 +255,7 @@ def _policy_attention_bwd_dkdv_kernel(
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh, stride_pb, stride_pn,
     stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -248,30 +264,32 @@ def _policy_attention_bwd_dkdv_kernel(
 
     offs_key = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) keys
     offs_m = tl.arange(0, BLOCK_M)                       # (BLOCK_M,) queries, within a query block
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
     key_mask = offs_key < N
+    kv_mask = key_mask[:, None] & d_mask[None, :]
     q_base = q_ptr + batch.to(tl.int64) * stride_qb + head * stride_qh
     dout_base = dout_ptr + batch.to(tl.int64) * stride_db + head * stride_dh
     stats_base = pid_bh.to(tl.int64) * N
 
     k = tl.load(k_ptr + batch.to(tl.int64) * stride_kb + head * stride_kh + offs_key[:, None] * stride_kn + offs_d[None, :],
-                mask=key_mask[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
+                mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
     v = tl.load(v_ptr + batch.to(tl.int64) * stride_vb + head * stride_vh + offs_key[:, None] * stride_vn + offs_d[None, :],
-                mask=key_mask[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
+                mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
     policy = tl.load(policy_ptr + batch * stride_pb + offs_key * stride_pn,
                      mask=key_mask, other=0.0).to(tl.float32)  # (BLOCK_N,)
 
-    dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
-    dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dpolicy = tl.zeros((BLOCK_N,), tl.float32)  # per head; summed over heads after the launch
-    dout_over_denom = tl.zeros((HEAD_DIM,), tl.float32)  # sum_i dout_i / D_i, for the eps / N term of dv
+    dout_over_denom = tl.zeros((BLOCK_D,), tl.float32)  # sum_i dout_i / D_i, for the eps / N term of dv
     for query_start in range(0, N, BLOCK_M):
         offs_query = query_start + offs_m
         query_mask = offs_query < N
         q = tl.load(q_base + offs_query[None, :] * stride_qn + offs_d[:, None],
-                    mask=query_mask[None, :], other=0.0)  # (HEAD_DIM, BLOCK_M): q^T
+                    mask=d_mask[:, None] & query_mask[None, :], other=0.0)  # (BLOCK_D, BLOCK_M): q^T
         dout = tl.load(dout_base + offs_query[:, None] * stride_dn + offs_d[None, :],
-                       mask=query_mask[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
+                       mask=query_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
         # Padded queries: an infinite max makes their weights 0. Row statistics are (BLOCK_M,).
         row_max = tl.load(row_max_ptr + stats_base + offs_query, mask=query_mask, other=float("inf"))
         row_argmax = tl.load(row_argmax_ptr + stats_base + offs_query, mask=query_mask, other=-1)
@@ -280,7 +298,7 @@ def _policy_attention_bwd_dkdv_kernel(
         dmax = tl.load(dmax_ptr + stats_base + offs_query, mask=query_mask, other=0.0)
 
         logits_t = tl.dot(k, q, input_precision="ieee") * qk_scale  # (BLOCK_N, BLOCK_M), base 2
-        weights_t = tl.math.exp2(logits_t - row_max[None, :])         # (BLOCK_N, BLOCK_M): exp(l - m)
+        weights_t = tl.where(key_mask[:, None], tl.math.exp2(logits_t - row_max[None, :]), 0.0)  # (BLOCK_N, BLOCK_M): exp(l - m)
         keep_t = tl.where(offs_key[:, None] == offs_query[None, :], 1.0, policy[:, None])  # (BLOCK_N, BLOCK_M)
         # a / D with a rounded to v's dtype, as the forward summed it into D.
         probs_t = (weights_t * keep_t).to(v.dtype).to(tl.float32) / denom[None, :]
@@ -296,21 +314,22 @@ def _policy_attention_bwd_dkdv_kernel(
 
     dv += (eps / N) * dout_over_denom[None, :]
     tl.store(dk_ptr + batch.to(tl.int64) * stride_dkb + head * stride_dkh + offs_key[:, None] * stride_dkn + offs_d[None, :],
-             (dk * scale).to(dk_ptr.dtype.element_ty), mask=key_mask[:, None])
+             (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + batch.to(tl.int64) * stride_dvb + head * stride_dvh + offs_key[:, None] * stride_dvn + offs_d[None, :],
-             dv.to(dv_ptr.dtype.element_ty), mask=key_mask[:, None])
+             dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dpolicy_ptr + stats_base + offs_key, dpolicy, mask=key_mask)
 
 
-@triton.autotune(configs=_all(BACKWARD_CONFIGS), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_backward})
-@triton.jit
+@triton.autotune(configs=_all(BACKWARD_CONFIGS), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_backward},
+                 **AUTOTUNE_OPTIONS)
+@triton.jit(do_not_specialize=VARYING)
 def _policy_attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, policy_ptr, dout_ptr, row_max_ptr, row_argmax_ptr, denom_ptr, delta_ptr, dmax_ptr, dq_ptr,
     N, seqlen_bucket, num_heads, qk_scale, scale,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh, stride_pb, stride_pn,
     stride_dqb, stride_dqn, stride_dqh,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -319,16 +338,18 @@ def _policy_attention_bwd_dq_kernel(
 
     offs_query = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) queries
     offs_n = tl.arange(0, BLOCK_N)                         # (BLOCK_N,) keys, within a key block
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
     query_mask = offs_query < N
+    row_mask = query_mask[:, None] & d_mask[None, :]
     k_base = k_ptr + batch.to(tl.int64) * stride_kb + head * stride_kh
     v_base = v_ptr + batch.to(tl.int64) * stride_vb + head * stride_vh
     stats = pid_bh.to(tl.int64) * N + offs_query
 
     q = tl.load(q_ptr + batch.to(tl.int64) * stride_qb + head * stride_qh + offs_query[:, None] * stride_qn + offs_d[None, :],
-                mask=query_mask[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
+                mask=row_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
     dout = tl.load(dout_ptr + batch.to(tl.int64) * stride_db + head * stride_dh + offs_query[:, None] * stride_dn + offs_d[None, :],
-                   mask=query_mask[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
+                   mask=row_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
     # Row statistics, (BLOCK_M,) each; padded queries get an infinite max, so weights of 0.
     row_max = tl.load(row_max_ptr + stats, mask=query_mask, other=float("inf"))
     row_argmax = tl.load(row_argmax_ptr + stats, mask=query_mask, other=-1)
@@ -336,29 +357,28 @@ def _policy_attention_bwd_dq_kernel(
     delta = tl.load(delta_ptr + stats, mask=query_mask, other=0.0)
     dmax = tl.load(dmax_ptr + stats, mask=query_mask, other=0.0)
 
-    dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for key_start in range(0, N, BLOCK_N):
         offs_key = key_start + offs_n
         key_mask = offs_key < N
         k = tl.load(k_base + offs_key[:, None] * stride_kn + offs_d[None, :],
-                    mask=key_mask[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
+                    mask=key_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
         v = tl.load(v_base + offs_key[None, :] * stride_vn + offs_d[:, None],
-                    mask=key_mask[None, :], other=0.0)  # (HEAD_DIM, BLOCK_N): v^T
+                    mask=d_mask[:, None] & key_mask[None, :], other=0.0)  # (BLOCK_D, BLOCK_N): v^T
         policy = tl.load(policy_ptr + batch * stride_pb + offs_key * stride_pn,
                          mask=key_mask, other=0.0).to(tl.float32)  # (BLOCK_N,)
 
         logits = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N), base 2
-        weights = tl.math.exp2(logits - row_max[:, None])  # (BLOCK_M, BLOCK_N): exp(l - m)
+        weights = tl.where(key_mask[None, :], tl.math.exp2(logits - row_max[:, None]), 0.0)  # (BLOCK_M, BLOCK_N): exp(l - m)
         dattn = tl.dot(dout, v, input_precision="ieee")  # (BLOCK_M, BLOCK_N)
-        # a / D with a rounded to v's dtype, as the forward summed it into D. Padded keys
-        # have k = 0, so whatever their weight they add nothing to dq.
+        # a / D with a rounded to v's dtype, as the forward summed it into D.
         probs = (weights * _keep_weight(policy, offs_query, offs_key)).to(v.dtype).to(tl.float32) / denom[:, None]
         dlogits = probs * (dattn - delta[:, None])
         dlogits += tl.where(offs_key[None, :] == row_argmax[:, None], dmax[:, None], 0.0)
         dq = tl.dot(dlogits.to(k.dtype), k, dq, input_precision="ieee")
 
     tl.store(dq_ptr + batch.to(tl.int64) * stride_dqb + head * stride_dqh + offs_query[:, None] * stride_dqn + offs_d[None, :],
-             (dq * scale).to(dq_ptr.dtype.element_ty), mask=query_mask[:, None])
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_mask)
 
 
 # ----------------------------------------------------------------------------- launches
@@ -366,7 +386,7 @@ def _policy_attention_bwd_dq_kernel(
 
 def check_inputs(q, k, v, policy) -> None:
     op = "policy_attention"
-    check_qkv(op, q, k, v, 4, "(B, N, heads, head_dim)", HEAD_DIM)
+    check_qkv(op, q, k, v, 4, "(B, N, heads, head_dim)")
     check_ndim(op, "policy", policy, 2, "(B, N)")
     check_float(op, "policy", policy)
     if tuple(policy.shape) != tuple(q.shape[:2]):
@@ -392,7 +412,7 @@ def _scales(scale: float | None, head_dim: int) -> tuple[float, float]:
 @on_input_device
 def launch_forward(q, k, v, policy, scale: float | None, eps: float, *, out, out_fp32, row_max, row_argmax,
                    denom) -> None:
-    """The forward into ``out`` (B, N, heads, 64), for fp16/bf16 inputs also into
+    """The forward into ``out`` (B, N, heads, d), for fp16/bf16 inputs also into
     ``out_fp32`` (the same in fp32, contiguous; None for fp32 inputs), and the row statistics
     (B, heads, N): ``row_max`` fp32 (base-2 logits), ``row_argmax`` int32, ``denom`` fp32."""
     check_inputs(q, k, v, policy)
@@ -407,9 +427,10 @@ def launch_forward(q, k, v, policy, scale: float | None, eps: float, *, out, out
                            ("denom", denom, torch.float32)):
         if t.shape != (B, heads, N) or t.dtype != dtype or not t.is_contiguous():
             raise ValueError(f"policy_attention: {name} must be a contiguous {dtype} tensor of shape {(B, heads, N)}")
-    if B == 0 or N == 0 or heads == 0:
+    if B == 0 or N == 0 or heads == 0 or head_dim == 0:
         return
     scale, qk_scale = _scales(scale, head_dim)
+    tiles = dict(HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim))
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]), B * heads)
@@ -418,7 +439,7 @@ def launch_forward(q, k, v, policy, scale: float | None, eps: float, *, out, out
         q, k, v, policy, _column_sum(v), out, out_fp32 if store_fp32 else out, row_max, row_argmax, denom,
         N, length_bucket(N), heads, qk_scale, eps,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *policy.stride(),
-        HEAD_DIM=head_dim, STORE_FP32=store_fp32,
+        **tiles, STORE_FP32=store_fp32,
     )
 
 
@@ -433,28 +454,29 @@ def launch_backward(dout, q, k, v, policy, out, row_max, row_argmax, denom, scal
     check_devices("policy_attention backward", dout=dout, q=q, k=k, v=v, policy=policy, out=out, row_max=row_max,
                   row_argmax=row_argmax, denom=denom, dq=dq, dk=dk, dv=dv, dpolicy=dpolicy_per_head)
     B, N, heads, head_dim = q.shape
-    if B == 0 or N == 0 or heads == 0:
+    if B == 0 or N == 0 or heads == 0 or head_dim == 0:
         return
     scale, qk_scale = _scales(scale, head_dim)
+    tiles = dict(HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim))
     vsum = _column_sum(v)
     delta, dmax = _stats(q), _stats(q)
     _policy_attention_bwd_preprocess_kernel[(triton.cdiv(N, PREPROCESS_BLOCK_M), B * heads)](
         out, dout, vsum, denom, delta, dmax,
         N, heads, eps,
         *out.stride()[:3], *dout.stride()[:3],
-        HEAD_DIM=head_dim, BLOCK_M=PREPROCESS_BLOCK_M,
+        **tiles, BLOCK_M=PREPROCESS_BLOCK_M,
     )
     common = (N, length_bucket(N), heads, qk_scale, scale)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *policy.stride())
     _policy_attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * heads)](
         q, k, v, policy, dout, row_max, row_argmax, denom, delta, dmax, dk, dv, dpolicy_per_head,
         *common, eps, *strides, *dk.stride()[:3], *dv.stride()[:3],
-        HEAD_DIM=head_dim,
+        **tiles,
     )
     _policy_attention_bwd_dq_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * heads)](
         q, k, v, policy, dout, row_max, row_argmax, denom, delta, dmax, dq,
         *common, *strides, *dq.stride()[:3],
-        HEAD_DIM=head_dim,
+        **tiles,
     )
 
 
@@ -528,7 +550,10 @@ def policy_attention(
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """Policy-masked attention over all tokens, as
-    :func:`mematte_kernels.reference.policy_attention`: q, k, v (B, N, heads, 64), policy
-    (B, N) float -> (B, N, heads, 64) contiguous, differentiable in q, k, v and policy.
-    ``scale`` defaults to head_dim ** -0.5."""
+    :func:`mematte_kernels.reference.policy_attention`: q, k, v (B, N, heads, d), policy
+    (B, N) float -> (B, N, heads, d) contiguous, differentiable in q, k, v and policy.
+    ``scale`` defaults to head_dim ** -0.5. Head dimensions past MAX_HEAD_DIM run the
+    chunked PyTorch implementation."""
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return native.policy_attention(q, k, v, policy, scale, eps)
     return torch.ops.mematte.policy_attention_forward(q, k, v, policy, scale, eps)[0]

@@ -3,11 +3,14 @@ ViTMatte's global attention.
 
     out[i] = softmax_j(scale * q[i]·k[j] + bias_h[i, row(j)] + bias_w[i, col(j)]) v[j]
 
-q, k, v are (B, N, heads, 64), N = H*W in row-major order, possibly strided views of the
-(B, N, 3, heads, 64) qkv projection (the head dimension contiguous). The position terms come
-as per-query tables, bias_h (B, N, heads, H) and bias_w (B, N, heads, W): H + W values per
-query, gathered inside the tile loop for each key's row and column, so memory is O(N·(H + W))
-and no N×N matrix (logits or bias) ever exists.
+q, k, v are (B, N, heads, d), N = H*W in row-major order, possibly strided views of the
+(B, N, 3, heads, d) qkv projection (the head dimension contiguous; d up to 128, held in
+BLOCK_D lanes, the next power of two). The position terms come as per-query tables for the
+queries of one launch, bias_h (B, n, heads, H) and bias_w (B, n, heads, W): H + W values per
+query, gathered inside the tile loop for each key's row and column; no N×N matrix (logits or
+bias) ever exists. :func:`global_attention` launches a strip of grid rows at a time with the
+tables of that strip alone, as the CPU path does, so the tables stay within STRIP_TABLE_BYTES
+at any image size (whole-grid ones would take 3.3 GB each at 8K in fp32).
 
 One program computes BLOCK_M queries of one (image, head) with an online softmax over
 BLOCK_N-key blocks; the softmax runs in base 2: the fp32 logits are multiplied by
@@ -22,16 +25,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
+from .. import native, reference
 from ._common import (
-    INTERPRET, check_attention_out, check_devices, check_float, check_ndim, check_qkv, on_input_device,
+    AUTOTUNE_OPTIONS, INTERPRET, MAX_HEAD_DIM, check_attention_out, check_devices, check_float, check_ndim, check_qkv,
+    head_block, on_input_device,
 )
 # The varlen kernel's tiles and autotune key; each program here also holds a (BLOCK_M, BLOCK_N)
 # tile of gathered bias.
 from .varlen_attention import FP32_CONFIGS, TENSOR_CORE_CONFIGS, _prune_configs, configs_for, length_bucket  # noqa: F401
 
-HEAD_DIM = 64
 LOG2E = math.log2(math.e)
+# The position tables of one launch (both, in q's dtype) take at most this much, or one grid
+# row's worth where a row alone takes more.
+STRIP_TABLE_BYTES = 64 << 20
 
 # The interpreter would benchmark every config on the CPU: it runs this one alone. Its
 # blocks are smaller than the tests' grids, so they cross rows and leave partial blocks.
@@ -42,42 +48,51 @@ INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, 
     configs=[INTERPRETER_CONFIG] if INTERPRET else TENSOR_CORE_CONFIGS + FP32_CONFIGS,
     key=["HEAD_DIM", "length_bucket"],  # the autotuner adds every tensor argument's dtype to the key
     prune_configs_by={"early_config_prune": _prune_configs},
+    **AUTOTUNE_OPTIONS,
 )
-@triton.jit
+# Integer arguments that change with the image size (the tables' strides follow the grid):
+# one compilation for all sizes.
+@triton.jit(do_not_specialize=["num_queries", "N", "grid_w", "length_bucket", "stride_hb", "stride_hn", "stride_hh",
+                               "stride_wb", "stride_wn", "stride_wh"])
 def _relpos_attention_kernel(
     q_ptr, k_ptr, v_ptr, bias_h_ptr, bias_w_ptr, out_ptr,
-    N, grid_w, num_heads, qk_scale, length_bucket,
+    num_queries, N, grid_w, num_heads, qk_scale, length_bucket,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_hb, stride_hn, stride_hh, stride_wb, stride_wn, stride_wh, stride_ob, stride_on, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # Queries: the num_queries rows of q, out and the tables (a strip of the grid); keys: all N.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     batch = (pid_bh // num_heads).to(tl.int64)
     head = pid_bh % num_heads
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) queries
-    offs_d = tl.arange(0, HEAD_DIM)                   # (HEAD_DIM,)
-    q_mask = offs_m < N
+    offs_d = tl.arange(0, BLOCK_D)                    # (BLOCK_D,) lanes of the head dimension
+    d_mask = offs_d < HEAD_DIM
+    q_mask = offs_m < num_queries
     rows_m = offs_m.to(tl.int64)
+    row_mask = q_mask[:, None] & d_mask[None, :]
 
     q = tl.load(q_ptr + batch * stride_qb + rows_m[:, None] * stride_qn + head * stride_qh + offs_d[None, :],
-                mask=q_mask[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
+                mask=row_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
     # Each query's row of the two position tables.
     bias_h_rows = bias_h_ptr + batch * stride_hb + rows_m * stride_hn + head * stride_hh  # (BLOCK_M,)
     bias_w_rows = bias_w_ptr + batch * stride_wb + rows_m * stride_wn + head * stride_wh  # (BLOCK_M,)
     k_base = k_ptr + batch * stride_kb + head * stride_kh
     v_base = v_ptr + batch * stride_vb + head * stride_vh
 
-    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     row_sum = tl.zeros((BLOCK_M,), tl.float32)
     for key_start in range(0, N, BLOCK_N):
         offs_n = key_start + tl.arange(0, BLOCK_N)  # (BLOCK_N,) keys
         key_mask = offs_n < N
         rows_n = offs_n.to(tl.int64)
-        k = tl.load(k_base + rows_n[None, :] * stride_kn + offs_d[:, None], mask=key_mask[None, :], other=0.0)  # (HEAD_DIM, BLOCK_N)
-        v = tl.load(v_base + rows_n[:, None] * stride_vn + offs_d[None, :], mask=key_mask[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
+        k = tl.load(k_base + rows_n[None, :] * stride_kn + offs_d[:, None],
+                    mask=d_mask[:, None] & key_mask[None, :], other=0.0)  # (BLOCK_D, BLOCK_N)
+        v = tl.load(v_base + rows_n[:, None] * stride_vn + offs_d[None, :],
+                    mask=key_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
         key_row = offs_n // grid_w
         key_col = offs_n - key_row * grid_w
         tile_mask = q_mask[:, None] & key_mask[None, :]
@@ -91,49 +106,61 @@ def _relpos_attention_kernel(
         p = tl.math.exp2(logits - new_max[:, None])            # (BLOCK_M, BLOCK_N)
         rescale = tl.math.exp2(row_max - new_max)              # (BLOCK_M,); 0 on the first block
         row_sum = row_sum * rescale + tl.sum(p, axis=1)
-        acc = tl.dot(p.to(v.dtype), v, acc * rescale[:, None], input_precision="ieee")  # (BLOCK_M, HEAD_DIM)
+        acc = tl.dot(p.to(v.dtype), v, acc * rescale[:, None], input_precision="ieee")  # (BLOCK_M, BLOCK_D)
         row_max = new_max
 
-    out = acc / row_sum[:, None]  # (BLOCK_M, HEAD_DIM)
+    out = acc / row_sum[:, None]  # (BLOCK_M, BLOCK_D)
     tl.store(out_ptr + batch * stride_ob + rows_m[:, None] * stride_on + head * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=q_mask[:, None])
+             out.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
-def _check_inputs(q, k, v, bias_h, bias_w) -> None:
+def _check_inputs(q, k, v, bias_h, bias_w, out=None) -> None:
+    """q (B, n, heads, d) queries and their tables bias_h (B, n, heads, H), bias_w (B, n, heads,
+    W); k, v (B, N, heads, d) with N = H * W keys; ``out`` the queries' output."""
     op = "relpos_attention"
-    check_qkv(op, q, k, v, 4, "(B, N, heads, head_dim)", HEAD_DIM)
-    B, N, heads, _ = q.shape
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_ndim(op, name, t, 4, "(B, N, heads, head_dim)")
+    # The head-dimension, dtype and stride checks of q, k, v; then q's rows may be fewer.
+    check_qkv(op, q[:, :0], k[:, :0], v[:, :0], 4, "(B, N, heads, head_dim)")
+    B, N, heads, head_dim = k.shape
+    n = q.shape[1]
+    if k.shape != v.shape or n > N:
+        raise ValueError(f"{op}: k and v must have one shape (B, N, heads, head_dim) and q at most N rows, "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     for name, t in (("bias_h", bias_h), ("bias_w", bias_w)):
-        check_ndim(op, name, t, 4, "(B, N, heads, H or W)")
+        check_ndim(op, name, t, 4, "(B, n, heads, H or W)")
         check_float(op, name, t, q.dtype)
-        if tuple(t.shape[:3]) != (B, N, heads) or t.stride(-1) != 1:
-            raise ValueError(f"{op}: {name} must be ({B}, {N}, {heads}, H or W) with a contiguous last dimension, "
+        if tuple(t.shape[:3]) != (B, n, heads) or t.stride(-1) != 1:
+            raise ValueError(f"{op}: {name} must be ({B}, {n}, {heads}, H or W) with a contiguous last dimension, "
                              f"got shape {tuple(t.shape)} strides {t.stride()}")
     if bias_h.shape[-1] * bias_w.shape[-1] != N:
         raise ValueError(f"{op}: the grid is {bias_h.shape[-1]}×{bias_w.shape[-1]} (from bias_h, bias_w) "
-                         f"but q holds {N} tokens per image")
+                         f"but k holds {N} tokens per image")
     check_devices(op, q=q, k=k, v=v, bias_h=bias_h, bias_w=bias_w)
 
 
 @on_input_device
 def launch_relpos_attention(q, k, v, bias_h, bias_w, scale: float | None = None, *, out: torch.Tensor) -> None:
-    """The attention of every query of the grid into ``out`` (B, N, heads, 64), q's dtype."""
+    """The attention of queries q (B, n, heads, d), with their position tables, to the N keys
+    of the grid (k, v (B, N, heads, d)) into ``out`` (q's shape and dtype). n may be N (the
+    whole grid) or a run of consecutive queries (a strip of grid rows)."""
     _check_inputs(q, k, v, bias_h, bias_w)
     check_attention_out("relpos_attention", out, q)
-    B, N, heads, head_dim = q.shape
-    if B == 0 or N == 0 or heads == 0:
+    B, n, heads, head_dim = q.shape
+    N = k.shape[1]
+    if B == 0 or n == 0 or heads == 0 or head_dim == 0:
         return
     scale = head_dim**-0.5 if scale is None else scale
 
     def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_M"]), B * heads)
+        return (triton.cdiv(n, meta["BLOCK_M"]), B * heads)
 
     _relpos_attention_kernel[grid](
         q, k, v, bias_h, bias_w, out,
-        N, bias_w.shape[-1], heads, scale * LOG2E, length_bucket(N),
+        n, N, bias_w.shape[-1], heads, scale * LOG2E, length_bucket(N),
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *bias_h.stride()[:3], *bias_w.stride()[:3], *out.stride()[:3],
-        HEAD_DIM=head_dim,
+        HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim),
     )
 
 
@@ -155,21 +182,40 @@ def _(q, k, v, bias_h, bias_w, scale=None):
 
 def relpos_attention(q, k, v, bias_h, bias_w, scale: float | None = None) -> torch.Tensor:
     """:func:`mematte_kernels.reference.relpos_attention` without the N×N matrix: q, k, v
-    (B, N, heads, 64), bias_h (B, N, heads, H), bias_w (B, N, heads, W), all one dtype ->
-    (B, N, heads, 64) contiguous. ``scale`` defaults to head_dim ** -0.5."""
+    (B, N, heads, d), bias_h (B, N, heads, H), bias_w (B, N, heads, W), all one dtype ->
+    (B, N, heads, d) contiguous. ``scale`` defaults to head_dim ** -0.5."""
     return torch.ops.mematte.relpos_attention(q, k, v, bias_h, bias_w, scale)
 
 
+def strip_rows(B: int, H: int, W: int, heads: int, dtype: torch.dtype) -> int:
+    """Grid rows per launch of :func:`global_attention`: as many as keep both position tables
+    within STRIP_TABLE_BYTES, at least one."""
+    row_bytes = B * W * heads * (H + W) * torch.finfo(dtype).bits // 8
+    return max(1, min(H, STRIP_TABLE_BYTES // max(row_bytes, 1)))
+
+
 def global_attention(qkv, rel_h, rel_w, num_heads: int, scale: float) -> torch.Tensor:
-    """:func:`mematte_kernels.reference.global_attention` through :func:`relpos_attention`:
-    the per-query position tables from one batched product each, then the flash kernel over
-    q, k, v read in place from ``qkv`` (B, H, W, 3C) -> (B, H, W, C)."""
+    """:func:`mematte_kernels.reference.global_attention` through the flash kernel, a strip of
+    grid rows at a time: the strip's position tables from one batched product each, then the
+    kernel over the strip's queries and every key, q, k, v read in place from ``qkv``
+    (B, H, W, 3C) -> (B, H, W, C). Head dimensions past MAX_HEAD_DIM run PyTorch's fused
+    attention, a strip at a time."""
     check_ndim("global_attention", "qkv", qkv, 4, "(B, H, W, 3C)")
     B, H, W, C3 = qkv.shape
     if C3 % (3 * num_heads):
         raise ValueError(f"global_attention: qkv's last dimension ({C3}) must be 3 * C with C a multiple of "
                          f"num_heads ({num_heads})")
     C = C3 // 3
-    q, k, v = qkv.reshape(B, H * W, 3, num_heads, C // num_heads).unbind(2)
-    bias_h, bias_w = reference.rel_pos_bias(q.reshape(B, H, W, num_heads, C // num_heads), rel_h, rel_w)
-    return relpos_attention(q, k, v, bias_h, bias_w, scale).view(B, H, W, C)
+    d = C // num_heads
+    if d > MAX_HEAD_DIM:
+        return native.global_attention(qkv, rel_h, rel_w, num_heads, scale)
+    q, k, v = qkv.reshape(B, H * W, 3, num_heads, d).unbind(2)
+    out = qkv.new_empty((B, H, W, C))
+    rows = strip_rows(B, H, W, num_heads, qkv.dtype)
+    for top in range(0, H, rows):
+        bottom = min(top + rows, H)
+        strip = slice(top * W, bottom * W)
+        bias_h, bias_w = reference.rel_pos_bias(q[:, strip].reshape(B, bottom - top, W, num_heads, d),
+                                                rel_h[top:bottom], rel_w)
+        out[:, top:bottom] = relpos_attention(q[:, strip], k, v, bias_h, bias_w, scale).view(B, bottom - top, W, C)
+    return out

@@ -67,7 +67,7 @@ def _gelu(x):
     return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # N: tokens per image, one compilation for every size
 def _router_hidden_kernel(
     x_ptr, norm_weight_ptr, norm_bias_ptr, in_weight_ptr, in_bias_ptr,
     local_ptr, partial_ptr,
@@ -136,7 +136,7 @@ def _router_hidden_kernel(
         tl.store(partial_ptrs, tile_sum, mask=is_global)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "num_tiles"])  # N: tokens per image, one compilation for every size
 def _router_fold_kernel(
     partial_ptr, out0_weight_ptr, out0_bias_ptr, folded_bias_ptr,
     N, C, num_tiles,
@@ -173,7 +173,7 @@ def _router_fold_kernel(
     tl.store(folded_bias_ptr + pid_b * half + offs_n, folded, mask=n_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # N: tokens per image, one compilation for every size
 def _router_head_kernel(
     local_ptr, folded_bias_ptr, out0_weight_ptr, out1_weight_ptr, out1_bias_ptr, out2_weight_ptr, out2_bias_ptr,
     scores_ptr, keep_ptr,

@@ -1,8 +1,8 @@
 """Forward flash attention over packed variable-length sequences (one per image).
 
-q, k, v are (T, heads, 64) with sequence b in rows ``cu_seqlens[b]:cu_seqlens[b+1]``; they
-may be strided views (e.g. slices of a (T, 3, heads, 64) qkv tensor) as long as the head
-dimension is contiguous. One program computes BLOCK_M queries of one (sequence, head) with
+q, k, v are (T, heads, d) with sequence b in rows ``cu_seqlens[b]:cu_seqlens[b+1]``; they
+may be strided views (e.g. slices of a (T, 3, heads, d) qkv tensor) as long as the head
+dimension is contiguous. d up to 128, held in BLOCK_D lanes (the next power of two). One program computes BLOCK_M queries of one (sequence, head) with
 an online softmax over BLOCK_N-key blocks, so memory is O(T) and no n x n matrix exists.
 
 The grid is (query blocks of the longest sequence, B * heads); programs past the end of a
@@ -19,9 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_attention_out, check_devices, check_ndim, check_qkv, on_input_device
-
-HEAD_DIM = 64
+from .. import native
+from ._common import (
+    AUTOTUNE_OPTIONS, INTERPRET, MAX_HEAD_DIM, check_attention_out, check_devices, check_ndim, check_qkv, head_block,
+    on_input_device,
+)
 
 # Tensor-core (fp16/bf16) and FMA (fp32) tiles. fp32 dots hold whole operand rows in
 # registers, so its tiles are smaller: these are the ones ptxas compiles without spills for
@@ -56,17 +58,17 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
 
 @triton.jit
 def _attend_key_block(
-    acc, row_max, row_sum, q, k_ptrs, v_ptrs, key_start, seqlen, qk_scale,
+    acc, row_max, row_sum, q, k_ptrs, v_ptrs, d_mask, key_start, seqlen, qk_scale,
     BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr,
 ):
     offs_n = key_start + tl.arange(0, BLOCK_N)  # (BLOCK_N,) keys of this block
     if MASK_KEYS:
         key_mask = offs_n < seqlen
-        k = tl.load(k_ptrs, mask=key_mask[None, :], other=0.0)  # (HEAD_DIM, BLOCK_N)
-        v = tl.load(v_ptrs, mask=key_mask[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
+        k = tl.load(k_ptrs, mask=d_mask[:, None] & key_mask[None, :], other=0.0)  # (BLOCK_D, BLOCK_N)
+        v = tl.load(v_ptrs, mask=key_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
     else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+        k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
     # Scaled in fp32, as flash-attention does: folding the scale into a bf16 q would round
     # every logit's factor to 8 bits.
     logits = tl.dot(q, k, input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
@@ -77,7 +79,7 @@ def _attend_key_block(
     p = tl.math.exp2(logits - new_max[:, None])            # (BLOCK_M, BLOCK_N)
     rescale = tl.math.exp2(row_max - new_max)              # (BLOCK_M,); 0 on the first block
     row_sum = row_sum * rescale + tl.sum(p, axis=1)
-    acc = tl.dot(p.to(v.dtype), v, acc * rescale[:, None], input_precision="ieee")  # (BLOCK_M, HEAD_DIM)
+    acc = tl.dot(p.to(v.dtype), v, acc * rescale[:, None], input_precision="ieee")  # (BLOCK_M, BLOCK_D)
     return acc, new_max, row_sum
 
 
@@ -87,13 +89,14 @@ def _attend_key_block(
     # warm-up from choosing the tiles of 18,500-token sequences.
     key=["HEAD_DIM", "seqlen_bucket"],
     prune_configs_by={"early_config_prune": _prune_configs},
+    **AUTOTUNE_OPTIONS,
 )
-@triton.jit
+@triton.jit(do_not_specialize=["seqlen_bucket"])
 def _varlen_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_ptr,
     num_heads, qk_scale, seqlen_bucket,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # seqlen_bucket is read by the autotuner only (its key), not by the kernel.
     pid_m = tl.program_id(0)
@@ -107,39 +110,40 @@ def _varlen_attention_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) queries, within the sequence
     offs_n = tl.arange(0, BLOCK_N)                    # (BLOCK_N,) keys, within a key block
-    offs_d = tl.arange(0, HEAD_DIM)                   # (HEAD_DIM,)
+    offs_d = tl.arange(0, BLOCK_D)                    # (BLOCK_D,) lanes of the head dimension
+    d_mask = offs_d < HEAD_DIM
     q_mask = offs_m < seqlen
     # Packed row offsets in int64: T * stride can pass 2**31 for batches of 8K images.
     q_rows = (seq_start + offs_m).to(tl.int64)
     key_rows = (seq_start + offs_n).to(tl.int64)
 
     q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=q_mask[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
-    k_ptrs = k_ptr + key_rows[None, :] * stride_kt + head * stride_kh + offs_d[:, None]  # (HEAD_DIM, BLOCK_N): k^T
-    v_ptrs = v_ptr + key_rows[:, None] * stride_vt + head * stride_vh + offs_d[None, :]  # (BLOCK_N, HEAD_DIM)
+                mask=q_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    k_ptrs = k_ptr + key_rows[None, :] * stride_kt + head * stride_kh + offs_d[:, None]  # (BLOCK_D, BLOCK_N): k^T
+    v_ptrs = v_ptr + key_rows[:, None] * stride_vt + head * stride_vh + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
 
-    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     row_sum = tl.zeros((BLOCK_M,), tl.float32)
     # Full key blocks need no mask; only the last, partial one does.
     full_end = (seqlen // BLOCK_N) * BLOCK_N
     for key_start in range(0, full_end, BLOCK_N):
-        acc, row_max, row_sum = _attend_key_block(acc, row_max, row_sum, q, k_ptrs, v_ptrs, key_start, seqlen,
+        acc, row_max, row_sum = _attend_key_block(acc, row_max, row_sum, q, k_ptrs, v_ptrs, d_mask, key_start, seqlen,
                                                   qk_scale, BLOCK_N, MASK_KEYS=False)
         k_ptrs += BLOCK_N * stride_kt
         v_ptrs += BLOCK_N * stride_vt
     if full_end < seqlen:
-        acc, row_max, row_sum = _attend_key_block(acc, row_max, row_sum, q, k_ptrs, v_ptrs, full_end, seqlen,
+        acc, row_max, row_sum = _attend_key_block(acc, row_max, row_sum, q, k_ptrs, v_ptrs, d_mask, full_end, seqlen,
                                                   qk_scale, BLOCK_N, MASK_KEYS=True)
 
-    out = acc / row_sum[:, None]  # (BLOCK_M, HEAD_DIM)
+    out = acc / row_sum[:, None]  # (BLOCK_M, BLOCK_D)
     tl.store(out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=q_mask[:, None])
+             out.to(out_ptr.dtype.element_ty), mask=q_mask[:, None] & d_mask[None, :])
 
 
 def _check_attention_inputs(q, k, v, cu_seqlens, max_seqlen) -> None:
     op = "varlen_attention"
-    check_qkv(op, q, k, v, 3, "(T, heads, head_dim)", HEAD_DIM)
+    check_qkv(op, q, k, v, 3, "(T, heads, head_dim)")
     check_ndim(op, "cu_seqlens", cu_seqlens, 1, "(B + 1,)")
     if cu_seqlens.dtype != torch.int32:
         raise TypeError(f"{op}: cu_seqlens must be int32, got {cu_seqlens.dtype}")
@@ -155,7 +159,7 @@ def launch_varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
     scale: float | None = None, *, out: torch.Tensor,
 ) -> None:
-    """Attention of every packed sequence into ``out`` (T, heads, 64), q's dtype.
+    """Attention of every packed sequence into ``out`` (T, heads, d), q's dtype.
 
     ``max_seqlen`` must be at least the longest sequence and ``cu_seqlens`` must be
     non-decreasing with ``cu_seqlens[-1] <= T``: both are not checked, as that would need a
@@ -164,7 +168,7 @@ def launch_varlen_attention(
     check_attention_out("varlen_attention", out, q)
     T, heads, head_dim = q.shape
     batch = cu_seqlens.shape[0] - 1
-    if T == 0 or batch == 0 or max_seqlen == 0 or heads == 0:
+    if T == 0 or batch == 0 or max_seqlen == 0 or heads == 0 or head_dim == 0:
         return
     scale = head_dim ** -0.5 if scale is None else scale
 
@@ -175,7 +179,7 @@ def launch_varlen_attention(
         q, k, v, out, cu_seqlens,
         heads, scale * math.log2(math.e), length_bucket(max_seqlen),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim,
+        HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim),
     )
 
 
@@ -204,7 +208,10 @@ def varlen_attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     """Softmax attention within each packed sequence, as
-    :func:`mematte_kernels.reference.varlen_attention`: q, k, v (T, heads, 64) ->
-    (T, heads, 64) contiguous. ``cu_seqlens`` (B + 1,) int32; ``max_seqlen`` at least the
-    longest sequence; ``scale`` defaults to head_dim ** -0.5."""
+    :func:`mematte_kernels.reference.varlen_attention`: q, k, v (T, heads, d) ->
+    (T, heads, d) contiguous. ``cu_seqlens`` (B + 1,) int32; ``max_seqlen`` at least the
+    longest sequence; ``scale`` defaults to head_dim ** -0.5. Head dimensions past
+    MAX_HEAD_DIM run PyTorch's fused attention a sequence at a time."""
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return native.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale)
     return torch.ops.mematte.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale)
