@@ -283,9 +283,9 @@ def test_unknown_paths_and_methods_answer_json(server):
 
 
 def test_a_client_that_goes_away_has_its_work_dropped(server):
-    size = (384, 384)
+    size = (768, 768)  # long enough to matte that the client leaves while the model works on it
     body = httpx.Request("POST", server.url + "/v1/matte", files={
-        "image": png_bytes(photo(*size)), "trimap": png_bytes(trimap(*size))})
+        "image": png_bytes(photo(*size), format="JPEG", quality=90), "trimap": png_bytes(trimap(*size))})
     body.read()
     head = b"POST /v1/matte HTTP/1.1\r\nHost: x\r\n" + b"".join(
         f"{k}: {v}\r\n".encode() for k, v in body.headers.items() if k.lower() != "host") + b"\r\n"
@@ -294,10 +294,11 @@ def test_a_client_that_goes_away_has_its_work_dropped(server):
         dropped = _count(c.get("/metrics").text, "499")
         with socket.create_connection((host, int(port))) as s:
             s.sendall(head + body.content)
-            for _ in range(100):  # until the model works on it
-                if c.get("/healthz").json()["in_progress"]:
+            for _ in range(250):  # until the model works on it
+                if working := c.get("/healthz").json()["in_progress"]:
                     break
                 time.sleep(0.02)
+        assert working, "the request never reached the model"
         for _ in range(100):
             if _count(c.get("/metrics").text, "499") > dropped:
                 break
