@@ -16,6 +16,7 @@ _EXPORTS = {
     "FastMEMatte": "mematte.model",
     "FastViTMatte": "mematte.vitmatte",
     "Matte": "mematte.api",
+    "accelerate": "mematte.peers",
     "estimate_foreground": "mematte.foreground",
     "load_model": "mematte.api",
     "metrics": None,  # the submodule itself
