@@ -48,12 +48,22 @@ def vitdet_config(layers: int = 4, relative_position: bool = True, **overrides):
     })  # fmt: skip
 
 
-def hf_vitmatte(seed: int = 0, layers: int = 4, relative_position: bool = True):
+def hf_vitmatte(seed: int = 0, layers: int = 4, relative_position: bool = True, **backbone):
+    """``VitMatteForImageMatting`` with ViT-S's widths; ``backbone`` overrides the
+    :func:`vitdet_config` fields."""
     from transformers import VitMatteConfig, VitMatteForImageMatting
 
-    config = VitMatteConfig(backbone_config=vitdet_config(layers, relative_position), hidden_size=384,
+    config = VitMatteConfig(backbone_config=vitdet_config(layers, relative_position, **backbone), hidden_size=384,
                             fusion_hidden_sizes=[256, 128, 64, 32], convstream_hidden_sizes=[48, 96, 192])  # fmt: skip
     return seeded_init(VitMatteForImageMatting(config), seed)
+
+
+# ViTMatte's ViT-S backbone as published: 12 layers, global attention in 2, 5, 8 and 11.
+VIT_S_BACKBONE = {
+    "layers": 12,
+    "window_block_indices": [0, 1, 3, 4, 6, 7, 9, 10],
+    "residual_block_indices": [2, 5, 8, 11],
+}
 
 
 def hf_inputs(height: int, width: int, seed: int = 0):
@@ -69,12 +79,14 @@ def hf_inputs(height: int, width: int, seed: int = 0):
 # ------------------------------------------------------------------------------- timm
 
 
-def timm_sam(name: str = "samvit_base_patch16", img_size: int = 256, depth: int = 4, seed: int = 0, **kwargs):
-    """A timm SAM ViT with ``depth`` blocks, windowed and global alternating."""
+def timm_sam(name: str = "samvit_base_patch16", img_size: int = 256, depth: int | None = 4, seed: int = 0, **kwargs):
+    """A timm SAM ViT with ``depth`` blocks, windowed and global alternating; with depth
+    None, the published depth and global blocks."""
     import timm
 
-    model = timm.create_model(name, pretrained=False, img_size=img_size, depth=depth,
-                              global_attn_indexes=list(range(1, depth, 2)), num_classes=0, **kwargs)  # fmt: skip
+    if depth is not None:
+        kwargs.update(depth=depth, global_attn_indexes=list(range(1, depth, 2)))
+    model = timm.create_model(name, pretrained=False, img_size=img_size, num_classes=0, **kwargs)
     return seeded_init(model, seed)
 
 
