@@ -8,7 +8,8 @@
 trimap through ``VitMatteImageProcessor``) or "timm_samvit_base" (timm's
 ``samvit_base_patch16`` built for 1024², its ``forward_features`` on the input size given).
 Weights are seeded (tests/peer_models.py). With ``runs`` > 1 the first forward is untimed.
-Prints one JSON line: latency_s (the last forward), peak_rss_bytes, loaded_rss_bytes
+Prints one JSON line: latency_s (the last forward), cpu_s (its CPU time, all threads: on a
+machine shared with other jobs the steadier measure), peak_rss_bytes, loaded_rss_bytes
 (before the forwards); ``out`` receives the output (alpha or features) in fp32.
 """
 import importlib.util
@@ -65,13 +66,13 @@ def main(spec: dict) -> dict:
     loaded = status_bytes("VmRSS")
     with torch.inference_mode():
         for _ in range(spec.get("runs", 1)):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             out = forward()
-            latency = time.perf_counter() - start
+            latency, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     peak = status_bytes("VmHWM")
     if spec.get("out"):
         torch.save(out.float(), spec["out"])
-    return {"latency_s": latency, "peak_rss_bytes": peak, "loaded_rss_bytes": loaded, "backend": backend}
+    return {"latency_s": latency, "cpu_s": cpu, "peak_rss_bytes": peak, "loaded_rss_bytes": loaded, "backend": backend}
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ def test_peer(peer_case, settings, outputs, record, tmp_path):
             assert all(checks[name] <= bound[name] for name in bound), f"{checks} vs twice eager bf16's {bound}"
     record(kind="model", group=case.group, case=case.id, impl=case.impl, model=case.model, size=case.size.id,
            tokens=case.tokens, dtype=case.dtype_name, megapixels=case.size.pixels / 1e6, backend=result["backend"],
-           time_s=result["latency_s"], rounds=1,
+           time_s=result["latency_s"], cpu_s=result["cpu_s"], rounds=1,
            timer="in process, one run (smoke)" if settings.smoke else "one run in a fresh process",
            peak_mem_bytes=None if settings.smoke else result["peak_rss_bytes"],
            loaded_rss_bytes=result["loaded_rss_bytes"], mem_kind="peak RSS of a fresh process", **checks)  # fmt: skip
