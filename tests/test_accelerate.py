@@ -128,6 +128,8 @@ def test_hf_disable_puts_original_forwards_back(vitmatte):
     first = attentions[0].forward
     mematte.accelerate(model, backend="reference")  # already accelerated: left as it is
     assert attentions[0].forward == first and attentions[0]._mematte_backend == "auto"
+    copied = copy.deepcopy(model)  # a copy's forwards are bound to the copy's modules
+    assert all(layer.attention.forward.__self__ is layer.attention for layer in copied.backbone.encoder.layer)
     assert mematte.accelerate(model, enabled=False) is model
     assert not any("forward" in vars(a) or hasattr(a, "_mematte_backend") for a in attentions)
     with torch.inference_mode():

@@ -1,7 +1,9 @@
 """The attention both adapters call, and how an accelerated module's forward is swapped.
 
-An accelerated module keeps its class, parameters and buffers; only an instance attribute
-``forward`` is added, which :func:`restore_forward` deletes to bring the class's back.
+An accelerated module keeps its class, parameters and buffers; an instance attribute
+``forward`` (one of the adapters' module-level forwards, bound to it) is added, with the
+backend and whether its grids are windows, and :func:`restore_forward` deletes them to bring
+the class's forward back.
 """
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ import torch.nn as nn
 from mematte_kernels import dispatch
 from mematte_kernels.reference import rel_pos_table
 
-# Set on each accelerated module: the backend it was accelerated with.
-BACKEND_ATTRIBUTE = "_mematte_backend"
+# The forwards the adapters bind; a module whose own forward is one of them is accelerated.
+ACCELERATED_FORWARDS: set = set()
+# Set on each accelerated module beside its forward, read by it.
+ATTRIBUTES = ("_mematte_backend", "_mematte_windowed")
 
 
 def relpos_attention(
@@ -57,18 +61,22 @@ def plain_attention(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Te
     return out.transpose(1, 2).reshape(B, H, W, C3 // 3)
 
 
-def swap_forward(module: nn.Module, forward, backend: str) -> None:
-    """Make ``forward(module, ...)`` the module's forward."""
+def swap_forward(module: nn.Module, forward, backend: str, windowed: bool) -> None:
+    """Make ``forward(module, ...)`` the module's forward, with ``backend`` and ``windowed``
+    (its grids are windows) as ``module._mematte_backend`` and ``module._mematte_windowed``."""
+    ACCELERATED_FORWARDS.add(forward)
     module.forward = types.MethodType(forward, module)
-    setattr(module, BACKEND_ATTRIBUTE, backend)
+    module._mematte_backend = backend
+    module._mematte_windowed = windowed
 
 
 def is_accelerated(module: nn.Module) -> bool:
-    return hasattr(module, BACKEND_ATTRIBUTE)
+    return getattr(vars(module).get("forward"), "__func__", None) in ACCELERATED_FORWARDS
 
 
 def restore_forward(module: nn.Module) -> None:
     """Bring back the class's forward of a module :func:`swap_forward` changed."""
     if is_accelerated(module):
         del module.forward
-        delattr(module, BACKEND_ATTRIBUTE)
+        for name in ATTRIBUTES:
+            delattr(module, name)

@@ -26,20 +26,18 @@ def supports(model) -> bool:
 def accelerate(model, backend: str) -> None:
     for layer in model.modules():
         if isinstance(layer, VitDetLayer):
-            swap_forward(layer.attention, _forward(windowed=layer.window_size > 0), backend)
+            swap_forward(layer.attention, forward, backend, windowed=layer.window_size > 0)
 
 
-def _forward(windowed: bool):
-    def forward(self: VitDetAttention, hidden_state: torch.Tensor, output_attentions: bool = False):
-        if output_attentions:
-            # The attention maps are the N×N matrix the kernels never build: HF's own path.
-            return type(self).forward(self, hidden_state, output_attentions=True)
-        qkv = self.qkv(hidden_state)  # (B, H, W, 3 * heads * d)
-        if self.use_relative_position_embeddings:
-            out = relpos_attention(qkv, self.rel_pos_h, self.rel_pos_w, self.num_heads, self.scale,
-                                   self._mematte_backend, windowed)  # fmt: skip
-        else:
-            out = plain_attention(qkv, self.num_heads, self.scale)
-        return (self.proj(out),)
-
-    return forward
+def forward(self: VitDetAttention, hidden_state: torch.Tensor, output_attentions: bool = False):
+    """``VitDetAttention.forward`` on the package's kernels."""
+    if output_attentions:
+        # The attention maps are the N×N matrix the kernels never build: HF's own path.
+        return type(self).forward(self, hidden_state, output_attentions=True)
+    qkv = self.qkv(hidden_state)  # (B, H, W, 3 * heads * d)
+    if self.use_relative_position_embeddings:
+        out = relpos_attention(qkv, self.rel_pos_h, self.rel_pos_w, self.num_heads, self.scale,
+                               self._mematte_backend, self._mematte_windowed)  # fmt: skip
+    else:
+        out = plain_attention(qkv, self.num_heads, self.scale)
+    return (self.proj(out),)

@@ -23,21 +23,19 @@ def supports(model) -> bool:
 def accelerate(model, backend: str) -> None:
     for block in model.modules():
         if isinstance(block, Block) and block.attn.use_rel_pos:
-            swap_forward(block.attn, _forward(windowed=block.window_size > 0), backend)
+            swap_forward(block.attn, forward, backend, windowed=block.window_size > 0)
 
 
-def _forward(windowed: bool):
-    def forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.attn_drop.p > 0:
-            # Dropout on the attention probabilities needs them: timm's own path.
-            return type(self).forward(self, x)
-        B, H, W, _ = x.shape
-        qkv = self.qkv(x)  # (B, H, W, 3 * heads * d)
-        if not (isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)):
-            q, k, v = qkv.view(B, H, W, 3, self.num_heads, -1).unbind(3)
-            qkv = torch.stack((self.q_norm(q), self.k_norm(k), v), dim=3).reshape(B, H, W, -1)
-        out = relpos_attention(qkv, self.rel_pos_h, self.rel_pos_w, self.num_heads, self.scale,
-                               self._mematte_backend, windowed)  # fmt: skip
-        return self.proj_drop(self.proj(out))
-
-    return forward
+def forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
+    """``Attention.forward`` of timm's SAM ViT on the package's kernels."""
+    if self.training and self.attn_drop.p > 0:
+        # Dropout on the attention probabilities needs them: timm's own path.
+        return type(self).forward(self, x)
+    B, H, W, _ = x.shape
+    qkv = self.qkv(x)  # (B, H, W, 3 * heads * d)
+    if not (isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)):
+        q, k, v = qkv.view(B, H, W, 3, self.num_heads, -1).unbind(3)
+        qkv = torch.stack((self.q_norm(q), self.k_norm(k), v), dim=3).reshape(B, H, W, -1)
+    out = relpos_attention(qkv, self.rel_pos_h, self.rel_pos_w, self.num_heads, self.scale,
+                           self._mematte_backend, self._mematte_windowed)  # fmt: skip
+    return self.proj_drop(self.proj(out))
