@@ -50,6 +50,21 @@ def test_hf_vitmatte_alpha_equals_unaccelerated(vitmatte, size):
     assert mean <= 1e-5 and worst <= 1e-3, f"mean |Δ| {mean:.2e}, max {worst:.2e}"
 
 
+def test_hf_vitmatte_decoder_in_strips_equals_whole_image(vitmatte, monkeypatch):
+    from mematte.peers import hf_vitdet
+
+    inputs = hf_inputs(640, 384)  # strips of 16 rows + 2 × 64 rows of context: 40 strips
+    monkeypatch.setattr(hf_vitdet, "STRIP_PIXELS", 384 * (16 + 2 * 64))
+    fast = accelerated(vitmatte)
+    with torch.inference_mode():
+        expected = vitmatte(**inputs).alphas
+        mean, worst = alpha_errors(fast(**inputs).alphas, expected)
+        assert mean <= 1e-6 and worst <= 1e-5, f"mean |Δ| {mean:.2e}, max {worst:.2e}"
+        # Too little context shows at the seams: the strips above were really cut.
+        monkeypatch.setattr(hf_vitdet, "STRIP_CONTEXT", 16)
+        assert alpha_errors(fast(**inputs).alphas, expected)[1] > 1e-3
+
+
 def test_hf_vitmatte_alpha_depends_on_the_attention(vitmatte):
     # The parity above could not tell a wrong position table from a right one if the alpha
     # ignored the attention: one global table reversed moves it far beyond the tolerance.
@@ -126,7 +141,7 @@ def test_hf_disable_puts_original_forwards_back(vitmatte):
     model = copy.deepcopy(vitmatte)
     attentions = [layer.attention for layer in model.backbone.encoder.layer]
     assert mematte.accelerate(model) is model
-    assert all("forward" in vars(a) for a in attentions)
+    assert all("forward" in vars(a) for a in [*attentions, model.decoder])
     first = attentions[0].forward
     mematte.accelerate(model, backend="reference")  # already accelerated: left as it is
     assert attentions[0].forward == first and attentions[0]._mematte_backend == "auto"
@@ -134,6 +149,7 @@ def test_hf_disable_puts_original_forwards_back(vitmatte):
     assert all(layer.attention.forward.__self__ is layer.attention for layer in copied.backbone.encoder.layer)
     assert mematte.accelerate(model, enabled=False) is model
     assert not any("forward" in vars(a) or hasattr(a, "_mematte_backend") for a in attentions)
+    assert "forward" not in vars(model.decoder)
     with torch.inference_mode():
         torch.testing.assert_close(model(**inputs).alphas, vitmatte(**inputs).alphas, rtol=0, atol=0)
 

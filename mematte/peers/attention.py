@@ -2,8 +2,8 @@
 
 An accelerated module keeps its class, parameters and buffers; an instance attribute
 ``forward`` (one of the adapters' module-level forwards, bound to it) is added, with the
-backend and whether its grids are windows, and :func:`restore_forward` deletes them to bring
-the class's forward back.
+state that forward reads as ``_mematte_*`` attributes, and :func:`restore_forward` deletes
+them to bring the class's forward back.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from mematte_kernels.reference import rel_pos_table
 
 # The forwards the adapters bind; a module whose own forward is one of them is accelerated.
 ACCELERATED_FORWARDS: set = set()
-# Set on each accelerated module beside its forward, read by it.
-ATTRIBUTES = ("_mematte_backend", "_mematte_windowed")
+# The prefix of the attributes set beside an accelerated forward.
+PREFIX = "_mematte_"
 
 
 def relpos_attention(
@@ -61,13 +61,13 @@ def plain_attention(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Te
     return out.transpose(1, 2).reshape(B, H, W, C3 // 3)
 
 
-def swap_forward(module: nn.Module, forward, backend: str, windowed: bool) -> None:
-    """Make ``forward(module, ...)`` the module's forward, with ``backend`` and ``windowed``
-    (its grids are windows) as ``module._mematte_backend`` and ``module._mematte_windowed``."""
+def swap_forward(module: nn.Module, forward, **state) -> None:
+    """Make ``forward(module, ...)`` the module's forward, each ``state`` item an attribute
+    ``module._mematte_<name>`` it reads."""
     ACCELERATED_FORWARDS.add(forward)
     module.forward = types.MethodType(forward, module)
-    module._mematte_backend = backend
-    module._mematte_windowed = windowed
+    for name, value in state.items():
+        setattr(module, PREFIX + name, value)
 
 
 def is_accelerated(module: nn.Module) -> bool:
@@ -78,5 +78,5 @@ def restore_forward(module: nn.Module) -> None:
     """Bring back the class's forward of a module :func:`swap_forward` changed."""
     if is_accelerated(module):
         del module.forward
-        for name in ATTRIBUTES:
+        for name in [name for name in vars(module) if name.startswith(PREFIX)]:
             delattr(module, name)

@@ -23,7 +23,7 @@ def supports(model) -> bool:
 def accelerate(model, backend: str) -> None:
     for block in model.modules():
         if isinstance(block, Block) and block.attn.use_rel_pos:
-            swap_forward(block.attn, forward, backend, windowed=block.window_size > 0)
+            swap_forward(block.attn, forward, backend=backend, windowed=block.window_size > 0)
 
 
 def forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
