@@ -16,6 +16,7 @@ _EXPORTS = {
     "FastMEMatte": "mematte.model",
     "FastViTMatte": "mematte.vitmatte",
     "Matte": "mematte.api",
+    "accelerate": "mematte.peers",
     "estimate_foreground": "mematte.foreground",
     "export_onnx": "mematte.export",
     "load_model": "mematte.api",
