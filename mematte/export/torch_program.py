@@ -127,6 +127,10 @@ class MattingProgram(nn.Module):
         # BatchNorm folded into the convolutions once, here, not in the graph.
         with torch.no_grad():
             self.decoder = FoldedDecoder(model.decoder, model.dtype, self.ops)
+        # Weights the program never reads would only weigh down its file.
+        del model.decoder
+        if getattr(model, "teacher_backbone", None) is not None:
+            del model.teacher_backbone
         # The eager models' decoding canvas: MEMatte pads to 512-px tiles, ViTMatte decodes the input.
         self.canvas_multiple = TILE if self.routed else PATCH
 
