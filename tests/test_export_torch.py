@@ -12,9 +12,11 @@ from mematte import FastMEMatte, FastViTMatte
 from mematte.export.torch_program import export_program
 
 REPO = Path(__file__).resolve().parents[1]
-# On the 32-px grid (60 tokens), and off it with the width under the height (24 tokens).
-SIZES = [(96, 160), (70, 45)]
-# Between the two token counts, so one file applies the cap at one size and not at the other.
+# A grid of exactly one 14-token window (224² px, 196 tokens), one of several windows off the
+# 32-px grid (512 tokens), and one of a single window, off the grid, narrower than tall (24).
+SIZES = [(224, 224), (240, 470), (70, 45)]
+# Under the routed counts of the larger sizes and over the smallest's token count: one file
+# applies the cap at some sizes and not at others.
 MAX_TOKENS = 30
 
 RUN_PROGRAM = """
@@ -71,7 +73,7 @@ def exported(request, tmp_path_factory):
 
 def test_a_fresh_process_runs_the_file_at_every_size(exported):
     """``torch.export.load`` and a run with the package's model code never imported: alpha
-    within 1e-5 of the eager fast path's at both sizes, from the one file."""
+    within 1e-5 of the eager fast path's at every size, from the one file."""
     result, _ = exported
     assert not result["mematte imported"]
     for (H, W), (shape, error) in zip(SIZES, result["errors"]):
@@ -85,8 +87,8 @@ def test_routed_token_counts_are_unbacked_sizes(exported):
     result, routed = exported
     if routed[0]:
         assert result["nonzero counts unbacked"] == [True, True]
-        # The sizes route different counts, the cap binding at the larger one only.
-        assert routed[0] == [MAX_TOKENS, MAX_TOKENS] and all(0 < n < MAX_TOKENS for n in routed[1])
+        # The sizes route different counts, the cap binding at the larger ones only.
+        assert routed[:2] == [[MAX_TOKENS] * 2] * 2 and all(0 < n < MAX_TOKENS for n in routed[2])
     else:
         assert result["nonzero counts unbacked"] == []
 

@@ -3,8 +3,9 @@
 The program maps ``image`` (1, 3, H, W) RGB in [0, 1] and ``trimap`` (1, 1, H, W) in [0, 1]
 to ``alpha`` (1, 1, H, W) in [0, 1]; normalisation, padding, position-embedding and
 relative-position resizing happen inside it, from the input's size. It holds ATen ops and
-the compiled ops of :mod:`mematte_kernels` (``torch.ops.mematte_ext``), so it runs with
-``torch.export.load`` in a process that imports only ``torch`` and ``mematte_kernels``.
+the ops :mod:`mematte_kernels` registers (``torch.ops.mematte_ext``, compiled, and
+``torch.ops.mematte``), so it runs with ``torch.export.load`` in a process that imports only
+``torch`` and ``mematte_kernels``.
 
 The model's own forward is shaped for eager speed: loops over strips, windows and tiles
 whose counts follow the image size, and one host sync per routed block for the token
@@ -14,7 +15,8 @@ size:
 - sizes are symbolic: the published padding rule and the decoder's canvas are integer
   expressions of H and W (``torch.sym_min``), never branches;
 - the routed tokens are ``nonzero`` of the router's decisions, an unbacked size (bounded by
-  the token count and by ``max_tokens``), attended in one fused SDPA call; the cap is a
+  the token count and by ``max_tokens``), attended by one ``mematte::varlen_attention``
+  node (fused SDPA, a Python loop over sequences inside the op); the cap is a
   ``topk`` over ``min(max_tokens, N)`` tokens;
 - window attention runs over all windows in one fused SDPA call, ViTMatte's global attention
   in the extension's flash kernel (no N×N matrix) where it has one;
@@ -76,11 +78,15 @@ class ExportOps:
     @staticmethod
     def window_attention(qkv, pad_qkv, rel_h, rel_w, num_heads: int, scale: float, window: int) -> torch.Tensor:
         """Window attention over every window in one fused SDPA call, the position terms as
-        its additive bias; the grid padded to whole windows whatever its size."""
+        its additive bias. The grid is padded (with ``pad_qkv``, the padding tokens'
+        projection) past its end and to at least two windows each way: windows of padding
+        only change nothing, and the layout of every tensor is then the same at every size
+        (a trace at one size would otherwise hold only where the grid fills its windows
+        exactly, or only where it has one window)."""
         B, H, W, C3 = qkv.shape
-        Hp, Wp = (H + window - 1) // window * window, (W + window - 1) // window * window
-        padded = pad_qkv.expand(B, Hp, Wp, C3).clone()
-        padded[:, :H, :W] = qkv
+        Hp, Wp = torch.sym_max(H // window + 1, 2) * window, torch.sym_max(W // window + 1, 2) * window
+        rows = torch.cat([qkv, pad_qkv.expand(B, H, Wp - W, C3)], dim=2)
+        padded = torch.cat([rows, pad_qkv.expand(B, Hp - H, Wp, C3)], dim=1)
         windows = padded.view(B, Hp // window, window, Wp // window, window, C3).permute(0, 1, 3, 2, 4, 5)
         windows = windows.reshape(-1, window * window, 3, num_heads, C3 // 3 // num_heads)
         q, k, v = windows.permute(2, 0, 3, 1, 4).unbind(0)  # (windows, heads, N, d)
@@ -90,7 +96,9 @@ class ExportOps:
         N = window * window
         bias = (bias_h[:, :, :, :, None] + bias_w[:, :, :, None, :]).reshape(q.shape[0], num_heads, N, N)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)  # (windows, heads, N, d)
-        return reference.merge_windows(out.transpose(1, 2).reshape(-1, N, C3 // 3), (B, H, W), window)
+        grid = out.transpose(1, 2).reshape(B, Hp // window, Wp // window, window, window, C3 // 3)
+        grid = grid.permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C3 // 3)
+        return grid[:, :H, :W].contiguous()
 
 
 # -------------------------------------------------------------- symbolic sizes
@@ -203,9 +211,13 @@ class MattingProgram(nn.Module):
         Hc, Wc = (Hp + m - 1) // m * m, (Wp + m - 1) // m * m
         bottom = torch.sym_min((H + PATCH - 1) // PATCH * PATCH + FAST_CONTEXT, Hc)
         right = torch.sym_min((W + PATCH - 1) // PATCH * PATCH + FAST_CONTEXT, Wc)
-        x = F.pad(x, (0, Wc - Wp, 0, Hc - Hp))[:, :, :bottom, :right]
-        features = F.pad(features, (0, Wc // PATCH - features.shape[-1], 0, Hc // PATCH - features.shape[-2]))
-        return self.decoder(features[:, :, : bottom // PATCH, : right // PATCH], x)
+        # The crop ends at or past the padded input (fresh zero-padded tensors, no slices
+        # whose layout would depend on whether they are the whole canvas).
+        torch._check(bottom >= Hp)
+        torch._check(right >= Wp)
+        x = F.pad(x, (0, right - Wp, 0, bottom - Hp))
+        features = F.pad(features, (0, right // PATCH - features.shape[-1], 0, bottom // PATCH - features.shape[-2]))
+        return self.decoder(features, x)
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -263,8 +275,8 @@ def trace(model: FastMEMatte | FastViTMatte, max_tokens=DEFAULT_MAX_TOKENS) -> t
     if not isinstance(model, (FastMEMatte, FastViTMatte)):
         raise TypeError(f"expected a FastMEMatte or FastViTMatte, got {type(model).__name__}")
     program = MattingProgram(model, check_max_tokens(max_tokens)).eval()
-    # An example off the 32-px grid and of unequal sides, so that no size is specialised.
-    H, W = 100, 150
+    # An example off the 32-px grid, of unequal sides, with two windows along each.
+    H, W = 260, 390
     device = model.pixel_mean.device
     example = (torch.rand(1, 3, H, W, device=device), torch.rand(1, 1, H, W, device=device))
     height, width = Dim("height", min=MIN_SIDE, max=MAX_SIDE), Dim("width", min=MIN_SIDE, max=MAX_SIDE)
