@@ -1,6 +1,7 @@
 """``torch.export`` of the fast path: one program file for every image size, run by a
 process that imports only ``torch`` and ``mematte_kernels``, equal to the eager model."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,20 +94,43 @@ def test_routed_token_counts_are_unbacked_sizes(exported):
         assert result["nonzero counts unbacked"] == []
 
 
-def test_the_file_is_written_atomically(tmp_path, monkeypatch):
-    """A failed save leaves no file, neither the target nor a temporary one, and an old file
-    at the path is kept as it was."""
+@pytest.fixture
+def saved_by(monkeypatch):
+    """Export with the trace skipped and ``torch.export.save`` replaced by the given writer."""
+
+    def use(save):
+        monkeypatch.setattr(torch.export, "save", save)
+        monkeypatch.setattr("mematte.export.torch_program.trace", lambda model, max_tokens: None)
+
+    return use
+
+
+def test_a_failed_save_leaves_the_old_file_and_no_other(tmp_path, saved_by):
     path = tmp_path / "model.pt2"
     path.write_bytes(b"previous")
 
-    def fail(*args, **kwargs):
+    def fail(program, f):
+        Path(f).write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch.export, "save", fail)
-    monkeypatch.setattr("mematte.export.torch_program.trace", lambda model, max_tokens: None)
+    saved_by(fail)
     with pytest.raises(OSError, match="disk full"):
         export_program(FastViTMatte("vit_s"), path)
     assert path.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt2"]
+
+
+def test_a_saved_file_replaces_the_old_one_with_the_usual_permissions(tmp_path, saved_by):
+    path = tmp_path / "model.pt2"
+    path.write_bytes(b"previous")
+    saved_by(lambda program, f: Path(f).write_bytes(b"program"))
+    umask = os.umask(0o022)
+    try:
+        assert export_program(FastViTMatte("vit_s"), path) == path
+    finally:
+        os.umask(umask)
+    assert path.read_bytes() == b"program"
+    assert path.stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt2"]
 
 

@@ -262,7 +262,10 @@ def export_program(model: FastMEMatte | FastViTMatte, path: str | os.PathLike, *
     program = trace(model, max_tokens)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.pt2", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # as open() would create it, not mkstemp's 0600
         torch.export.save(program, tmp)
         os.replace(tmp, path)
     finally:
