@@ -25,6 +25,7 @@ size:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pathlib
@@ -258,19 +259,37 @@ def export_program(model: FastMEMatte | FastViTMatte, path: str | os.PathLike, *
     ``trimap`` (1, 1, H, W) in [0, 1] to ``alpha`` (1, 1, H, W). ``max_tokens`` caps
     MEMatte's routed tokens per image (None or 0: no cap). The file appears whole or not
     at all."""
-    path = pathlib.Path(path)
     program = trace(model, max_tokens)
+    with atomic_output(path) as tmp:
+        torch.export.save(program, tmp)
+    return pathlib.Path(path)
+
+
+def package_aoti(model: FastMEMatte | FastViTMatte, path: str | os.PathLike, *, max_tokens=DEFAULT_MAX_TOKENS) -> pathlib.Path:
+    """:func:`export_program`'s program compiled ahead of time by Inductor for the model's
+    device, packaged at ``path`` (a ``.pt2``) for ``torch._inductor.aoti_load_package``.
+    Needs a C++ compiler; takes minutes."""
+    program = trace(model, max_tokens)
+    with atomic_output(path) as tmp:
+        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
+    return pathlib.Path(path)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike):
+    """A temporary path beside ``path`` (ending in .pt2, as the packagers want) that replaces
+    it in one rename once the block succeeds; removed on any failure."""
+    path = pathlib.Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.pt2", dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
     try:
         os.chmod(tmp, 0o666 & ~umask)  # as open() would create it, not mkstemp's 0600
-        torch.export.save(program, tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
         pathlib.Path(tmp).unlink(missing_ok=True)
-    return path
 
 
 def trace(model: FastMEMatte | FastViTMatte, max_tokens=DEFAULT_MAX_TOKENS) -> torch.export.ExportedProgram:
