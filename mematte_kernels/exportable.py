@@ -12,15 +12,16 @@ import torch
 from . import native
 
 
-@torch.library.custom_op("mematte::varlen_attention", mutates_args=())
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     scale: float) -> torch.Tensor:  # fmt: skip
+@torch.library.custom_op("mematte::varlen_sdpa", mutates_args=())
+def varlen_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                scale: float) -> torch.Tensor:  # fmt: skip
     """:func:`mematte_kernels.native.varlen_attention` (reference:
     :func:`mematte_kernels.reference.varlen_attention`) over packed (T, heads, d) tensors,
-    T possibly 0: fused attention per sequence of ``cu_seqlens``."""
+    T possibly 0: fused attention per sequence of ``cu_seqlens``. A name of its own: the
+    Triton kernels' ``mematte::varlen_attention`` has another signature."""
     return native.varlen_attention(q, k, v, cu_seqlens, 0, scale)
 
 
-@varlen_attention.register_fake
-def _varlen_attention_fake(q, k, v, cu_seqlens, scale):
+@varlen_sdpa.register_fake
+def _varlen_sdpa_fake(q, k, v, cu_seqlens, scale):
     return torch.empty_like(q)

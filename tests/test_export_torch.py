@@ -22,6 +22,7 @@ MAX_TOKENS = 30
 
 RUN_PROGRAM = """
 import json, sys, torch, mematte_kernels
+import mematte_kernels.triton.varlen_attention  # ops of the same namespace must not displace the program's
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 exported = torch.export.load(sys.argv[1])
 program = exported.module()

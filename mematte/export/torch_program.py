@@ -15,7 +15,7 @@ size:
 - sizes are symbolic: the published padding rule and the decoder's canvas are integer
   expressions of H and W (``torch.sym_min``), never branches;
 - the routed tokens are ``nonzero`` of the router's decisions, an unbacked size (bounded by
-  the token count and by ``max_tokens``), attended by one ``mematte::varlen_attention``
+  the token count and by ``max_tokens``), attended by one ``mematte::varlen_sdpa``
   node (fused SDPA, a Python loop over sequences inside the op); the cap is a
   ``topk`` over ``min(max_tokens, N)`` tokens;
 - window attention runs over all windows in one fused SDPA call, ViTMatte's global attention
@@ -184,7 +184,7 @@ class MattingProgram(nn.Module):
         packed = ops.gather_layernorm(rows_in, index, block.norm1.weight, block.norm1.bias, block.norm1.eps)
         qkv = ops.linear(packed, attn.qkv.weight, attn.qkv.bias).view(-1, 3, attn.num_heads, attn.head_dim)
         cu_seqlens = F.pad(index.shape[0] * torch.ones(1, dtype=torch.int32, device=x.device), (1, 0))
-        o = exportable.varlen_attention(*qkv.unbind(1), cu_seqlens, attn.scale)
+        o = exportable.varlen_sdpa(*qkv.unbind(1), cu_seqlens, attn.scale)
         routed = rows_in[index] + ops.linear(o.reshape(-1, C), attn.proj.weight, attn.proj.bias)
         x = out.index_put((index,), routed).view(1, h, w, C)
         x = x + block.mlp(block.norm2(x), ops)
