@@ -39,7 +39,7 @@ from torch.export import Dim
 
 from mematte_kernels import exportable, ext, native, reference
 
-from ..backbone import PATCH, WINDOW_SIZE, RoutedBlock, WindowBlock, abs_pos
+from ..backbone import PATCH, RoutedBlock
 from ..decoder import FAST_CONTEXT, TILE, FoldedDecoder
 from ..model import DEFAULT_MAX_TOKENS, PAD_MULTIPLE, FastMEMatte, check_max_tokens
 from ..vitmatte import FastViTMatte, GlobalBlock
@@ -55,7 +55,7 @@ class ExportOps:
     """The op table the program is traced with: the fast CPU/GPU ops whose graphs do not
     depend on the input's size, in place of those that loop over size-dependent counts."""
 
-    def __init__(self, dtype: torch.dtype, device: torch.device):
+    def __init__(self, device: torch.device):
         cpu = device.type == "cpu"
         # ATen's linear: oneDNN's fused linear takes an empty Scalar list that torch.export
         # cannot serialise.
@@ -132,7 +132,7 @@ class MattingProgram(nn.Module):
         self.model = model = frozen_copy(model)
         self.routed = isinstance(model, FastMEMatte)
         self.max_tokens = max_tokens
-        self.ops = ExportOps(model.dtype, model.pixel_mean.device)
+        self.ops = ExportOps(model.pixel_mean.device)
         # BatchNorm folded into the convolutions once, here, not in the graph.
         with torch.no_grad():
             self.decoder = FoldedDecoder(model.decoder, model.dtype, self.ops)
@@ -234,6 +234,8 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 
 
 def resized_abs_pos(pos_embed, h, w):
+    """:func:`mematte.backbone.abs_pos` without its branch for the pretraining grid's own
+    size (bicubic resizing to its own size is the identity)."""
     grid = pos_embed[:, 1:]
     size = int(math.sqrt(grid.shape[1]))
     grid = grid.reshape(1, size, size, -1).permute(0, 3, 1, 2)
