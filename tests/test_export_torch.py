@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 from mematte import FastMEMatte, FastViTMatte
-from mematte.export.torch_program import export_program
+from mematte.export.torch_program import export_program, package_aoti
 
 REPO = Path(__file__).resolve().parents[1]
 # A grid of exactly one 14-token window (224² px, 196 tokens), one of several windows off the
@@ -93,6 +93,43 @@ def test_routed_token_counts_are_unbacked_sizes(exported):
         assert routed[:2] == [[MAX_TOKENS] * 2] * 2 and all(0 < n < MAX_TOKENS for n in routed[2])
     else:
         assert result["nonzero counts unbacked"] == []
+
+
+RUN_PACKAGE = """
+import json, sys, torch, mematte_kernels
+program = torch._inductor.aoti_load_package(sys.argv[1])
+errors = []
+for inputs in sys.argv[2:]:
+    image, trimap, expected = torch.load(inputs)
+    alpha = program(image, trimap)
+    errors.append([list(alpha.shape), (alpha - expected).abs().max().item()])
+print(json.dumps({"errors": errors, "mematte imported": "mematte" in sys.modules}))
+"""
+
+
+@pytest.mark.skipif(not os.environ.get("MEMATTE_TEST_AOTI"), reason="compiles for minutes; MEMATTE_TEST_AOTI=1 runs it")
+@pytest.mark.parametrize("cls", [FastMEMatte, FastViTMatte], ids=lambda cls: cls.__name__)
+def test_an_aoti_package_runs_in_a_fresh_process_at_every_size(cls, tmp_path):
+    torch.manual_seed(0)
+    model = shallow(cls("vit_s"))
+    if isinstance(model, FastMEMatte):
+        model.max_tokens = MAX_TOKENS
+    path = package_aoti(model, tmp_path / "model.pt2", max_tokens=getattr(model, "max_tokens", None))
+    inputs = []
+    for H, W in SIZES:
+        image, trimap = torch.rand(1, 3, H, W), torch.rand(1, 1, H, W)
+        outputs = model({"image": image, "trimap": trimap})
+        inputs.append(tmp_path / f"{H}x{W}.pt")
+        torch.save((image, trimap, (outputs[0] if isinstance(outputs, tuple) else outputs)["phas"]), inputs[-1])
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_PACKAGE, path, *inputs], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert not result["mematte imported"]
+    for (H, W), (shape, error) in zip(SIZES, result["errors"]):
+        assert shape == [1, 1, H, W]
+        assert error <= 1e-5, f"{H}x{W}: max |Δ| {error}"
 
 
 @pytest.fixture
