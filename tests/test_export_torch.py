@@ -175,3 +175,25 @@ def test_a_saved_file_replaces_the_old_one_with_the_usual_permissions(tmp_path, 
 def test_other_models_are_refused():
     with pytest.raises(TypeError, match="FastMEMatte or FastViTMatte"):
         export_program(nn.Linear(2, 2), "unused.pt2")
+
+
+def test_export_command_writes_a_program_from_a_checkpoint(checkpoint, tmp_path):
+    """``mematte export CKPT OUT.pt2``: the program of the checkpoint's model, one file,
+    equal to the model the checkpoint loads into."""
+    import contextlib
+    import io
+
+    from mematte.cli import main
+    from mematte.vitmatte import load_matting_model
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["export", str(checkpoint), str(tmp_path / "model.pt2")])
+    assert rc == 0, err.getvalue()
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt2"]
+    program = torch.export.load(tmp_path / "model.pt2").module()
+    model = load_matting_model(checkpoint, backend="reference")
+    torch.manual_seed(1)
+    image, trimap = torch.rand(1, 3, 61, 90), torch.rand(1, 1, 61, 90)
+    expected = model({"image": image, "trimap": trimap})[0]["phas"]
+    assert (program(image, trimap) - expected).abs().max().item() <= 1e-5

@@ -55,11 +55,9 @@ def run_export(args: argparse.Namespace) -> int:
             export_onnx(model, args.output, dtype=getattr(torch, args.dtype), opset=args.opset,
                         max_tokens=args.max_tokens)
         else:
-            from . import atomic_output
             from .torch_program import export_program
 
-            with atomic_output(args.output) as tmp:
-                export_program(model, tmp, max_tokens=args.max_tokens)
+            export_program(model, args.output, max_tokens=args.max_tokens)
     except (OSError, ValueError, RuntimeError) as e:
         print(f"mematte export: error: {e}", file=sys.stderr)
         return EXIT_FAILED

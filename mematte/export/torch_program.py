@@ -25,11 +25,9 @@ size:
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import pathlib
-import tempfile
 from copy import deepcopy
 
 import torch
@@ -39,6 +37,7 @@ from torch.export import Dim
 
 from mematte_kernels import exportable, ext, native, reference
 
+from . import atomic_output
 from ..backbone import PATCH, RoutedBlock
 from ..decoder import FAST_CONTEXT, TILE, FoldedDecoder
 from ..model import DEFAULT_MAX_TOKENS, PAD_MULTIPLE, FastMEMatte, check_max_tokens
@@ -275,23 +274,6 @@ def package_aoti(model: FastMEMatte | FastViTMatte, path: str | os.PathLike, *, 
     with atomic_output(path) as tmp:
         torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
     return pathlib.Path(path)
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike):
-    """A temporary path beside ``path`` (ending in .pt2, as the packagers want) that replaces
-    it in one rename once the block succeeds; removed on any failure."""
-    path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.pt2", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # as open() would create it, not mkstemp's 0600
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        pathlib.Path(tmp).unlink(missing_ok=True)
 
 
 def trace(model: FastMEMatte | FastViTMatte, max_tokens=DEFAULT_MAX_TOKENS) -> torch.export.ExportedProgram:
