@@ -6,6 +6,9 @@ initialised as upstream's (TRAINING.md "Initialisation"). Tokens are channels-la
 (B, h, w, C) with h = H/16. Every op that has a kernel goes through the op table
 (:class:`mematte_kernels.OpTable`) the caller passes in.
 
+ViTMatte's backbone (:class:`ViTMatteBackbone`, also MEMatte's distillation teacher) shares
+the window blocks; its global blocks attend over all tokens, with no router or LTRM.
+
 In training (:meth:`ViT.forward_train`) the routed blocks mix the attention of all tokens
 with the LTRM by a straight-through Gumbel policy instead of gathering the selected tokens.
 """
@@ -392,3 +395,62 @@ def init_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+# ------------------------------------------------------------ ViTMatte's backbone
+# ViTMatte's model and MEMatte's distillation teacher (``teacher_backbone.*``): the same
+# window blocks, and global blocks in which every token attends to every other.
+
+# The global blocks' position tables cover the 512-px pretraining grid: 2 * 32 - 1 rows,
+# resized at run time to the grid's 2h - 1 and 2w - 1.
+GLOBAL_REL_POS_SIZE = 512 // PATCH
+
+
+class GlobalBlock(nn.Module):
+    """x = x + Attn(norm1(x)) over all tokens with decomposed relative position;
+    x = x + MLP(norm2(x)); x = ResBottleneck(x)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, rel_pos_size=GLOBAL_REL_POS_SIZE)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, 4 * dim)
+        self.residual = ResBottleneck(dim)
+
+    def forward(self, x: torch.Tensor, ops: OpTable) -> torch.Tensor:
+        B, h, w, C = x.shape
+        attn = self.attn
+        qkv = ops.linear(self.norm1(x), attn.qkv.weight, attn.qkv.bias)
+        rel_h = rel_pos_table(h, h, attn.rel_pos_h)
+        rel_w = rel_pos_table(w, w, attn.rel_pos_w)
+        out = ops.global_attention(qkv, rel_h, rel_w, attn.num_heads, attn.scale)
+        x = x + ops.linear(out, attn.proj.weight, attn.proj.bias)
+        x = x + self.mlp(self.norm2(x), ops)
+        return self.residual(x.permute(0, 3, 1, 2), ops).permute(0, 2, 3, 1)
+
+
+class ViTMatteBackbone(nn.Module):
+    """Patch embedding + absolute positions, then 12 blocks: window blocks, and global
+    blocks at 2, 5, 8, 11. ``forward(x, ops)`` maps the preprocessed (B, 4, H, W) input
+    (H, W multiples of 16) to features (B, C, H/16, W/16)."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+        dim, heads = VARIANTS[variant]
+        self.embed_dim = dim
+        self.patch_embed = PatchEmbed(4, dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 14 * 14 + 1, dim))
+        self.blocks = nn.ModuleList(
+            GlobalBlock(dim, heads) if i in GLOBAL_BLOCKS else WindowBlock(dim, heads) for i in range(DEPTH)
+        )
+        self.resized_pos_embed = ResizedPosEmbed()
+
+    def forward(self, x: torch.Tensor, ops: OpTable) -> torch.Tensor:
+        x = self.patch_embed(x, ops)
+        x = x + self.resized_pos_embed(self.pos_embed, *x.shape[1:3])
+        for block in self.blocks:
+            x = block(x, ops)
+        return x.permute(0, 3, 1, 2)

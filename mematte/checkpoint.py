@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .backbone import VARIANTS
+from .backbone import GLOBAL_BLOCKS, VARIANTS
 
 IGNORED_PREFIXES = ("teacher_backbone.",)  # the distillation teacher of training checkpoints
 WRAPPERS = ("model", "state_dict")  # detectron2's and most training loops' checkpoint dicts
@@ -161,3 +161,11 @@ def infer_variant(state_dict: Mapping[str, torch.Tensor]) -> str:
             return name
     known = ", ".join(f"{n} ({d})" for n, (d, _) in VARIANTS.items())
     raise ValueError(f"backbone.pos_embed has width {pos.shape[-1]}; known variants: {known}")
+
+
+def is_vitmatte(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a state dict (in upstream names) is ViTMatte's rather than MEMatte's: position
+    tables in a global block, and no router or LTRM. Anything else is taken for MEMatte."""
+    mematte_only = any(k.startswith("backbone.routers.") or ".efficient_block." in k for k in state_dict)
+    vitmatte_only = any(f"backbone.blocks.{i}.attn.rel_pos_" in k for i in GLOBAL_BLOCKS for k in state_dict)
+    return vitmatte_only and not mematte_only

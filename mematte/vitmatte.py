@@ -1,9 +1,7 @@
-"""ViTMatte's ViT backbone: MEMatte's window blocks, and global blocks in which every token
-attends to every other with decomposed relative position (no router, no LTRM).
-
-Module and parameter names are those of the official ViTMatte checkpoints (``backbone.*``);
-the same module is MEMatte's distillation teacher (``teacher_backbone.*``). Tokens are
-channels-last (B, h, w, C); every op with a kernel goes through the op table.
+"""FastViTMatte: ViTMatte (its backbone in :mod:`mematte.backbone`, MEMatte's decoder) with
+upstream's module tree and keys (``backbone.*``), so official ViTMatte and HF checkpoints
+load unchanged; and the loading dispatch, :func:`load_matting_model`, which tells MEMatte and
+ViTMatte files apart by their keys.
 """
 from __future__ import annotations
 
@@ -11,81 +9,18 @@ import os
 from collections.abc import Mapping
 
 import torch
-import torch.nn as nn
 
-from mematte_kernels import OpTable, dispatch
+from mematte_kernels import dispatch
 
-from .backbone import (
-    DEPTH,
-    GLOBAL_BLOCKS,
-    PATCH,
-    VARIANTS,
-    Attention,
-    Mlp,
-    PatchEmbed,
-    ResBottleneck,
-    ResizedPosEmbed,
-    WindowBlock,
-    rel_pos_table,
-)
 from . import hf
+from .backbone import PATCH, GlobalBlock, ViTMatteBackbone
+from .checkpoint import is_vitmatte, load_checkpoint_state_dict, state_dict_of
 from .decoder import FAST_CONTEXT, FAST_TILE, DetailCapture, FoldedDecoder, decode_tiled
-from .checkpoint import load_checkpoint_state_dict, state_dict_of
-from .model import FastMEMatte, MattingModel
+from .matting import MattingModel
+from .model import FastMEMatte  # for the loading dispatch below; model.py imports nothing of this module
 
-# The global blocks' position tables cover the 512-px pretraining grid: 2 * 32 - 1 rows,
-# resized at run time to the grid's 2h - 1 and 2w - 1.
-GLOBAL_REL_POS_SIZE = 512 // PATCH
-
-
-class GlobalBlock(nn.Module):
-    """x = x + Attn(norm1(x)) over all tokens with decomposed relative position;
-    x = x + MLP(norm2(x)); x = ResBottleneck(x)."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, rel_pos_size=GLOBAL_REL_POS_SIZE)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, 4 * dim)
-        self.residual = ResBottleneck(dim)
-
-    def forward(self, x: torch.Tensor, ops: OpTable) -> torch.Tensor:
-        B, h, w, C = x.shape
-        attn = self.attn
-        qkv = ops.linear(self.norm1(x), attn.qkv.weight, attn.qkv.bias)
-        rel_h = rel_pos_table(h, h, attn.rel_pos_h)
-        rel_w = rel_pos_table(w, w, attn.rel_pos_w)
-        out = ops.global_attention(qkv, rel_h, rel_w, attn.num_heads, attn.scale)
-        x = x + ops.linear(out, attn.proj.weight, attn.proj.bias)
-        x = x + self.mlp(self.norm2(x), ops)
-        return self.residual(x.permute(0, 3, 1, 2), ops).permute(0, 2, 3, 1)
-
-
-class ViTMatteBackbone(nn.Module):
-    """Patch embedding + absolute positions, then 12 blocks: window blocks, and global
-    blocks at 2, 5, 8, 11. ``forward(x, ops)`` maps the preprocessed (B, 4, H, W) input
-    (H, W multiples of 16) to features (B, C, H/16, W/16)."""
-
-    def __init__(self, variant: str):
-        super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
-        dim, heads = VARIANTS[variant]
-        self.embed_dim = dim
-        self.patch_embed = PatchEmbed(4, dim)
-        self.pos_embed = nn.Parameter(torch.zeros(1, 14 * 14 + 1, dim))
-        self.blocks = nn.ModuleList(
-            GlobalBlock(dim, heads) if i in GLOBAL_BLOCKS else WindowBlock(dim, heads) for i in range(DEPTH)
-        )
-        self.resized_pos_embed = ResizedPosEmbed()
-
-    def forward(self, x: torch.Tensor, ops: OpTable) -> torch.Tensor:
-        x = self.patch_embed(x, ops)
-        x = x + self.resized_pos_embed(self.pos_embed, *x.shape[1:3])
-        for block in self.blocks:
-            x = block(x, ops)
-        return x.permute(0, 3, 1, 2)
+__all__ = ["FastViTMatte", "GlobalBlock", "ViTMatteBackbone", "is_vitmatte", "load_matting_model", "model_class",
+           "read_state_dict"]
 
 
 class FastViTMatte(MattingModel):
@@ -162,14 +97,6 @@ def read_state_dict(checkpoint: str | os.PathLike | Mapping, map_location: str |
     else:
         state_dict = load_checkpoint_state_dict(checkpoint, map_location)
     return hf.upstream_from_hf(state_dict) if hf.is_hf_state_dict(state_dict) else state_dict
-
-
-def is_vitmatte(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    """Whether a state dict (in upstream names) is ViTMatte's rather than MEMatte's: position
-    tables in a global block, and no router or LTRM. Anything else is taken for MEMatte."""
-    mematte_only = any(k.startswith("backbone.routers.") or ".efficient_block." in k for k in state_dict)
-    vitmatte_only = any(f"backbone.blocks.{i}.attn.rel_pos_" in k for i in GLOBAL_BLOCKS for k in state_dict)
-    return vitmatte_only and not mematte_only
 
 
 def model_class(state_dict: Mapping[str, torch.Tensor]) -> type[MattingModel]:

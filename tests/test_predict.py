@@ -136,13 +136,13 @@ def test_upstream_call_refuses_values_outside_the_unit_range(model, image, trima
 
 def test_upstream_input_checks_read_the_device_once(monkeypatch):
     """All value checks cost one host read (one sync on a GPU)."""
-    from mematte import model as model_module
+    from mematte import matting
 
     reads = []
     for name in ("tolist", "item", "__bool__", "__float__", "__int__", "cpu", "numpy"):
         original = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: reads.append(_n) or _o(self, *a, **k))
-    model_module._check_values(torch.rand(2, 3, 16, 8), torch.rand(2, 1, 16, 8))
+    matting.check_values(torch.rand(2, 3, 16, 8), torch.rand(2, 1, 16, 8))
     assert reads == ["tolist"]
 
 
@@ -150,7 +150,7 @@ def test_upstream_input_checks_read_the_device_once(monkeypatch):
 def test_upstream_input_checks_sync_once_on_a_gpu():
     import warnings
 
-    from mematte import model as model_module
+    from mematte import matting
 
     image, trimap = torch.rand(2, 3, 64, 64, device="cuda"), torch.rand(2, 1, 64, 64, device="cuda")
     torch.cuda.synchronize()
@@ -158,7 +158,7 @@ def test_upstream_input_checks_sync_once_on_a_gpu():
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            model_module._check_values(image, trimap)
+            matting.check_values(image, trimap)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len([w for w in caught if "synchroniz" in str(w.message)]) == 1

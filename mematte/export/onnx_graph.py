@@ -498,7 +498,7 @@ def export_onnx(model, path, *, dtype=None, opset: int | None = None, max_tokens
     import pathlib
 
     from ..model import check_max_tokens
-    from . import atomic_output
+    from .atomic import atomic_output
 
     check_exportable(model)
     dtype = torch.float32 if dtype is None else dtype

@@ -37,7 +37,7 @@ from torch.export import Dim
 
 from mematte_kernels import exportable, ext, native, reference
 
-from . import atomic_output
+from .atomic import atomic_output
 from ..backbone import PATCH, RoutedBlock
 from ..decoder import FAST_CONTEXT, TILE, FoldedDecoder
 from ..model import DEFAULT_MAX_TOKENS, PAD_MULTIPLE, FastMEMatte, check_max_tokens
@@ -190,7 +190,7 @@ class MattingProgram(nn.Module):
         return block.residual(x.permute(0, 3, 1, 2), ops).permute(0, 2, 3, 1)
 
     def global_block(self, block: GlobalBlock, x: torch.Tensor) -> torch.Tensor:
-        """:class:`mematte.vitmatte.GlobalBlock` with its position tables resized by expressions of the grid."""
+        """:class:`mematte.backbone.GlobalBlock` with its position tables resized by expressions of the grid."""
         ops, attn = self.ops, block.attn
         _, h, w, C = x.shape
         qkv = ops.linear(block.norm1(x), attn.qkv.weight, attn.qkv.bias)
