@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout as well
 from mematte import FastMEMatte  # noqa: E402
 from mematte_kernels import dispatch  # noqa: E402
+
 from worker import status_bytes  # noqa: E402
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

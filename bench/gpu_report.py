@@ -339,9 +339,10 @@ def summary(doc: dict, path: Path) -> None:
 def run_kernels_once(ours_only: bool) -> None:
     """Every kernel once at small sizes, in every dtype the device runs; unless
     ``ours_only``, also the window attention (torch's SDPA) and a small model forward."""
-    from kernel_calls import triton_op_calls
     from mematte import FastMEMatte
     from mematte_kernels import ext, native
+
+    from kernel_calls import triton_op_calls
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = (torch.float32, torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float32, torch.bfloat16)

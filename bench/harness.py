@@ -28,6 +28,7 @@ from mematte import FastMEMatte
 from mematte.backbone import PATCH, VARIANTS
 from mematte.model import DEFAULT_MAX_TOKENS, PAD_MULTIPLE, padded_size
 from mematte_kernels import dispatch, reference
+
 from worker import DTYPES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +66,7 @@ class Size:
     height: int
 
     @classmethod
-    def parse(cls, text: str) -> "Size":
+    def parse(cls, text: str) -> Size:
         """``"1024"`` (square) or ``"3840x2160"`` (width x height)."""
         w, _, h = text.strip().lower().partition("x")
         return cls(int(w), int(h or w))

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout as well
 import mematte  # noqa: E402
 from mematte_kernels import dispatch, selection  # noqa: E402
+
 from worker import DTYPES, status_bytes  # noqa: E402
 
 MODELS = ("hf_vitmatte", "timm_samvit_base")

@@ -81,8 +81,8 @@ def load_points(paths: Iterable[Path]) -> list[Point]:
             megapixels = _megapixels(record)
             if record.get("kind") != "model" or megapixels is None or not record.get("time_s"):
                 continue
-            point = Point(_line(record), megapixels, record.get("size") or f"{megapixels:.1f} MP", float(record["time_s"]), record.get("peak_mem_bytes"),
-                          machine, commit[:7])
+            point = Point(_line(record), megapixels, record.get("size") or f"{megapixels:.1f} MP", float(record["time_s"]),
+                          record.get("peak_mem_bytes"), machine, commit[:7])
             key = (point.line, point.megapixels, machine)
             created = result.get("created", "")
             if key not in latest or latest[key][0] <= created:

@@ -43,13 +43,14 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-import harness
-import report
-from mematte.io import write_atomic
 from mematte.backbone import VARIANTS, ResBottleneck
 from mematte.decoder import FusionBlock
+from mematte.io import write_atomic
 from mematte.model import DEFAULT_MAX_TOKENS
 from mematte_kernels import dispatch
+
+import harness
+import report
 from worker import load_model
 
 ATTENTION = "routed global attention"

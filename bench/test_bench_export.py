@@ -28,10 +28,11 @@ import numpy as np
 import pytest
 import torch
 
-import harness
-import test_bench_vitmatte
 from mematte import FastMEMatte, FastViTMatte
 from mematte.model import DEFAULT_MAX_TOKENS
+
+import harness
+import test_bench_vitmatte
 
 pytest.importorskip("onnxruntime")
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-import harness
 from mematte.model import FastMEMatte
+
+import harness
 
 WORKER = Path(__file__).parent / "train_worker.py"
 

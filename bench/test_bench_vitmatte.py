@@ -23,10 +23,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import harness
 from mematte import FastViTMatte
 from mematte.backbone import VARIANTS, rel_pos_table
 from mematte_kernels import dispatch, reference
+
+import harness
 
 WEIGHTS_SEED = harness.WEIGHTS_SEED
 DEFAULT_SIZES = (harness.Size(1024, 1024), harness.Size(2048, 2048), harness.Size(3840, 2160))

@@ -3,9 +3,10 @@ router sends the requested share of the tokens (±2 points) to global attention,
 backend that runs the model here."""
 import pytest
 
-import harness
 from mematte import FastMEMatte
 from mematte_kernels import dispatch
+
+import harness
 
 SIZE = harness.Size(320, 256)  # 320 tokens; smoke-sized
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import harness
-import stage_profile
 from mematte.backbone import DEPTH, GLOBAL_BLOCKS, PATCH, VARIANTS, WINDOW_SIZE
 from mematte_kernels import dispatch
+
+import harness
+import stage_profile
 
 SIZE = harness.Size(96, 64)  # W x H: a 4 x 6 token grid, one (padded) window
 # What the issue asks the table to show, at the least.

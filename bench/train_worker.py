@@ -24,6 +24,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(Path(__file__).parent)]
 from mematte.cli import build_parser  # noqa: E402
 from mematte.train.engine import Trainer  # noqa: E402
 from mematte.train.run import build_model, prepare  # noqa: E402
+
 from train_helpers import make_dataset  # noqa: E402
 from worker import status_bytes  # noqa: E402
 

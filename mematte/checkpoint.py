@@ -137,7 +137,7 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoi
     for k in names:
         by_device.setdefault(state_dict[k].device, []).append(k)
     bad = []
-    for device, keys in by_device.items():
+    for keys in by_device.values():
         flags = torch.stack([torch.isfinite(state_dict[k]).all() for k in keys]).tolist()
         bad += [k for k, ok in zip(keys, flags) if not ok]
     if bad:

@@ -27,8 +27,17 @@ from tqdm import tqdm
 from . import api, hf, io, metrics, progress
 from .checkpoint import DATA_PARALLEL_PREFIX, IGNORED_PREFIXES, WRAPPERS, infer_variant
 from .cli import EXIT_FAILED, EXIT_OK, UsageError
-from .distributed import (FOLDER_RUN_TIMEOUT, Distributed, barrier, distributed_from_env, gather_to_all,
-                          process_group, shard, share_cpu_threads, take_device)
+from .distributed import (
+    FOLDER_RUN_TIMEOUT,
+    Distributed,
+    barrier,
+    distributed_from_env,
+    gather_to_all,
+    process_group,
+    shard,
+    share_cpu_threads,
+    take_device,
+)
 from .model import FastMEMatte
 from .trimap import warn_if_degenerate
 from .vitmatte import model_class, read_state_dict

@@ -23,7 +23,6 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F_
-
 from PIL import Image
 
 from .io import gray_array, image_to_array

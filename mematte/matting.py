@@ -104,7 +104,7 @@ class MattingModel(nn.Module):
         map_location: str | torch.device = "cpu",
         variant: str | None = None,
         **kwargs,
-    ) -> "MattingModel":
+    ) -> MattingModel:
         """Build the model a checkpoint was trained as and load it strictly.
 
         ``checkpoint`` is a path (detectron2 ``.pth`` holding ``{"model": sd}``, a bare

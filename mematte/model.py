@@ -122,7 +122,7 @@ class FastMEMatte(MattingModel):
     def max_tokens(self, value: int | None) -> None:
         self._max_tokens = check_max_tokens(value)
 
-    def train(self, mode: bool = True) -> "FastMEMatte":
+    def train(self, mode: bool = True) -> FastMEMatte:
         """Training mode for the student; the teacher stays in eval mode."""
         super().train(mode)
         if self.teacher_backbone is not None:

@@ -108,7 +108,8 @@ def varlen_attention(
     """Softmax attention within each packed sequence: q, k, v (T, heads, d) -> (T, heads, d).
 
     Sequence b is rows ``cu_seqlens[b]:cu_seqlens[b+1]``, and the sequences cover all T
-    rows (``cu_seqlens[-1] == T``); no token attends across sequences. Computed as upstream does: ``softmax((q * scale) @ k^T) @ v`` per sequence.
+    rows (``cu_seqlens[-1] == T``); no token attends across sequences. Computed as upstream
+    does: ``softmax((q * scale) @ k^T) @ v`` per sequence.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out = torch.empty_like(q)
@@ -318,7 +319,6 @@ def relpos_attention(
     bias_w (B, N, heads, W) as :func:`rel_pos_bias` gives them. Returns (B, N, heads, d). The
     oracle of the flash kernels: it builds the N×N logits."""
     B, N, heads, d = q.shape
-    H, W = bias_h.shape[-1], bias_w.shape[-1]
     attn = (q.transpose(1, 2) * scale) @ k.permute(0, 2, 3, 1)  # (B, heads, N, N)
     bias = bias_h.transpose(1, 2)[..., :, None] + bias_w.transpose(1, 2)[..., None, :]  # (B, heads, N, H, W)
     attn = (attn + bias.reshape(B, heads, N, N)).softmax(dim=-1)

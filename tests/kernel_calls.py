@@ -7,7 +7,7 @@ q/k/v as strided views of one qkv tensor, an empty sequence among the packed one
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 import mematte
+
 from peer_models import hf_inputs, hf_vitmatte, relative_error, timm_sam, vitdet_config
 
 pytest.importorskip("transformers")

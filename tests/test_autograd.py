@@ -3,7 +3,7 @@ mode, training tables keep only ops with a backward, and an op without one refus
 differentiated, naming itself."""
 import sys
 import weakref
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ needs_triton = pytest.mark.skipif(
 needs_ext = pytest.mark.skipif(not ext.available("cpu"), reason="the compiled extension is not built")
 
 
-@lru_cache(maxsize=None)
+@cache
 def weights():
     return synth.weights("mematte_vit_s", seed=7)
 

@@ -1,7 +1,7 @@
 """Every backend against the reference on the same weights: fp32 and bf16 parity, batch
 independence, the token cap and predict behave the same everywhere."""
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ needs_triton = pytest.mark.skipif(
 )
 
 
-@lru_cache(maxsize=None)
+@cache
 def weights():
     return synth.weights("mematte_vit_s", seed=7)
 
@@ -31,7 +31,7 @@ def build(backend, dtype=torch.float32, **kwargs):
     return model
 
 
-@lru_cache(maxsize=None)
+@cache
 def run_cached(backend, dtype, h, w, batch=1):
     image, trimap = synth.inputs(h, w, seed=11)
     image, trimap = image.expand(batch, -1, -1, -1).clone(), trimap.expand(batch, -1, -1, -1).clone()

@@ -108,7 +108,8 @@ def test_fp32_window_attention_in_strips_of_one_window_row_equals_one_call(H, W,
     g = torch.Generator().manual_seed(6)
     heads, d, window = 2, 16, 7
     qkv = torch.randn(1, H, W, 3 * heads * d, generator=g).bfloat16()
-    pad, rel_h, rel_w = torch.randn(3 * heads * d, generator=g).bfloat16(), *(torch.randn(window, window, d, generator=g).bfloat16() * 0.2 for _ in range(2))
+    pad = torch.randn(3 * heads * d, generator=g).bfloat16()
+    rel_h, rel_w = (torch.randn(window, window, d, generator=g).bfloat16() * 0.2 for _ in range(2))
     expected = native.window_attention(qkv.float(), pad.float(), rel_h.float(), rel_w.float(), heads, d**-0.5, window)
     monkeypatch.setattr(native, "FP32_CHUNK_BYTES", 1)
     out = native.window_attention_fp32(qkv, pad, rel_h, rel_w, heads, d**-0.5, window)
@@ -127,9 +128,13 @@ def test_fp32_global_attention_in_strips_of_one_row_equals_one_call(monkeypatch)
 
 
 @pytest.mark.parametrize("op, args", [
-    pytest.param(native.conv2d_fp32, lambda: (torch.zeros(0, 3, 8, 8).bfloat16(), torch.ones(2, 3, 3, 3).bfloat16(), None, 1, 1), id="conv2d-B0"),
-    pytest.param(native.linear_fp32, lambda: (torch.zeros(0, 8).bfloat16(), torch.ones(4, 8).bfloat16(), torch.ones(4).bfloat16()), id="linear-T0"),
-    pytest.param(native.varlen_attention_fp32, lambda: (*(torch.zeros(0, 2, 64).bfloat16() for _ in range(3)), torch.zeros(1, dtype=torch.int32), 0), id="varlen-T0"),
+    pytest.param(native.conv2d_fp32, lambda: (torch.zeros(0, 3, 8, 8).bfloat16(), torch.ones(2, 3, 3, 3).bfloat16(), None, 1, 1),
+                 id="conv2d-B0"),
+    pytest.param(native.linear_fp32, lambda: (torch.zeros(0, 8).bfloat16(), torch.ones(4, 8).bfloat16(), torch.ones(4).bfloat16()),
+                 id="linear-T0"),
+    pytest.param(native.varlen_attention_fp32,
+                 lambda: (*(torch.zeros(0, 2, 64).bfloat16() for _ in range(3)), torch.zeros(1, dtype=torch.int32), 0),
+                 id="varlen-T0"),
 ])  # fmt: skip
 def test_fp32_candidates_take_empty_inputs(op, args):
     out = op(*args())
@@ -145,7 +150,8 @@ def test_fp32_candidates_refuse_gradients_by_name(op, args):
         op(*args())
 
 
-@pytest.mark.parametrize("stride, padding", [pytest.param(1, 1, id="s1-p1"), pytest.param(2, 1, id="s2-p1"), pytest.param(1, 0, id="s1-p0")])
+@pytest.mark.parametrize("stride, padding",
+                         [pytest.param(1, 1, id="s1-p1"), pytest.param(2, 1, id="s2-p1"), pytest.param(1, 0, id="s1-p0")])
 def test_conv2d_reference_gradcheck(stride, padding):
     """The conv2d table op trains through its reference: gradients of input, weight and bias."""
     g = torch.Generator().manual_seed(8)

@@ -16,6 +16,7 @@ ort = pytest.importorskip("onnxruntime")
 from mematte import FastMEMatte, FastViTMatte  # noqa: E402
 from mematte.cli import main  # noqa: E402
 from mematte.export import atomic_output, export_onnx  # noqa: E402
+
 from parity import synth  # noqa: E402
 
 MODELS = {"mematte": (FastMEMatte, "mematte_vit_s"), "vitmatte": (FastViTMatte, "vitmatte_vit_s")}

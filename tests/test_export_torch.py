@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+
 from mematte import FastMEMatte, FastViTMatte
 from mematte.export.torch_program import export_program, package_aoti
 

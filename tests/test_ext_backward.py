@@ -15,9 +15,10 @@ import functools
 import pytest
 import torch
 
+from mematte_kernels import ext, reference
+
 import ltrm_cases
 from ltrm_cases import cases, max_rel_err, shape_id
-from mematte_kernels import ext, reference
 
 # Fresh tensors start as NaN while a test runs: an element a kernel fails to write cannot pass.
 pytestmark = pytest.mark.usefixtures("nan_filled_outputs")

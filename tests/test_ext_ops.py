@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ltrm_cases import DTYPES, cases, dwconv_inputs, eca_inputs, max_rel_err, shape_id
 from mematte_kernels import ext, reference
 
+from ltrm_cases import DTYPES, cases, dwconv_inputs, eca_inputs, max_rel_err, shape_id
 
 # Outputs start as NaN: an element an op fails to write cannot pass.
 pytestmark = pytest.mark.usefixtures("nan_filled_outputs")

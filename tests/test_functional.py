@@ -10,6 +10,7 @@ import mematte_kernels
 from mematte_kernels import dispatch, reference
 from mematte_kernels import triton as triton_ops
 from mematte_kernels.triton import _common as triton_common
+
 from test_policy_attention import make_inputs
 from test_triton_attention import packed_qkv
 

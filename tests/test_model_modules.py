@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from decoder_cases import small_random_decoder
 from mematte import FastMEMatte
 from mematte.backbone import (
     ResizedPosEmbed,
@@ -18,6 +17,8 @@ from mematte.backbone import (
 from mematte.decoder import decode_tiled, tile_grid, tile_length
 from mematte.model import padded_size
 from mematte_kernels import reference
+
+from decoder_cases import small_random_decoder
 
 sys.path.insert(0, str(Path(__file__).parent / "data" / "golden"))
 import synth  # noqa: E402

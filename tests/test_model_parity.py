@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mematte import FastMEMatte
+
 from parity import DATA, assert_matches_manifest, synth
 
 

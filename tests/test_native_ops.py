@@ -5,7 +5,6 @@ import torch
 
 from mematte_kernels import native, reference
 
-
 # Outputs start as NaN: an element an op fails to write cannot pass.
 pytestmark = pytest.mark.usefixtures("nan_filled_outputs")
 
@@ -123,7 +122,11 @@ def test_channels_first_layer_norm_on_channels_last_tokens(dtype):
 
 @pytest.mark.parametrize(
     "shape, out_features",
-    [pytest.param((1, 1, 1, 8), 16, id="1x1-C8"), pytest.param((2, 7, 9, 384), 1536, id="B2-7x9-C384"), pytest.param((33, 48), 37, id="T33-C48-odd")],
+    [
+        pytest.param((1, 1, 1, 8), 16, id="1x1-C8"),
+        pytest.param((2, 7, 9, 384), 1536, id="B2-7x9-C384"),
+        pytest.param((33, 48), 37, id="T33-C48-odd"),
+    ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("op", ["linear", "linear_gelu"])
@@ -159,7 +162,7 @@ def test_cpu_table_uses_the_fused_dense_ops(monkeypatch):
 def test_fused_linear_leaves_bf16_to_pytorch_where_onednn_cannot(op, monkeypatch):
     monkeypatch.setattr(native, "ONEDNN_BF16", False)
     g = torch.Generator().manual_seed(8)
-    x, weight, bias = torch.randn(5, 32, generator=g).bfloat16(), torch.randn(16, 32, generator=g).bfloat16(), torch.randn(16, generator=g).bfloat16()
+    x, weight, bias = (torch.randn(*shape, generator=g).bfloat16() for shape in ((5, 32), (16, 32), (16,)))
     assert torch.equal(getattr(native, op)(x, weight, bias), getattr(reference, op)(x, weight, bias))
 
 

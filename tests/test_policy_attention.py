@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from mematte_kernels import native, reference
 from mematte_kernels.triton import policy_attention
 from mematte_kernels.triton.policy_attention import launch_backward, launch_forward
+
 from triton_tolerance import DTYPE_NAMES, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, max_abs_error
 
 HEAD_DIM = 64

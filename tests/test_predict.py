@@ -122,7 +122,8 @@ def test_a_trimap_that_leaves_nothing_to_matte_warns(model, kind):
 @pytest.mark.parametrize(
     "image, trimap, match",
     [
-        (torch.full((1, 3, 8, 8), 255.0), torch.zeros(1, 1, 8, 8), r"'image' values must lie in \[0, 1\] \(RGB divided by 255\), got 255..255"),
+        (torch.full((1, 3, 8, 8), 255.0), torch.zeros(1, 1, 8, 8),
+         r"'image' values must lie in \[0, 1\] \(RGB divided by 255\), got 255..255"),
         (torch.zeros(1, 3, 8, 8), torch.full((1, 1, 8, 8), 128.0), r"'trimap' values must lie in \[0, 1\].*got 128..128"),
         (torch.full((1, 3, 8, 8), float("nan")), torch.zeros(1, 1, 8, 8), r"'image' holds NaN or infinite"),
         (torch.zeros(1, 3, 8, 8), torch.full((1, 1, 8, 8), -float("inf")), r"'trimap' holds NaN or infinite"),

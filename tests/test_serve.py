@@ -334,12 +334,12 @@ def test_cors_is_off_without_cors_origin(server):
 
 
 def test_load_64_clients_get_200_or_503_and_memory_stays_within_admission(checkpoint):
+    import torch
+
     from mematte import FastMEMatte
     from mematte.api import resolve_dtype
     from mematte.serve.app import request_memory
     from mematte.serve.worker import MAX_BATCH
-
-    import torch
 
     size = (128, 160)
     image, guide = png_bytes(photo(*size)), png_bytes(trimap(*size))

@@ -8,6 +8,7 @@ import torch
 
 from mematte.cli import build_parser, main
 from mematte.train import run as train_run
+
 from train_helpers import make_dataset
 
 # (variant, processes) -> crops per process: the published 2 GPUs × 16 (ViT-S) and

@@ -16,6 +16,7 @@ from torch.utils.data import default_collate
 
 from mematte.cli import main
 from mematte.model import FastMEMatte
+
 from train_helpers import make_dataset
 
 SHAPES = json.loads((Path(__file__).parent / "data" / "state_dict_shapes.json").read_text())

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mematte.train import data
+
 from train_helpers import make_dataset, soft_disc
 
 

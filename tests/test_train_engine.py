@@ -14,6 +14,7 @@ from torch.utils.data import default_collate
 
 from mematte.train.data import TrainSampler, find_dataset
 from mematte.train.engine import LAST_CHECKPOINT, Trainer, emulated_precision_warning, step_seed
+
 from train_helpers import ToyMatte, make_dataset, toy_config
 
 CPU = torch.device("cpu")

@@ -3,7 +3,7 @@ upstream's, the routed block with a hard policy is the inference block, a fixed 
 goes down, gradients reach every student parameter and never the teacher."""
 import math
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,7 @@ needs_triton = pytest.mark.skipif(
 LOSS_NAMES = ["unknown_l1_loss", "known_l1_loss", "loss_pha_laplacian", "loss_gradient_penalty", "mse_ratio_loss"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def weights(seed=7):
     return synth.weights("mematte_vit_s", seed=seed)
 

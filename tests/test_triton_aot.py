@@ -18,8 +18,8 @@ under it are interpreter wrappers that cannot be compiled.
 """
 from __future__ import annotations
 
-import importlib
 import functools
+import importlib
 import json
 import os
 import shutil

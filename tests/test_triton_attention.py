@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from mematte_kernels import reference
 from mematte_kernels.triton import gather_layernorm, scatter_residual_, varlen_attention
 from mematte_kernels.triton.varlen_attention import _varlen_attention_kernel, launch_varlen_attention
+
 from triton_tolerance import DTYPE_NAMES, DTYPES, assert_close, max_abs_error
 
 HEAD_DIM = 64

@@ -17,6 +17,7 @@ import torch
 
 import mematte_kernels.triton as triton_ops
 from mematte_kernels.triton import _common
+
 from kernel_calls import triton_op_calls
 
 
@@ -25,7 +26,7 @@ def package_kernels() -> set[str]:
     kernels = set()
     for module_info in pkgutil.iter_modules(triton_ops.__path__):
         module = importlib.import_module(f"{triton_ops.__name__}.{module_info.name}")
-        for name, value in vars(module).items():
+        for name in vars(module):
             if name.startswith("_") and name.endswith("_kernel"):
                 kernels.add(name)
     return kernels

@@ -20,6 +20,7 @@ import torch
 from mematte_kernels import reference
 from mematte_kernels.triton import gather_layernorm, scatter_residual_
 from mematte_kernels.triton.gather_scatter import launch_gather_layernorm
+
 from triton_tolerance import DTYPE_NAMES, DTYPES, assert_close
 
 # name: (B, N, C, fraction kept per image); T is the number of kept tokens.

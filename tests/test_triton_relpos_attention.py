@@ -13,6 +13,7 @@ from mematte.backbone import rel_pos_table
 from mematte_kernels import reference
 from mematte_kernels.triton import global_attention, relpos_attention
 from mematte_kernels.triton.relpos_attention import launch_relpos_attention, length_bucket
+
 from triton_tolerance import DTYPE_NAMES, DTYPES, assert_close
 
 HEAD_DIM = 64

@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mematte_kernels import native, reference
 from mematte_kernels.triton import router_scores
 from mematte_kernels.triton.router import launch_router_scores
+
 from triton_tolerance import DTYPE_NAMES, DTYPES, assert_close
 
 # name: (B, N, C)

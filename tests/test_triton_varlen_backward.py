@@ -14,6 +14,7 @@ from mematte_kernels import reference
 from mematte_kernels.triton import varlen_attention
 from mematte_kernels.triton.varlen_attention import launch_varlen_attention
 from mematte_kernels.triton.varlen_attention_backward import launch_varlen_attention_backward
+
 from test_triton_attention import SHAPES, cases, packed_qkv
 from triton_tolerance import DTYPE_NAMES, DTYPES, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, max_abs_error
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mematte import FastMEMatte, FastViTMatte, load_model
-from mematte import hf
+from mematte import FastMEMatte, FastViTMatte, hf, load_model
 from mematte.cli import main
 from mematte.vitmatte import model_class
 
 DATA = Path(__file__).parent / "data"
 sys.path.insert(0, str(DATA / "golden"))
 import synth  # noqa: E402
+
 MANIFEST = json.loads((DATA / "state_dict_shapes.json").read_text())
 
 # Written out from HF's VitMatteForImageMatting module tree, independently of the rename rules.
@@ -161,8 +161,9 @@ def test_tools_take_a_vitmatte_checkpoint(tmp_path, upstream_state):
 
     model = load_model(path, device="cpu", max_tokens=100)
     assert isinstance(model, FastViTMatte)
-    from mematte import predict_file
     from PIL import Image
+
+    from mematte import predict_file
 
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(tmp_path / "a.png")

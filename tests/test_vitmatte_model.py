@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from mematte import FastViTMatte
-from decoder_cases import small_random_decoder
 from mematte.decoder import decode_tiled
 from mematte_kernels import dispatch, reference
+
+from decoder_cases import small_random_decoder
 
 
 def test_tiles_on_the_input_canvas_equal_whole_image_decoding():

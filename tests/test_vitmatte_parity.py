@@ -6,6 +6,7 @@ import torch
 from mematte import FastViTMatte
 from mematte.vitmatte import ViTMatteBackbone
 from mematte_kernels import dispatch
+
 from parity import DATA, assert_matches_manifest, manifest, synth
 
 

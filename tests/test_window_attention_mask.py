@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mematte_kernels import native, reference
+
 from triton_tolerance import assert_close
 
 

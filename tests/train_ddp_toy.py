@@ -11,11 +11,11 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_helpers import ToyMatte, toy_config  # noqa: E402
-
 from mematte.distributed import distributed_from_env  # noqa: E402
 from mematte.train.data import find_dataset  # noqa: E402
 from mematte.train.engine import Trainer, init_distributed  # noqa: E402
+
+from train_helpers import ToyMatte, toy_config  # noqa: E402
 
 
 def main(data: str, out: str, iters: str) -> None:

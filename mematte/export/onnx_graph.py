@@ -30,11 +30,12 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from mematte_kernels.reference import rel_pos_table
+
 from ..backbone import GLOBAL_BLOCKS, PATCH, WINDOW_SIZE, RoutedBlock
 from ..decoder import FAST_CONTEXT, TILE, FoldedDecoder
 from ..model import PAD_MULTIPLE, PIXEL_MEAN, PIXEL_STD, FastMEMatte
 from ..vitmatte import FastViTMatte
-from mematte_kernels.reference import rel_pos_table
 
 STRIP = 256  # queries per step of global attention
 # Pixels of a decoder band (context included): its peak is ~130 channels per pixel.
@@ -49,7 +50,7 @@ class Graph:
     """Nodes of one ONNX graph; subgraphs (Loop and If bodies) share the root's
     initializers and name counter, and read the outer graph's values by name."""
 
-    def __init__(self, opset: int, dtype: torch.dtype, strip: int = STRIP, root: "Graph | None" = None):
+    def __init__(self, opset: int, dtype: torch.dtype, strip: int = STRIP, root: Graph | None = None):
         self.opset, self.dtype, self.strip = opset, dtype, strip
         self.root = root or self
         self.nodes: list[onnx.NodeProto] = []
@@ -57,7 +58,7 @@ class Graph:
             self.initializers: list[onnx.TensorProto] = []
             self.counter = itertools.count()
 
-    def subgraph(self) -> "Graph":
+    def subgraph(self) -> Graph:
         return Graph(self.opset, self.dtype, self.strip, self.root)
 
     def name(self, hint: str) -> str:
@@ -334,8 +335,8 @@ def routed_tokens(g: Graph, margin: str, max_tokens: int | None) -> str:
     masked = g.op("Where", keep, margin, g.const(np.array(-np.inf, np.float32)))
     count = g.op("Min", g.dim(margin, 0), g.ints(max_tokens))
     top = g.op("TopK", masked, count, axis=0, largest=1, sorted=0, outputs=2)[1]
-    chosen = g.op("ScatterElements", g.op("ConstantOfShape", g.dim(margin, 0), value=helper.make_tensor("", TensorProto.BOOL, [1], [False])),
-                  top, g.op("Expand", g.const(np.array([True])), g.op("Shape", top)), axis=0)
+    none_chosen = g.op("ConstantOfShape", g.dim(margin, 0), value=helper.make_tensor("", TensorProto.BOOL, [1], [False]))
+    chosen = g.op("ScatterElements", none_chosen, top, g.op("Expand", g.const(np.array([True])), g.op("Shape", top)), axis=0)
     return g.op("And", keep, chosen)
 
 
@@ -468,7 +469,7 @@ def build_model(model, dtype: torch.dtype, opset: int, max_tokens: int | None, s
     features, decisions = backbone(g, x, model, max_tokens)
     folded = FoldedDecoder(model.decoder, dtype, ops=None)
     canvas_multiple = TILE if isinstance(model, FastMEMatte) else PATCH
-    alpha = g.op("Identity", decode_bands(g, folded, features, x, height, width, canvas_multiple))
+    g.op("Identity", decode_bands(g, folded, features, x, height, width, canvas_multiple))
     g.nodes[-1].output[0] = "alpha"
     outputs = [helper.make_tensor_value_info("alpha", TensorProto.FLOAT, [1, 1, "height", "width"])]
     if decisions:

@@ -37,11 +37,11 @@ from torch.export import Dim
 
 from mematte_kernels import exportable, ext, native, reference
 
-from .atomic import atomic_output
 from ..backbone import PATCH, RoutedBlock
 from ..decoder import FAST_CONTEXT, TILE, FoldedDecoder
 from ..model import DEFAULT_MAX_TOKENS, PAD_MULTIPLE, FastMEMatte, check_max_tokens
 from ..vitmatte import FastViTMatte, GlobalBlock
+from .atomic import atomic_output
 
 # Sides the program is traced for: from one 16-px token to beyond 8K.
 MIN_SIDE, MAX_SIDE = 16, 16384
@@ -143,7 +143,7 @@ class MattingProgram(nn.Module):
         self.canvas_multiple = TILE if self.routed else PATCH
 
     def forward(self, image: torch.Tensor, trimap: torch.Tensor) -> torch.Tensor:
-        model, ops = self.model, self.ops
+        model = self.model
         H, W = image.shape[-2:]
         Hp, Wp = padded_side(H, W), padded_side(W, H)
         x = torch.cat([(image.float() - model.pixel_mean) / model.pixel_std, trimap.float()], dim=1)

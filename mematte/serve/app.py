@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import math
 import shutil
 import tempfile
 import time

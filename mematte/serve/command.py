@@ -96,8 +96,8 @@ def run_serve(args: argparse.Namespace) -> int:
     import os
     import signal
 
-    from ..commands import _load, _require_checkpoint, _runtime
     from ..cli import EXIT_FAILED
+    from ..commands import _load, _require_checkpoint, _runtime
 
     _require_checkpoint(args)
     key = api_key(args, os.environ)

@@ -15,12 +15,12 @@ if INTERPRET:
 
     _interpreter.apply()
 
+from . import varlen_attention_backward  # noqa: F401  (registers varlen_attention's autograd)
 from .gather_scatter import gather_layernorm, scatter_residual_
 from .policy_attention import policy_attention
 from .relpos_attention import global_attention, relpos_attention
 from .router import router_scores
 from .varlen_attention import varlen_attention
-from . import varlen_attention_backward  # noqa: F401  (registers varlen_attention's autograd)
 
 __all__ = [
     "gather_layernorm",

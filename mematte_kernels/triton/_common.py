@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import triton

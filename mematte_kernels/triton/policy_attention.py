@@ -53,8 +53,16 @@ import triton.language as tl
 
 from .. import native
 from ._common import (
-    AUTOTUNE_OPTIONS, INTERPRET, MAX_HEAD_DIM, check_attention_out, check_devices, check_float, check_ndim, check_qkv,
-    head_block, on_input_device,
+    AUTOTUNE_OPTIONS,
+    INTERPRET,
+    MAX_HEAD_DIM,
+    check_attention_out,
+    check_devices,
+    check_float,
+    check_ndim,
+    check_qkv,
+    head_block,
+    on_input_device,
 )
 from .varlen_attention import length_bucket
 

@@ -27,9 +27,18 @@ import triton.language as tl
 
 from .. import native, reference
 from ._common import (
-    AUTOTUNE_OPTIONS, INTERPRET, MAX_HEAD_DIM, check_attention_out, check_devices, check_float, check_ndim, check_qkv,
-    head_block, on_input_device,
+    AUTOTUNE_OPTIONS,
+    INTERPRET,
+    MAX_HEAD_DIM,
+    check_attention_out,
+    check_devices,
+    check_float,
+    check_ndim,
+    check_qkv,
+    head_block,
+    on_input_device,
 )
+
 # The varlen kernel's tiles and autotune key; each program here also holds a (BLOCK_M, BLOCK_N)
 # tile of gathered bias.
 from .varlen_attention import FP32_CONFIGS, TENSOR_CORE_CONFIGS, _prune_configs, configs_for, length_bucket  # noqa: F401

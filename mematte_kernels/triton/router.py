@@ -32,7 +32,7 @@ dtype, and the global mean, the narrow layers and the margins stay fp32.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import triton

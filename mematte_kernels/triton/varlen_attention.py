@@ -2,8 +2,9 @@
 
 q, k, v are (T, heads, d) with sequence b in rows ``cu_seqlens[b]:cu_seqlens[b+1]``; they
 may be strided views (e.g. slices of a (T, 3, heads, d) qkv tensor) as long as the head
-dimension is contiguous. d up to 128, held in BLOCK_D lanes (the next power of two). One program computes BLOCK_M queries of one (sequence, head) with
-an online softmax over BLOCK_N-key blocks, so memory is O(T) and no n x n matrix exists.
+dimension is contiguous. d up to 128, held in BLOCK_D lanes (the next power of two). One
+program computes BLOCK_M queries of one (sequence, head) with an online softmax over
+BLOCK_N-key blocks, so memory is O(T) and no n x n matrix exists.
 
 The grid is (query blocks of the longest sequence, B * heads); programs past the end of a
 shorter sequence exit at once. Softmax runs in base 2: the fp32 logits are multiplied by
@@ -21,7 +22,14 @@ import triton.language as tl
 
 from .. import native
 from ._common import (
-    AUTOTUNE_OPTIONS, INTERPRET, MAX_HEAD_DIM, check_attention_out, check_devices, check_ndim, check_qkv, head_block,
+    AUTOTUNE_OPTIONS,
+    INTERPRET,
+    MAX_HEAD_DIM,
+    check_attention_out,
+    check_devices,
+    check_ndim,
+    check_qkv,
+    head_block,
     on_input_device,
 )
 
