@@ -1,6 +1,6 @@
 """Pictures of whole-model benchmark results: peak memory and time against resolution.
 
-    python -m bench.plot [RESULTS.json ...] -o docs/
+    python -m bench.plot [RESULTS.json ...] [--only LABEL ...] -o docs/
 
 reads the JSON files ``pytest bench`` writes (default: every ``bench/results/latest-*.json``)
 and draws ``memory.png`` and ``time.png``: one line per implementation (the reference, the
@@ -21,9 +21,13 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # Group prefixes of the benchmarks, as people name the models.
-MODEL_NAMES = {"model": "MEMatte", "vitmatte": "ViTMatte", "hf_vitmatte": "HF VitMatte", "samvit": "timm SAM ViT"}
+MODEL_NAMES = {"model": "MEMatte", "mematte": "MEMatte", "vitmatte": "ViTMatte", "hf_vitmatte": "HF VitMatte",
+               "samvit": "timm SAM ViT", "timm_samvit_base": "timm SAM ViT-B"}
 VARIANT_NAMES = {"vit_s": "ViT-S", "vit_b": "ViT-B"}
 IMPL_NAMES = {"reference": "reference", "fast": "fast", "all_global": "all-global"}
+# A peer's "reference" is the library's own (eager) model, its "fast" the same model after
+# mematte.accelerate.
+PEER_IMPL_NAMES = {"reference": "eager", "fast": "accelerated"}
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ def _line(record: dict) -> str:
     model = MODEL_NAMES.get(record.get("model") or prefix, record.get("model") or prefix)
     variant = record.get("variant")
     impl = record.get("impl", "?")
-    impl = IMPL_NAMES.get(impl, impl)
+    impl = (PEER_IMPL_NAMES if model.startswith(("HF", "timm")) else IMPL_NAMES).get(impl, impl)
     parts = [model, VARIANT_NAMES.get(variant, variant), impl, record.get("dtype")]
     return " ".join(p for p in parts if p)
 
@@ -91,8 +95,15 @@ def load_points(paths: Iterable[Path]) -> list[Point]:
 
 
 def _caption(points: list[Point]) -> str:
-    measured = sorted({f"{p.machine} @ {p.commit}" for p in points})
-    return "Measured on " + "; ".join(measured)
+    machines = sorted({p.machine for p in points})
+    commits = {m: ", ".join(sorted({p.commit for p in points if p.machine == m})) for m in machines}
+    return "Measured on " + "; ".join(f"{m} at commit {commits[m]}" for m in machines)
+
+
+def select(points: list[Point], only: Iterable[str]) -> list[Point]:
+    """The points whose line label starts with one of ``only`` (all of them when it is empty)."""
+    only = tuple(only)
+    return [p for p in points if not only or p.line.startswith(only)]
 
 
 def draw(points: list[Point], out_dir: Path) -> list[Path]:
@@ -120,7 +131,8 @@ def draw(points: list[Point], out_dir: Path) -> list[Path]:
                 if not series:
                     continue
                 label = line if len(machines) == 1 else f"{line} ({machine})"
-                linestyle = "--" if "reference" in line or line.startswith(("HF", "timm")) else "-"
+                # dashed: the computations this package is measured against
+                linestyle = "--" if " reference " in f" {line} " or " eager " in f" {line} " else "-"
                 ax.plot(*zip(*series), marker="o", linestyle=linestyle, label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -146,11 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="*", type=Path,
                         help="result JSON files (default: bench/results/latest-*.json)")
+    parser.add_argument("--only", action="append", default=[], metavar="LABEL",
+                        help="draw only the lines whose label starts with LABEL (repeatable), "
+                             "e.g. --only 'MEMatte ViT-S fast' --only 'HF VitMatte'")
     parser.add_argument("-o", "--out", type=Path, default=Path("docs"), help="folder for the pictures (default docs/)")
     args = parser.parse_args(argv)
     paths = args.results or sorted(RESULTS.glob("latest-*.json"))
     try:
-        written = draw(load_points(paths), args.out)
+        written = draw(select(load_points(paths), args.only), args.out)
     except ValueError as e:
         print(f"bench.plot: {e}", file=sys.stderr)
         return 2

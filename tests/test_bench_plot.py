@@ -70,3 +70,19 @@ def test_cli_names_a_file_that_is_not_a_result(tmp_path):
     assert run.returncode == 2
     assert "notes.json" in run.stderr and "not a benchmark result" in run.stderr
     assert not (tmp_path / "memory.png").exists()
+
+
+def test_peer_records_read_eager_and_accelerated_and_only_keeps_the_named_lines(tmp_path):
+    peer = {"kind": "model", "group": "hf_vitmatte 1024x1024", "model": "hf_vitmatte", "size": "1024x1024",
+            "time_s": 14.0, "peak_mem_bytes": 2 << 30}
+    path = _result(tmp_path / "peers.json", [
+        {**peer, "impl": "reference", "dtype": "fp32"},
+        {**peer, "impl": "fast", "dtype": "bf16", "time_s": 2.0},
+        _record("fast", "bf16", "1024x1024", 1.0, 1 << 30),
+        _record("all_global", "bf16", "1024x1024", 1.3, 1 << 30),
+    ])
+    points = plot.load_points([path])
+    assert {p.line for p in points} == {"HF VitMatte eager fp32", "HF VitMatte accelerated bf16",
+                                        "MEMatte ViT-S fast bf16", "MEMatte ViT-S all-global bf16"}
+    kept = plot.select(points, ["MEMatte ViT-S fast", "HF VitMatte eager"])
+    assert sorted(p.line for p in kept) == ["HF VitMatte eager fp32", "MEMatte ViT-S fast bf16"]
