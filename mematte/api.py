@@ -165,7 +165,7 @@ def read_pair(
         # the file's own levels, so that a class-id file (0/1/2) reads as one
         guide_path, what = trimap_path, "trimap"
         try:
-            guide = normalize_trimap(io.open_image(trimap_path, max_pixels=max_pixels))
+            guide = normalize_trimap(io.open_image(trimap_path, max_pixels=max_pixels), name=str(trimap_path))
         except ValueError as e:
             raise ValueError(e if str(trimap_path) in str(e) else f"{trimap_path}: {e}") from None
     else:

@@ -27,7 +27,7 @@ from . import precision, progress
 from .backbone import PATCH, VARIANTS, ViT
 from .checkpoint import IGNORED_PREFIXES, check_map_location, infer_variant, load_checkpoint_state_dict, state_dict_of
 from .decoder import CONTEXT, FAST_CONTEXT, FAST_TILE, TILE, DetailCapture, FoldedDecoder, decode_tiled, tile_batches
-from .io import image_to_array
+from .io import image_to_array, open_image, read_image
 from .losses import distill_loss, matting_losses, mse_ratio_loss
 from .trimap import BACKGROUND, FOREGROUND, normalize_trimap, warn_if_degenerate
 
@@ -232,23 +232,30 @@ class MattingModel(nn.Module):
     def predict(self, image, trimap, patch_decoder: bool = True) -> np.ndarray:
         """Alpha matte of one image: H×W float32 in [0, 1].
 
-        ``image``: H×W×3 RGB — a numpy array (uint8, uint16, or float in [0, 1]), a PIL
-        image (any mode, converted to RGB), or a tensor H×W×3 or 3×H×W. Batches
-        (B, 3, H, W) are for the upstream call, ``model({"image": ..., "trimap": ...})``.
-        ``trimap``: H×W (numpy, PIL, or a tensor, also 1×H×W), read by
+        ``image``: H×W×3 RGB — an image file's path (str or os.PathLike, EXIF orientation
+        applied), a numpy array (uint8, uint16, or float in [0, 1]), a PIL image (any
+        mode, converted to RGB), or a tensor H×W×3 or 3×H×W. Batches (B, 3, H, W) are for
+        the upstream call, ``model({"image": ..., "trimap": ...})``. ``trimap``: H×W — a
+        path, numpy, PIL, or a tensor (also 1×H×W) — read by
         :func:`mematte.trimap.normalize_trimap`: class ids {0, 1, 2}, 0..255, or floats in
         [0, 1]. Where the class clamps known regions (FastMEMatte, as its upstream
         inference script does), alpha is 0 where the trimap is background and 1 where
-        foreground. Warns on a trimap with nothing to matte; raises ValueError rather than
-        return a NaN or infinite alpha.
+        foreground. Warns on a trimap with nothing to matte or that does not look like
+        one; raises FileNotFoundError for a missing file and ValueError for an unreadable
+        one, and rather than return a NaN or infinite alpha.
         """
+        if isinstance(image, (str, os.PathLike)):
+            image = read_image(image)
+        trimap_name = "trimap"
+        if isinstance(trimap, (str, os.PathLike)):
+            trimap_name, trimap = f"trimap {trimap}", open_image(trimap)
         img = _image_tensor(image)
-        tri = normalize_trimap(_trimap_array(trimap))
+        tri = normalize_trimap(_trimap_array(trimap), name=trimap_name)
         if img.shape[-2:] != tri.shape:
             raise ValueError(
                 f"image is {img.shape[-1]}×{img.shape[-2]} (W×H) but trimap is {tri.shape[1]}×{tri.shape[0]}"
             )
-        warn_if_degenerate(tri)
+        warn_if_degenerate(tri, name=trimap_name)
         device = self.pixel_mean.device
         tri_t = torch.from_numpy(tri.astype(np.float32) / 255.0)
         alpha = self._alpha({"image": img[None].to(device), "trimap": tri_t[None, None].to(device)}, patch_decoder)

@@ -1,0 +1,88 @@
+"""What a new user meets first: file paths to predict, a swapped image and trimap, folder
+pairs named as the README names them, the wrong loader for a checkpoint, and the smaller
+command-line options (--version, --save-trimap, eval's units)."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mematte
+from mematte import FastMEMatte, TrimapWarning
+from mematte.trimap import normalize_trimap
+from test_cli import image, run, single, trimap_values
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return FastMEMatte("vit_s", backend="reference")
+
+
+def photo(seed=0, h=40, w=56):
+    """A random colour picture: what a trimap must not look like."""
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------- predict takes paths
+
+
+def test_predict_takes_file_paths_as_str_and_pathlike(tmp_path, model):
+    picture, trimap = photo(), trimap_values()
+    Image.fromarray(picture).save(tmp_path / "photo.png")
+    Image.fromarray(trimap).save(tmp_path / "photo_trimap.png")
+    Image.fromarray(normalize_trimap(trimap) // 127).save(tmp_path / "class_ids.png")  # 0 / 1 / 2
+    expected = model.predict(picture, trimap)
+    np.testing.assert_array_equal(model.predict(str(tmp_path / "photo.png"), str(tmp_path / "photo_trimap.png")),
+                                  expected)
+    # a file's stored levels are read, so a class-id trimap file is one
+    np.testing.assert_array_equal(model.predict(tmp_path / "photo.png", tmp_path / "class_ids.png"), expected)
+
+
+def test_predict_on_a_missing_file_names_it(tmp_path, model):
+    with pytest.raises(FileNotFoundError, match=r"nope\.png: no such file"):
+        model.predict(tmp_path / "nope.png", trimap_values())
+
+
+# ---------------------------------------------------------------------- not a trimap
+
+
+@pytest.mark.parametrize("given, why", [
+    (lambda: photo(), "are coloured"),
+    (lambda: Image.fromarray(photo()), "are coloured"),
+    (lambda: photo() / 255.0, "are coloured"),
+    (lambda: Image.fromarray(photo()).convert("L"), "are grey levels far from 0, 50% and 100%"),
+    (lambda: np.linspace(0.0, 1.0, 40 * 56).reshape(40, 56), "are grey levels far from 0, 50% and 100%"),
+], ids=["rgb-array", "rgb-pil", "rgb-float", "grey-photo", "ramp"])
+def test_a_photo_given_as_the_trimap_gets_a_trimap_warning(given, why):
+    assert issubclass(TrimapWarning, UserWarning)
+    with pytest.warns(TrimapWarning, match=rf"does not look like a trimap: \d+% of its pixels {why}.*swapped"):
+        normalize_trimap(given())
+
+
+@pytest.mark.parametrize("given", [
+    lambda: trimap_values(),                                   # painted, anti-aliased greys
+    lambda: np.repeat(trimap_values()[:, :, None], 3, axis=2),  # saved as RGB
+    lambda: (trimap_values() // 127).astype(np.uint8),          # class ids
+    lambda: np.clip(trimap_values()[:, :, None].astype(int) + np.random.default_rng(0).integers(-8, 9, (40, 56, 3)),
+                    0, 255).astype(np.uint8),                   # JPEG-like noise on each channel
+], ids=["painted", "rgb", "class-ids", "jpeg-noise"])
+def test_real_trimaps_raise_no_warning(given):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        normalize_trimap(given())
+
+
+def test_predict_warns_about_a_swapped_image_and_trimap(model):
+    with pytest.warns(TrimapWarning, match="trimap: does not look like a trimap"):
+        model.predict(np.repeat(trimap_values()[:, :, None], 3, axis=2), photo())
+
+
+def test_the_cli_prints_the_warning_for_swapped_files(tmp_path, checkpoint):
+    img, tri = single(tmp_path)
+    rc, _, stderr = run("predict", tri, "--trimap", img, "--checkpoint", checkpoint, "-o", tmp_path / "out",
+                        "--no-tile")
+    assert rc == 0, stderr
+    assert stderr.count("does not look like a trimap") == 1
+    assert f"warning: t.png: {img}: does not look like a trimap" in stderr
