@@ -71,10 +71,11 @@ An image's outputs are written as a set: all complete, or none of them (a failur
 or SIGTERM leaves no partial set and no temporary file). With --skip-existing an image
 whose outputs all exist is skipped, so an interrupted batch resumes where it stopped.
 
-Folders: every image in INPUT is paired with the file of the same stem in the trimap or
-mask folder; files named like this command's outputs of an image in the same folder
-(x_alpha.png beside x.jpg) are skipped. A file that fails is reported on stderr and
-skipped. Every output location is checked before any work.
+Folders: every image x.* in INPUT is paired with the file x.* or x_trimap.* (x_mask.* with
+--mask) in the trimap or mask folder, which may be INPUT itself; files named like this
+command's outputs of an image in the same folder (x_alpha.png beside x.jpg) are skipped.
+A file that fails is reported on stderr and skipped; a folder where no image has a trimap
+or mask is a usage error. Every output location is checked before any work.
 
 Trimaps: a trimap marks each pixel background, foreground or unknown (the band to matte).
 A file holding exactly the values 0, 1 and 2 is read as class ids (background, unknown,

@@ -264,7 +264,8 @@ def _predict_summary(args, jobs, failed: int, skipped: int) -> None:
     if len(jobs) > 1:
         done = len(jobs) - failed - skipped
         note = f" ({skipped} skipped: their outputs exist)" if skipped else ""
-        print(f"{done} of {len(jobs)} images matted into {args.output}{note}")
+        where = f" into {args.output}" if done else ""  # with none done, OUT may never have been made
+        print(f"{done} of {len(jobs)} images matted{where}{note}")
     elif skipped:
         print(f"{jobs[0][0].name}: skipped, its outputs exist in {args.output}", file=sys.stderr)
     if failed:
@@ -272,9 +273,15 @@ def _predict_summary(args, jobs, failed: int, skipped: int) -> None:
     sys.stdout.flush()
 
 
+# Besides a file of the image's own stem, the trimap or mask of x.jpg may be x_trimap.png
+# or x_mask.png, also in the image's own folder.
+GUIDE_SUFFIXES = {"trimap": "_trimap", "mask": "_mask"}
+
+
 def _pair_inputs(inp: Path, guide: Path, what: str, *, report: bool = True) -> list[tuple[Path, Path | Exception]]:
     """(image, trimap or mask) per image, sorted; a pairing problem is kept as that file's
-    error. ``report``: say which files are left out as outputs of this command."""
+    error, and no pair at all is a usage error. ``report``: say which files are left out
+    as outputs of this command."""
     if not inp.exists():
         raise UsageError(f"{inp}: no such file or folder")
     if not guide.exists():
@@ -282,22 +289,47 @@ def _pair_inputs(inp: Path, guide: Path, what: str, *, report: bool = True) -> l
     if not inp.is_dir():
         if not guide.is_dir():
             return [(inp, guide)]
-        return [(inp, _lookup(io.index_by_stem(guide), inp.stem, guide, what))]
-    if not guide.is_dir():
-        raise UsageError(f"INPUT {inp} is a folder, so --{what} must be a folder too")
-    images = _without_own_outputs(io.find_images(inp), report)
-    if not images:
-        raise UsageError(f"no images ({', '.join(io.IMAGE_SUFFIXES)}) in {inp}")
-    stems = [p.stem for p in images]
-    index = io.index_by_stem(guide)
-    jobs: list[tuple[Path, Path | Exception]] = []
-    for image in images:
-        if stems.count(image.stem) > 1:
-            jobs.append((image, ValueError(
-                f"several images named {image.stem}.* in {inp}; their outputs would collide")))
-        else:
-            jobs.append((image, _lookup(index, image.stem, guide, what)))
+        jobs = [(inp, _guide_of(inp, io.index_by_stem(guide), guide, what))]
+    else:
+        if not guide.is_dir():
+            raise UsageError(f"INPUT {inp} is a folder, so --{what} must be a folder too")
+        images = _without_own_outputs(io.find_images(inp), report)
+        if guide.samefile(inp):
+            images = _without_guides(images, what)
+        if not images:
+            raise UsageError(f"no images ({', '.join(io.IMAGE_SUFFIXES)}) in {inp}")
+        stems = [p.stem for p in images]
+        index = io.index_by_stem(guide)
+        jobs = []
+        for image in images:
+            if stems.count(image.stem) > 1:
+                jobs.append((image, ValueError(
+                    f"several images named {image.stem}.* in {inp}; their outputs would collide")))
+            else:
+                jobs.append((image, _guide_of(image, index, guide, what)))
+    if all(isinstance(found, Exception) for _, found in jobs):
+        first = jobs[0][1]
+        raise UsageError(str(first) if len(jobs) == 1 else
+                         f"none of the {len(jobs)} images in {inp} has a {what} in {guide} (e.g. {first})")
     return jobs
+
+
+def _guide_of(image: Path, index: dict[str, list[Path]], folder: Path, what: str) -> Path | Exception:
+    """The one trimap or mask of ``image`` in ``folder`` (``index``: its files by stem),
+    named ``<stem>.*`` or ``<stem>_trimap.*`` / ``<stem>_mask.*``; else the error why not."""
+    names = (image.stem, image.stem + GUIDE_SUFFIXES[what])
+    hits = [p for name in names for p in index.get(name, []) if p != image]
+    if not hits:
+        return FileNotFoundError(f"no {what} named {names[0]}.* in {folder} (nor {names[1]}.*)")
+    if len(hits) > 1:
+        return ValueError(f"several {what}s of {image.name} in {folder}: {', '.join(p.name for p in hits)}")
+    return hits[0]
+
+
+def _without_guides(images: list[Path], what: str) -> list[Path]:
+    """Drop the trimaps or masks of the other images, when they share the images' folder."""
+    stems, suffix = {p.stem for p in images}, GUIDE_SUFFIXES[what]
+    return [p for p in images if not (p.stem.endswith(suffix) and p.stem[: -len(suffix)] in stems)]
 
 
 def _without_own_outputs(images: list[Path], report: bool) -> list[Path]:
@@ -311,13 +343,6 @@ def _without_own_outputs(images: list[Path], report: bool) -> list[Path]:
         print(f"skipping {len(own)} files that are outputs of mematte predict "
               f"(e.g. {own[0].name})", file=sys.stderr)
     return [p for p in images if p not in own]
-
-
-def _lookup(index, stem: str, folder: Path, what: str) -> Path | Exception:
-    try:
-        return io.lookup_stem(index, stem, folder, what=what)
-    except (FileNotFoundError, ValueError) as e:
-        return e
 
 
 # ---------------------------------------------------------------------- eval

@@ -86,3 +86,67 @@ def test_the_cli_prints_the_warning_for_swapped_files(tmp_path, checkpoint):
     assert rc == 0, stderr
     assert stderr.count("does not look like a trimap") == 1
     assert f"warning: t.png: {img}: does not look like a trimap" in stderr
+
+
+# ---------------------------------------------------------------------- folders named as the README names them
+
+
+def test_a_folder_of_photos_beside_their_stem_trimap_files_is_paired(tmp_path, checkpoint):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, stem in enumerate(("cat", "dog")):
+        image(i).save(photos / f"{stem}.jpg")
+        Image.fromarray(trimap_values()).save(photos / f"{stem}_trimap.png")
+    rc, stdout, stderr = run("predict", photos, "--trimap", photos, "--checkpoint", checkpoint, "-o", tmp_path / "out",
+                             "--no-tile")
+    assert rc == 0, stderr
+    assert "2 of 2 images matted into" in stdout  # the trimaps themselves are not matted
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cat_alpha.png", "dog_alpha.png"]
+
+
+def test_masks_named_stem_mask_pair_in_another_folder(tmp_path):
+    from mematte.commands import _pair_inputs
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    image().save(images / "cat.png")
+    image().save(images / "dog.png")
+    Image.fromarray(trimap_values()).save(masks / "cat_mask.png")
+    Image.fromarray(trimap_values()).save(masks / "dog.png")
+    assert _pair_inputs(images, masks, "mask") == [(images / "cat.png", masks / "cat_mask.png"),
+                                                  (images / "dog.png", masks / "dog.png")]
+    Image.fromarray(trimap_values()).save(masks / "dog_mask.png")
+    jobs = dict(_pair_inputs(images, masks, "mask"))
+    assert str(jobs[images / "dog.png"]) == f"several masks of dog.png in {masks}: dog.png, dog_mask.png"
+
+
+def test_a_folder_without_any_pair_is_a_usage_error_before_the_model_loads(tmp_path):
+    photos, trimaps = tmp_path / "photos", tmp_path / "trimaps"
+    photos.mkdir()
+    trimaps.mkdir()
+    image().save(photos / "cat.png")
+    image().save(photos / "dog.png")
+    Image.fromarray(trimap_values()).save(trimaps / "cat-trimap.png")
+    not_a_checkpoint = tmp_path / "weights.pth"
+    not_a_checkpoint.write_bytes(b"never read")  # loading it would fail with exit 1
+    rc, stdout, stderr = run("predict", photos, "--trimap", trimaps, "--checkpoint", not_a_checkpoint,
+                             "-o", tmp_path / "out")
+    assert rc == 2
+    assert (f"error: none of the 2 images in {photos} has a trimap in {trimaps} "
+            f"(e.g. no trimap named cat.* in {trimaps} (nor cat_trimap.*))") in stderr
+    assert stdout == "" and "matted into" not in stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_run_that_matted_nothing_does_not_claim_its_output_folder(tmp_path, checkpoint):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for stem in ("cat", "dog"):
+        (photos / f"{stem}.png").write_bytes(b"not a PNG")
+        Image.fromarray(trimap_values()).save(photos / f"{stem}_trimap.png")
+    rc, stdout, stderr = run("predict", photos, "--trimap", photos, "--checkpoint", checkpoint, "-o", tmp_path / "out")
+    assert rc == 1
+    assert stdout == "0 of 2 images matted\n"
+    assert "2 of 2 images failed" in stderr
+    assert not (tmp_path / "out").exists()
