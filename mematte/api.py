@@ -21,15 +21,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from mematte_kernels import dispatch, ext
+from mematte_kernels import dispatch
 
-from . import io, precision
+from . import io
 from .backbone import GLOBAL_BLOCKS
 from .foreground import estimate_foreground
 from .model import DEFAULT_MAX_TOKENS, FastMEMatte, check_alpha, padded_size
+from .precision import resolve_dtype
 from .trimap import BACKGROUND, FOREGROUND, normalize_trimap, trimap_from_mask, warn_if_degenerate
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # What predict_file writes into out_dir, by kind; "{stem}" is the input image's file stem.
 OUTPUT_NAMES = {
@@ -80,31 +79,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device, backend: str = "auto") -> torch.dtype:
-    """The compute dtype; ``"auto"`` is bfloat16 where the CPU fast path runs its
-    AVX512-BF16 kernels (whose parity with fp32 is tested), float16 on GPUs without bf16
-    (compute capability below 8.0, e.g. Turing: fp32 has no tensor cores there), float32
-    everywhere else.
-
-    Raises ValueError for an unknown dtype, for float16 on the CPU and for bfloat16 on a
-    GPU without bf16.
-    """
-    if isinstance(dtype, str):
-        if dtype == "auto":
-            if not precision.has_bf16(device):
-                return torch.float16
-            ops = dispatch.resolve(backend, device)
-            fast_cpu = device.type == "cpu" and ops.name.startswith("cpu")
-            return torch.bfloat16 if fast_cpu and ext.cpu_bf16_kernels() else torch.float32
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; expected auto or one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
-    if dtype == torch.float16 and device.type == "cpu":
-        raise ValueError("float16 is for GPUs; on the CPU use bfloat16 (or float32)")
-    precision.check_bf16_device(dtype, device)
-    return dtype
-
-
 def check_backend(backend: str, device: torch.device) -> str:
     """The name of the op table ``backend`` gives on ``device``; ValueError if it cannot
     run there (e.g. ``cuda`` or ``triton`` on a CPU)."""
@@ -115,7 +89,7 @@ def load_model(
     checkpoint: str | os.PathLike,
     *,
     device: str | torch.device = "auto",
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype = "auto",
     backend: str = "auto",
     max_tokens: int | None = DEFAULT_MAX_TOKENS,
     allow_tf32: bool = False,
@@ -124,8 +98,9 @@ def load_model(
     .safetensors; for ViTMatte also HF weights or an HF model directory). The model class
     follows from the keys; ``max_tokens`` applies to MEMatte.
 
-    ``dtype`` is ``"float32"``, ``"bfloat16"``, ``"float16"`` (GPUs), a torch dtype, or
-    ``"auto"`` (see :func:`resolve_dtype`); ``max_tokens`` 0 or None: no cap;
+    ``dtype`` is ``"auto"`` (the default, as everywhere: see :func:`resolve_dtype`),
+    ``"float32"``, ``"bfloat16"``, ``"float16"`` (GPUs) or a torch dtype; ``max_tokens``
+    0 or None: no cap;
     ``allow_tf32`` lets fp32 matmuls and convolutions run in TF32 on Ampere and later GPUs
     (faster, errors of order 1e-4 to 1e-3 on alpha). Raises
     ValueError when ``checkpoint`` is None, is not a checkpoint, does not match the model,

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .backbone import VARIANTS
+from .backbone import GLOBAL_BLOCKS, VARIANTS
 
 IGNORED_PREFIXES = ("teacher_backbone.",)  # the distillation teacher of training checkpoints
 WRAPPERS = ("model", "state_dict")  # detectron2's and most training loops' checkpoint dicts
@@ -36,6 +36,17 @@ def check_map_location(map_location: str | torch.device) -> torch.device:
         raise ValueError(f"map_location {str(map_location)!r}: there are only "
                          f"{torch.cuda.device_count()} CUDA devices")
     return device
+
+
+def model_family(state_dict: Mapping[str, object]) -> str | None:
+    """``"MEMatte"`` or ``"ViTMatte"`` when a state dict (upstream names) plainly holds one:
+    routers or LTRM and no position tables in the global blocks, or the reverse (a
+    training-time teacher aside); None for anything else, mixtures included."""
+    mematte = any(k.startswith("backbone.routers.") or ".efficient_block." in k for k in state_dict)
+    vitmatte = any(k.startswith(f"backbone.blocks.{i}.attn.rel_pos_") for i in GLOBAL_BLOCKS for k in state_dict)
+    if mematte != vitmatte:
+        return "MEMatte" if mematte else "ViTMatte"
+    return None
 
 
 def load_checkpoint_state_dict(

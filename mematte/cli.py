@@ -35,7 +35,7 @@ COMMANDS = (
 )
 
 # The choices the model options offer. They mirror mematte_kernels.dispatch.BACKENDS and
-# mematte.api.DTYPES / mematte.model.DEFAULT_MAX_TOKENS (tests check that they agree),
+# mematte.precision.DTYPES / mematte.model.DEFAULT_MAX_TOKENS (tests check that they agree),
 # spelled out here so that building the parser imports no torch.
 BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")

@@ -23,9 +23,10 @@ from PIL import Image
 
 from mematte_kernels import dispatch
 
-from . import precision, progress
+from . import hf, precision, progress
 from .backbone import PATCH, VARIANTS, ViT
-from .checkpoint import IGNORED_PREFIXES, check_map_location, infer_variant, load_checkpoint_state_dict, state_dict_of
+from .checkpoint import (IGNORED_PREFIXES, check_map_location, infer_variant, load_checkpoint_state_dict, model_family,
+                         state_dict_of)
 from .decoder import CONTEXT, FAST_CONTEXT, FAST_TILE, TILE, DetailCapture, FoldedDecoder, decode_tiled, tile_batches
 from .io import image_to_array, open_image, read_image
 from .losses import distill_loss, matting_losses, mse_ratio_loss
@@ -64,6 +65,7 @@ class MattingModel(nn.Module):
     # Whether predict() sets alpha to the trimap's known values (MEMatte's inference script
     # does, ViTMatte's does not).
     clamp_known = True
+    family = ""  # the model a checkpoint holds, as mematte.checkpoint.model_family names it
 
     def __init__(self, variant: str, backend: str, dtype: torch.dtype, decoder_memory: int | None,
                  allow_tf32: bool = False):
@@ -128,12 +130,23 @@ class MattingModel(nn.Module):
         loaded into a model built with a teacher (``teacher=True``) and dropped otherwise,
         and NaN or infinite weights refused. The variant is inferred from shapes;
         ``variant``, when given, must agree with it. ``kwargs`` go to the constructor
-        (``backend``, ``dtype``, and the model's own options).
+        (``backend``, ``dtype``, and the model's own options); ``dtype`` is ``"auto"``
+        unless given, as for :func:`mematte.load_model` and the command line (see
+        :func:`mematte.precision.resolve_dtype`). A checkpoint of the other model
+        (ViTMatte for FastMEMatte and the reverse) is refused, saying what loads it.
         """
-        check_map_location(map_location)
+        device = check_map_location(map_location)
         if variant is not None and variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+        kwargs["dtype"] = precision.resolve_dtype(kwargs.get("dtype", "auto"), device, kwargs.get("backend", "auto"))
         state_dict = cls._read_state_dict(checkpoint, map_location)
+        held = "ViTMatte" if hf.is_hf_state_dict(state_dict) else model_family(state_dict)
+        if held is not None and held != cls.family:
+            source = "the state dict" if isinstance(checkpoint, Mapping) else os.fspath(checkpoint)
+            loader = "FastViTMatte" if held == "ViTMatte" else "FastMEMatte"
+            raise ValueError(f"{source} holds a {held} model, not {cls.family}: load it with "
+                             f"{loader}.from_checkpoint, or with mematte.load_model, which picks the "
+                             "model a file holds")
         found = infer_variant(state_dict)
         if variant is not None and variant != found:
             width = state_dict["backbone.pos_embed"].shape[-1]
@@ -304,6 +317,8 @@ class FastMEMatte(MattingModel):
     from (keys ``teacher_backbone.*``): frozen (no parameter requires grad), always in eval
     mode, run without a graph.
     """
+
+    family = "MEMatte"
 
     def __init__(
         self,

@@ -268,11 +268,11 @@ def test_help_imports_neither_torch_nor_numpy():
 
 
 def test_the_parser_offers_what_the_model_takes():
-    from mematte import api, cli, io, model
+    from mematte import cli, io, model, precision
     from mematte_kernels import dispatch
 
     assert cli.BACKENDS == dispatch.BACKENDS
-    assert cli.DTYPES == ("auto", *api.DTYPES)
+    assert cli.DTYPES == ("auto", *precision.DTYPES)
     assert cli.DEFAULT_MAX_TOKENS == model.DEFAULT_MAX_TOKENS
     assert cli.MAX_TOKENS_LIMIT == model.MAX_TOKENS_LIMIT
     assert cli.MAX_PIXELS == io.MAX_PIXELS

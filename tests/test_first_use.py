@@ -150,3 +150,48 @@ def test_a_folder_run_that_matted_nothing_does_not_claim_its_output_folder(tmp_p
     assert stdout == "0 of 2 images matted\n"
     assert "2 of 2 images failed" in stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------- the loader that fits the file
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A ViTMatte and a MEMatte checkpoint file, as their releases store them."""
+    root = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    torch.save({"model": mematte.FastViTMatte("vit_s").state_dict()}, root / "ViTMatte_S_Com.pth")
+    torch.save({"model": FastMEMatte("vit_s", teacher=True).state_dict()}, root / "MEMatte_ViTS_DIM.pth")
+    return root / "ViTMatte_S_Com.pth", root / "MEMatte_ViTS_DIM.pth"
+
+
+def test_each_loader_names_the_model_of_the_other_ones_file(weights):
+    vitmatte, memattes = weights
+    with pytest.raises(ValueError, match=rf"^{vitmatte} holds a ViTMatte model, not MEMatte: load it with "
+                                         r"FastViTMatte\.from_checkpoint, or with mematte\.load_model"):
+        FastMEMatte.from_checkpoint(vitmatte)
+    with pytest.raises(ValueError, match=rf"^{memattes} holds a MEMatte model, not ViTMatte: load it with "
+                                         r"FastMEMatte\.from_checkpoint, or with mematte\.load_model"):
+        mematte.FastViTMatte.from_checkpoint(memattes)  # its ViTMatte teacher does not make it one
+
+
+def test_hf_vitmatte_weights_are_named_too(weights):
+    from mematte import hf
+
+    upstream = torch.load(weights[0], weights_only=True)["model"]
+    with pytest.raises(ValueError, match="the state dict holds a ViTMatte model, not MEMatte"):
+        FastMEMatte.from_checkpoint(hf.hf_from_upstream(upstream))
+
+
+def test_from_checkpoint_load_model_and_the_cli_default_to_the_same_dtype(weights):
+    from mematte.cli import build_parser
+    from mematte.precision import resolve_dtype
+
+    path = weights[1]
+    auto = resolve_dtype("auto", torch.device("cpu"))
+    assert FastMEMatte.from_checkpoint(path).dtype == auto
+    assert mematte.load_model(path, device="cpu").dtype == auto
+    assert build_parser().parse_args(["predict", "x.png", "--trimap", "t.png"]).dtype == "auto"
+    # fp32 where asked, and wherever "auto" resolves to it (the reference backend)
+    assert FastMEMatte.from_checkpoint(path, dtype="float32").dtype == torch.float32
+    assert FastMEMatte.from_checkpoint(path, backend="reference").dtype == torch.float32
