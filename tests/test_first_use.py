@@ -195,3 +195,39 @@ def test_from_checkpoint_load_model_and_the_cli_default_to_the_same_dtype(weight
     # fp32 where asked, and wherever "auto" resolves to it (the reference backend)
     assert FastMEMatte.from_checkpoint(path, dtype="float32").dtype == torch.float32
     assert FastMEMatte.from_checkpoint(path, backend="reference").dtype == torch.float32
+
+
+# ---------------------------------------------------------------------- mematte train's defaults
+
+
+def train_config(tmp_path, *options):
+    from mematte.cli import build_parser
+    from mematte.train.run import prepare
+    from train_helpers import make_dataset
+
+    data = tmp_path / "data"
+    if not data.exists():
+        make_dataset(data, n_fg=1, n_bg=2, size=(64, 64))
+    args = build_parser().parse_args(["train", str(data), "--out", str(tmp_path / "run"), "--device", "cpu",
+                                      "--batch-size", "2", *options])
+    return prepare(args).cfg
+
+
+@pytest.mark.parametrize("iters, period", [(3, 1000), (15_000, 1000), (40406, 2693)],
+                         ids=["3-iterations", "15000-iterations", "published-40406"])
+def test_a_short_run_saves_only_its_final_checkpoint_unless_asked(tmp_path, iters, period):
+    assert train_config(tmp_path, "--iters", str(iters)).checkpoint_period == period
+    assert train_config(tmp_path, "--iters", "3", "--checkpoint-period", "1").checkpoint_period == 1
+
+
+@pytest.mark.parametrize("cores, local_processes, workers", [(2, 1, 2), (16, 1, 4), (2, 2, 1), (8, 4, 2)],
+                         ids=["2-cores", "16-cores", "2-cores-2-processes", "8-cores-4-processes"])
+def test_data_workers_are_at_most_the_cores_each_process_has(monkeypatch, tmp_path, cores, local_processes, workers):
+    from mematte.distributed import Distributed
+    from mematte.train.run import default_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+    assert default_workers(Distributed(local_world_size=local_processes)) == workers
+    if local_processes == 1:
+        assert train_config(tmp_path, "--iters", "3").workers == workers
+        assert train_config(tmp_path, "--iters", "3", "--workers", "6").workers == 6  # as asked
