@@ -36,6 +36,7 @@ OUTPUT_NAMES = {
     "rgba": "{stem}_rgba.png",
     "composite": "{stem}_composite.png",
     "routing": "{stem}_routing.png",
+    "trimap": "{stem}_trimap.png",
 }
 
 NO_CHECKPOINT = (
@@ -307,9 +308,10 @@ def output_paths(image_path: str | os.PathLike, out_dir: str | os.PathLike) -> d
 
 
 def requested_outputs(image_path: str | os.PathLike, out_dir: str | os.PathLike, *, rgba: bool = False,
-                      composite: bool = False, save_routing: bool = False) -> dict[str, Path]:
+                      composite: bool = False, save_routing: bool = False,
+                      save_trimap: bool = False) -> dict[str, Path]:
     """The files :func:`predict_file` writes for these options, by kind."""
-    wanted = {"alpha": True, "rgba": rgba, "composite": composite, "routing": save_routing}
+    wanted = {"alpha": True, "rgba": rgba, "composite": composite, "routing": save_routing, "trimap": save_trimap}
     return {kind: p for kind, p in output_paths(image_path, out_dir).items() if wanted[kind]}
 
 
@@ -325,6 +327,7 @@ def predict_file(
     rgba: bool = False,
     background: str | os.PathLike | np.ndarray | Image.Image | None = None,
     save_routing: bool = False,
+    save_trimap: bool = False,
     bits: int = 8,
     tile: bool = True,
     max_pixels: int | None = io.MAX_PIXELS,
@@ -338,8 +341,9 @@ def predict_file(
     estimated foreground colours; ``background`` (a path, a PIL image, or an H×W×3 or H×W
     array, see :func:`background_array`) adds a composite over it, scaled to cover the
     image. With ``out_dir`` the results are written as named in :data:`OUTPUT_NAMES` — the
-    alpha always (``bits`` 8 or 16), the cutout, composite and routing picture
-    (``save_routing``) when asked — as one set: all complete, or (on any failure or
+    alpha always (``bits`` 8 or 16), the cutout, composite, routing picture
+    (``save_routing``) and the trimap the model was given (``save_trimap``: 0/128/255, e.g.
+    the one built from ``mask_path``) when asked — as one set: all complete, or (on any failure or
     interruption) none of them and no temporary file. Without it nothing is written.
     Images over ``max_pixels`` pixels are refused (None: no limit).
     """
@@ -358,13 +362,14 @@ def predict_file(
     warn_if_degenerate(trimap, name=f"trimap of {image_path}")
     alpha, routing = matte(model, image, trimap, tile=tile)
     return finish_matte(image_path, image, trimap, alpha, routing, device=model.pixel_mean.device,
-                        out_dir=out_dir, rgba=rgba, background=background, save_routing=save_routing, bits=bits)
+                        out_dir=out_dir, rgba=rgba, background=background, save_routing=save_routing,
+                        save_trimap=save_trimap, bits=bits)
 
 
 def finish_matte(image_path: str | os.PathLike, image: np.ndarray, trimap: np.ndarray, alpha: np.ndarray,
                  routing: list[np.ndarray], *, device: torch.device, out_dir: str | os.PathLike | None = None,
                  rgba: bool = False, background: np.ndarray | None = None, save_routing: bool = False,
-                 bits: int = 8) -> Matte:
+                 save_trimap: bool = False, bits: int = 8) -> Matte:
     """The second half of :func:`predict_file`, after the model: foreground colours and
     composite where asked, and the outputs written as one set. ``background`` as
     :func:`background_array` returns it."""
@@ -378,11 +383,12 @@ def finish_matte(image_path: str | os.PathLike, image: np.ndarray, trimap: np.nd
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         paths = requested_outputs(image_path, out_dir, rgba=rgba, composite=background is not None,
-                                  save_routing=save_routing)
+                                  save_routing=save_routing, save_trimap=save_trimap)
         pictures = {"alpha": lambda: io.alpha_image(alpha, bits=bits),
                     "rgba": lambda: io.rgba_image(result.foreground, alpha),
                     "composite": lambda: io.rgb_image(result.composite),
-                    "routing": lambda: routing_picture(image, routing)}
+                    "routing": lambda: routing_picture(image, routing),
+                    "trimap": lambda: Image.fromarray(trimap)}
         io.write_files({paths[kind]: io.png(pictures[kind]()) for kind in paths})
         result.written = paths
     return result

@@ -205,6 +205,8 @@ def run_predict(args: argparse.Namespace) -> int:
     _check_output_folder(args.output, "-o")
     if args.background is not None and not args.background.is_file():
         raise UsageError(f"--background {args.background}: no such file")
+    if args.save_trimap and args.mask is None:
+        raise UsageError("--save-trimap writes the trimap built from --mask; with --trimap it is the file given")
     guide, guide_path = ("mask", args.mask) if args.mask is not None else ("trimap", args.trimap)
     jobs = _pair_inputs(args.input, guide_path, guide, report=ddp.main)
     background = None
@@ -218,6 +220,10 @@ def run_predict(args: argparse.Namespace) -> int:
         model = _load(args, device, dtype, backend, ddp)
         if model is None:
             return EXIT_FAILED
+        if args.save_routing and not isinstance(model, FastMEMatte):
+            raise UsageError(f"--save-routing: {args.checkpoint} holds a {model.family} model, which has no "
+                             "routers (every token of its global blocks attends globally), so there is no "
+                             "routing to draw; drop --save-routing")
         return _predict_share(args, model, jobs, guide, background, ddp)
 
 
@@ -227,8 +233,8 @@ def _predict_share(args, model, jobs, guide: str, background, ddp: Distributed) 
     bar = _folder_bar(shard(jobs, ddp), len(jobs), ddp)
     for image_path, guide_file in bar:
         bar.set_postfix_str(image_path.name, refresh=False)
-        wanted = api.requested_outputs(image_path, args.output, rgba=args.rgba,
-                                       composite=background is not None, save_routing=args.save_routing)
+        wanted = api.requested_outputs(image_path, args.output, rgba=args.rgba, composite=background is not None,
+                                       save_routing=args.save_routing, save_trimap=args.save_trimap)
         if args.skip_existing and all(p.is_file() for p in wanted.values()):
             skipped += 1
             continue
@@ -241,7 +247,7 @@ def _predict_share(args, model, jobs, guide: str, background, ddp: Distributed) 
                 mask_path=guide_file if guide == "mask" else None,
                 band=args.band, model=model,
                 out_dir=args.output, rgba=args.rgba, background=background,
-                save_routing=args.save_routing, bits=args.bits, tile=args.tile,
+                save_routing=args.save_routing, save_trimap=args.save_trimap, bits=args.bits, tile=args.tile,
                 max_pixels=args.max_pixels,
             ), show_progress=ddp.main)
         except FILE_ERRORS as e:
@@ -293,9 +299,10 @@ def _pair_inputs(inp: Path, guide: Path, what: str, *, report: bool = True) -> l
     else:
         if not guide.is_dir():
             raise UsageError(f"INPUT {inp} is a folder, so --{what} must be a folder too")
-        images = _without_own_outputs(io.find_images(inp), report)
-        if guide.samefile(inp):
+        images = io.find_images(inp)
+        if guide.samefile(inp):  # the trimaps or masks beside the images are not images to matte
             images = _without_guides(images, what)
+        images = _without_own_outputs(images, report)
         if not images:
             raise UsageError(f"no images ({', '.join(io.IMAGE_SUFFIXES)}) in {inp}")
         stems = [p.stem for p in images]
@@ -348,8 +355,11 @@ def _without_own_outputs(images: list[Path], report: bool) -> list[Path]:
 # ---------------------------------------------------------------------- eval
 
 
-COLUMNS = ("image", "sad", "mse", "grad", "conn", "time_s", "peak_mem_mib")  # CSV header
-HEADINGS = ("image", "SAD", "MSE", "Grad", "Conn", "time_s", "peak_MiB")  # printed table
+COLUMNS = ("image", "sad", "mse", "grad", "conn", "time_s", "peak_mem_mib")  # a row's keys
+# Both headers state the units the scores are in: SAD, Grad and Conn ÷ 1000 and MSE × 1000,
+# as papers report them (mematte.metrics).
+CSV_HEADER = ("image", "sad_div1000", "mse_x1000", "grad_div1000", "conn_div1000", "time_s", "peak_mem_mib")
+HEADINGS = ("image", "SAD÷1000", "MSE×1000", "Grad÷1000", "Conn÷1000", "time_s", "peak_MiB")  # printed table
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -491,9 +501,9 @@ def _row_text(values) -> str:
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
     text = stdio.StringIO()
-    writer = csv.DictWriter(text, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
+    writer = csv.writer(text)
+    writer.writerow(CSV_HEADER)
+    writer.writerows([row[c] for c in COLUMNS] for row in rows)
     io.write_atomic(path, lambda f: f.write(text.getvalue().encode()))
 
 

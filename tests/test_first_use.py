@@ -231,3 +231,42 @@ def test_data_workers_are_at_most_the_cores_each_process_has(monkeypatch, tmp_pa
     if local_processes == 1:
         assert train_config(tmp_path, "--iters", "3").workers == workers
         assert train_config(tmp_path, "--iters", "3", "--workers", "6").workers == 6  # as asked
+
+
+# ---------------------------------------------------------------------- smaller command-line options
+
+
+def test_version_is_printed_without_any_other_work():
+    from importlib.metadata import version
+
+    rc, stdout, _ = run("--version")
+    assert rc == 0 and stdout == f"mematte {version('mematte-kernels')}\n"
+
+
+def test_save_routing_on_a_vitmatte_checkpoint_is_refused(tmp_path, weights):
+    img, tri = single(tmp_path)
+    rc, stdout, stderr = run("predict", img, "--trimap", tri, "--checkpoint", weights[0], "--save-routing",
+                             "-o", tmp_path / "out")
+    assert rc == 2
+    assert (f"mematte predict: error: --save-routing: {weights[0]} holds a ViTMatte model, which has no routers"
+            in stderr)
+    assert stdout == "" and not (tmp_path / "out").exists()
+
+
+def test_save_trimap_writes_the_trimap_built_from_the_mask(tmp_path, checkpoint):
+    from mematte.trimap import trimap_from_mask
+
+    img, _ = single(tmp_path)
+    mask = np.zeros((40, 56), np.uint8)
+    mask[10:30, 20:40] = 255
+    Image.fromarray(mask).save(tmp_path / "a_mask.png")
+    rc, stdout, stderr = run("predict", img, "--mask", tmp_path / "a_mask.png", "--band", "3", "--save-trimap",
+                             "--checkpoint", checkpoint, "-o", tmp_path / "out", "--no-tile")
+    assert rc == 0, stderr
+    assert stdout.splitlines() == [str(tmp_path / "out" / "a_alpha.png"), str(tmp_path / "out" / "a_trimap.png")]
+    written = np.asarray(Image.open(tmp_path / "out" / "a_trimap.png"))
+    np.testing.assert_array_equal(written, trimap_from_mask(mask, band=3))
+
+    rc, _, stderr = run("predict", img, "--trimap", tmp_path / "a_mask.png", "--save-trimap",
+                        "--checkpoint", checkpoint, "-o", tmp_path / "out2")
+    assert rc == 2 and "--save-trimap writes the trimap built from --mask" in stderr
