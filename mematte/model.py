@@ -25,8 +25,14 @@ from mematte_kernels import dispatch
 
 from . import hf, precision, progress
 from .backbone import PATCH, VARIANTS, ViT
-from .checkpoint import (IGNORED_PREFIXES, check_map_location, infer_variant, load_checkpoint_state_dict, model_family,
-                         state_dict_of)
+from .checkpoint import (
+    IGNORED_PREFIXES,
+    check_map_location,
+    infer_variant,
+    load_checkpoint_state_dict,
+    model_family,
+    state_dict_of,
+)
 from .decoder import CONTEXT, FAST_CONTEXT, FAST_TILE, TILE, DetailCapture, FoldedDecoder, decode_tiled, tile_batches
 from .io import image_to_array, open_image, read_image
 from .losses import distill_loss, matting_losses, mse_ratio_loss
