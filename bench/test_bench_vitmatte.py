@@ -136,9 +136,8 @@ def weights_path(data, variant: str):
 
 
 def load(case: ViTMatteCase, data, device) -> FastViTMatte:
-    kwargs = {} if case.dtype == torch.float32 else {"dtype": case.dtype}
     return FastViTMatte.from_checkpoint(weights_path(data, case.variant), map_location=device, backend=case.backend,
-                                        **kwargs)
+                                        dtype=case.dtype)
 
 
 # ---------------------------------------------------------------------------- model

@@ -25,8 +25,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def load_model(weights_path, device, dtype: torch.dtype, backend: str, max_tokens: int | None) -> FastMEMatte:
     """The model as a user builds it: from a checkpoint file, in the requested precision."""
-    kwargs = {} if dtype == torch.float32 else {"dtype": dtype}
-    return FastMEMatte.from_checkpoint(weights_path, map_location=device, backend=backend, max_tokens=max_tokens, **kwargs)
+    return FastMEMatte.from_checkpoint(weights_path, map_location=device, backend=backend, max_tokens=max_tokens,
+                                       dtype=dtype)
 
 
 def status_bytes(field: str) -> int:
@@ -39,8 +39,7 @@ def status_bytes(field: str) -> int:
 def main(spec: dict) -> dict:
     dtype = DTYPES[spec["dtype"]]
     if spec.get("model") == "vitmatte":
-        kwargs = {} if dtype == torch.float32 else {"dtype": dtype}
-        model = FastViTMatte.from_checkpoint(spec["weights"], backend=spec["backend"], **kwargs)
+        model = FastViTMatte.from_checkpoint(spec["weights"], backend=spec["backend"], dtype=dtype)
     else:
         model = load_model(spec["weights"], "cpu", dtype, spec["backend"], spec["max_tokens"])
     table = dispatch.resolve(spec["backend"], "cpu")

@@ -2,7 +2,7 @@
 
     from mematte import FastMEMatte
     model = FastMEMatte.from_checkpoint("MEMatte_ViTS_DIM.pth")
-    alpha = model.predict(image, trimap)          # H×W float32 in [0, 1]
+    alpha = model.predict("photo.png", "photo_trimap.png")  # H×W float32 in [0, 1]
 
 The same as files: ``mematte.predict_file``; metrics as papers report them:
 ``mematte.metrics.sad/mse/grad/conn``.
@@ -16,6 +16,7 @@ _EXPORTS = {
     "FastMEMatte": "mematte.model",
     "FastViTMatte": "mematte.vitmatte",
     "Matte": "mematte.api",
+    "TrimapWarning": "mematte.trimap",
     "accelerate": "mematte.peers",
     "estimate_foreground": "mematte.foreground",
     "export_onnx": "mematte.export",

@@ -21,15 +21,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from mematte_kernels import dispatch, ext
+from mematte_kernels import dispatch
 
-from . import io, precision
+from . import io
 from .backbone import GLOBAL_BLOCKS
 from .foreground import estimate_foreground
 from .model import DEFAULT_MAX_TOKENS, FastMEMatte, check_alpha, padded_size
+from .precision import resolve_dtype
 from .trimap import BACKGROUND, FOREGROUND, normalize_trimap, trimap_from_mask, warn_if_degenerate
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # What predict_file writes into out_dir, by kind; "{stem}" is the input image's file stem.
 OUTPUT_NAMES = {
@@ -37,6 +36,7 @@ OUTPUT_NAMES = {
     "rgba": "{stem}_rgba.png",
     "composite": "{stem}_composite.png",
     "routing": "{stem}_routing.png",
+    "trimap": "{stem}_trimap.png",
 }
 
 NO_CHECKPOINT = (
@@ -80,31 +80,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device, backend: str = "auto") -> torch.dtype:
-    """The compute dtype; ``"auto"`` is bfloat16 where the CPU fast path runs its
-    AVX512-BF16 kernels (whose parity with fp32 is tested), float16 on GPUs without bf16
-    (compute capability below 8.0, e.g. Turing: fp32 has no tensor cores there), float32
-    everywhere else.
-
-    Raises ValueError for an unknown dtype, for float16 on the CPU and for bfloat16 on a
-    GPU without bf16.
-    """
-    if isinstance(dtype, str):
-        if dtype == "auto":
-            if not precision.has_bf16(device):
-                return torch.float16
-            ops = dispatch.resolve(backend, device)
-            fast_cpu = device.type == "cpu" and ops.name.startswith("cpu")
-            return torch.bfloat16 if fast_cpu and ext.cpu_bf16_kernels() else torch.float32
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; expected auto or one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
-    if dtype == torch.float16 and device.type == "cpu":
-        raise ValueError("float16 is for GPUs; on the CPU use bfloat16 (or float32)")
-    precision.check_bf16_device(dtype, device)
-    return dtype
-
-
 def check_backend(backend: str, device: torch.device) -> str:
     """The name of the op table ``backend`` gives on ``device``; ValueError if it cannot
     run there (e.g. ``cuda`` or ``triton`` on a CPU)."""
@@ -115,7 +90,7 @@ def load_model(
     checkpoint: str | os.PathLike,
     *,
     device: str | torch.device = "auto",
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype = "auto",
     backend: str = "auto",
     max_tokens: int | None = DEFAULT_MAX_TOKENS,
     allow_tf32: bool = False,
@@ -124,8 +99,9 @@ def load_model(
     .safetensors; for ViTMatte also HF weights or an HF model directory). The model class
     follows from the keys; ``max_tokens`` applies to MEMatte.
 
-    ``dtype`` is ``"float32"``, ``"bfloat16"``, ``"float16"`` (GPUs), a torch dtype, or
-    ``"auto"`` (see :func:`resolve_dtype`); ``max_tokens`` 0 or None: no cap;
+    ``dtype`` is ``"auto"`` (the default, as everywhere: see :func:`resolve_dtype`),
+    ``"float32"``, ``"bfloat16"``, ``"float16"`` (GPUs) or a torch dtype; ``max_tokens``
+    0 or None: no cap;
     ``allow_tf32`` lets fp32 matmuls and convolutions run in TF32 on Ampere and later GPUs
     (faster, errors of order 1e-4 to 1e-3 on alpha). Raises
     ValueError when ``checkpoint`` is None, is not a checkpoint, does not match the model,
@@ -165,7 +141,7 @@ def read_pair(
         # the file's own levels, so that a class-id file (0/1/2) reads as one
         guide_path, what = trimap_path, "trimap"
         try:
-            guide = normalize_trimap(io.open_image(trimap_path, max_pixels=max_pixels))
+            guide = normalize_trimap(io.open_image(trimap_path, max_pixels=max_pixels), name=str(trimap_path))
         except ValueError as e:
             raise ValueError(e if str(trimap_path) in str(e) else f"{trimap_path}: {e}") from None
     else:
@@ -332,9 +308,10 @@ def output_paths(image_path: str | os.PathLike, out_dir: str | os.PathLike) -> d
 
 
 def requested_outputs(image_path: str | os.PathLike, out_dir: str | os.PathLike, *, rgba: bool = False,
-                      composite: bool = False, save_routing: bool = False) -> dict[str, Path]:
+                      composite: bool = False, save_routing: bool = False,
+                      save_trimap: bool = False) -> dict[str, Path]:
     """The files :func:`predict_file` writes for these options, by kind."""
-    wanted = {"alpha": True, "rgba": rgba, "composite": composite, "routing": save_routing}
+    wanted = {"alpha": True, "rgba": rgba, "composite": composite, "routing": save_routing, "trimap": save_trimap}
     return {kind: p for kind, p in output_paths(image_path, out_dir).items() if wanted[kind]}
 
 
@@ -350,6 +327,7 @@ def predict_file(
     rgba: bool = False,
     background: str | os.PathLike | np.ndarray | Image.Image | None = None,
     save_routing: bool = False,
+    save_trimap: bool = False,
     bits: int = 8,
     tile: bool = True,
     max_pixels: int | None = io.MAX_PIXELS,
@@ -363,8 +341,9 @@ def predict_file(
     estimated foreground colours; ``background`` (a path, a PIL image, or an H×W×3 or H×W
     array, see :func:`background_array`) adds a composite over it, scaled to cover the
     image. With ``out_dir`` the results are written as named in :data:`OUTPUT_NAMES` — the
-    alpha always (``bits`` 8 or 16), the cutout, composite and routing picture
-    (``save_routing``) when asked — as one set: all complete, or (on any failure or
+    alpha always (``bits`` 8 or 16), the cutout, composite, routing picture
+    (``save_routing``) and the trimap the model was given (``save_trimap``: 0/128/255, e.g.
+    the one built from ``mask_path``) when asked — as one set: all complete, or (on any failure or
     interruption) none of them and no temporary file. Without it nothing is written.
     Images over ``max_pixels`` pixels are refused (None: no limit).
     """
@@ -383,13 +362,14 @@ def predict_file(
     warn_if_degenerate(trimap, name=f"trimap of {image_path}")
     alpha, routing = matte(model, image, trimap, tile=tile)
     return finish_matte(image_path, image, trimap, alpha, routing, device=model.pixel_mean.device,
-                        out_dir=out_dir, rgba=rgba, background=background, save_routing=save_routing, bits=bits)
+                        out_dir=out_dir, rgba=rgba, background=background, save_routing=save_routing,
+                        save_trimap=save_trimap, bits=bits)
 
 
 def finish_matte(image_path: str | os.PathLike, image: np.ndarray, trimap: np.ndarray, alpha: np.ndarray,
                  routing: list[np.ndarray], *, device: torch.device, out_dir: str | os.PathLike | None = None,
                  rgba: bool = False, background: np.ndarray | None = None, save_routing: bool = False,
-                 bits: int = 8) -> Matte:
+                 save_trimap: bool = False, bits: int = 8) -> Matte:
     """The second half of :func:`predict_file`, after the model: foreground colours and
     composite where asked, and the outputs written as one set. ``background`` as
     :func:`background_array` returns it."""
@@ -403,11 +383,12 @@ def finish_matte(image_path: str | os.PathLike, image: np.ndarray, trimap: np.nd
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         paths = requested_outputs(image_path, out_dir, rgba=rgba, composite=background is not None,
-                                  save_routing=save_routing)
+                                  save_routing=save_routing, save_trimap=save_trimap)
         pictures = {"alpha": lambda: io.alpha_image(alpha, bits=bits),
                     "rgba": lambda: io.rgba_image(result.foreground, alpha),
                     "composite": lambda: io.rgb_image(result.composite),
-                    "routing": lambda: routing_picture(image, routing)}
+                    "routing": lambda: routing_picture(image, routing),
+                    "trimap": lambda: Image.fromarray(trimap)}
         io.write_files({paths[kind]: io.png(pictures[kind]()) for kind in paths})
         result.written = paths
     return result

@@ -38,6 +38,17 @@ def check_map_location(map_location: str | torch.device) -> torch.device:
     return device
 
 
+def model_family(state_dict: Mapping[str, object]) -> str | None:
+    """``"MEMatte"`` or ``"ViTMatte"`` when a state dict (upstream names) plainly holds one:
+    routers or LTRM and no position tables in the global blocks, or the reverse (a
+    training-time teacher aside); None for anything else, mixtures included."""
+    mematte = any(k.startswith("backbone.routers.") or ".efficient_block." in k for k in state_dict)
+    vitmatte = any(k.startswith(f"backbone.blocks.{i}.attn.rel_pos_") for i in GLOBAL_BLOCKS for k in state_dict)
+    if mematte != vitmatte:
+        return "MEMatte" if mematte else "ViTMatte"
+    return None
+
+
 def load_checkpoint_state_dict(
     path: str | os.PathLike, map_location: str | torch.device = "cpu", keep_teacher: bool = False
 ) -> dict:

@@ -35,7 +35,7 @@ COMMANDS = (
 )
 
 # The choices the model options offer. They mirror mematte_kernels.dispatch.BACKENDS and
-# mematte.api.DTYPES / mematte.model.DEFAULT_MAX_TOKENS (tests check that they agree),
+# mematte.precision.DTYPES / mematte.model.DEFAULT_MAX_TOKENS (tests check that they agree),
 # spelled out here so that building the parser imports no torch.
 BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -67,14 +67,16 @@ outputs, in OUT for each image <stem>.<ext>:
   <stem>_composite.png  with --background: the cutout over BG, scaled to cover the image
   <stem>_routing.png    with --save-routing: tokens each global block (2, 5, 8, 11) sent to
                         global attention (tinted) or to the light module (dimmed)
+  <stem>_trimap.png     with --mask --save-trimap: the trimap built from the mask (0/128/255)
 An image's outputs are written as a set: all complete, or none of them (a failure, Ctrl-C
 or SIGTERM leaves no partial set and no temporary file). With --skip-existing an image
 whose outputs all exist is skipped, so an interrupted batch resumes where it stopped.
 
-Folders: every image in INPUT is paired with the file of the same stem in the trimap or
-mask folder; files named like this command's outputs of an image in the same folder
-(x_alpha.png beside x.jpg) are skipped. A file that fails is reported on stderr and
-skipped. Every output location is checked before any work.
+Folders: every image x.* in INPUT is paired with the file x.* or x_trimap.* (x_mask.* with
+--mask) in the trimap or mask folder, which may be INPUT itself; files named like this
+command's outputs of an image in the same folder (x_alpha.png beside x.jpg) are skipped.
+A file that fails is reported on stderr and skipped; a folder where no image has a trimap
+or mask is a usage error. Every output location is checked before any work.
 
 Trimaps: a trimap marks each pixel background, foreground or unknown (the band to matte).
 A file holding exactly the values 0, 1 and 2 is read as class ids (background, unknown,
@@ -82,7 +84,8 @@ foreground); otherwise values up to 25% of full scale are background, from 75%
 foreground, anything between unknown (0.5). 8- or 16-bit, grey or colour (luminance), grey palettes; the alpha channel
 of an RGBA or LA file is never read. Masks are read the same way. EXIF orientation is
 applied to every file, so pixels are matted as a viewer shows them. A trimap with no
-unknown pixel, or nothing but unknown pixels, gets a warning.
+unknown pixel, or nothing but unknown pixels, gets a warning, and so does one that does not
+look like a trimap (colour, or many greys far from 0, 128 and 255: image and trimap swapped?).
 
 Running: the device, dtype and backend are printed once on stderr; an image that takes
 more than a couple of seconds shows its progress (backbone blocks, decoder tiles).
@@ -102,7 +105,8 @@ layouts (files paired by stem):
   Composition-1k style:  DATASET/merged/  DATASET/trimaps/  DATASET/alpha_copy/
   AIM-500:               DATASET/original/  DATASET/trimap/  DATASET/mask/
 
-SAD, Grad and Conn are printed ÷1000 and MSE ×1000, over the trimap's unknown region, as
+SAD, Grad and Conn are printed ÷1000 and MSE ×1000 (the table and CSV headers say so:
+SAD÷1000 / sad_div1000, MSE×1000 / mse_x1000), over the trimap's unknown region, as
 papers report them; maps are divided by 255 (not min-max normalised), and the prediction
 is rounded to 8 bits first, as the published protocol scores saved PNGs. time: the model
 call alone; peak memory: max allocated on a GPU, on a CPU the process's peak resident size
@@ -154,10 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="MEMatte image matting: alpha mattes, cutouts and benchmark scores.",
         epilog=MAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"mematte {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for target in COMMANDS:
         _resolve(target)(sub)
     return parser
+
+
+def _version() -> str:
+    """The installed package's version (from its metadata: no torch import)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mematte-kernels")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def _resolve(target: str):
@@ -193,7 +208,9 @@ def add_predict(sub) -> argparse.ArgumentParser:
     p.add_argument("--background", type=Path, metavar="BG",
                    help="also write a composite over this image")
     p.add_argument("--save-routing", action="store_true",
-                   help="also write the routing picture of the four global blocks")
+                   help="also write the routing picture of the four global blocks (MEMatte only)")
+    p.add_argument("--save-trimap", action="store_true",
+                   help="with --mask: also write the trimap built from the mask")
     p.add_argument("--skip-existing", action="store_true",
                    help="skip images whose requested outputs all exist in OUT (resume a batch)")
     add_max_pixels(p)

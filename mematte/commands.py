@@ -214,6 +214,8 @@ def run_predict(args: argparse.Namespace) -> int:
     _check_output_folder(args.output, "-o")
     if args.background is not None and not args.background.is_file():
         raise UsageError(f"--background {args.background}: no such file")
+    if args.save_trimap and args.mask is None:
+        raise UsageError("--save-trimap writes the trimap built from --mask; with --trimap it is the file given")
     guide, guide_path = ("mask", args.mask) if args.mask is not None else ("trimap", args.trimap)
     jobs = _pair_inputs(args.input, guide_path, guide, report=ddp.main)
     background = None
@@ -227,6 +229,10 @@ def run_predict(args: argparse.Namespace) -> int:
         model = _load(args, device, dtype, backend, ddp)
         if model is None:
             return EXIT_FAILED
+        if args.save_routing and not isinstance(model, FastMEMatte):
+            raise UsageError(f"--save-routing: {args.checkpoint} holds a {model.family} model, which has no "
+                             "routers (every token of its global blocks attends globally), so there is no "
+                             "routing to draw; drop --save-routing")
         return _predict_share(args, model, jobs, guide, background, ddp)
 
 
@@ -236,8 +242,8 @@ def _predict_share(args, model, jobs, guide: str, background, ddp: Distributed) 
     bar = _folder_bar(shard(jobs, ddp), len(jobs), ddp)
     for image_path, guide_file in bar:
         bar.set_postfix_str(image_path.name, refresh=False)
-        wanted = api.requested_outputs(image_path, args.output, rgba=args.rgba,
-                                       composite=background is not None, save_routing=args.save_routing)
+        wanted = api.requested_outputs(image_path, args.output, rgba=args.rgba, composite=background is not None,
+                                       save_routing=args.save_routing, save_trimap=args.save_trimap)
         if args.skip_existing and all(p.is_file() for p in wanted.values()):
             skipped += 1
             continue
@@ -250,7 +256,7 @@ def _predict_share(args, model, jobs, guide: str, background, ddp: Distributed) 
                 mask_path=guide_file if guide == "mask" else None,
                 band=args.band, model=model,
                 out_dir=args.output, rgba=args.rgba, background=background,
-                save_routing=args.save_routing, bits=args.bits, tile=args.tile,
+                save_routing=args.save_routing, save_trimap=args.save_trimap, bits=args.bits, tile=args.tile,
                 max_pixels=args.max_pixels,
             ), show_progress=ddp.main)
         except FILE_ERRORS as e:
@@ -273,7 +279,8 @@ def _predict_summary(args, jobs, failed: int, skipped: int) -> None:
     if len(jobs) > 1:
         done = len(jobs) - failed - skipped
         note = f" ({skipped} skipped: their outputs exist)" if skipped else ""
-        print(f"{done} of {len(jobs)} images matted into {args.output}{note}")
+        where = f" into {args.output}" if done else ""  # with none done, OUT may never have been made
+        print(f"{done} of {len(jobs)} images matted{where}{note}")
     elif skipped:
         print(f"{jobs[0][0].name}: skipped, its outputs exist in {args.output}", file=sys.stderr)
     if failed:
@@ -281,9 +288,15 @@ def _predict_summary(args, jobs, failed: int, skipped: int) -> None:
     sys.stdout.flush()
 
 
+# Besides a file of the image's own stem, the trimap or mask of x.jpg may be x_trimap.png
+# or x_mask.png, also in the image's own folder.
+GUIDE_SUFFIXES = {"trimap": "_trimap", "mask": "_mask"}
+
+
 def _pair_inputs(inp: Path, guide: Path, what: str, *, report: bool = True) -> list[tuple[Path, Path | Exception]]:
     """(image, trimap or mask) per image, sorted; a pairing problem is kept as that file's
-    error. ``report``: say which files are left out as outputs of this command."""
+    error, and no pair at all is a usage error. ``report``: say which files are left out
+    as outputs of this command."""
     if not inp.exists():
         raise UsageError(f"{inp}: no such file or folder")
     if not guide.exists():
@@ -291,22 +304,48 @@ def _pair_inputs(inp: Path, guide: Path, what: str, *, report: bool = True) -> l
     if not inp.is_dir():
         if not guide.is_dir():
             return [(inp, guide)]
-        return [(inp, _lookup(io.index_by_stem(guide), inp.stem, guide, what))]
-    if not guide.is_dir():
-        raise UsageError(f"INPUT {inp} is a folder, so --{what} must be a folder too")
-    images = _without_own_outputs(io.find_images(inp), report)
-    if not images:
-        raise UsageError(f"no images ({', '.join(io.IMAGE_SUFFIXES)}) in {inp}")
-    stems = [p.stem for p in images]
-    index = io.index_by_stem(guide)
-    jobs: list[tuple[Path, Path | Exception]] = []
-    for image in images:
-        if stems.count(image.stem) > 1:
-            jobs.append((image, ValueError(
-                f"several images named {image.stem}.* in {inp}; their outputs would collide")))
-        else:
-            jobs.append((image, _lookup(index, image.stem, guide, what)))
+        jobs = [(inp, _guide_of(inp, io.index_by_stem(guide), guide, what))]
+    else:
+        if not guide.is_dir():
+            raise UsageError(f"INPUT {inp} is a folder, so --{what} must be a folder too")
+        images = io.find_images(inp)
+        if guide.samefile(inp):  # the trimaps or masks beside the images are not images to matte
+            images = _without_guides(images, what)
+        images = _without_own_outputs(images, report)
+        if not images:
+            raise UsageError(f"no images ({', '.join(io.IMAGE_SUFFIXES)}) in {inp}")
+        stems = [p.stem for p in images]
+        index = io.index_by_stem(guide)
+        jobs = []
+        for image in images:
+            if stems.count(image.stem) > 1:
+                jobs.append((image, ValueError(
+                    f"several images named {image.stem}.* in {inp}; their outputs would collide")))
+            else:
+                jobs.append((image, _guide_of(image, index, guide, what)))
+    if all(isinstance(found, Exception) for _, found in jobs):
+        first = jobs[0][1]
+        raise UsageError(str(first) if len(jobs) == 1 else
+                         f"none of the {len(jobs)} images in {inp} has a {what} in {guide} (e.g. {first})")
     return jobs
+
+
+def _guide_of(image: Path, index: dict[str, list[Path]], folder: Path, what: str) -> Path | Exception:
+    """The one trimap or mask of ``image`` in ``folder`` (``index``: its files by stem),
+    named ``<stem>.*`` or ``<stem>_trimap.*`` / ``<stem>_mask.*``; else the error why not."""
+    names = (image.stem, image.stem + GUIDE_SUFFIXES[what])
+    hits = [p for name in names for p in index.get(name, []) if p != image]
+    if not hits:
+        return FileNotFoundError(f"no {what} named {names[0]}.* in {folder} (nor {names[1]}.*)")
+    if len(hits) > 1:
+        return ValueError(f"several {what}s of {image.name} in {folder}: {', '.join(p.name for p in hits)}")
+    return hits[0]
+
+
+def _without_guides(images: list[Path], what: str) -> list[Path]:
+    """Drop the trimaps or masks of the other images, when they share the images' folder."""
+    stems, suffix = {p.stem for p in images}, GUIDE_SUFFIXES[what]
+    return [p for p in images if not (p.stem.endswith(suffix) and p.stem[: -len(suffix)] in stems)]
 
 
 def _without_own_outputs(images: list[Path], report: bool) -> list[Path]:
@@ -322,18 +361,14 @@ def _without_own_outputs(images: list[Path], report: bool) -> list[Path]:
     return [p for p in images if p not in own]
 
 
-def _lookup(index, stem: str, folder: Path, what: str) -> Path | Exception:
-    try:
-        return io.lookup_stem(index, stem, folder, what=what)
-    except (FileNotFoundError, ValueError) as e:
-        return e
-
-
 # ---------------------------------------------------------------------- eval
 
 
-COLUMNS = ("image", "sad", "mse", "grad", "conn", "time_s", "peak_mem_mib")  # CSV header
-HEADINGS = ("image", "SAD", "MSE", "Grad", "Conn", "time_s", "peak_MiB")  # printed table
+COLUMNS = ("image", "sad", "mse", "grad", "conn", "time_s", "peak_mem_mib")  # a row's keys
+# Both headers state the units the scores are in: SAD, Grad and Conn ÷ 1000 and MSE × 1000,
+# as papers report them (mematte.metrics).
+CSV_HEADER = ("image", "sad_div1000", "mse_x1000", "grad_div1000", "conn_div1000", "time_s", "peak_mem_mib")
+HEADINGS = ("image", "SAD÷1000", "MSE×1000", "Grad÷1000", "Conn÷1000", "time_s", "peak_MiB")  # printed table
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -475,9 +510,9 @@ def _row_text(values) -> str:
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
     text = stdio.StringIO()
-    writer = csv.DictWriter(text, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
+    writer = csv.writer(text)
+    writer.writerow(CSV_HEADER)
+    writer.writerows([row[c] for c in COLUMNS] for row in rows)
     io.write_atomic(path, lambda f: f.write(text.getvalue().encode()))
 
 

@@ -19,11 +19,18 @@ from PIL import Image
 
 from mematte_kernels import dispatch
 
-from . import precision, progress
+from . import hf, precision, progress
 from .backbone import PATCH, VARIANTS
-from .checkpoint import IGNORED_PREFIXES, check_map_location, infer_variant, load_checkpoint_state_dict, state_dict_of
+from .checkpoint import (
+    IGNORED_PREFIXES,
+    check_map_location,
+    infer_variant,
+    load_checkpoint_state_dict,
+    model_family,
+    state_dict_of,
+)
 from .decoder import FAST_CONTEXT, FAST_TILE, TILE, tile_batches
-from .io import image_to_array
+from .io import image_to_array, open_image, read_image
 from .trimap import BACKGROUND, FOREGROUND, normalize_trimap, warn_if_degenerate
 
 PIXEL_MEAN = (123.675 / 255, 116.280 / 255, 103.530 / 255)
@@ -49,6 +56,7 @@ class MattingModel(nn.Module):
     # Whether predict() sets alpha to the trimap's known values (MEMatte's inference script
     # does, ViTMatte's does not).
     clamp_known = True
+    family = ""  # the model a checkpoint holds, as mematte.checkpoint.model_family names it
 
     def __init__(self, variant: str, backend: str, dtype: torch.dtype, decoder_memory: int | None,
                  allow_tf32: bool = False):
@@ -113,12 +121,23 @@ class MattingModel(nn.Module):
         loaded into a model built with a teacher (``teacher=True``) and dropped otherwise,
         and NaN or infinite weights refused. The variant is inferred from shapes;
         ``variant``, when given, must agree with it. ``kwargs`` go to the constructor
-        (``backend``, ``dtype``, and the model's own options).
+        (``backend``, ``dtype``, and the model's own options); ``dtype`` is ``"auto"``
+        unless given, as for :func:`mematte.load_model` and the command line (see
+        :func:`mematte.precision.resolve_dtype`). A checkpoint of the other model
+        (ViTMatte for FastMEMatte and the reverse) is refused, saying what loads it.
         """
-        check_map_location(map_location)
+        device = check_map_location(map_location)
         if variant is not None and variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+        kwargs["dtype"] = precision.resolve_dtype(kwargs.get("dtype", "auto"), device, kwargs.get("backend", "auto"))
         state_dict = cls._read_state_dict(checkpoint, map_location)
+        held = "ViTMatte" if hf.is_hf_state_dict(state_dict) else model_family(state_dict)
+        if held is not None and held != cls.family:
+            source = "the state dict" if isinstance(checkpoint, Mapping) else os.fspath(checkpoint)
+            loader = "FastViTMatte" if held == "ViTMatte" else "FastMEMatte"
+            raise ValueError(f"{source} holds a {held} model, not {cls.family}: load it with "
+                             f"{loader}.from_checkpoint, or with mematte.load_model, which picks the "
+                             "model a file holds")
         found = infer_variant(state_dict)
         if variant is not None and variant != found:
             width = state_dict["backbone.pos_embed"].shape[-1]
@@ -217,23 +236,30 @@ class MattingModel(nn.Module):
     def predict(self, image, trimap, patch_decoder: bool = True) -> np.ndarray:
         """Alpha matte of one image: H×W float32 in [0, 1].
 
-        ``image``: H×W×3 RGB — a numpy array (uint8, uint16, or float in [0, 1]), a PIL
-        image (any mode, converted to RGB), or a tensor H×W×3 or 3×H×W. Batches
-        (B, 3, H, W) are for the upstream call, ``model({"image": ..., "trimap": ...})``.
-        ``trimap``: H×W (numpy, PIL, or a tensor, also 1×H×W), read by
+        ``image``: H×W×3 RGB — an image file's path (str or os.PathLike, EXIF orientation
+        applied), a numpy array (uint8, uint16, or float in [0, 1]), a PIL image (any
+        mode, converted to RGB), or a tensor H×W×3 or 3×H×W. Batches (B, 3, H, W) are for
+        the upstream call, ``model({"image": ..., "trimap": ...})``. ``trimap``: H×W — a
+        path, numpy, PIL, or a tensor (also 1×H×W) — read by
         :func:`mematte.trimap.normalize_trimap`: class ids {0, 1, 2}, 0..255, or floats in
         [0, 1]. Where the class clamps known regions (FastMEMatte, as its upstream
         inference script does), alpha is 0 where the trimap is background and 1 where
-        foreground. Warns on a trimap with nothing to matte; raises ValueError rather than
-        return a NaN or infinite alpha.
+        foreground. Warns on a trimap with nothing to matte or that does not look like
+        one; raises FileNotFoundError for a missing file and ValueError for an unreadable
+        one, and rather than return a NaN or infinite alpha.
         """
+        if isinstance(image, (str, os.PathLike)):
+            image = read_image(image)
+        trimap_name = "trimap"
+        if isinstance(trimap, (str, os.PathLike)):
+            trimap_name, trimap = f"trimap {trimap}", open_image(trimap)
         img = _image_tensor(image)
-        tri = normalize_trimap(_trimap_array(trimap))
+        tri = normalize_trimap(_trimap_array(trimap), name=trimap_name)
         if img.shape[-2:] != tri.shape:
             raise ValueError(
                 f"image is {img.shape[-1]}×{img.shape[-2]} (W×H) but trimap is {tri.shape[1]}×{tri.shape[0]}"
             )
-        warn_if_degenerate(tri)
+        warn_if_degenerate(tri, name=trimap_name)
         device = self.pixel_mean.device
         tri_t = torch.from_numpy(tri.astype(np.float32) / 255.0)
         alpha = self._alpha({"image": img[None].to(device), "trimap": tri_t[None, None].to(device)}, patch_decoder)

@@ -87,6 +87,8 @@ class FastMEMatte(MattingModel):
     mode, run without a graph.
     """
 
+    family = "MEMatte"
+
     def __init__(
         self,
         variant: str = "vit_s",

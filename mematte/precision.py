@@ -1,4 +1,5 @@
-"""Full fp32 arithmetic for the length of a call, and which reduced precisions a GPU has.
+"""Full fp32 arithmetic for the length of a call, which reduced precisions a GPU has, and
+the compute dtype ``"auto"`` stands for.
 
 PyTorch lets cuBLAS matmuls and cuDNN convolutions of fp32 tensors run in TF32 (a 10-bit
 mantissa) on Ampere and later GPUs, and cuDNN's convolutions do so by default. A model
@@ -12,6 +13,10 @@ import threading
 from collections.abc import Callable, Iterator
 
 import torch
+
+from mematte_kernels import dispatch, ext
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Compute capability from which a GPU has bf16 arithmetic (Ampere).
 BF16_CAPABILITY = (8, 0)
@@ -76,3 +81,28 @@ def check_bf16_device(dtype: torch.dtype, device: torch.device) -> None:
             f"bfloat16 needs a GPU of compute capability {BF16_CAPABILITY[0]}.{BF16_CAPABILITY[1]} or newer; "
             f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use float16 (or float32)"
         )
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, backend: str = "auto") -> torch.dtype:
+    """The compute dtype; ``"auto"`` is bfloat16 where the CPU fast path runs its
+    AVX512-BF16 kernels (whose parity with fp32 is tested), float16 on GPUs without bf16
+    (compute capability below 8.0, e.g. Turing: fp32 has no tensor cores there), float32
+    everywhere else.
+
+    Raises ValueError for an unknown dtype, for float16 on the CPU and for bfloat16 on a
+    GPU without bf16.
+    """
+    if isinstance(dtype, str):
+        if dtype == "auto":
+            if not has_bf16(device):
+                return torch.float16
+            ops = dispatch.resolve(backend, device)
+            fast_cpu = device.type == "cpu" and ops.name.startswith("cpu")
+            return torch.bfloat16 if fast_cpu and ext.cpu_bf16_kernels() else torch.float32
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; expected auto or one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ValueError("float16 is for GPUs; on the CPU use bfloat16 (or float32)")
+    check_bf16_device(dtype, device)
+    return dtype

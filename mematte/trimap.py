@@ -17,6 +17,9 @@ the model as 128/255 ≈ 0.5).
   ÷ 65535, bool as 0/1, floats as they are when none exceeds 1, else ÷ 255 (floats in
   0..255) — and cut in three: ≤ 0.25 background, ≥ 0.75 foreground, the rest unknown, so
   anti-aliased and painted trimaps work.
+
+A map that cannot be a trimap — colour content, or many pixels at grey levels far from 0,
+½ and 1, as a photo passed in its place — gets a :class:`TrimapWarning`.
 """
 from __future__ import annotations
 
@@ -36,23 +39,33 @@ FOREGROUND_MIN = 0.75
 
 _CLASS_LUT = np.array([BACKGROUND, UNKNOWN, FOREGROUND], np.uint8)  # class id -> value
 
+# What a trimap does not look like. A pixel is coloured when its channels spread over more
+# than COLOUR_SPREAD of full scale (JPEG noise on a grey trimap stays below), and at an odd
+# level when it is further than ODD_LEVEL from 0, ½ and 1 (anti-aliased edges are a thin
+# band of those); a map with more than these shares of such pixels is not a trimap.
+COLOUR_SPREAD, MAX_COLOURED = 0.1, 0.01
+ODD_LEVEL, MAX_ODD = 0.1, 0.1
+
 
 class TrimapWarning(UserWarning):
-    """A trimap that the model can do nothing useful with."""
+    """A trimap that the model can do nothing useful with, or that is not a trimap at all."""
 
 
-def normalize_trimap(trimap: np.ndarray | Image.Image) -> np.ndarray:
+def normalize_trimap(trimap: np.ndarray | Image.Image, *, name: str = "trimap") -> np.ndarray:
     """Map any trimap to uint8 0/128/255 (see the module notes for the rules).
 
     ``trimap`` is a Pillow image or an array H×W or H×W×C (C ≤ 4: grey, grey + alpha,
-    colour: luminance, colour + alpha; an alpha channel is never read).
+    colour: luminance, colour + alpha; an alpha channel is never read). Warns
+    (:class:`TrimapWarning`, naming it ``name``) when it does not look like a trimap.
     """
     if isinstance(trimap, Image.Image):
-        t = gray_array(trimap, name="trimap")
+        t = gray_array(trimap, name=name)
         if trimap.mode != "F":  # the levels as stored, to recognise class ids
             levels = np.rint(t * (65535.0 if trimap.mode in SIXTEEN_BIT_MODES else 255.0))
             if _class_ids(levels):
                 return _CLASS_LUT[levels.astype(np.intp)]
+        colour = np.asarray(trimap.convert("RGB")) if trimap.mode in ("RGB", "RGBA", "CMYK", "YCbCr") else None
+        _warn_if_not_a_trimap(t, colour, name)
         return _cut(t)
     a = np.asarray(trimap)
     if a.ndim == 2 and _class_ids(a):
@@ -60,10 +73,39 @@ def normalize_trimap(trimap: np.ndarray | Image.Image) -> np.ndarray:
     if np.issubdtype(a.dtype, np.floating) and a.size and np.isfinite(a).all() and a.max() > 1.0:
         if a.max() > 255.0 or a.min() < 0.0:
             raise ValueError(
-                f"trimap: float values must lie in [0, 1] or [0, 255], got {a.min():g}..{a.max():g}"
+                f"{name}: float values must lie in [0, 1] or [0, 255], got {a.min():g}..{a.max():g}"
             )
         a = a.astype(np.float32) / 255.0
-    return _cut(gray_array(a, name="trimap"))
+    t = gray_array(a, name=name)
+    colour = None
+    if a.ndim == 3 and a.shape[2] in (3, 4):
+        colour = np.stack([gray_array(a[:, :, c], name=name) for c in range(3)], axis=2)
+    _warn_if_not_a_trimap(t, colour, name)
+    return _cut(t)
+
+
+def _warn_if_not_a_trimap(grey: np.ndarray, colour: np.ndarray | None, name: str) -> None:
+    """Warn when a map has colour content or many grey levels far from 0, ½ and 1: likely a
+    photo given as the trimap (``grey`` in [0, 1]; ``colour`` H×W×3, any scale, or None)."""
+    if not grey.size:
+        return
+    if colour is not None:
+        full_scale = 255.0 if colour.dtype == np.uint8 else 1.0
+        spread = (colour.max(axis=2).astype(np.float32) - colour.min(axis=2)) / full_scale
+        coloured = float((spread > COLOUR_SPREAD).mean())
+        if coloured > MAX_COLOURED:
+            _not_a_trimap(name, f"{coloured:.0%} of its pixels are coloured")
+            return
+    distance = np.minimum(np.minimum(grey, np.abs(grey - 0.5)), 1.0 - grey)
+    odd = float((distance > ODD_LEVEL).mean())
+    if odd > MAX_ODD:
+        _not_a_trimap(name, f"{odd:.0%} of its pixels are grey levels far from 0, 50% and 100%")
+
+
+def _not_a_trimap(name: str, why: str) -> None:
+    warnings.warn(f"{name}: does not look like a trimap: {why} (a trimap is grey: 0 background, "
+                  "128 unknown, 255 foreground). Were the image and the trimap swapped?",
+                  TrimapWarning, stacklevel=4)
 
 
 def _class_ids(a: np.ndarray) -> bool:

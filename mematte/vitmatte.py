@@ -36,6 +36,7 @@ class FastViTMatte(MattingModel):
     ``backend``, ``dtype``, ``decoder_memory`` and ``allow_tf32`` as in :class:`FastMEMatte`.
     """
 
+    family = "ViTMatte"
     clamp_known = False  # upstream's inference script leaves the trimap's known regions as predicted
     _canvas_multiple = PATCH  # the decoder's canvas is the padded input itself
     _MEMORY_FIT = {torch.bfloat16: (5.34, 77.9, 8_500_000), torch.float32: (5.51, 148.9, 11_600_000)}  # see MattingModel

@@ -45,14 +45,15 @@ def files(tmp_path):
 def test_predict_file_writes_every_output_and_returns_them(files, model):
     out = files / "out"
     result = predict_file(files / "cat.png", files / "cat_trimap.png", model=model, out_dir=out,
-                          rgba=True, background=files / "bg.jpg", save_routing=True, tile=False)
+                          rgba=True, background=files / "bg.jpg", save_routing=True, save_trimap=True, tile=False)
     assert result.alpha.shape == (H, W) and result.alpha.dtype == np.float32
     assert (result.alpha[:, :16] == 0).all() and (result.alpha[:, -16:] == 1).all()
     assert result.foreground.shape == result.composite.shape == (H, W, 3)
     assert [r.shape for r in result.routing] == [(4, 4)] * 4
     assert result.written == output_paths(files / "cat.png", out)
     assert sorted(p.name for p in out.iterdir()) == [
-        "cat_alpha.png", "cat_composite.png", "cat_rgba.png", "cat_routing.png"]
+        "cat_alpha.png", "cat_composite.png", "cat_rgba.png", "cat_routing.png", "cat_trimap.png"]
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "cat_trimap.png")), result.trimap)
 
     alpha_png = np.asarray(Image.open(out / "cat_alpha.png"))
     np.testing.assert_array_equal(alpha_png, np.rint(result.alpha * 255).astype(np.uint8))

@@ -30,7 +30,7 @@ def test_detectron2_file_with_teacher_is_loaded(tmp_path, source):
     state["teacher_backbone.pos_embed"] = torch.zeros(1, 197, 384)
     path = tmp_path / "MEMatte_ViTS_DIM.pth"
     torch.save({"model": state, "iteration": 10}, path)
-    model = FastMEMatte.from_checkpoint(path)
+    model = FastMEMatte.from_checkpoint(path, dtype="float32")  # weights compared exactly
     assert model.variant == "vit_s" and not model.training
     assert_same_weights(model, source)
 
@@ -38,14 +38,14 @@ def test_detectron2_file_with_teacher_is_loaded(tmp_path, source):
 def test_bare_state_dict_file_and_mapping(tmp_path, source):
     path = tmp_path / "bare.pt"
     torch.save(source.state_dict(), path)
-    assert_same_weights(FastMEMatte.from_checkpoint(path), source)
-    assert_same_weights(FastMEMatte.from_checkpoint(source.state_dict()), source)
+    assert_same_weights(FastMEMatte.from_checkpoint(path, dtype="float32"), source)
+    assert_same_weights(FastMEMatte.from_checkpoint(source.state_dict(), dtype="float32"), source)
 
 
 def test_safetensors_file(tmp_path, source):
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
-    model = FastMEMatte.from_checkpoint(path, max_tokens=100)
+    model = FastMEMatte.from_checkpoint(path, max_tokens=100, dtype="float32")
     assert model.max_tokens == 100
     assert_same_weights(model, source)
 
@@ -131,7 +131,7 @@ def test_missing_file(tmp_path):
 def test_training_loop_checkpoints_load(tmp_path, source, wrap):
     path = tmp_path / "trained.pth"
     torch.save(wrap(dict(source.state_dict())), path)
-    assert_same_weights(FastMEMatte.from_checkpoint(path), source)
+    assert_same_weights(FastMEMatte.from_checkpoint(path, dtype="float32"), source)
 
 
 def test_variant_is_accepted_and_checked_against_the_keys(source):

@@ -184,7 +184,7 @@ def test_eval_composition_1k_layout_prints_the_table_and_writes_csv(tmp_path, ch
     assert "failed: y.png: no ground-truth alpha named y.* in" in stderr
     lines = stdout.splitlines()
     assert lines[0].startswith("Composition-1k: 2 images")
-    assert lines[1].split() == ["image", "SAD", "MSE", "Grad", "Conn", "time_s", "peak_MiB"]
+    assert lines[1].split() == ["image", "SAD÷1000", "MSE×1000", "Grad÷1000", "Conn÷1000", "time_s", "peak_MiB"]
     assert lines[2].split()[0] == "x.png" and lines[3].split()[0] == "mean"
     assert lines[4] == "mean of 1 of 2 images; 1 failed and are not in it"
 
@@ -192,7 +192,7 @@ def test_eval_composition_1k_layout_prints_the_table_and_writes_csv(tmp_path, ch
     assert [r["image"] for r in rows] == ["x.png", "mean"]
     x = rows[0]
     # a random model's alpha against a hard edge: clearly wrong, but finite
-    assert 0 < float(x["sad"]) < H * 24 / 1000 and 0 < float(x["mse"]) <= 1000
+    assert 0 < float(x["sad_div1000"]) < H * 24 / 1000 and 0 < float(x["mse_x1000"]) <= 1000
     assert float(x["time_s"]) > 0 and float(x["peak_mem_mib"]) > 0
     assert {k: float(v) for k, v in rows[1].items() if k != "image"} == {
         k: float(v) for k, v in x.items() if k != "image"}
@@ -268,11 +268,11 @@ def test_help_imports_neither_torch_nor_numpy():
 
 
 def test_the_parser_offers_what_the_model_takes():
-    from mematte import api, cli, io, model
+    from mematte import cli, io, model, precision
     from mematte_kernels import dispatch
 
     assert cli.BACKENDS == dispatch.BACKENDS
-    assert cli.DTYPES == ("auto", *api.DTYPES)
+    assert cli.DTYPES == ("auto", *precision.DTYPES)
     assert cli.DEFAULT_MAX_TOKENS == model.DEFAULT_MAX_TOKENS
     assert cli.MAX_TOKENS_LIMIT == model.MAX_TOKENS_LIMIT
     assert cli.MAX_PIXELS == io.MAX_PIXELS

@@ -34,6 +34,7 @@ def test_8bit_and_16bit_maps_are_divided_by_their_full_scale():
     assert sad(p16, gt, trimap) == pytest.approx(expected)
 
 
+@pytest.mark.filterwarnings("ignore::mematte.trimap.TrimapWarning")  # rows of cut-point values, not a picture
 def test_anti_aliased_trimap_defines_the_same_unknown_region():
     pred, gt, trimap = small_case()
     soft = np.array([[100, 150], [120, 30]], np.uint8)  # 25 % < unknown < 75 %, and background

@@ -9,6 +9,7 @@ from mematte.io import read_gray
 from mematte.trimap import TrimapWarning, normalize_trimap, trimap_from_mask, warn_if_degenerate
 
 
+@pytest.mark.filterwarnings("ignore::mematte.trimap.TrimapWarning")  # rows of cut-point values, not a picture
 def test_anti_aliased_8bit_values_fall_into_three_classes():
     values = np.array([[0, 25, 63, 64, 100, 128, 180, 191, 192, 230, 255]], np.uint8)
     # 63/255 ≤ 25 % < 64/255 and 191/255 < 75 % ≤ 192/255
@@ -16,6 +17,7 @@ def test_anti_aliased_8bit_values_fall_into_three_classes():
     np.testing.assert_array_equal(normalize_trimap(values), expected)
 
 
+@pytest.mark.filterwarnings("ignore::mematte.trimap.TrimapWarning")  # rows of cut-point values, not a picture
 def test_float_and_16bit_trimaps_use_their_own_full_scale():
     floats = np.array([[0.0, 0.25, 0.2501, 0.5, 0.7499, 0.75, 1.0]], np.float32)
     np.testing.assert_array_equal(normalize_trimap(floats), [[0, 0, 128, 128, 128, 255, 255]])
@@ -23,6 +25,7 @@ def test_float_and_16bit_trimaps_use_their_own_full_scale():
     np.testing.assert_array_equal(normalize_trimap(sixteen), [[0, 0, 128, 128, 128, 255, 255]])
 
 
+@pytest.mark.filterwarnings("ignore::mematte.trimap.TrimapWarning")  # rows of cut-point values, not a picture
 def test_float_trimaps_in_0_255_are_read_like_8bit_ones():
     np.testing.assert_array_equal(normalize_trimap(np.array([[0.0, 40.0, 128.0, 200.0, 255.0]])),
                                   [[0, 0, 128, 255, 255]])

@@ -73,7 +73,7 @@ def test_hf_named_checkpoint_loads(tmp_path, upstream_state, form):
         source = tmp_path / "pytorch_model.bin"
     else:
         source = hf_state
-    model = FastViTMatte.from_checkpoint(source)
+    model = FastViTMatte.from_checkpoint(source, dtype="float32")  # weights compared exactly
     assert model.variant == "vit_s" and _same_weights(model, upstream_state)
 
 
@@ -98,7 +98,7 @@ def test_hf_model_directory_loads(tmp_path, upstream_state):
         save_file({k: hf_state[k] for k in part}, tmp_path / name)
     index = {"weight_map": {k: name for name, part in shards.items() for k in part}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    model = FastViTMatte.from_checkpoint(tmp_path)
+    model = FastViTMatte.from_checkpoint(tmp_path, dtype="float32")
     assert _same_weights(model, upstream_state)
     assert isinstance(load_model(tmp_path, device="cpu"), FastViTMatte)
 
@@ -119,7 +119,7 @@ def test_hf_directory_errors_are_named(tmp_path, upstream_state):
 
 def test_upstream_detectron2_file_loads(tmp_path, upstream_state):
     torch.save({"model": upstream_state, "iteration": 5}, tmp_path / "ViTMatte_S_Com.pth")
-    model = FastViTMatte.from_checkpoint(tmp_path / "ViTMatte_S_Com.pth")
+    model = FastViTMatte.from_checkpoint(tmp_path / "ViTMatte_S_Com.pth", dtype="float32")
     assert _same_weights(model, upstream_state)
 
 

@@ -13,6 +13,10 @@ RECIPE = {"vit_s": {"iters": 40406, "gpus": 2, "batch_per_gpu": 16},
           "vit_b": {"iters": 64650, "gpus": 4, "batch_per_gpu": 10}}
 LR, WEIGHT_DECAY, LR_DECAY, WARMUP = 5e-4, 0.1, 0.65, 250
 CROP_MULTIPLE = 32
+# Defaults that do not come from the paper: a short run (a fine-tune, a smoke test) writes
+# no more checkpoints than its final one, and data workers never outnumber the cores.
+MIN_CHECKPOINT_PERIOD = 1000
+WORKERS = 4
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 TRAIN_EPILOG = """\
@@ -77,7 +81,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="fractions of --iters where the lr drops to 0.1 and 0.05 of its peak "
                         "(default: 0.2 0.8667 ViT-S, 0.5 0.8667 ViT-B)")
     s.add_argument("--checkpoint-period", type=int, metavar="N",
-                   help="iterations between checkpoints (default: --iters / 15)")
+                   help="iterations between checkpoints (default: --iters / 15, at least "
+                        f"{MIN_CHECKPOINT_PERIOD:,}); the final model is always saved")
     r = p.add_argument_group("run")
     r.add_argument("--device", default="auto",
                    help="auto (a CUDA GPU when there is one), cpu, cuda, cuda:N (default: auto; "
@@ -90,8 +95,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     r.add_argument("--resume", action="store_true",
                    help="continue the run in RUN from its last checkpoint (starts fresh if it has none)")
-    r.add_argument("--workers", type=int, default=4, metavar="N",
-                   help="data-loading processes per training process (default: %(default)s)")
+    r.add_argument("--workers", type=int, metavar="N",
+                   help=f"data-loading processes per training process (default: {WORKERS}, or the "
+                        "cores each process has if fewer)")
     p.set_defaults(run="mematte.train.command:run_train")
     return p
 
@@ -111,7 +117,7 @@ def check_numbers(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
-    if args.warmup < 0 or args.workers < 0:
+    if args.warmup < 0 or (args.workers is not None and args.workers < 0):
         raise UsageError("--warmup and --workers must be ≥ 0")
     if not args.lr > 0 or args.weight_decay < 0 or not 0 < args.lr_decay <= 1:
         raise UsageError("--lr must be > 0, --weight-decay ≥ 0 and --lr-decay in (0, 1]")

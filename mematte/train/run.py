@@ -3,6 +3,7 @@ model is built and trained (see :mod:`mematte.train.engine`)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ from ..api import resolve_device
 from ..cli import UsageError
 from ..distributed import Distributed, distributed_from_env, share_cpu_threads, take_device
 from . import optim
+from .command import MIN_CHECKPOINT_PERIOD, WORKERS
 from .data import DatasetError, DatasetFiles, find_dataset
 from .engine import TrainConfig, Trainer, existing_run, find_resume_checkpoint, init_distributed
 from .init import InitError, InitPlan, load_init, plan_init, plan_teacher, upstream_init
@@ -74,10 +76,23 @@ def prepare(args: argparse.Namespace) -> Prepared:
         out=args.out, variant=variant, iters=iters, batch_size=batch_size, crop=args.crop, lr=args.lr,
         weight_decay=args.weight_decay, lr_decay=args.lr_decay, warmup=args.warmup,
         milestones=tuple(optim.milestones_for(iters, fractions)),
-        checkpoint_period=args.checkpoint_period or max(1, iters // optim.CHECKPOINTS_PER_RUN),
-        precision=precision, seed=args.seed, workers=args.workers, resume=args.resume,
+        checkpoint_period=args.checkpoint_period or default_checkpoint_period(iters),
+        precision=precision, seed=args.seed, resume=args.resume,
+        workers=default_workers(ddp) if args.workers is None else args.workers,
     )
     return Prepared(cfg, files, device, ddp, plan, teacher, args.backend)
+
+
+def default_checkpoint_period(iters: int) -> int:
+    """The published 15 checkpoints per run, but none more often than every
+    :data:`MIN_CHECKPOINT_PERIOD` iterations (the final one is always written)."""
+    return max(MIN_CHECKPOINT_PERIOD, iters // optim.CHECKPOINTS_PER_RUN)
+
+
+def default_workers(ddp: Distributed) -> int:
+    """:data:`WORKERS` data-loading processes, or fewer: no more than this process's share
+    of the cores it may run on."""
+    return max(1, min(WORKERS, len(os.sched_getaffinity(0)) // ddp.local_world_size))
 
 
 def default_batch_size(variant: str, world_size: int) -> int:
