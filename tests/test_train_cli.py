@@ -64,6 +64,7 @@ def test_command_line_spells_the_recipe_out():
     assert command.RECIPE == optim.RECIPE
     assert (command.LR, command.WEIGHT_DECAY, command.LR_DECAY, command.WARMUP) == (
         optim.LR, optim.WEIGHT_DECAY, optim.LR_DECAY, optim.WARMUP_ITERS)
+    assert (command.MIN_CHECKPOINT_PERIOD, command.WORKERS) == (optim.MIN_CHECKPOINT_PERIOD, optim.WORKERS)
 
 
 def test_help_imports_no_torch():

@@ -13,8 +13,7 @@ RECIPE = {"vit_s": {"iters": 40406, "gpus": 2, "batch_per_gpu": 16},
           "vit_b": {"iters": 64650, "gpus": 4, "batch_per_gpu": 10}}
 LR, WEIGHT_DECAY, LR_DECAY, WARMUP = 5e-4, 0.1, 0.65, 250
 CROP_MULTIPLE = 32
-# Defaults that do not come from the paper: a short run (a fine-tune, a smoke test) writes
-# no more checkpoints than its final one, and data workers never outnumber the cores.
+# Defaults that do not come from the paper (mirrors mematte.train.optim's, like the recipe).
 MIN_CHECKPOINT_PERIOD = 1000
 WORKERS = 4
 PRECISIONS = ("fp32", "bf16", "fp16")

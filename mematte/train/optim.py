@@ -115,6 +115,10 @@ class WarmupMultiStep(torch.optim.lr_scheduler.LRScheduler):
 # save 15 checkpoints.
 MILESTONE_FRACTIONS = {"vit_s": (6 / 30, 26 / 30), "vit_b": (30 / 60, 52 / 60)}
 CHECKPOINTS_PER_RUN = 15
+# Not from the paper: a short run (a fine-tune, a smoke test) writes no more checkpoints
+# than its final one, and data workers never outnumber the cores.
+MIN_CHECKPOINT_PERIOD = 1000
+WORKERS = 4
 # The published runs: iterations, GPUs and crops per GPU (a global batch of 32 for ViT-S,
 # 40 for ViT-B; the iteration counts are 30 and 60 "epochs" of 43,100 samples at that batch).
 RECIPE = {"vit_s": {"iters": 40406, "gpus": 2, "batch_per_gpu": 16},

@@ -13,7 +13,6 @@ from ..api import resolve_device
 from ..cli import UsageError
 from ..distributed import Distributed, distributed_from_env, share_cpu_threads, take_device
 from . import optim
-from .command import MIN_CHECKPOINT_PERIOD, WORKERS
 from .data import DatasetError, DatasetFiles, find_dataset
 from .engine import TrainConfig, Trainer, existing_run, find_resume_checkpoint, init_distributed
 from .init import InitError, InitPlan, load_init, plan_init, plan_teacher, upstream_init
@@ -85,14 +84,14 @@ def prepare(args: argparse.Namespace) -> Prepared:
 
 def default_checkpoint_period(iters: int) -> int:
     """The published 15 checkpoints per run, but none more often than every
-    :data:`MIN_CHECKPOINT_PERIOD` iterations (the final one is always written)."""
-    return max(MIN_CHECKPOINT_PERIOD, iters // optim.CHECKPOINTS_PER_RUN)
+    :data:`optim.MIN_CHECKPOINT_PERIOD` iterations (the final one is always written)."""
+    return max(optim.MIN_CHECKPOINT_PERIOD, iters // optim.CHECKPOINTS_PER_RUN)
 
 
 def default_workers(ddp: Distributed) -> int:
-    """:data:`WORKERS` data-loading processes, or fewer: no more than this process's share
+    """:data:`optim.WORKERS` data-loading processes, or fewer: no more than this process's share
     of the cores it may run on."""
-    return max(1, min(WORKERS, len(os.sched_getaffinity(0)) // ddp.local_world_size))
+    return max(1, min(optim.WORKERS, len(os.sched_getaffinity(0)) // ddp.local_world_size))
 
 
 def default_batch_size(variant: str, world_size: int) -> int:
