@@ -11,6 +11,7 @@ Environment:
                           local GPUs).
   MAX_JOBS                parallel compile jobs (with ninja).
 """
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,14 @@ from pathlib import Path
 from setuptools import setup
 
 CSRC = Path("csrc")
-CPU_SOURCES = ["ops.cpp", "dwconv_gelu_cpu.cpp", "eca_cpu.cpp", "upsample_taps_cpu.cpp", "attention_cpu.cpp", "global_attention_cpu.cpp"]
+CPU_SOURCES = [
+    "ops.cpp",
+    "dwconv_gelu_cpu.cpp",
+    "eca_cpu.cpp",
+    "upsample_taps_cpu.cpp",
+    "attention_cpu.cpp",
+    "global_attention_cpu.cpp",
+]
 CUDA_SOURCES = ["dwconv_gelu.cu", "eca.cu"]
 # Turing (2080 Ti), A100, consumer Ampere (3090; Ada's sm_89 runs sm_86 code), H100.
 DEFAULT_CUDA_ARCHS = ("7.5", "8.0", "8.6", "9.0")
@@ -89,14 +97,18 @@ def extensions() -> tuple[list, dict]:
     # the sources, so no -march flag ties the wheel to the build machine.
     cxx_flags = ["-O3", "-fopenmp"]
     if skip_reason is None:
-        print(f"mematte_kernels._C: building CPU ops and CUDA ops "
-              f"(arch {os.environ['TORCH_CUDA_ARCH_LIST']}, CUDA in {cuda_home})")
+        print(
+            f"mematte_kernels._C: building CPU ops and CUDA ops "
+            f"(arch {os.environ['TORCH_CUDA_ARCH_LIST']}, CUDA in {cuda_home})"
+        )
         extension = CUDAExtension(
             "mematte_kernels._C",
             sources=[str(CSRC / s) for s in CPU_SOURCES + CUDA_SOURCES],
             # Recorded so that a failed launch can say which GPUs the code was built for.
-            define_macros=[("MEMATTE_WITH_CUDA", None),
-                           ("MEMATTE_CUDA_ARCH_LIST", f'"{os.environ["TORCH_CUDA_ARCH_LIST"]}"')],
+            define_macros=[
+                ("MEMATTE_WITH_CUDA", None),
+                ("MEMATTE_CUDA_ARCH_LIST", f'"{os.environ["TORCH_CUDA_ARCH_LIST"]}"'),
+            ],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
             extra_link_args=["-fopenmp"],
         )

@@ -10,6 +10,7 @@ files that use pytest-benchmark directly (see report.foreign_record for how they
     pytest bench --benchmark-disable     smoke: smallest sizes, one run each, outputs
                                          checked against the reference, nothing written
 """
+
 import tempfile
 from pathlib import Path
 
@@ -130,4 +131,6 @@ def pytest_terminal_summary(terminalreporter, config):
         "device": str(settings.device),
     }
     path = report.save(RESULTS, info, git, mode, options, records)
-    terminalreporter.write_line(f"results: {path.relative_to(RESULTS.parent.parent)} (and latest-{report.device_slug(info)}.json)")
+    terminalreporter.write_line(
+        f"results: {path.relative_to(RESULTS.parent.parent)} (and latest-{report.device_slug(info)}.json)"
+    )

@@ -9,6 +9,7 @@ Prints one JSON line: s_per_step (median of the steps after the first ``warmup``
 peak_bytes (peak RSS of the process on a CPU, CUDA max allocated on a GPU), loaded_rss_bytes (before the first step),
 losses (of the last step), routed (hard share per router) and backend (the training table).
 """
+
 import importlib.util
 import json
 import statistics
@@ -49,7 +50,10 @@ def main(spec: dict) -> dict:
     model = FastMEMatte("vit_s", backend=spec["backend"], teacher=True)
     teacher = synth.weights("vitmatte_vit_s", seed=96)
     model.load_state_dict(
-        {**synth.weights("mematte_vit_s", seed=95), **{f"teacher_{k}": v for k, v in teacher.items() if k.startswith("backbone.")}}
+        {
+            **synth.weights("mematte_vit_s", seed=95),
+            **{f"teacher_{k}": v for k, v in teacher.items() if k.startswith("backbone.")},
+        }
     )
     model.to(device).train()
     data = {k: v.to(device) for k, v in batch(synth, spec["crop"], spec["batch"]).items()}
@@ -73,7 +77,7 @@ def main(spec: dict) -> dict:
         model.zero_grad(set_to_none=True)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else status_bytes("VmHWM")
     return {
-        "s_per_step": statistics.median(times[spec["warmup"]:]),
+        "s_per_step": statistics.median(times[spec["warmup"] :]),
         "peak_bytes": peak,
         "loaded_rss_bytes": loaded,
         "losses": {k: v.item() for k, v in losses.items()},

@@ -36,6 +36,7 @@ Without a GPU the GPU steps are skipped, each saying so; the GPU-marked tests ar
 (and skipped), and the calls the sanitizers would watch and the attention measurement run
 once at tiny sizes in Triton's interpreter, so that the script itself is exercised end to end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,9 +79,11 @@ ATTENTION_HEADS = {"vit_s": 6, "vit_b": 12}
 GLOBAL_GRIDS = ((128, 128), (240, 135))  # (W, H) token grids of 2048² and 3840x2160 images
 LOG_TAIL_LINES = 40
 # What a step replaced by --hang runs: a child that waits, and a grandchild that waits too.
-HANG = ("import os, subprocess, sys, time; "
-        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3600)']); "
-        "print('pids', os.getpid(), child.pid, flush=True); time.sleep(3600)")
+HANG = (
+    "import os, subprocess, sys, time; "
+    "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3600)']); "
+    "print('pids', os.getpid(), child.pid, flush=True); time.sleep(3600)"
+)
 
 
 # ------------------------------------------------------------------------ the steps
@@ -140,8 +143,14 @@ class Runner:
         log = self.logs / f"{name}.log"
         print(f"== {name} (limit {timeout:.0f} s): {' '.join(command)}", flush=True)
         with open(log, "w") as f:
-            proc = subprocess.Popen(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                    env={**os.environ, **(env or {})}, start_new_session=True)
+            proc = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+            )
             self.steps[name] = {"status": "running", "process_group": proc.pid, "limit_s": round(timeout),
                                 "command": command}  # fmt: skip
             self.save()
@@ -262,8 +271,11 @@ def run_steps(runner: Runner, doc: dict, gpu: bool, wanted: list[str], slug: str
             runner.run(name, command, limit(name), env)
 
     # build: only the local architecture, which is all this run needs and the fastest to build.
-    step("build", [py, "setup.py", "build_ext", "--inplace"] if gpu else None,
-         env={"TORCH_CUDA_ARCH_LIST": doc.get("arch", ""), "MAX_JOBS": str(os.cpu_count() or 4)})
+    step(
+        "build",
+        [py, "setup.py", "build_ext", "--inplace"] if gpu else None,
+        env={"TORCH_CUDA_ARCH_LIST": doc.get("arch", ""), "MAX_JOBS": str(os.cpu_count() or 4)},
+    )
 
     doc["bench"] = {}
     for name, size in BENCH_SIZES.items():
@@ -276,8 +288,11 @@ def run_steps(runner: Runner, doc: dict, gpu: bool, wanted: list[str], slug: str
             runner.save()
 
     attention_json = runner.logs / "attention.json"
-    step("attention", [py, me, "--attention", str(attention_json)],
-         env=fixed_configs if gpu else {"TRITON_INTERPRET": "1"})
+    step(
+        "attention",
+        [py, me, "--attention", str(attention_json)],
+        env=fixed_configs if gpu else {"TRITON_INTERPRET": "1"},
+    )
     if attention_json.exists():
         doc["attention"] = json.loads(attention_json.read_text())
         runner.save()
@@ -320,14 +335,18 @@ def summary(doc: dict, path: Path) -> None:
             if r.get("kind") != "model":
                 continue
             err = r.get("alpha_mean_abs_error")
-            print(f"  {r['impl']:<10} {r.get('dtype') or '':<9} {report.fmt_time(r['time_s']):>10} "
-                  f"{report.fmt_bytes(r.get('peak_mem_bytes')):>10}"
-                  + (f"  {row['speedup']:.2f}x ref" if "speedup" in row else "")
-                  + (f", mem {row['mem_ratio']:.2f}x" if "mem_ratio" in row else "")
-                  + (f", alpha err {err:.1e}" if err is not None else ""))
+            print(
+                f"  {r['impl']:<10} {r.get('dtype') or '':<9} {report.fmt_time(r['time_s']):>10} "
+                f"{report.fmt_bytes(r.get('peak_mem_bytes')):>10}"
+                + (f"  {row['speedup']:.2f}x ref" if "speedup" in row else "")
+                + (f", mem {row['mem_ratio']:.2f}x" if "mem_ratio" in row else "")
+                + (f", alpha err {err:.1e}" if err is not None else "")
+            )
     for record in doc.get("attention", []):
-        print(f"attention {record['case']:<28} {record['time_s'] * 1e3:8.3g} ms {record['tflops']:7.3g} TFLOP/s "
-              f"(torch SDPA {record['sdpa_tflops']:.3g})")
+        print(
+            f"attention {record['case']:<28} {record['time_s'] * 1e3:8.3g} ms {record['tflops']:7.3g} TFLOP/s "
+            f"(torch SDPA {record['sdpa_tflops']:.3g})"
+        )
     print("steps: " + "  ".join(f"{name} {step['status']}" + (f" {step['seconds']:.0f}s" if "seconds" in step else "")
                                 for name, step in doc["steps"].items()))  # fmt: skip
     print(f"report: {path}")
@@ -345,7 +364,9 @@ def run_kernels_once(ours_only: bool) -> None:
     from kernel_calls import triton_op_calls
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtypes = (torch.float32, torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float32, torch.bfloat16)
+    dtypes = (
+        (torch.float32, torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float32, torch.bfloat16)
+    )
     generator = torch.Generator().manual_seed(0)
 
     def randn(*shape, dtype):
@@ -368,8 +389,15 @@ def run_kernels_once(ours_only: bool) -> None:
             calls += 2
         if ours_only:
             continue
-        native.window_attention(randn(1, 20, 30, 3 * heads * d, dtype=dtype), randn(3 * heads * d, dtype=dtype),
-                                randn(14, 14, d, dtype=dtype), randn(14, 14, d, dtype=dtype), heads, d**-0.5, 14)
+        native.window_attention(
+            randn(1, 20, 30, 3 * heads * d, dtype=dtype),
+            randn(3 * heads * d, dtype=dtype),
+            randn(14, 14, d, dtype=dtype),
+            randn(14, 14, d, dtype=dtype),
+            heads,
+            d**-0.5,
+            14,
+        )
         calls += 1
         model = FastMEMatte("vit_s", backend="auto", dtype=dtype, max_tokens=40).to(device)
         image = torch.rand(1, 3, 96, 128, generator=generator).to(device)

@@ -4,6 +4,7 @@ The suite compares the fast path (``dispatch.resolve("auto", device)``) with the
 computation (:mod:`mematte_kernels.reference`, the ``reference`` backend) on seeded
 synthetic weights whose routers are calibrated to route a chosen fraction of the tokens.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -7,6 +7,7 @@ session created, before the run). It imports only numpy and onnxruntime, as an a
 that ships the ONNX file would; ``alpha_out`` saves the outputs (alpha, and MEMatte's
 routing decisions).
 """
+
 import json
 import sys
 import time

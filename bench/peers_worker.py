@@ -12,6 +12,7 @@ Prints one JSON line: latency_s (the last forward), cpu_s (its CPU time, all thr
 machine shared with other jobs the steadier measure), peak_rss_bytes, loaded_rss_bytes
 (before the forwards); ``out`` receives the output (alpha or features) in fp32.
 """
+
 import importlib.util
 import json
 import sys

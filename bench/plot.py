@@ -9,6 +9,7 @@ on the x axis, both axes logarithmic, and the machines and commits measured in t
 caption. Only whole-model records (``kind == "model"``) are drawn; a case measured more
 than once keeps its latest measurement.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,14 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # Group prefixes of the benchmarks, as people name the models.
-MODEL_NAMES = {"model": "MEMatte", "mematte": "MEMatte", "vitmatte": "ViTMatte", "hf_vitmatte": "HF VitMatte",
-               "samvit": "timm SAM ViT", "timm_samvit_base": "timm SAM ViT-B"}
+MODEL_NAMES = {
+    "model": "MEMatte",
+    "mematte": "MEMatte",
+    "vitmatte": "ViTMatte",
+    "hf_vitmatte": "HF VitMatte",
+    "samvit": "timm SAM ViT",
+    "timm_samvit_base": "timm SAM ViT-B",
+}
 VARIANT_NAMES = {"vit_s": "ViT-S", "vit_b": "ViT-B"}
 IMPL_NAMES = {"reference": "reference", "fast": "fast", "all_global": "all-global"}
 # A peer's "reference" is the library's own (eager) model, its "fast" the same model after
@@ -85,8 +92,15 @@ def load_points(paths: Iterable[Path]) -> list[Point]:
             megapixels = _megapixels(record)
             if record.get("kind") != "model" or megapixels is None or not record.get("time_s"):
                 continue
-            point = Point(_line(record), megapixels, record.get("size") or f"{megapixels:.1f} MP", float(record["time_s"]),
-                          record.get("peak_mem_bytes"), machine, commit[:7])
+            point = Point(
+                _line(record),
+                megapixels,
+                record.get("size") or f"{megapixels:.1f} MP",
+                float(record["time_s"]),
+                record.get("peak_mem_bytes"),
+                machine,
+                commit[:7],
+            )
             key = (point.line, point.megapixels, machine)
             created = result.get("created", "")
             if key not in latest or latest[key][0] <= created:
@@ -126,8 +140,11 @@ def draw(points: list[Point], out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for machine in machines:
             for line in sorted({p.line for p in points if p.machine == machine}):
-                series = sorted((p.megapixels, value(p)) for p in points
-                                if p.machine == machine and p.line == line and value(p) is not None)
+                series = sorted(
+                    (p.megapixels, value(p))
+                    for p in points
+                    if p.machine == machine and p.line == line and value(p) is not None
+                )
                 if not series:
                     continue
                 label = line if len(machines) == 1 else f"{line} ({machine})"
@@ -156,11 +173,17 @@ def draw(points: list[Point], out_dir: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.plot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", nargs="*", type=Path,
-                        help="result JSON files (default: bench/results/latest-*.json)")
-    parser.add_argument("--only", action="append", default=[], metavar="LABEL",
-                        help="draw only the lines whose label starts with LABEL (repeatable), "
-                             "e.g. --only 'MEMatte ViT-S fast' --only 'HF VitMatte'")
+    parser.add_argument(
+        "results", nargs="*", type=Path, help="result JSON files (default: bench/results/latest-*.json)"
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="LABEL",
+        help="draw only the lines whose label starts with LABEL (repeatable), "
+        "e.g. --only 'MEMatte ViT-S fast' --only 'HF VitMatte'",
+    )
     parser.add_argument("-o", "--out", type=Path, default=Path("docs"), help="folder for the pictures (default docs/)")
     args = parser.parse_args(argv)
     paths = args.results or sorted(RESULTS.glob("latest-*.json"))

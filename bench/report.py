@@ -7,6 +7,7 @@ memory / reference memory). A record with ``baseline_rev`` (impl ``fast@<commit>
 the same case run by an older commit's code; the record of its impl without the commit
 (``fast``) is also compared with it.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,7 +65,10 @@ def git_state() -> dict:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
     try:
-        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        return {
+            "commit": git("rev-parse", "HEAD") or None,
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        }
     except OSError:
         return {"commit": None, "dirty": None}
 

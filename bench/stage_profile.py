@@ -25,6 +25,7 @@ included); ``upsample_conv_relu_`` as the 3×3 convolution it stands for on the 
 map; the router as its four linear layers on every token. The floor is the total FLOP at
 the best GEMM rate this CPU reaches (measured in the requested dtype and in fp32).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -169,7 +170,9 @@ def _conv_out(x, weight, bias=None, stride=1, padding=0) -> torch.Tensor:
     """A meta tensor of the conv's output shape, for its FLOP count."""
     B, _, H, W = x.shape
     kh, kw = weight.shape[-2:]
-    return torch.empty((B, weight.shape[0], (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1), device="meta")
+    return torch.empty(
+        (B, weight.shape[0], (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1), device="meta"
+    )
 
 
 # ----------------------------------------------------------------------------- clocks
@@ -216,7 +219,9 @@ class TimedOp:
         return f"TimedOp({self.stage!r}, {implementation(self.op)})"
 
 
-def timed_table(table: dispatch.OpTable, clock: StageClock, conv_stages: dict[int, str] | None = None) -> dispatch.OpTable:
+def timed_table(
+    table: dispatch.OpTable, clock: StageClock, conv_stages: dict[int, str] | None = None
+) -> dispatch.OpTable:
     """``table`` with every op timed (an op no stage names is its own stage); a conv2d in
     the stage ``conv_stages`` gives its weight, the decoder's by default."""
     conv_stages = conv_stages or {}
@@ -303,7 +308,10 @@ def gemm_rate(dtype: torch.dtype, budget_s: float, linear, k: int = 1536, n: int
     three runs."""
     g = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(n, k, generator=g).to(dtype), torch.zeros(n, dtype=dtype)
-    candidates = {"torch.mm": lambda a: torch.mm(a, weight.T), implementation(linear): lambda a: linear(a, weight, bias)}
+    candidates = {
+        "torch.mm": lambda a: torch.mm(a, weight.T),
+        implementation(linear): lambda a: linear(a, weight, bias),
+    }
 
     def once(product, m: int) -> float:
         a = torch.randn(m, k, generator=g).to(dtype)
@@ -382,9 +390,17 @@ def profile(
             "threads": torch.get_num_threads(),
         },
         "model": {
-            "variant": variant, "embed_dim": C, "heads": heads, "size": size.id, "dtype": str(dtype).removeprefix("torch."),
-            "backend": table.name, "asked_backend": backend, "grid": list(size.grid), "tokens": size.tokens,
-            "max_tokens": DEFAULT_MAX_TOKENS, "routed_tokens": [int(d.sum()) for d in decisions],
+            "variant": variant,
+            "embed_dim": C,
+            "heads": heads,
+            "size": size.id,
+            "dtype": str(dtype).removeprefix("torch."),
+            "backend": table.name,
+            "asked_backend": backend,
+            "grid": list(size.grid),
+            "tokens": size.tokens,
+            "max_tokens": DEFAULT_MAX_TOKENS,
+            "routed_tokens": [int(d.sum()) for d in decisions],
         },  # fmt: skip
         "implementations": {f.name: implementation(getattr(table, f.name)) for f in fields(table) if f.name != "name"},
         "stages": stages,
@@ -437,12 +453,20 @@ def main(argv: list[str] | None = None) -> dict:
         description="Time one FastMEMatte forward on this CPU per stage (time, share, FLOP, GFLOP/s) "
         "and compare the total with the floor the CPU's best GEMM rate allows.",
     )
-    parser.add_argument("--size", type=harness.Size.parse, default=harness.Size(3840, 2160),
-                        help="W x H, e.g. 3840x2160, or one number for a square (default 3840x2160)")
+    parser.add_argument(
+        "--size",
+        type=harness.Size.parse,
+        default=harness.Size(3840, 2160),
+        help="W x H, e.g. 3840x2160, or one number for a square (default 3840x2160)",
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="compute dtype (default bfloat16)")
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="vit_s", help="default vit_s")
-    parser.add_argument("--backend", choices=dispatch.BACKENDS, default="auto",
-                        help=f"op table (default auto; {dispatch.ENV_VAR} overrides, as for the model)")
+    parser.add_argument(
+        "--backend",
+        choices=dispatch.BACKENDS,
+        default="auto",
+        help=f"op table (default auto; {dispatch.ENV_VAR} overrides, as for the model)",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the profile to PATH as JSON")
     args = parser.parse_args(argv)
     result = profile(args.size, DTYPES[args.dtype], args.variant, args.backend)

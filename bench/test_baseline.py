@@ -3,6 +3,7 @@ run beside the fast cases, and its rows paired with theirs in the summary. The b
 is swapped for a copy of this checkout's compiled ops (compiling takes minutes), so what
 is tested is everything around it: unpacking, reuse, a failed build's message, a worker
 run from the other tree, and the pairing in the table and JSON."""
+
 from __future__ import annotations
 
 import json

@@ -16,6 +16,7 @@ with the default cap of 18,500 tokens.
     pytest bench/test_bench_export.py --benchmark-disable   smoke: MEMatte at 256², ONNX
                                                             against the reference
 """
+
 from __future__ import annotations
 
 import json

@@ -6,6 +6,7 @@ a CPU, CUDA max allocated on a GPU), and the losses of both, which must agree.
 Default: crop 512, batch 2, fp32 and bf16 autocast (fp16 on a GPU), 3 steps of which the
 first is not timed. Smoke (--benchmark-disable): crop 64, 2 steps, fp32.
 """
+
 import json
 import subprocess
 import sys
@@ -39,19 +40,36 @@ def test_forward_backward(impl, precision, settings, record, reference_runs):
             pytest.skip("smoke runs fp32 only")
         precision = "fp16" if gpu else "bf16"
     crop, steps, warmup = (64, 2, 1) if settings.smoke else (512, 3, 1)
-    spec = {"backend": "reference" if impl == "reference" else "auto", "crop": crop, "batch": 2,
-            "precision": precision, "steps": steps, "warmup": warmup}
+    spec = {
+        "backend": "reference" if impl == "reference" else "auto",
+        "crop": crop,
+        "batch": 2,
+        "precision": precision,
+        "steps": steps,
+        "warmup": warmup,
+    }
     result = _run(spec)
     if impl == "reference":
         reference_runs[precision] = result
     elif precision in reference_runs:
         expected = reference_runs[precision]["losses"]
         for name, value in result["losses"].items():
-            assert abs(value - expected[name]) <= LOSS_RTOL[precision] * abs(expected[name]) + 1e-7, (name, value, expected[name])
+            assert abs(value - expected[name]) <= LOSS_RTOL[precision] * abs(expected[name]) + 1e-7, (
+                name,
+                value,
+                expected[name],
+            )
     record(
-        kind="forward_backward", group=f"forward+backward vit_s+teacher {crop}x{crop} x2 {precision}",
-        case=f"forward-backward-{crop}-{precision}", impl=impl, backend=result["backend"], dtype=precision,
-        time_s=result["s_per_step"], peak_mem_bytes=result["peak_bytes"], loaded_rss_bytes=result["loaded_rss_bytes"],
-        mem_kind="CUDA max allocated" if gpu else "peak RSS of a fresh process", routed=result["routed"],
+        kind="forward_backward",
+        group=f"forward+backward vit_s+teacher {crop}x{crop} x2 {precision}",
+        case=f"forward-backward-{crop}-{precision}",
+        impl=impl,
+        backend=result["backend"],
+        dtype=precision,
+        time_s=result["s_per_step"],
+        peak_mem_bytes=result["peak_bytes"],
+        loaded_rss_bytes=result["loaded_rss_bytes"],
+        mem_kind="CUDA max allocated" if gpu else "peak RSS of a fresh process",
+        routed=result["routed"],
         timer=f"median s/step of {steps - warmup} steps (forward, losses, backward)",
     )

@@ -8,6 +8,7 @@ its reference. ``bytes`` is the traffic the op cannot avoid, the same for both.
     pytest bench/test_bench_ltrm_ops.py                      # timings
     pytest bench/test_bench_ltrm_ops.py --benchmark-disable  # smoke test: each runs once
 """
+
 from __future__ import annotations
 
 import pytest
@@ -35,12 +36,18 @@ def op_inputs(op: str, tokens: int, dtype: torch.dtype) -> tuple[torch.Tensor, .
     g = torch.Generator().manual_seed(0)
     if op == "dwconv_gelu":
         C = 768
-        tensors = (torch.randn(1, tokens, tokens, C, generator=g), torch.randn(C, 1, 5, 5, generator=g) * 0.2,
-                   torch.randn(C, generator=g))
+        tensors = (
+            torch.randn(1, tokens, tokens, C, generator=g),
+            torch.randn(C, 1, 5, 5, generator=g) * 0.2,
+            torch.randn(C, generator=g),
+        )
     else:
         C = 384
-        tensors = (torch.randn(1, tokens, tokens, C, generator=g), torch.randn(1, 1, 5, generator=g),
-                   torch.randn(1, tokens, tokens, C, generator=g))
+        tensors = (
+            torch.randn(1, tokens, tokens, C, generator=g),
+            torch.randn(1, 1, 5, generator=g),
+            torch.randn(1, tokens, tokens, C, generator=g),
+        )
     return tuple(t.to(dtype) for t in tensors)
 
 

@@ -12,6 +12,7 @@ With ``--bench-baseline REV``, each fast case is followed by ``fast@<commit>``: 
 case run by that commit's own worker (its code, built in a cache), on the CPU, one run in
 a fresh process at every size.
 """
+
 import pytest
 import torch
 
@@ -122,7 +123,9 @@ def _against_reference(case, data, alpha: torch.Tensor, decisions: list) -> dict
     expected = data.reference_decisions.get(key)
     agreement = None
     if expected:
-        agreement = sum(float((a == b).float().sum()) for a, b in zip(decisions, expected)) / sum(d.numel() for d in expected)
+        agreement = sum(float((a == b).float().sum()) for a, b in zip(decisions, expected)) / sum(
+            d.numel() for d in expected
+        )
     return {"alpha_mean_abs_error": error, "decisions_agreement": agreement}
 
 

@@ -6,6 +6,7 @@ routed tokens, with 10/25/50 % of the tokens routed.
 The fast path is whatever ``dispatch.resolve("auto", device)`` gives; every fast case is
 first checked against the reference output of the same inputs.
 """
+
 import dataclasses
 
 import pytest

@@ -16,6 +16,7 @@ global layers build N×N logits three times).
     pytest bench/test_bench_peers.py --bench-sizes 1024        one size for both models
     pytest bench/test_bench_peers.py --benchmark-disable       smoke: 256², fp32, in process
 """
+
 from __future__ import annotations
 
 import json
@@ -68,7 +69,9 @@ def cases(settings) -> list[PeerCase]:
     for model, default in (("hf_vitmatte", HF_SIZES), ("timm_samvit_base", TIMM_SIZES)):
         sizes = settings.sizes or ((SMOKE_SIZE,) if settings.smoke else default)
         # Eager first in each size: the accelerated cases are checked against its outputs.
-        out += [PeerCase(model, size, dtype, impl) for size in sizes for dtype in dtypes for impl in ("reference", "fast")]
+        out += [
+            PeerCase(model, size, dtype, impl) for size in sizes for dtype in dtypes for impl in ("reference", "fast")
+        ]
     return out
 
 

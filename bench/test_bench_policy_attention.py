@@ -12,6 +12,7 @@ peak RSS of a fresh process running one call, above what it held with the inputs
     pytest bench/test_bench_policy_attention.py                      # timings
     pytest bench/test_bench_policy_attention.py --benchmark-disable  # smoke test: each runs once
 """
+
 from __future__ import annotations
 
 import json
@@ -72,10 +73,16 @@ print(json.dumps(status_bytes("VmHWM") - before))
 
 
 def cpu_peak_rss(tokens: int, dtype: torch.dtype, impl: str, backward: bool) -> int:
-    script = _PEAK_RSS_SCRIPT.format(bench=str(Path(__file__).parent), impl=impl, tokens=tokens,
-                                     dtype=str(dtype).removeprefix("torch."), backward=backward)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=os.environ.copy(),
-                            check=True)
+    script = _PEAK_RSS_SCRIPT.format(
+        bench=str(Path(__file__).parent),
+        impl=impl,
+        tokens=tokens,
+        dtype=str(dtype).removeprefix("torch."),
+        backward=backward,
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=os.environ.copy(), check=True
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -115,8 +122,9 @@ def test_policy_attention(benchmark, tokens, passes, dtype_name, impl):
         torch.cuda.reset_peak_memory_stats()
     # The dense reference takes minutes at N = 4096 on a CPU: one round there.
     slow = DEVICE.type == "cpu" and tokens > 1024
-    result = benchmark.pedantic(synchronized(lambda: step(fn, *args, backward)), rounds=1 if slow else 3,
-                                warmup_rounds=0 if slow else 1)
+    result = benchmark.pedantic(
+        synchronized(lambda: step(fn, *args, backward)), rounds=1 if slow else 3, warmup_rounds=0 if slow else 1
+    )
     if DEVICE.type == "cuda":
         benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
     elif not benchmark.disabled:

@@ -6,6 +6,7 @@ same-size images as one batch pays over one at a time.
     pytest bench/test_bench_serve.py                     1024², written to bench/results/serve-*.json
     pytest bench/test_bench_serve.py --benchmark-disable smoke: 64², 1 and 2 clients, nothing written
 """
+
 from __future__ import annotations
 
 import io
@@ -43,7 +44,7 @@ def _inputs(size: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(7)
     image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
     trimap = np.full((size, size), 128, np.uint8)
-    trimap[: size // 3], trimap[-(size // 3):] = 0, 255
+    trimap[: size // 3], trimap[-(size // 3) :] = 0, 255
     return image, trimap
 
 
@@ -82,10 +83,19 @@ def test_serve_throughput_and_latency(checkpoint, settings):
                 latencies = sorted(s for client in pool.map(one_client, range(n)) for s in client)
             wall = time.perf_counter() - start
             p95 = latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]
-            rows.append({"clients": n, "requests": len(latencies), "requests_per_s": len(latencies) / wall,
-                         "p50_s": statistics.median(latencies), "p95_s": p95})
-            print(f"serve {size}²: {n:2d} clients, {rows[-1]['requests_per_s']:.2f} req/s, "
-                  f"p50 {rows[-1]['p50_s']:.2f} s, p95 {p95:.2f} s")
+            rows.append(
+                {
+                    "clients": n,
+                    "requests": len(latencies),
+                    "requests_per_s": len(latencies) / wall,
+                    "p50_s": statistics.median(latencies),
+                    "p95_s": p95,
+                }
+            )
+            print(
+                f"serve {size}²: {n:2d} clients, {rows[-1]['requests_per_s']:.2f} req/s, "
+                f"p50 {rows[-1]['p50_s']:.2f} s, p95 {p95:.2f} s"
+            )
     assert [r["requests"] for r in rows] == [n * REQUESTS_PER_CLIENT for n in clients]
     _results["serve"] = {"size": size, "rows": rows}
 
@@ -119,10 +129,18 @@ def test_batching_same_size_images(settings):
             batched.append(time.perf_counter() - start)
     # the same matte either way: a batch is the same computation per image
     torch.testing.assert_close(together[-1:].float(), alone.float(), atol=2e-2, rtol=0)
-    result = {"size": size, "images": BATCH, "one_at_a_time_s": min(single), "batched_s": min(batched),
-              "speedup": min(single) / min(batched), "dtype": str(model.dtype).removeprefix("torch.")}
-    print(f"batching {BATCH}×{size}²: one at a time {result['one_at_a_time_s']:.2f} s, "
-          f"one batch {result['batched_s']:.2f} s ({result['speedup']:.2f}×)")
+    result = {
+        "size": size,
+        "images": BATCH,
+        "one_at_a_time_s": min(single),
+        "batched_s": min(batched),
+        "speedup": min(single) / min(batched),
+        "dtype": str(model.dtype).removeprefix("torch."),
+    }
+    print(
+        f"batching {BATCH}×{size}²: one at a time {result['one_at_a_time_s']:.2f} s, "
+        f"one batch {result['batched_s']:.2f} s ({result['speedup']:.2f}×)"
+    )
     _results["batching"] = result
 
 
@@ -130,8 +148,13 @@ def test_write_results(settings):
     if settings.smoke or set(_results) != {"serve", "batching"}:
         pytest.skip("smoke run, or a case did not run: nothing written")
     info = report.machine(torch.device("cpu"))
-    doc = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": info, "git": report.git_state(),
-           "model": "FastMEMatte(vit_s), random weights", **_results}
+    doc = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": info,
+        "git": report.git_state(),
+        "model": "FastMEMatte(vit_s), random weights",
+        **_results,
+    }
     path = RESULTS / f"serve-{report.device_slug(info)}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"results: {path}")

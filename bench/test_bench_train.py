@@ -7,6 +7,7 @@ published), 6 iterations of which the first 2 are not timed (``--bench-train-ite
 the first of every three untimed). Smoke (--benchmark-disable): crop 64, 2 iterations, the
 first precision only.
 """
+
 import inspect
 import json
 import subprocess
@@ -29,22 +30,35 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("precision", precisions[:1] if settings.smoke else precisions)
 
 
-@pytest.mark.skipif("teacher" not in inspect.signature(FastMEMatte.__init__).parameters,
-                    reason="FastMEMatte has no training mode in this build")
+@pytest.mark.skipif(
+    "teacher" not in inspect.signature(FastMEMatte.__init__).parameters,
+    reason="FastMEMatte has no training mode in this build",
+)
 @pytest.mark.parametrize("impl", ["reference", "fast"])
 def test_train_step(impl, precision, settings, record):
     gpu = settings.device.type == "cuda"
     iters = settings.train_iters
     crop, iters, warmup = (64, 2, 1) if settings.smoke else (512, iters, max(1, iters // 3))
-    spec = {"crop": crop, "batch_size": 2, "precision": precision, "iters": iters, "warmup": warmup,
-            "backend": "reference" if impl == "reference" else "auto"}
-    proc = subprocess.run([sys.executable, str(WORKER), json.dumps(spec)], capture_output=True, text=True,
-                          timeout=3600)
+    spec = {
+        "crop": crop,
+        "batch_size": 2,
+        "precision": precision,
+        "iters": iters,
+        "warmup": warmup,
+        "backend": "reference" if impl == "reference" else "auto",
+    }
+    proc = subprocess.run([sys.executable, str(WORKER), json.dumps(spec)], capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     record(
-        kind="train", group=f"train step vit_s {crop}x{crop} x2 {precision}", case=f"train-{crop}-{precision}",
-        impl=impl, dtype=precision, time_s=result["s_per_iter"], peak_mem_bytes=result["peak_bytes"],
-        mem_kind="CUDA max allocated" if gpu else "peak RSS of a fresh process", routed=result["routed"],
+        kind="train",
+        group=f"train step vit_s {crop}x{crop} x2 {precision}",
+        case=f"train-{crop}-{precision}",
+        impl=impl,
+        dtype=precision,
+        time_s=result["s_per_iter"],
+        peak_mem_bytes=result["peak_bytes"],
+        mem_kind="CUDA max allocated" if gpu else "peak RSS of a fresh process",
+        routed=result["routed"],
         timer=f"median s/iter of {iters - warmup} iterations (data, forward, backward, AdamW)",
     )

@@ -14,6 +14,7 @@ and at 3840x2160 ~80 GB: its global blocks build N×N logits).
     pytest bench/test_bench_vitmatte.py --bench-sizes 3840x2160
     pytest bench/test_bench_vitmatte.py --benchmark-disable   smoke: 256² (ops 512²), checked
 """
+
 from __future__ import annotations
 
 import math
@@ -136,8 +137,9 @@ def weights_path(data, variant: str):
 
 
 def load(case: ViTMatteCase, data, device) -> FastViTMatte:
-    return FastViTMatte.from_checkpoint(weights_path(data, case.variant), map_location=device, backend=case.backend,
-                                        dtype=case.dtype)
+    return FastViTMatte.from_checkpoint(
+        weights_path(data, case.variant), map_location=device, backend=case.backend, dtype=case.dtype
+    )
 
 
 # ---------------------------------------------------------------------------- model
@@ -203,8 +205,9 @@ def _against_reference(case, data, alpha: torch.Tensor) -> float | None:
 
 def _worker(case, data, alpha_path=None) -> dict:
     try:
-        return harness.run_worker(case, weights_path(data, case.variant), data.inputs_path(case.size),
-                                  alpha_path=alpha_path)
+        return harness.run_worker(
+            case, weights_path(data, case.variant), data.inputs_path(case.size), alpha_path=alpha_path
+        )
     except MemoryError as e:
         pytest.skip(str(e))
 
@@ -247,8 +250,16 @@ def test_global_attention(global_attention_case, settings, data, record, request
     del out
     dtype = harness.DTYPE_NAMES[case.dtype]
     with harness.skip_on_oom():
-        timing = harness.measure(request, settings, lambda: fn(*args), first_s, target_s=2.0, rounds=(1, 20),
-                                 group=f"global_attention {case.group} {dtype}", extra={"impl": case.impl, "dtype": dtype})
+        timing = harness.measure(
+            request,
+            settings,
+            lambda: fn(*args),
+            first_s,
+            target_s=2.0,
+            rounds=(1, 20),
+            group=f"global_attention {case.group} {dtype}",
+            extra={"impl": case.impl, "dtype": dtype},
+        )
     record(
         kind="op", group=f"global_attention {case.group} {dtype}", case=f"global_attention-{case.id}", impl=case.impl,
         backend=dispatch.resolve(case.backend, device).name, op="global_attention", variant=case.variant,

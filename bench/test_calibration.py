@@ -1,6 +1,7 @@
 """Router calibration makes routing realistic without trained weights: after it, each
 router sends the requested share of the tokens (±2 points) to global attention, on every
 backend that runs the model here."""
+
 import pytest
 
 from mematte import FastMEMatte

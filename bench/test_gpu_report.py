@@ -4,6 +4,7 @@ tiny sizes in Triton's interpreter, so a broken script shows here rather than on
 A step that hangs (``--hang STEP``) stands in for a compile or a test that never ends: the
 JSON on disk keeps the steps before it through a kill, and a timeout or SIGTERM ends the
 step's whole process group."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -81,8 +82,14 @@ def test_runs_end_to_end_without_a_gpu(tmp_path):
     doc = report_json(tmp_path)
     status = {name: step["status"] for name, step in doc["steps"].items()}
     assert list(status.items()) == [
-        ("build", "skipped"), ("bench-3840x2160", "skipped"), ("bench-2048", "skipped"), ("attention", "ok"),
-        ("tests-gpu", "ok"), ("memcheck", "skipped"), ("racecheck", "skipped"), ("kernel-calls", "ok"),
+        ("build", "skipped"),
+        ("bench-3840x2160", "skipped"),
+        ("bench-2048", "skipped"),
+        ("attention", "ok"),
+        ("tests-gpu", "ok"),
+        ("memcheck", "skipped"),
+        ("racecheck", "skipped"),
+        ("kernel-calls", "ok"),
     ]  # fmt: skip: measurements first, then the tests and the sanitizers
     assert "skipped" in doc["steps"]["tests-gpu"]["log_tail"][-1]  # GPU tests were collected, then skipped
     assert "calls on cpu" in doc["steps"]["kernel-calls"]["log_tail"][-1]
@@ -173,8 +180,11 @@ def test_on_a_gpu_the_measurements_come_first(tmp_path, gpu_report, monkeypatch,
     """The steps a GPU machine runs (commands recorded, not run): build for the local arch,
     the whole-model benchmarks at 4K then 2048², attention, then the tests and sanitizers."""
     calls = []
-    monkeypatch.setattr(gpu_report.Runner, "run",
-                        lambda self, name, command, limit_s, env=None: calls.append((name, command, limit_s, env)))
+    monkeypatch.setattr(
+        gpu_report.Runner,
+        "run",
+        lambda self, name, command, limit_s, env=None: calls.append((name, command, limit_s, env)),
+    )
     monkeypatch.setattr(gpu_report, "find_sanitizer", lambda: "/opt/cuda/bin/compute-sanitizer")
     monkeypatch.setattr(gpu_report, "fold_bench_json", lambda slug, started: {"records": []})
     doc = {"steps": {}, "arch": "9.0"}

@@ -1,5 +1,6 @@
 """``python -m bench.profile``: the stage table of one forward at a tiny size, its times
 against the wall time, and its FLOP against counts from the model's shapes."""
+
 import math
 import subprocess
 import sys

@@ -10,6 +10,7 @@ after the first ``warmup``, data loading and optimiser step included), peak_byte
 RSS of the process on a CPU, CUDA max allocated on a GPU), routed (mean share per router
 over the timed iterations) and device.
 """
+
 import csv
 import json
 import statistics
@@ -51,17 +52,34 @@ def main(spec: dict) -> dict:
         side = spec["crop"] + spec["crop"] // 4
         data = make_dataset(tmp / "data", n_fg=2, n_bg=2 * spec["batch_size"], size=(side, side + 32))
         init = random_vitmatte(tmp / "vitmatte_s.pth")
-        args = build_parser().parse_args([
-            "train", str(data), "--out", str(tmp / "run"), "--init", str(init),
-            "--crop", str(spec["crop"]), "--batch-size", str(spec["batch_size"]), "--iters", str(spec["iters"]),
-            "--precision", spec["precision"], "--backend", spec["backend"], "--workers", "0",
-        ])
+        args = build_parser().parse_args(
+            [
+                "train",
+                str(data),
+                "--out",
+                str(tmp / "run"),
+                "--init",
+                str(init),
+                "--crop",
+                str(spec["crop"]),
+                "--batch-size",
+                str(spec["batch_size"]),
+                "--iters",
+                str(spec["iters"]),
+                "--precision",
+                spec["precision"],
+                "--backend",
+                spec["backend"],
+                "--workers",
+                "0",
+            ]
+        )
         prepared = prepare(args)
         model, _ = build_model(prepared)
         device = prepared.device
         Trainer(model, prepared.files, prepared.cfg, device, progress=False).train()
         with open(tmp / "run" / "metrics.csv", newline="") as f:
-            rows = list(csv.DictReader(f))[spec["warmup"]:]
+            rows = list(csv.DictReader(f))[spec["warmup"] :]
     routers = [c for c in rows[0] if c.startswith("routed_share")]
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else status_bytes("VmHWM")
     return {

@@ -9,6 +9,7 @@ forward). ``"model": "vitmatte"`` runs FastViTMatte instead of FastMEMatte; ``"a
 path`` saves the alpha (fp32) and the routing decisions there. It imports only what an
 application would (torch, mematte), so its peak RSS is what running the model costs.
 """
+
 import json
 import sys
 import time
@@ -25,8 +26,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def load_model(weights_path, device, dtype: torch.dtype, backend: str, max_tokens: int | None) -> FastMEMatte:
     """The model as a user builds it: from a checkpoint file, in the requested precision."""
-    return FastMEMatte.from_checkpoint(weights_path, map_location=device, backend=backend, max_tokens=max_tokens,
-                                       dtype=dtype)
+    return FastMEMatte.from_checkpoint(
+        weights_path, map_location=device, backend=backend, max_tokens=max_tokens, dtype=dtype
+    )
 
 
 def status_bytes(field: str) -> int:

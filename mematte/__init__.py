@@ -9,6 +9,7 @@ The same as files: ``mematte.predict_file``; metrics as papers report them:
 
 Names are imported on first use, so that ``mematte --help`` does not wait for torch.
 """
+
 import importlib
 
 # public name -> the module that defines it
@@ -34,7 +35,9 @@ def __getattr__(name):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'mematte' has no attribute {name!r}")
     module = _EXPORTS[name]
-    value = importlib.import_module(f"mematte.{name}") if module is None else getattr(importlib.import_module(module), name)
+    value = (
+        importlib.import_module(f"mematte.{name}") if module is None else getattr(importlib.import_module(module), name)
+    )
     globals()[name] = value
     return value
 

@@ -1,4 +1,5 @@
 """``python -m mematte`` (what ``torchrun -m mematte train ...`` runs)."""
+
 import sys
 
 from .cli import main

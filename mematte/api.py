@@ -11,6 +11,7 @@
 Inputs are read with :mod:`mematte.io` (EXIF orientation applied, alpha channels never
 used as trimaps) and trimaps cleaned up with :func:`mematte.trimap.normalize_trimap`.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,12 +51,12 @@ NO_CHECKPOINT = (
 class Matte:
     """The result of matting one image."""
 
-    alpha: np.ndarray                      # H×W float32 in [0, 1]
-    trimap: np.ndarray                     # H×W uint8 0/128/255, as given to the model
-    routing: list[np.ndarray]              # per global block 2/5/8/11: bool (h, w) on the
-                                           # padded input's 16-pixel token grid
-    foreground: np.ndarray | None = None   # H×W×3 float32, when a cutout or composite was asked
-    composite: np.ndarray | None = None    # H×W×3 float32, when a background was given
+    alpha: np.ndarray  # H×W float32 in [0, 1]
+    trimap: np.ndarray  # H×W uint8 0/128/255, as given to the model
+    routing: list[np.ndarray]  # per global block 2/5/8/11: bool (h, w) on the
+    # padded input's 16-pixel token grid
+    foreground: np.ndarray | None = None  # H×W×3 float32, when a cutout or composite was asked
+    composite: np.ndarray | None = None  # H×W×3 float32, when a background was given
     written: dict[str, Path] = field(default_factory=dict)  # kind -> file, see OUTPUT_NAMES
 
 
@@ -116,7 +117,12 @@ def load_model(
     from .vitmatte import load_matting_model
 
     return load_matting_model(
-        checkpoint, map_location=device, backend=backend, max_tokens=max_tokens, dtype=dtype, allow_tf32=allow_tf32,
+        checkpoint,
+        map_location=device,
+        backend=backend,
+        max_tokens=max_tokens,
+        dtype=dtype,
+        allow_tf32=allow_tf32,
     )
 
 
@@ -155,8 +161,9 @@ def read_pair(
     return image, (guide if trimap_path is not None else trimap_from_mask(guide, band))
 
 
-def matte(model: FastMEMatte, image: np.ndarray, trimap: np.ndarray, *,
-          tile: bool = True) -> tuple[np.ndarray, list[np.ndarray]]:
+def matte(
+    model: FastMEMatte, image: np.ndarray, trimap: np.ndarray, *, tile: bool = True
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """Run the model on one image: (alpha H×W float32, routing decisions per global block).
 
     ``image`` is float32 H×W×3 in [0, 1], ``trimap`` uint8 0/128/255 (as :func:`read_pair`
@@ -171,8 +178,9 @@ def matte(model: FastMEMatte, image: np.ndarray, trimap: np.ndarray, *,
     return matte_batch(model, [image], [trimap], tile=tile)[0]
 
 
-def matte_batch(model: FastMEMatte, images: list[np.ndarray], trimaps: list[np.ndarray], *,
-                tile: bool = True) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+def matte_batch(
+    model: FastMEMatte, images: list[np.ndarray], trimaps: list[np.ndarray], *, tile: bool = True
+) -> list[tuple[np.ndarray, list[np.ndarray]]]:
     """:func:`matte` of several images of one size in one forward pass (routing and
     attention are per image, so each alpha is the one :func:`matte` gives)."""
     img = torch.from_numpy(np.stack([np.ascontiguousarray(image.transpose(2, 0, 1)) for image in images]))
@@ -225,7 +233,7 @@ def fit_background(background: np.ndarray, height: int, width: int) -> np.ndarra
     sh, sw = max(height, round(bh * scale)), max(width, round(bw * scale))
     im = Image.fromarray(io.to_uint8(background)).resize((sw, sh), Image.Resampling.LANCZOS)
     top, left = (sh - height) // 2, (sw - width) // 2
-    return np.asarray(im, dtype=np.float32)[top:top + height, left:left + width] / 255.0
+    return np.asarray(im, dtype=np.float32)[top : top + height, left : left + width] / 255.0
 
 
 def composite(foreground: np.ndarray, alpha: np.ndarray, background: np.ndarray) -> np.ndarray:
@@ -270,8 +278,9 @@ def routing_picture(image: np.ndarray, routing: list[np.ndarray], max_side: int 
     for k, (block, keep) in enumerate(zip(GLOBAL_BLOCKS, routing)):
         panel = np.where(keep[np.ix_(rows, cols)][:, :, None], tinted, dimmed)
         share = keep[tokens_in_image].mean()
-        sheet.paste(_labelled(panel, f"block {block}: {share:.0%} global"),
-                    ((k % 2) * (pw + gap), (k // 2) * (ph + gap)))
+        sheet.paste(
+            _labelled(panel, f"block {block}: {share:.0%} global"), ((k % 2) * (pw + gap), (k // 2) * (ph + gap))
+        )
     sheet.paste(legend, (0, 2 * ph + gap))
     return sheet
 
@@ -279,8 +288,10 @@ def routing_picture(image: np.ndarray, routing: list[np.ndarray], max_side: int 
 def _legend(width: int, size: int) -> Image.Image:
     """Two swatches, what the tint and the dimming mean, one per line; text ``size`` px."""
     font = ImageFont.load_default(size=size)
-    entries = (("sent to global attention", tuple(round(255 * (0.45 * 0.5 + 0.55 * c)) for c in TINT)),
-               ("light module (LTRM)", (38, 38, 38)))
+    entries = (
+        ("sent to global attention", tuple(round(255 * (0.45 * 0.5 + 0.55 * c)) for c in TINT)),
+        ("light module (LTRM)", (38, 38, 38)),
+    )
     line = size + 6
     im = Image.new("RGB", (width, 4 + line * len(entries)), (255, 255, 255))
     draw = ImageDraw.Draw(im)
@@ -307,9 +318,15 @@ def output_paths(image_path: str | os.PathLike, out_dir: str | os.PathLike) -> d
     return {kind: Path(out_dir) / name.format(stem=stem) for kind, name in OUTPUT_NAMES.items()}
 
 
-def requested_outputs(image_path: str | os.PathLike, out_dir: str | os.PathLike, *, rgba: bool = False,
-                      composite: bool = False, save_routing: bool = False,
-                      save_trimap: bool = False) -> dict[str, Path]:
+def requested_outputs(
+    image_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    rgba: bool = False,
+    composite: bool = False,
+    save_routing: bool = False,
+    save_trimap: bool = False,
+) -> dict[str, Path]:
     """The files :func:`predict_file` writes for these options, by kind."""
     wanted = {"alpha": True, "rgba": rgba, "composite": composite, "routing": save_routing, "trimap": save_trimap}
     return {kind: p for kind, p in output_paths(image_path, out_dir).items() if wanted[kind]}
@@ -361,15 +378,37 @@ def predict_file(
 
     warn_if_degenerate(trimap, name=f"trimap of {image_path}")
     alpha, routing = matte(model, image, trimap, tile=tile)
-    return finish_matte(image_path, image, trimap, alpha, routing, device=model.pixel_mean.device,
-                        out_dir=out_dir, rgba=rgba, background=background, save_routing=save_routing,
-                        save_trimap=save_trimap, bits=bits)
+    return finish_matte(
+        image_path,
+        image,
+        trimap,
+        alpha,
+        routing,
+        device=model.pixel_mean.device,
+        out_dir=out_dir,
+        rgba=rgba,
+        background=background,
+        save_routing=save_routing,
+        save_trimap=save_trimap,
+        bits=bits,
+    )
 
 
-def finish_matte(image_path: str | os.PathLike, image: np.ndarray, trimap: np.ndarray, alpha: np.ndarray,
-                 routing: list[np.ndarray], *, device: torch.device, out_dir: str | os.PathLike | None = None,
-                 rgba: bool = False, background: np.ndarray | None = None, save_routing: bool = False,
-                 save_trimap: bool = False, bits: int = 8) -> Matte:
+def finish_matte(
+    image_path: str | os.PathLike,
+    image: np.ndarray,
+    trimap: np.ndarray,
+    alpha: np.ndarray,
+    routing: list[np.ndarray],
+    *,
+    device: torch.device,
+    out_dir: str | os.PathLike | None = None,
+    rgba: bool = False,
+    background: np.ndarray | None = None,
+    save_routing: bool = False,
+    save_trimap: bool = False,
+    bits: int = 8,
+) -> Matte:
     """The second half of :func:`predict_file`, after the model: foreground colours and
     composite where asked, and the outputs written as one set. ``background`` as
     :func:`background_array` returns it."""
@@ -382,13 +421,21 @@ def finish_matte(image_path: str | os.PathLike, image: np.ndarray, trimap: np.nd
 
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        paths = requested_outputs(image_path, out_dir, rgba=rgba, composite=background is not None,
-                                  save_routing=save_routing, save_trimap=save_trimap)
-        pictures = {"alpha": lambda: io.alpha_image(alpha, bits=bits),
-                    "rgba": lambda: io.rgba_image(result.foreground, alpha),
-                    "composite": lambda: io.rgb_image(result.composite),
-                    "routing": lambda: routing_picture(image, routing),
-                    "trimap": lambda: Image.fromarray(trimap)}
+        paths = requested_outputs(
+            image_path,
+            out_dir,
+            rgba=rgba,
+            composite=background is not None,
+            save_routing=save_routing,
+            save_trimap=save_trimap,
+        )
+        pictures = {
+            "alpha": lambda: io.alpha_image(alpha, bits=bits),
+            "rgba": lambda: io.rgba_image(result.foreground, alpha),
+            "composite": lambda: io.rgb_image(result.composite),
+            "routing": lambda: routing_picture(image, routing),
+            "trimap": lambda: Image.fromarray(trimap),
+        }
         io.write_files({paths[kind]: io.png(pictures[kind]()) for kind in paths})
         result.written = paths
     return result

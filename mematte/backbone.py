@@ -12,6 +12,7 @@ the window blocks; its global blocks attend over all tokens, with no router or L
 In training (:meth:`ViT.forward_train`) the routed blocks mix the attention of all tokens
 with the LTRM by a straight-through Gumbel policy instead of gathering the selected tokens.
 """
+
 from __future__ import annotations
 
 import math
@@ -294,7 +295,9 @@ class RoutedBlock(nn.Module):
         B, h, w, C = x.shape
         attn = self.attn
         fast = self.efficient_block(x.contiguous(), ops).reshape(B, h * w, C)
-        qkv = ops.linear(self.norm1(x), attn.qkv.weight, attn.qkv.bias).reshape(B, h * w, 3, attn.num_heads, attn.head_dim)
+        qkv = ops.linear(self.norm1(x), attn.qkv.weight, attn.qkv.bias).reshape(
+            B, h * w, 3, attn.num_heads, attn.head_dim
+        )
         q, k, v = qkv.unbind(2)  # (B, N, heads, d)
         o = ops.policy_attention(q, k, v, policy, attn.scale)
         slow = ops.linear(o.reshape(B, h * w, C), attn.proj.weight, attn.proj.bias)

@@ -6,6 +6,7 @@ the ``module.`` prefix of ``DataParallel`` / ``DistributedDataParallel`` models.
 tensor is checked once for NaN and infinity: a checkpoint holding one is refused, naming
 it, because it would give a wrong matte without any error.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,11 +31,11 @@ def check_map_location(map_location: str | torch.device) -> torch.device:
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"map_location {map_location!r} is not a device ({e})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"map_location {str(map_location)!r}: CUDA is not available here; "
-                         "load onto the CPU (map_location='cpu')")
+        raise ValueError(
+            f"map_location {str(map_location)!r}: CUDA is not available here; load onto the CPU (map_location='cpu')"
+        )
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"map_location {str(map_location)!r}: there are only "
-                         f"{torch.cuda.device_count()} CUDA devices")
+        raise ValueError(f"map_location {str(map_location)!r}: there are only {torch.cuda.device_count()} CUDA devices")
     return device
 
 
@@ -87,8 +88,7 @@ def _not_a_checkpoint(path: str, error: BaseException) -> str:
         reason = "the file is empty"
     else:
         reason = text.splitlines()[0] if text else type(error).__name__
-    return (f"{path!r} is not a PyTorch checkpoint (expected a detectron2 .pth, a state dict, "
-            f"or .safetensors): {reason}")
+    return f"{path!r} is not a PyTorch checkpoint (expected a detectron2 .pth, a state dict, or .safetensors): {reason}"
 
 
 def _unsafe_pickle_message(path: str, torch_message: str) -> str:
@@ -128,7 +128,7 @@ def state_dict_of(obj: object, source: str = "checkpoint", keep_teacher: bool = 
         )
     keys = [str(k) for k in obj]
     if all(k.startswith(DATA_PARALLEL_PREFIX) for k in keys):
-        obj = {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in obj.items()}
+        obj = {k[len(DATA_PARALLEL_PREFIX) :]: v for k, v in obj.items()}
     ignored = () if keep_teacher else IGNORED_PREFIXES
     state_dict = CheckedStateDict((k, v) for k, v in obj.items() if not k.startswith(ignored))
     check_finite(state_dict, source)
@@ -157,7 +157,8 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoi
         nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
         raise ValueError(
             f"{source} holds non-finite weights: {first} has {nan} NaN and {inf} infinite "
-            f"values of {t.numel()}" + (f" ({len(bad)} tensors in all)" if len(bad) > 1 else "")
+            f"values of {t.numel()}"
+            + (f" ({len(bad)} tensors in all)" if len(bad) > 1 else "")
             + "; the file is damaged or was saved after training diverged"
         )
 
@@ -166,7 +167,9 @@ def infer_variant(state_dict: Mapping[str, torch.Tensor]) -> str:
     """``"vit_s"`` or ``"vit_b"`` from the embedding width of ``backbone.pos_embed``."""
     pos = state_dict.get("backbone.pos_embed")
     if pos is None:
-        raise ValueError("cannot tell the variant: the state dict has no 'backbone.pos_embed' (not a MEMatte checkpoint?)")
+        raise ValueError(
+            "cannot tell the variant: the state dict has no 'backbone.pos_embed' (not a MEMatte checkpoint?)"
+        )
     for name, (dim, _) in VARIANTS.items():
         if pos.shape[-1] == dim:
             return name

@@ -10,6 +10,7 @@ that adds a subcommand is imported by ``mematte --help``, so it (and its package
 Exit status: 0 all done, 1 some inputs (or the whole run) failed, 2 the command line was
 refused before any work, 130 interrupted (Ctrl-C or SIGTERM).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,8 @@ import threading
 from pathlib import Path
 
 EXIT_OK = 0
-EXIT_FAILED = 1       # the work failed, or some inputs did
-EXIT_USAGE = 2        # the command line was refused before any work
+EXIT_FAILED = 1  # the work failed, or some inputs did
+EXIT_USAGE = 2  # the command line was refused before any work
 EXIT_INTERRUPTED = 130
 
 # Subcommands in the order --help lists them: the "module:function" that adds each parser.
@@ -41,7 +42,7 @@ BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_MAX_TOKENS = 18500
 MAX_TOKENS_LIMIT = 2**31 - 1  # mematte.model.MAX_TOKENS_LIMIT
-MAX_PIXELS = 178_956_970      # mematte.io.MAX_PIXELS: Pillow's decompression-bomb limit
+MAX_PIXELS = 178_956_970  # mematte.io.MAX_PIXELS: Pillow's decompression-bomb limit
 
 EXIT_CODES_TEXT = """\
 exit status: 0 all done, 1 some images failed, 2 usage error (nothing was done),
@@ -156,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mematte",
         description="MEMatte image matting: alpha mattes, cutouts and benchmark scores.",
-        epilog=MAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=MAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"mematte {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -185,34 +187,55 @@ def _resolve(target: str):
 
 def add_predict(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "predict", help="matte an image or a folder of images",
+        "predict",
+        help="matte an image or a folder of images",
         description="Matte an image or every image of a folder, given trimaps or coarse masks.",
-        epilog=PREDICT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=PREDICT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("input", metavar="INPUT", type=Path, help="an image, or a folder of images")
     guide = p.add_mutually_exclusive_group(required=True)
-    guide.add_argument("--trimap", type=Path, metavar="T",
-                       help="the trimap, or a folder of trimaps named like the images")
-    guide.add_argument("--mask", type=Path, metavar="M",
-                       help="a coarse mask (foreground ≥ 50%%) or a folder of them; the "
-                            "trimap is made by eroding and dilating it by --band")
-    p.add_argument("--band", type=_whole(1, "pixels"), default=10, metavar="PX",
-                   help="with --mask: pixels within PX of the mask edge, on either side, "
-                        "become unknown (default: %(default)s)")
-    p.add_argument("-o", "--output", type=Path, default=Path("."), metavar="OUT",
-                   help="folder for the outputs, created if needed (default: current folder)")
-    p.add_argument("--16bit", dest="bits", action="store_const", const=16, default=8,
-                   help="write the alpha as a 16-bit PNG")
-    p.add_argument("--rgba", action="store_true",
-                   help="also write the cutout with estimated foreground colours")
-    p.add_argument("--background", type=Path, metavar="BG",
-                   help="also write a composite over this image")
-    p.add_argument("--save-routing", action="store_true",
-                   help="also write the routing picture of the four global blocks (MEMatte only)")
-    p.add_argument("--save-trimap", action="store_true",
-                   help="with --mask: also write the trimap built from the mask")
-    p.add_argument("--skip-existing", action="store_true",
-                   help="skip images whose requested outputs all exist in OUT (resume a batch)")
+    guide.add_argument(
+        "--trimap", type=Path, metavar="T", help="the trimap, or a folder of trimaps named like the images"
+    )
+    guide.add_argument(
+        "--mask",
+        type=Path,
+        metavar="M",
+        help="a coarse mask (foreground ≥ 50%%) or a folder of them; the "
+        "trimap is made by eroding and dilating it by --band",
+    )
+    p.add_argument(
+        "--band",
+        type=_whole(1, "pixels"),
+        default=10,
+        metavar="PX",
+        help="with --mask: pixels within PX of the mask edge, on either side, become unknown (default: %(default)s)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("."),
+        metavar="OUT",
+        help="folder for the outputs, created if needed (default: current folder)",
+    )
+    p.add_argument(
+        "--16bit", dest="bits", action="store_const", const=16, default=8, help="write the alpha as a 16-bit PNG"
+    )
+    p.add_argument("--rgba", action="store_true", help="also write the cutout with estimated foreground colours")
+    p.add_argument("--background", type=Path, metavar="BG", help="also write a composite over this image")
+    p.add_argument(
+        "--save-routing",
+        action="store_true",
+        help="also write the routing picture of the four global blocks (MEMatte only)",
+    )
+    p.add_argument("--save-trimap", action="store_true", help="with --mask: also write the trimap built from the mask")
+    p.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="skip images whose requested outputs all exist in OUT (resume a batch)",
+    )
     add_max_pixels(p)
     add_model_options(p)
     p.set_defaults(run="mematte.commands:run_predict")
@@ -221,10 +244,12 @@ def add_predict(sub) -> argparse.ArgumentParser:
 
 def add_eval(sub) -> argparse.ArgumentParser:
     e = sub.add_parser(
-        "eval", help="score a checkpoint on a benchmark folder",
+        "eval",
+        help="score a checkpoint on a benchmark folder",
         description="Score a checkpoint on a matting benchmark: SAD, MSE, Grad, Conn, time "
-                    "and peak memory per image, and their mean.",
-        epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "and peak memory per image, and their mean.",
+        epilog=EVAL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     e.add_argument("dataset", metavar="DATASET", type=Path, help="the benchmark folder")
     e.add_argument("--csv", type=Path, metavar="OUT.csv", help="also write the table as CSV")
@@ -236,15 +261,23 @@ def add_eval(sub) -> argparse.ArgumentParser:
 
 def add_info(sub) -> argparse.ArgumentParser:
     i = sub.add_parser(
-        "info", help="describe a checkpoint file",
+        "info",
+        help="describe a checkpoint file",
         description="Describe a checkpoint: its format, variant, parameter count, what it "
-                    "loads into, and whether it holds a training-time teacher.",
-        epilog=EXIT_CODES_TEXT, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "loads into, and whether it holds a training-time teacher.",
+        epilog=EXIT_CODES_TEXT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     i.add_argument("checkpoint", metavar="CHECKPOINT", type=Path)
-    i.add_argument("--size", type=_image_size, action="append", default=[], metavar="WxH",
-                   help="also print the memory matting a W×H image takes (model.estimate_memory), "
-                        "on the CPU in the dtype --dtype auto picks (repeatable)")
+    i.add_argument(
+        "--size",
+        type=_image_size,
+        action="append",
+        default=[],
+        metavar="WxH",
+        help="also print the memory matting a W×H image takes (model.estimate_memory), "
+        "on the CPU in the dtype --dtype auto picks (repeatable)",
+    )
     i.set_defaults(run="mematte.commands:run_info")
     return i
 
@@ -264,27 +297,40 @@ options are checked before any work.
 
 def add_export(sub) -> argparse.ArgumentParser:
     x = sub.add_parser(
-        "export", help="export a checkpoint to ONNX or a torch.export program",
+        "export",
+        help="export a checkpoint to ONNX or a torch.export program",
         description="Export a MEMatte or ViTMatte checkpoint as one file that runs at any image size.",
-        epilog=EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     x.add_argument("checkpoint", metavar="CKPT", type=Path, help="MEMatte or ViTMatte checkpoint (upstream or HF)")
     x.add_argument("output", metavar="OUT", type=Path, help="the file to write (.onnx or .pt2)")
-    x.add_argument("--format", choices=sorted(set(EXPORT_FORMATS.values())),
-                   help="onnx or torch (default: from OUT's suffix, .onnx or .pt2)")
-    x.add_argument("--dtype", choices=("float32", "float16"), default="float32",
-                   help="ONNX weights and activations; float16 is for GPU runtimes (default: %(default)s)")
-    x.add_argument("--opset", type=_whole(1, "opset"), metavar="N",
-                   help="ONNX opset, from 18 (default: 20)")
-    x.add_argument("--max-tokens", type=_whole(0, "tokens", MAX_TOKENS_LIMIT), default=DEFAULT_MAX_TOKENS, metavar="N",
-                   help="MEMatte: most tokens per image sent to global attention; 0: no cap "
-                        "(default: %(default)s)")
+    x.add_argument(
+        "--format",
+        choices=sorted(set(EXPORT_FORMATS.values())),
+        help="onnx or torch (default: from OUT's suffix, .onnx or .pt2)",
+    )
+    x.add_argument(
+        "--dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="ONNX weights and activations; float16 is for GPU runtimes (default: %(default)s)",
+    )
+    x.add_argument("--opset", type=_whole(1, "opset"), metavar="N", help="ONNX opset, from 18 (default: 20)")
+    x.add_argument(
+        "--max-tokens",
+        type=_whole(0, "tokens", MAX_TOKENS_LIMIT),
+        default=DEFAULT_MAX_TOKENS,
+        metavar="N",
+        help="MEMatte: most tokens per image sent to global attention; 0: no cap (default: %(default)s)",
+    )
     x.set_defaults(run="mematte.export.command:run_export")
     return x
 
 
 def _whole(least: int, unit: str, most: int | None = None):
     """An argparse type: a whole number ≥ ``least`` (and ≤ ``most``)."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -295,6 +341,7 @@ def _whole(least: int, unit: str, most: int | None = None):
         if most is not None and value > most:
             raise argparse.ArgumentTypeError(f"{text} {unit}: must be ≤ {most:,}")
         return value
+
     return parse
 
 
@@ -307,30 +354,54 @@ def _image_size(text: str) -> tuple[int, int]:
 
 
 def add_max_pixels(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-pixels", type=_whole(0, "pixels"), default=MAX_PIXELS, metavar="N",
-                   help="refuse images with more pixels, which guards against decompression "
-                        "bombs; 0: no limit (default: %(default)s, Pillow's limit)")
+    p.add_argument(
+        "--max-pixels",
+        type=_whole(0, "pixels"),
+        default=MAX_PIXELS,
+        metavar="N",
+        help="refuse images with more pixels, which guards against decompression "
+        "bombs; 0: no limit (default: %(default)s, Pillow's limit)",
+    )
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """--checkpoint, --device, --dtype, --backend, --max-tokens, --tile: how the model runs."""
     g = p.add_argument_group("model")
-    g.add_argument("--checkpoint", type=Path, metavar="CKPT",
-                   help="MEMatte checkpoint (.pth or .safetensors) from the authors' release, "
-                        "https://github.com/linyiheng123/MEMatte (required)")
-    g.add_argument("--device", default="auto",
-                   help="auto (a CUDA GPU when there is one), cpu, cuda, cuda:N (default: auto)")
-    g.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="compute dtype; auto: bfloat16 on CPUs with AVX512-BF16 (CPU fast path), "
-                        "float16 on GPUs without bf16 (before Ampere), float32 elsewhere; float16 only "
-                        "on GPUs, bfloat16 on CPUs and GPUs from Ampere on (default: %(default)s)")
-    g.add_argument("--allow-tf32", action="store_true",
-                   help="let float32 matmuls and convolutions run in TF32 on Ampere and later GPUs: "
-                        "faster, errors of order 1e-4 to 1e-3 on alpha (default: full float32)")
-    g.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="kernel implementation (default: %(default)s)")
-    g.add_argument("--max-tokens", type=_whole(0, "tokens", MAX_TOKENS_LIMIT), default=DEFAULT_MAX_TOKENS, metavar="N",
-                   help="most tokens per image sent to global attention; 0: no cap "
-                        "(default: %(default)s)")
-    g.add_argument("--tile", action=argparse.BooleanOptionalAction, default=True,
-                   help="decode in tiles, as published (default: on; whole-image decoding with --no-tile)")
+    g.add_argument(
+        "--checkpoint",
+        type=Path,
+        metavar="CKPT",
+        help="MEMatte checkpoint (.pth or .safetensors) from the authors' release, "
+        "https://github.com/linyiheng123/MEMatte (required)",
+    )
+    g.add_argument(
+        "--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda, cuda:N (default: auto)"
+    )
+    g.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="compute dtype; auto: bfloat16 on CPUs with AVX512-BF16 (CPU fast path), "
+        "float16 on GPUs without bf16 (before Ampere), float32 elsewhere; float16 only "
+        "on GPUs, bfloat16 on CPUs and GPUs from Ampere on (default: %(default)s)",
+    )
+    g.add_argument(
+        "--allow-tf32",
+        action="store_true",
+        help="let float32 matmuls and convolutions run in TF32 on Ampere and later GPUs: "
+        "faster, errors of order 1e-4 to 1e-3 on alpha (default: full float32)",
+    )
+    g.add_argument("--backend", choices=BACKENDS, default="auto", help="kernel implementation (default: %(default)s)")
+    g.add_argument(
+        "--max-tokens",
+        type=_whole(0, "tokens", MAX_TOKENS_LIMIT),
+        default=DEFAULT_MAX_TOKENS,
+        metavar="N",
+        help="most tokens per image sent to global attention; 0: no cap (default: %(default)s)",
+    )
+    g.add_argument(
+        "--tile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decode in tiles, as published (default: on; whole-image decoding with --no-tile)",
+    )

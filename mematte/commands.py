@@ -6,6 +6,7 @@ every output location. Then each image is a unit of work: it either gets all its
 or none, and a failure is reported and skipped (exit status 1 at the end). Under torchrun,
 ``predict`` and ``eval`` share a folder among the processes (:mod:`mematte.distributed`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -119,12 +120,19 @@ def _probe_writable(folder: Path, what: str) -> None:
         raise UsageError(f"{what}: cannot write in {folder} ({e.strerror or e})") from None
 
 
-def _load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, backend: str,
-          ddp: Distributed = Distributed()):
+def _load(
+    args: argparse.Namespace, device: torch.device, dtype: torch.dtype, backend: str, ddp: Distributed = Distributed()
+):
     """The model, or None after reporting why the checkpoint cannot be loaded."""
     try:
-        model = api.load_model(args.checkpoint, device=device, dtype=dtype, backend=args.backend,
-                               max_tokens=args.max_tokens, allow_tf32=args.allow_tf32)
+        model = api.load_model(
+            args.checkpoint,
+            device=device,
+            dtype=dtype,
+            backend=args.backend,
+            max_tokens=args.max_tokens,
+            allow_tf32=args.allow_tf32,
+        )
     except FILE_ERRORS as e:
         print(f"mematte {args.command}: error: {e}", file=sys.stderr)
         return None
@@ -140,8 +148,11 @@ def _load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, ba
             n = torch.get_num_threads()
             threads = f", {n} thread{'s' if n > 1 else ''} each" if device.type == "cpu" else ""
             launch = f"; {ddp.world_size} processes, each on its share of the images{threads}"
-        print(f"mematte: {type(model).__name__}({model.variant}) on {device}, "
-              f"{str(dtype).removeprefix('torch.')}, backend {backend}, {cap}{launch}", file=sys.stderr)
+        print(
+            f"mematte: {type(model).__name__}({model.variant}) on {device}, "
+            f"{str(dtype).removeprefix('torch.')}, backend {backend}, {cap}{launch}",
+            file=sys.stderr,
+        )
     return model
 
 
@@ -166,8 +177,14 @@ class _ImageProgress:
         if self.bar is None or stage != self.stage:
             self.close()
             self.stage = stage
-            self.bar = tqdm(total=total, desc=f"{self.name}: {stage}", unit=self.UNITS.get(stage, "step"),
-                            leave=False, file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total,
+                desc=f"{self.name}: {stage}",
+                unit=self.UNITS.get(stage, "step"),
+                leave=False,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
@@ -230,9 +247,11 @@ def run_predict(args: argparse.Namespace) -> int:
         if model is None:
             return EXIT_FAILED
         if args.save_routing and not isinstance(model, FastMEMatte):
-            raise UsageError(f"--save-routing: {args.checkpoint} holds a {model.family} model, which has no "
-                             "routers (every token of its global blocks attends globally), so there is no "
-                             "routing to draw; drop --save-routing")
+            raise UsageError(
+                f"--save-routing: {args.checkpoint} holds a {model.family} model, which has no "
+                "routers (every token of its global blocks attends globally), so there is no "
+                "routing to draw; drop --save-routing"
+            )
         return _predict_share(args, model, jobs, guide, background, ddp)
 
 
@@ -242,23 +261,39 @@ def _predict_share(args, model, jobs, guide: str, background, ddp: Distributed) 
     bar = _folder_bar(shard(jobs, ddp), len(jobs), ddp)
     for image_path, guide_file in bar:
         bar.set_postfix_str(image_path.name, refresh=False)
-        wanted = api.requested_outputs(image_path, args.output, rgba=args.rgba, composite=background is not None,
-                                       save_routing=args.save_routing, save_trimap=args.save_trimap)
+        wanted = api.requested_outputs(
+            image_path,
+            args.output,
+            rgba=args.rgba,
+            composite=background is not None,
+            save_routing=args.save_routing,
+            save_trimap=args.save_trimap,
+        )
         if args.skip_existing and all(p.is_file() for p in wanted.values()):
             skipped += 1
             continue
         try:
             if isinstance(guide_file, Exception):
                 raise guide_file
-            result = _run_one(image_path.name, lambda: api.predict_file(
-                image_path,
-                trimap_path=guide_file if guide == "trimap" else None,
-                mask_path=guide_file if guide == "mask" else None,
-                band=args.band, model=model,
-                out_dir=args.output, rgba=args.rgba, background=background,
-                save_routing=args.save_routing, save_trimap=args.save_trimap, bits=args.bits, tile=args.tile,
-                max_pixels=args.max_pixels,
-            ), show_progress=ddp.main)
+            result = _run_one(
+                image_path.name,
+                lambda: api.predict_file(
+                    image_path,
+                    trimap_path=guide_file if guide == "trimap" else None,
+                    mask_path=guide_file if guide == "mask" else None,
+                    band=args.band,
+                    model=model,
+                    out_dir=args.output,
+                    rgba=args.rgba,
+                    background=background,
+                    save_routing=args.save_routing,
+                    save_trimap=args.save_trimap,
+                    bits=args.bits,
+                    tile=args.tile,
+                    max_pixels=args.max_pixels,
+                ),
+                show_progress=ddp.main,
+            )
         except FILE_ERRORS as e:
             failed += 1
             _fail(image_path.name, e)
@@ -319,14 +354,18 @@ def _pair_inputs(inp: Path, guide: Path, what: str, *, report: bool = True) -> l
         jobs = []
         for image in images:
             if stems.count(image.stem) > 1:
-                jobs.append((image, ValueError(
-                    f"several images named {image.stem}.* in {inp}; their outputs would collide")))
+                jobs.append(
+                    (image, ValueError(f"several images named {image.stem}.* in {inp}; their outputs would collide"))
+                )
             else:
                 jobs.append((image, _guide_of(image, index, guide, what)))
     if all(isinstance(found, Exception) for _, found in jobs):
         first = jobs[0][1]
-        raise UsageError(str(first) if len(jobs) == 1 else
-                         f"none of the {len(jobs)} images in {inp} has a {what} in {guide} (e.g. {first})")
+        raise UsageError(
+            str(first)
+            if len(jobs) == 1
+            else f"none of the {len(jobs)} images in {inp} has a {what} in {guide} (e.g. {first})"
+        )
     return jobs
 
 
@@ -353,11 +392,9 @@ def _without_own_outputs(images: list[Path], report: bool) -> list[Path]:
     beside ``x.jpg``, as when -o is the input folder), so a rerun does not matte them."""
     stems = {p.stem for p in images}
     suffixes = tuple(name.format(stem="") for name in api.OUTPUT_NAMES.values())  # "_alpha.png", …
-    own = [p for p in images
-           if any(p.name.endswith(s) and p.name[: -len(s)] in stems for s in suffixes)]
+    own = [p for p in images if any(p.name.endswith(s) and p.name[: -len(s)] in stems for s in suffixes)]
     if own and report:
-        print(f"skipping {len(own)} files that are outputs of mematte predict "
-              f"(e.g. {own[0].name})", file=sys.stderr)
+        print(f"skipping {len(own)} files that are outputs of mematte predict (e.g. {own[0].name})", file=sys.stderr)
     return [p for p in images if p not in own]
 
 
@@ -406,8 +443,11 @@ def _score_share(args, model, device: torch.device, jobs, ddp: Distributed) -> t
         try:
             if isinstance(paths, Exception):
                 raise paths
-            row = _run_one(name, lambda: _score(model, device, *paths, tile=args.tile,
-                                                max_pixels=args.max_pixels), show_progress=ddp.main)
+            row = _run_one(
+                name,
+                lambda: _score(model, device, *paths, tile=args.tile, max_pixels=args.max_pixels),
+                show_progress=ddp.main,
+            )
         except FILE_ERRORS as e:
             failed += 1
             _fail(name, e)
@@ -429,8 +469,7 @@ def _eval_summary(args, jobs, rows: list[dict], failed: int, *, show_rows: bool)
     if rows:
         mean = {"image": "mean", **{c: float(np.mean([r[c] for r in rows])) for c in COLUMNS[1:]}}
         print(_row_text([mean[c] for c in COLUMNS]))
-        print(f"mean of {len(rows)} of {len(jobs)} images"
-              + (f"; {failed} failed and are not in it" if failed else ""))
+        print(f"mean of {len(rows)} of {len(jobs)} images" + (f"; {failed} failed and are not in it" if failed else ""))
         if args.csv is not None:
             _write_csv(args.csv, rows + [mean])
     if failed:
@@ -472,14 +511,24 @@ def _warm_up(model: FastMEMatte, tile: bool) -> None:
     api.matte(model, np.zeros((64, 64, 3), np.float32), np.full((64, 64), 128, np.uint8), tile=tile)
 
 
-def _score(model: FastMEMatte, device: torch.device, image_path: Path, trimap_path: Path,
-           alpha_path: Path, *, tile: bool, max_pixels: int | None) -> dict[str, float]:
+def _score(
+    model: FastMEMatte,
+    device: torch.device,
+    image_path: Path,
+    trimap_path: Path,
+    alpha_path: Path,
+    *,
+    tile: bool,
+    max_pixels: int | None,
+) -> dict[str, float]:
     image, trimap = api.read_pair(image_path, trimap_path, max_pixels=max_pixels)
     truth = io.read_gray(alpha_path, max_pixels=max_pixels)
     warn_if_degenerate(trimap, name=f"trimap {trimap_path}")
     if truth.shape != trimap.shape:
-        raise ValueError(f"ground truth {alpha_path} is {io.size_text(truth.shape)} (W×H) but "
-                         f"image {image_path} is {io.size_text(image.shape)} (W×H)")
+        raise ValueError(
+            f"ground truth {alpha_path} is {io.size_text(truth.shape)} (W×H) but "
+            f"image {image_path} is {io.size_text(image.shape)} (W×H)"
+        )
     on_gpu = device.type == "cuda"
     if on_gpu:
         torch.cuda.synchronize(device)
@@ -525,7 +574,9 @@ def run_info(args: argparse.Namespace) -> int:
         raise UsageError(f"{path}: no such file")
     try:
         state_dict = read_state_dict(path)  # also refuses NaN or infinite weights
-        container, keys = _container(path) if path.is_file() else ("HF model directory (config.json + weights)", list(state_dict))
+        container, keys = (
+            _container(path) if path.is_file() else ("HF model directory (config.json + weights)", list(state_dict))
+        )
     except ValueError as e:
         print(f"mematte info: error: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -536,8 +587,10 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"file:        {path} ({size / 2**20:.1f} MiB)")
     print(f"format:      {container}")
     print(f"tensors:     {len(keys)}")
-    print("teacher:     " + (f"{teacher} teacher_backbone.* tensors (training-time "
-                              "distillation teacher; ignored)" if teacher else "none"))
+    print(
+        "teacher:     "
+        + (f"{teacher} teacher_backbone.* tensors (training-time distillation teacher; ignored)" if teacher else "none")
+    )
     try:
         variant = infer_variant(state_dict)
         print(f"variant:     {variant}")
@@ -557,8 +610,10 @@ def run_info(args: argparse.Namespace) -> int:
         model = cls.from_checkpoint(state_dict, dtype=dtype)
         for height, width in args.size:
             need = model.estimate_memory(height, width)
-            print(f"memory:      {width}×{height}: {need / 2**30:.2f} GiB beyond the weights "
-                  f"({need / (height * width):.0f} B/px), cpu, {str(dtype).removeprefix('torch.')}")
+            print(
+                f"memory:      {width}×{height}: {need / 2**30:.2f} GiB beyond the weights "
+                f"({need / (height * width):.0f} B/px), cpu, {str(dtype).removeprefix('torch.')}"
+            )
     return EXIT_OK
 
 
@@ -576,12 +631,15 @@ def _container(path: Path) -> tuple[str, list[str]]:
     if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in WRAPPERS:
             if isinstance(obj.get(key), Mapping):
-                container = ('detectron2 checkpoint ({"model": state dict})' if key == "model"
-                             else f'checkpoint wrapping a state dict under "{key}"')
+                container = (
+                    'detectron2 checkpoint ({"model": state dict})'
+                    if key == "model"
+                    else f'checkpoint wrapping a state dict under "{key}"'
+                )
                 obj = obj[key]
                 break
     keys = [str(k) for k in obj]
     if keys and all(k.startswith(DATA_PARALLEL_PREFIX) for k in keys):
         container += f", keys prefixed {DATA_PARALLEL_PREFIX!r} (DataParallel; stripped)"
-        keys = [k[len(DATA_PARALLEL_PREFIX):] for k in keys]
+        keys = [k[len(DATA_PARALLEL_PREFIX) :] for k in keys]
     return container, keys

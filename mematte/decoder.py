@@ -4,6 +4,7 @@ ConvStream extracts detail features D1..D3 (1/2, 1/4, 1/8) from the 4-channel in
 four fusion blocks upsample the ViT features ×2 each and fuse them with D3..D0; a small
 head gives alpha = sigmoid(conv).
 """
+
 from __future__ import annotations
 
 import torch
@@ -127,7 +128,10 @@ class FoldedDecoder:
         self.fusion = []  # (weight over D, weight over the upsampled features, bias)
         for block, chans in zip(decoder.fusion_blks, reversed(detail_chans)):
             weight, bias = self._fold(block.conv.conv, block.conv.bn)
-            w_detail, w_up = (w.contiguous(memory_format=torch.channels_last) for w in weight.split([chans, weight.shape[1] - chans], 1))
+            w_detail, w_up = (
+                w.contiguous(memory_format=torch.channels_last)
+                for w in weight.split([chans, weight.shape[1] - chans], 1)
+            )
             self.fusion.append((w_detail, w_up, bias))
         conv1, bn, _, conv2 = decoder.matting_head.matting_convs
         self.head = self._fold(conv1, bn)
@@ -189,8 +193,16 @@ def tiles_per_batch(crop_pixels: int, images_per_tile: int, element_size: int, m
     return max(1, memory // per_tile)
 
 
-def tile_batches(height: int, width: int, canvas: tuple[int, int], tile: int, context: int,
-                 images_per_tile: int, element_size: int, memory: int | None) -> list[list]:
+def tile_batches(
+    height: int,
+    width: int,
+    canvas: tuple[int, int],
+    tile: int,
+    context: int,
+    images_per_tile: int,
+    element_size: int,
+    memory: int | None,
+) -> list[list]:
     """The tiles of :func:`tile_grid` in the batches :func:`decode_tiled` decodes together:
     tiles of the same crop size, as many as fit ``memory`` bytes (one at a time when None)."""
     by_shape: dict[tuple[int, int], list] = {}
@@ -246,6 +258,8 @@ def decode_tiled(
         )
         out = decoder(feats, imgs)
         for i, ((t, _, l, _), (dy, dx, th, tw)) in enumerate(chunk):
-            alpha[:, :, t + dy : t + dy + th, l + dx : l + dx + tw] = out[i * B : (i + 1) * B, :, dy : dy + th, dx : dx + tw]
+            alpha[:, :, t + dy : t + dy + th, l + dx : l + dx + tw] = out[
+                i * B : (i + 1) * B, :, dy : dy + th, dx : dx + tw
+            ]
         progress.report("decoder", done, len(chunks))
     return alpha

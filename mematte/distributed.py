@@ -10,6 +10,7 @@ GPU 0). A CPU process takes an equal share of the cores it may run on: torchrun 
 ``OMP_NUM_THREADS=1`` when the launch does not set it, which would leave all but one core
 per process idle; an ``OMP_NUM_THREADS`` above 1 is kept.
 """
+
 from __future__ import annotations
 
 import os
@@ -52,11 +53,14 @@ def distributed_from_env(env: Mapping[str, str] = os.environ) -> Distributed:
     try:
         rank, world, local_rank, local_world = (int(env.get(n, defaults[n])) for n in names)
     except ValueError:
-        raise ValueError("the torchrun environment is malformed: "
-                         + ", ".join(f"{n}={env.get(n)!r}" for n in names)) from None
+        raise ValueError(
+            "the torchrun environment is malformed: " + ", ".join(f"{n}={env.get(n)!r}" for n in names)
+        ) from None
     if not (0 <= rank < world and 0 <= local_rank < local_world):
-        raise ValueError(f"the torchrun environment is inconsistent: RANK={rank}, WORLD_SIZE={world}, "
-                         f"LOCAL_RANK={local_rank}, LOCAL_WORLD_SIZE={local_world}")
+        raise ValueError(
+            f"the torchrun environment is inconsistent: RANK={rank}, WORLD_SIZE={world}, "
+            f"LOCAL_RANK={local_rank}, LOCAL_WORLD_SIZE={local_world}"
+        )
     return Distributed(rank, world, local_rank, local_world)
 
 
@@ -68,8 +72,10 @@ def take_device(ddp: Distributed, device: torch.device) -> torch.device:
     if ddp.enabled and device.index is None:
         count = torch.cuda.device_count()
         if ddp.local_rank >= count:
-            raise ValueError(f"local rank {ddp.local_rank} has no GPU of its own: this machine has {count}; "
-                             f"start at most {count} processes per machine (torchrun --nproc-per-node)")
+            raise ValueError(
+                f"local rank {ddp.local_rank} has no GPU of its own: this machine has {count}; "
+                f"start at most {count} processes per machine (torchrun --nproc-per-node)"
+            )
         device = torch.device("cuda", ddp.local_rank)
     if device.index is not None:
         torch.cuda.set_device(device)
@@ -94,7 +100,7 @@ def init_process_group(ddp: Distributed, backend: str, timeout: timedelta | None
 
 def shard(items: Sequence[T], ddp: Distributed) -> list[T]:
     """This process's share of ``items``: those at ``rank``, ``rank + world_size``, …"""
-    return list(items[ddp.rank::ddp.world_size])
+    return list(items[ddp.rank :: ddp.world_size])
 
 
 def gather_to_all(ddp: Distributed, value: T) -> list[T]:

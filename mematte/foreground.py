@@ -16,6 +16,7 @@ then the black squares of a checkerboard, which on the 4-neighbour grid is the s
 method in a vectorised order, so it runs as whole-image tensor operations (4K in seconds
 on a CPU, faster on a GPU).
 """
+
 from __future__ import annotations
 
 import math
@@ -60,8 +61,7 @@ def estimate_foreground(
     image_t = torch.as_tensor(img, dtype=torch.float32, device=device).permute(2, 0, 1)
     alpha_t = torch.as_tensor(a, dtype=torch.float32, device=device)[None]
     with torch.no_grad():
-        fgbg = _multilevel(image_t, alpha_t, regularization, n_small_iterations,
-                           n_big_iterations, small_size)
+        fgbg = _multilevel(image_t, alpha_t, regularization, n_small_iterations, n_big_iterations, small_size)
     fg, bg = (x.permute(1, 2, 0).cpu().numpy() for x in (fgbg[:3], fgbg[3:]))
     return (fg, bg) if return_background else fg
 
@@ -77,8 +77,9 @@ def _colour_array(image) -> np.ndarray:
     return np.stack([gray_array(img[:, :, c], name="image") for c in range(3)], axis=2)
 
 
-def _multilevel(image: torch.Tensor, alpha: torch.Tensor, eps: float, n_small: int,
-                n_big: int, small_size: int) -> torch.Tensor:
+def _multilevel(
+    image: torch.Tensor, alpha: torch.Tensor, eps: float, n_small: int, n_big: int, small_size: int
+) -> torch.Tensor:
     """image (3,H,W), alpha (1,H,W) → foreground and background stacked (6,H,W)."""
     h0, w0 = alpha.shape[1:]
     n_levels = max(1, math.ceil(math.log2(max(h0, w0))))
@@ -105,12 +106,11 @@ def _resize_nearest(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 # The 4-neighbourhood as (dy, dx). On a checkerboard every neighbour of a square has the
 # other colour, so all squares of one colour can be updated at once from the others.
 _OFFSETS = ((0, -1), (0, 1), (-1, 0), (1, 0))
-_RED = ((0, 0), (1, 1))    # (row parity, column parity) of the red squares
+_RED = ((0, 0), (1, 1))  # (row parity, column parity) of the red squares
 _BLACK = ((0, 1), (1, 0))
 
 
-def _relax(fgbg: torch.Tensor, image: torch.Tensor, alpha: torch.Tensor, eps: float,
-           n_iter: int) -> torch.Tensor:
+def _relax(fgbg: torch.Tensor, image: torch.Tensor, alpha: torch.Tensor, eps: float, n_iter: int) -> torch.Tensor:
     """Red–black Gauss–Seidel iterations of the per-pixel 2×2 solve.
 
     The state lives in a buffer with a one-pixel replicated border, because pymatting
@@ -131,24 +131,21 @@ def _relax(fgbg: torch.Tensor, image: torch.Tensor, alpha: torch.Tensor, eps: fl
     return state[:, 1:-1, 1:-1]
 
 
-def _parity_view(padded: torch.Tensor, py: int, px: int, dy: int, dx: int, h: int,
-                 w: int) -> torch.Tensor:
+def _parity_view(padded: torch.Tensor, py: int, px: int, dy: int, dx: int, h: int, w: int) -> torch.Tensor:
     """In a one-pixel padded h×w tensor, the pixels of parity (py, px) moved by (dy, dx)."""
     ny, nx = (h - py + 1) // 2, (w - px + 1) // 2
     y0, x0 = 1 + py + dy, 1 + px + dx
-    return padded[:, y0:y0 + 2 * ny - 1:2, x0:x0 + 2 * nx - 1:2]
+    return padded[:, y0 : y0 + 2 * ny - 1 : 2, x0 : x0 + 2 * nx - 1 : 2]
 
 
 class _Grid:
     """The pixels of one parity: their constant coefficients and their update."""
 
-    def __init__(self, a_pad: torch.Tensor, image: torch.Tensor, eps: float, py: int,
-                 px: int, h: int, w: int):
+    def __init__(self, a_pad: torch.Tensor, image: torch.Tensor, eps: float, py: int, px: int, h: int, w: int):
         self.where = (py, px, h, w)
         a0 = _parity_view(a_pad, py, px, 0, 0, h, w)
         a1 = 1.0 - a0
-        self.weights = [(a0 - _parity_view(a_pad, py, px, dy, dx, h, w)).abs_().add_(eps)
-                        for dy, dx in _OFFSETS]
+        self.weights = [(a0 - _parity_view(a_pad, py, px, dy, dx, h, w)).abs_().add_(eps) for dy, dx in _OFFSETS]
         total = sum(self.weights)
         a00 = a0 * a0 + total
         a11 = a1 * a1 + total

@@ -10,6 +10,7 @@ replacements in this order: ``backbone.blocks`` -> ``backbone.encoder.layer``, `
 An HF model directory (``config.json`` plus ``model.safetensors`` or ``pytorch_model.bin``,
 sharded or not) is read without the transformers package. Nothing is ever downloaded.
 """
+
 from __future__ import annotations
 
 import json
@@ -142,4 +143,6 @@ def _weight_files(path: str) -> list[str]:
             return [os.path.join(path, shard) for shard in shards]
         if os.path.isfile(os.path.join(path, name)):
             return [os.path.join(path, name)]
-    raise ValueError(f"HF model directory {path!r} holds no weights ({' or '.join(WEIGHT_FILES)}, or their shard index)")
+    raise ValueError(
+        f"HF model directory {path!r} holds no weights ({' or '.join(WEIGHT_FILES)}, or their shard index)"
+    )

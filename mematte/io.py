@@ -20,6 +20,7 @@ Conventions (the same for every reader here):
   destination folder, which are then renamed over the targets, so an interrupted or
   failed run leaves a set of outputs either complete or absent, and no temporary file.
 """
+
 from __future__ import annotations
 
 import os
@@ -195,8 +196,7 @@ def _unit_scale(a: np.ndarray, name: str) -> np.ndarray:
     if np.issubdtype(a.dtype, np.integer):
         if a.size and (a.min() < 0 or a.max() > 255):
             raise ValueError(
-                f"{name}: integer values must be 8-bit (0..255), got {a.min()}..{a.max()}; "
-                "pass 16-bit data as uint16"
+                f"{name}: integer values must be 8-bit (0..255), got {a.min()}..{a.max()}; pass 16-bit data as uint16"
             )
         return a.astype(np.float32) / 255.0
     if np.issubdtype(a.dtype, np.floating):
@@ -204,8 +204,7 @@ def _unit_scale(a: np.ndarray, name: str) -> np.ndarray:
         finite = np.isfinite(a)
         if not finite.all():
             nan = int(np.isnan(a).sum())
-            raise ValueError(f"{name} holds {nan} NaN and {a.size - int(finite.sum()) - nan} "
-                             f"infinite values")
+            raise ValueError(f"{name} holds {nan} NaN and {a.size - int(finite.sum()) - nan} infinite values")
         if a.size and not (a.min() >= 0.0 and a.max() <= 1.0):
             raise ValueError(
                 f"{name}: float values must lie in [0, 1], got {np.nanmin(a):g}..{np.nanmax(a):g}"
@@ -303,7 +302,8 @@ def rgba_image(rgb: np.ndarray, alpha: np.ndarray) -> Image.Image:
 def find_images(folder: str | os.PathLike) -> list[Path]:
     """The image files directly inside ``folder``, sorted by name (hidden files skipped)."""
     return sorted(
-        p for p in Path(folder).iterdir()
+        p
+        for p in Path(folder).iterdir()
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
     )
 
@@ -316,8 +316,7 @@ def index_by_stem(folder: str | os.PathLike) -> dict[str, list[Path]]:
     return index
 
 
-def lookup_stem(index: dict[str, list[Path]], stem: str, folder: str | os.PathLike,
-                *, what: str) -> Path:
+def lookup_stem(index: dict[str, list[Path]], stem: str, folder: str | os.PathLike, *, what: str) -> Path:
     """The one file named ``stem`` in an :func:`index_by_stem` of ``folder``.
 
     Raises FileNotFoundError when there is none and ValueError when several qualify.

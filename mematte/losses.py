@@ -17,6 +17,7 @@ inf/NaN there).
 
 The losses are computed in fp32 (fp64 for an fp64 model), outside autocast.
 """
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ inputs of both the upstream-style call and :meth:`MattingModel.predict`.
 
 :class:`mematte.model.FastMEMatte` and :class:`mematte.vitmatte.FastViTMatte` build on it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,8 +59,9 @@ class MattingModel(nn.Module):
     clamp_known = True
     family = ""  # the model a checkpoint holds, as mematte.checkpoint.model_family names it
 
-    def __init__(self, variant: str, backend: str, dtype: torch.dtype, decoder_memory: int | None,
-                 allow_tf32: bool = False):
+    def __init__(
+        self, variant: str, backend: str, dtype: torch.dtype, decoder_memory: int | None, allow_tf32: bool = False
+    ):
         super().__init__()
         if dtype not in DTYPES:
             raise ValueError(f"unsupported dtype {dtype}; expected one of {', '.join(map(str, DTYPES))}")
@@ -135,14 +137,18 @@ class MattingModel(nn.Module):
         if held is not None and held != cls.family:
             source = "the state dict" if isinstance(checkpoint, Mapping) else os.fspath(checkpoint)
             loader = "FastViTMatte" if held == "ViTMatte" else "FastMEMatte"
-            raise ValueError(f"{source} holds a {held} model, not {cls.family}: load it with "
-                             f"{loader}.from_checkpoint, or with mematte.load_model, which picks the "
-                             "model a file holds")
+            raise ValueError(
+                f"{source} holds a {held} model, not {cls.family}: load it with "
+                f"{loader}.from_checkpoint, or with mematte.load_model, which picks the "
+                "model a file holds"
+            )
         found = infer_variant(state_dict)
         if variant is not None and variant != found:
             width = state_dict["backbone.pos_embed"].shape[-1]
-            raise ValueError(f"variant={variant!r} was asked for, but the checkpoint holds a {found} "
-                             f"model (backbone.pos_embed is {width} wide)")
+            raise ValueError(
+                f"variant={variant!r} was asked for, but the checkpoint holds a {found} "
+                f"model (backbone.pos_embed is {width} wide)"
+            )
         variant = found
         model = cls(variant, **kwargs)
         expected = model.state_dict()
@@ -153,7 +159,9 @@ class MattingModel(nn.Module):
             k for k in set(expected) & set(state_dict) if tuple(expected[k].shape) != tuple(state_dict[k].shape)
         )
         if missing or unexpected or mismatched:
-            raise ValueError(_mismatch_message(f"{cls.__name__}({variant!r})", missing, unexpected, mismatched, expected, state_dict))
+            raise ValueError(
+                _mismatch_message(f"{cls.__name__}({variant!r})", missing, unexpected, mismatched, expected, state_dict)
+            )
         model.load_state_dict(state_dict, strict=True)
         return model.to(map_location)
 
@@ -199,7 +207,9 @@ class MattingModel(nn.Module):
     # fresh processes on the CPU (docs/serving.md): per token and channel of the backbone,
     # per pixel of the largest batch of decoder tiles, and a constant.
     _MEMORY_FIT: dict[torch.dtype, tuple[float, float, int]] = {
-        torch.bfloat16: (5.23, 77.4, 18_100_000), torch.float32: (5.48, 147.7, 22_200_000)}
+        torch.bfloat16: (5.23, 77.4, 18_100_000),
+        torch.float32: (5.48, 147.7, 22_200_000),
+    }
     _canvas_multiple = TILE
 
     def estimate_memory(self, height: int, width: int) -> int:
@@ -215,13 +225,19 @@ class MattingModel(nn.Module):
         """
         if height < 1 or width < 1:
             raise ValueError(f"the image must have at least one pixel, got {width}×{height} (W×H)")
-        Hp, Wp = (padded_size(height), padded_size(width)) if height % PAD_MULTIPLE or width % PAD_MULTIPLE else (height, width)
+        Hp, Wp = (
+            (padded_size(height), padded_size(width))
+            if height % PAD_MULTIPLE or width % PAD_MULTIPLE
+            else (height, width)
+        )
         element = self.dtype.itemsize
         pixels = height * width
         # the image and trimap as float32 tensors, the preprocessed input, the alpha
         # (fp32 tensor and its numpy copy)
         inputs = pixels * (12 + 4 + 2 * 4) + Hp * Wp * 4 * element
-        per_token_channel, per_decoder_pixel, constant = self._MEMORY_FIT[self.dtype if self.dtype in self._MEMORY_FIT else torch.float32]
+        per_token_channel, per_decoder_pixel, constant = self._MEMORY_FIT[
+            self.dtype if self.dtype in self._MEMORY_FIT else torch.float32
+        ]
         tokens = Hp * Wp // PATCH**2
         backbone = tokens * self.backbone.embed_dim * per_token_channel * element
         canvas = tuple(-(-n // self._canvas_multiple) * self._canvas_multiple for n in (Hp, Wp))
@@ -271,7 +287,6 @@ class MattingModel(nn.Module):
         return alpha
 
 
-
 # ---------------------------------------------------------------------- helpers
 
 
@@ -299,9 +314,7 @@ def check_batch(image: torch.Tensor, trimap: torch.Tensor) -> None:
     if trimap.dim() != 4 or trimap.shape[1] != 1:
         raise ValueError(f"'trimap' must be (B, 1, H, W), got {tuple(trimap.shape)}")
     if not image.is_floating_point() or not trimap.is_floating_point():
-        raise ValueError(
-            f"'image' and 'trimap' must be float tensors in [0, 1], got {image.dtype} and {trimap.dtype}"
-        )
+        raise ValueError(f"'image' and 'trimap' must be float tensors in [0, 1], got {image.dtype} and {trimap.dtype}")
     if image.shape[0] != trimap.shape[0] or image.shape[-2:] != trimap.shape[-2:]:
         raise ValueError(f"'image' {tuple(image.shape)} and 'trimap' {tuple(trimap.shape)} differ in batch or size")
     if image.shape[-2] == 0 or image.shape[-1] == 0:
@@ -315,8 +328,12 @@ def check_values(image: torch.Tensor, trimap: torch.Tensor) -> None:
     lo_i, hi_i, lo_t, hi_t = stats.tolist()
     for name, lo, hi, hint in (
         ("image", lo_i, hi_i, "RGB divided by 255"),
-        ("trimap", lo_t, hi_t, "0 background, 0.5 unknown, 1 foreground: divide 8-bit trimaps "
-                               "by 255, or pass any trimap to predict()"),
+        (
+            "trimap",
+            lo_t,
+            hi_t,
+            "0 background, 0.5 unknown, 1 foreground: divide 8-bit trimaps by 255, or pass any trimap to predict()",
+        ),
     ):
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError(f"'{name}' holds NaN or infinite values")
@@ -370,8 +387,10 @@ def _image_tensor(image) -> torch.Tensor:
     else:
         a = _as_array(image, "image")
     if a.ndim == 4:
-        raise ValueError(f"image must be one H×W×3 RGB image, got a batch of shape {a.shape}; "
-                         "batches (B, 3, H, W) go through the upstream call, model({'image': ..., 'trimap': ...})")
+        raise ValueError(
+            f"image must be one H×W×3 RGB image, got a batch of shape {a.shape}; "
+            "batches (B, 3, H, W) go through the upstream call, model({'image': ..., 'trimap': ...})"
+        )
     if a.ndim != 3 or a.shape[-1] != 3:
         raise ValueError(f"image must be H×W×3 RGB (or 3×H×W), got shape {a.shape}")
     if a.shape[0] == 0 or a.shape[1] == 0:

@@ -12,6 +12,7 @@ maps span the full 0..255 range.
 Each function returns the number in the unit papers print:
 SAD ÷ 1000, MSE × 1000, Grad ÷ 1000, Conn ÷ 1000.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,9 +28,7 @@ def _inputs(pred, gt, trimap) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     g = gray_array(gt, name="ground truth").astype(np.float64)
     u = normalize_trimap(trimap) == UNKNOWN
     if p.shape != g.shape or p.shape != u.shape:
-        raise ValueError(
-            f"shapes differ: prediction {p.shape}, ground truth {g.shape}, trimap {u.shape}"
-        )
+        raise ValueError(f"shapes differ: prediction {p.shape}, ground truth {g.shape}, trimap {u.shape}")
     return p, g, u
 
 

@@ -8,6 +8,7 @@ In training mode the same call takes the ground-truth alpha and returns upstream
 (TRAINING.md): Gumbel routing over all tokens, the whole-image decoder with batch-statistics
 BatchNorm, and optionally the frozen ViTMatte backbone as the distillation teacher.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,18 @@ from .matting import (  # the shared base; its public names are also importable 
 )
 
 __all__ = [
-    "DEFAULT_MAX_TOKENS", "MAX_TOKENS_LIMIT", "MIN_TRAIN_SIZE", "PAD_MULTIPLE", "PIXEL_MEAN", "PIXEL_STD",
-    "FastMEMatte", "MattingModel", "check_alpha", "check_max_tokens", "padded_size", "training_trimap",
+    "DEFAULT_MAX_TOKENS",
+    "MAX_TOKENS_LIMIT",
+    "MIN_TRAIN_SIZE",
+    "PAD_MULTIPLE",
+    "PIXEL_MEAN",
+    "PIXEL_STD",
+    "FastMEMatte",
+    "MattingModel",
+    "check_alpha",
+    "check_max_tokens",
+    "padded_size",
+    "training_trimap",
 ]
 
 DEFAULT_MAX_TOKENS = 18500
@@ -178,7 +189,9 @@ class FastMEMatte(MattingModel):
             raise ValueError(f"training takes fp32 weights (this model is {self.dtype}); use autocast for bf16/fp16")
         H, W = image.shape[-2:]
         if min(H, W) < MIN_TRAIN_SIZE:
-            raise ValueError(f"training crops must be at least {MIN_TRAIN_SIZE} px a side (the Laplacian loss), got {W}×{H}")
+            raise ValueError(
+                f"training crops must be at least {MIN_TRAIN_SIZE} px a side (the Laplacian loss), got {W}×{H}"
+            )
         device = self.pixel_mean.device
         trimap = training_trimap(trimap.to(device))
         x = self.preprocess(image.to(device), trimap)
@@ -205,13 +218,15 @@ def check_max_tokens(value) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"max_tokens must be a whole number of tokens, or 0 or None for no cap; "
-                        f"got {value!r} ({type(value).__name__})")
+        raise TypeError(
+            f"max_tokens must be a whole number of tokens, or 0 or None for no cap; "
+            f"got {value!r} ({type(value).__name__})"
+        )
     value = int(value)
     if value < 0:
         raise ValueError(f"max_tokens must be ≥ 0 (0 or None: no cap), got {value}")
     if value > MAX_TOKENS_LIMIT:
-        raise ValueError(f"max_tokens {value} is beyond any image (at most {MAX_TOKENS_LIMIT:,}); "
-                         "use 0 or None for no cap")
+        raise ValueError(
+            f"max_tokens {value} is beyond any image (at most {MAX_TOKENS_LIMIT:,}); use 0 or None for no cap"
+        )
     return value or None
-

@@ -6,6 +6,7 @@ mantissa) on Ampere and later GPUs, and cuDNN's convolutions do so by default. A
 built for fp32 turns that off while it runs (:func:`tf32_off`) and gives the caller's
 settings back afterwards, also when the call raises.
 """
+
 from __future__ import annotations
 
 import contextlib

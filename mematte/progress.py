@@ -7,6 +7,7 @@ The callback gets the stage (``"backbone"``: blocks, ``"decoder"``: batches of t
 how many of its steps are done out of how many. Nothing is reported outside ``reporting``,
 and the model never prints.
 """
+
 from __future__ import annotations
 
 import contextvars

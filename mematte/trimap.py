@@ -21,6 +21,7 @@ the model as 128/255 ≈ 0.5).
 A map that cannot be a trimap — colour content, or many pixels at grey levels far from 0,
 ½ and 1, as a photo passed in its place — gets a :class:`TrimapWarning`.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -72,9 +73,7 @@ def normalize_trimap(trimap: np.ndarray | Image.Image, *, name: str = "trimap") 
         return _CLASS_LUT[a.astype(np.intp)]
     if np.issubdtype(a.dtype, np.floating) and a.size and np.isfinite(a).all() and a.max() > 1.0:
         if a.max() > 255.0 or a.min() < 0.0:
-            raise ValueError(
-                f"{name}: float values must lie in [0, 1] or [0, 255], got {a.min():g}..{a.max():g}"
-            )
+            raise ValueError(f"{name}: float values must lie in [0, 1] or [0, 255], got {a.min():g}..{a.max():g}")
         a = a.astype(np.float32) / 255.0
     t = gray_array(a, name=name)
     colour = None
@@ -103,9 +102,12 @@ def _warn_if_not_a_trimap(grey: np.ndarray, colour: np.ndarray | None, name: str
 
 
 def _not_a_trimap(name: str, why: str) -> None:
-    warnings.warn(f"{name}: does not look like a trimap: {why} (a trimap is grey: 0 background, "
-                  "128 unknown, 255 foreground). Were the image and the trimap swapped?",
-                  TrimapWarning, stacklevel=4)
+    warnings.warn(
+        f"{name}: does not look like a trimap: {why} (a trimap is grey: 0 background, "
+        "128 unknown, 255 foreground). Were the image and the trimap swapped?",
+        TrimapWarning,
+        stacklevel=4,
+    )
 
 
 def _class_ids(a: np.ndarray) -> bool:
@@ -132,11 +134,18 @@ def warn_if_degenerate(trimap: np.ndarray, name: str = "trimap") -> None:
     unknown pixels (no hint of which side is the subject)."""
     counts = np.bincount(trimap.ravel(), minlength=256)
     if counts[UNKNOWN] == 0:
-        warnings.warn(f"{name} has no unknown region (no value between 25% and 75%), "
-                      "so the alpha is just the trimap", TrimapWarning, stacklevel=2)
+        warnings.warn(
+            f"{name} has no unknown region (no value between 25% and 75%), so the alpha is just the trimap",
+            TrimapWarning,
+            stacklevel=2,
+        )
     elif counts[BACKGROUND] == 0 and counts[FOREGROUND] == 0:
-        warnings.warn(f"{name} is unknown everywhere (no background and no foreground), so "
-                      "the model has no hint of what the subject is", TrimapWarning, stacklevel=2)
+        warnings.warn(
+            f"{name} is unknown everywhere (no background and no foreground), so "
+            "the model has no hint of what the subject is",
+            TrimapWarning,
+            stacklevel=2,
+        )
 
 
 def trimap_from_mask(mask: np.ndarray | Image.Image, band: int = 10) -> np.ndarray:

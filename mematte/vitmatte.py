@@ -3,6 +3,7 @@ upstream's module tree and keys (``backbone.*``), so official ViTMatte and HF ch
 load unchanged; and the loading dispatch, :func:`load_matting_model`, which tells MEMatte and
 ViTMatte files apart by their keys.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,15 @@ from .decoder import FAST_CONTEXT, FAST_TILE, DetailCapture, FoldedDecoder, deco
 from .matting import MattingModel
 from .model import FastMEMatte  # for the loading dispatch below; model.py imports nothing of this module
 
-__all__ = ["FastViTMatte", "GlobalBlock", "ViTMatteBackbone", "is_vitmatte", "load_matting_model", "model_class",
-           "read_state_dict"]
+__all__ = [
+    "FastViTMatte",
+    "GlobalBlock",
+    "ViTMatteBackbone",
+    "is_vitmatte",
+    "load_matting_model",
+    "model_class",
+    "read_state_dict",
+]
 
 
 class FastViTMatte(MattingModel):
@@ -39,7 +47,10 @@ class FastViTMatte(MattingModel):
     family = "ViTMatte"
     clamp_known = False  # upstream's inference script leaves the trimap's known regions as predicted
     _canvas_multiple = PATCH  # the decoder's canvas is the padded input itself
-    _MEMORY_FIT = {torch.bfloat16: (5.34, 77.9, 8_500_000), torch.float32: (5.51, 148.9, 11_600_000)}  # see MattingModel
+    _MEMORY_FIT = {
+        torch.bfloat16: (5.34, 77.9, 8_500_000),
+        torch.float32: (5.51, 148.9, 11_600_000),
+    }  # see MattingModel
 
     def __init__(
         self,
@@ -74,8 +85,9 @@ class FastViTMatte(MattingModel):
             alpha = self.decoder(features, x)
         else:
             decoder = FoldedDecoder(self.decoder, self.dtype, ops)
-            alpha = decode_tiled(decoder, features, x, self._decoder_memory(), FAST_TILE, FAST_CONTEXT, (H, W),
-                                 canvas_multiple=PATCH)
+            alpha = decode_tiled(
+                decoder, features, x, self._decoder_memory(), FAST_TILE, FAST_CONTEXT, (H, W), canvas_multiple=PATCH
+            )
         return {"phas": alpha[:, :, :H, :W]}
 
     def _alpha(self, batched_inputs, patch_decoder: bool) -> torch.Tensor:

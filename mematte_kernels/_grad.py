@@ -1,5 +1,6 @@
 """The refusal every op without a backward makes when autograd would need one: a clear
 error naming the op instead of a gradient that silently stops at it."""
+
 from __future__ import annotations
 
 import torch

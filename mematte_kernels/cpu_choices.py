@@ -13,6 +13,7 @@ Candidate names, as ``MEMATTE_CPU_KERNELS`` takes them:
   ``torch``      torch's own op in the tensors' dtype
   ``fp32``       bf16/fp16 tensors computed in fp32 (:mod:`.native`'s ``*_fp32``)
 """
+
 from __future__ import annotations
 
 import functools

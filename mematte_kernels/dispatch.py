@@ -21,6 +21,7 @@ Training (``resolve(..., training=True)``) keeps the backend's ops that have a b
 swaps every other op for its differentiable reference, so a gradient never silently stops at
 an inference-only kernel.
 """
+
 from __future__ import annotations
 
 import logging
@@ -148,8 +149,11 @@ def _build(name: str, device: torch.device) -> OpTable:
     if name == "cpu":
         # The cpu backend also runs on CUDA tensors when forced; oneDNN and the AVX512-BF16
         # kernels take CPU tensors only.
-        ops = dict(router_scores=native.router_scores, varlen_attention=native.varlen_attention,
-                   policy_attention=native.policy_attention)
+        ops = dict(
+            router_scores=native.router_scores,
+            varlen_attention=native.varlen_attention,
+            policy_attention=native.policy_attention,
+        )
         if device.type == "cpu":
             # Where an op has several CPU implementations, the fastest on this CPU, measured.
             choices = cpu_choices.selected()
@@ -186,8 +190,11 @@ def _trainable(table: OpTable, device: torch.device) -> OpTable:
     """``table`` with each op that has no backward swapped for its reference."""
     ops = {f.name: getattr(table, f.name) for f in fields(OpTable) if f.name != "name"}
     # A selected op trains with its differentiable candidate where it names one.
-    swapped = {name: getattr(op, "trainable", None) or getattr(REFERENCE, name)
-               for name, op in ops.items() if not has_backward(op, device)}
+    swapped = {
+        name: getattr(op, "trainable", None) or getattr(REFERENCE, name)
+        for name, op in ops.items()
+        if not has_backward(op, device)
+    }
     fast = [name for name, op in ops.items() if name not in swapped and op is not getattr(REFERENCE, name)]
     return replace(table, name=f"{table.name}, training (fast: {', '.join(fast) or 'none'})", **swapped)
 
@@ -220,14 +227,20 @@ def _with_ltrm(name: str, device: torch.device, **ops) -> OpTable:
         if device.type == "cuda" and name not in _warned:
             # On a GPU this costs real speed, and nothing else would say so.
             _warned.add(name)
-            log.warning("mematte_kernels: backend %r runs the LTRM ops (dwconv_gelu, eca) as PyTorch "
-                        "reference code on the GPU: %s", name.split(" ")[0], _missing_ltrm_reason(device))
+            log.warning(
+                "mematte_kernels: backend %r runs the LTRM ops (dwconv_gelu, eca) as PyTorch "
+                "reference code on the GPU: %s",
+                name.split(" ")[0],
+                _missing_ltrm_reason(device),
+            )
     if device.type == "cpu":
         fused = {field: cpu_choices.selected()[field] for field in FUSED_CPU_CHOICES}
     else:
-        fused = dict(window_attention=native.window_attention, global_attention=native.global_attention,
-                     upsample_conv_relu_=native.upsample_conv_relu_)
+        fused = dict(
+            window_attention=native.window_attention,
+            global_attention=native.global_attention,
+            upsample_conv_relu_=native.upsample_conv_relu_,
+        )
     if not ext.has_kernel("upsample_taps_relu_", device):
         del fused["upsample_conv_relu_"]
     return replace(REFERENCE, name=name, channels_first_layer_norm=native.channels_first_layer_norm, **{**fused, **ops})
-

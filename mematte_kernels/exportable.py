@@ -5,6 +5,7 @@ wrap the implementations that have one, so that a graph holds each as a single n
 fake (its output's shape from its inputs'); ``torch.export.load`` finds them once
 ``mematte_kernels`` is imported.
 """
+
 from __future__ import annotations
 
 import torch

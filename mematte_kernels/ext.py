@@ -10,6 +10,7 @@ error naming itself when an input requires grad outside ``torch.no_grad()``. Thi
 imports without the extension: then :func:`available` and :func:`has_kernel` are false for
 every device.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -80,8 +81,9 @@ def _launch_failures_reported(op: str, tensor: torch.Tensor):
         if tensor.device.type != "cuda" or "CUDA error" not in str(error):
             raise
         device = tensor.device
-        message = launch_failure_message(op, torch.cuda.get_device_name(device),
-                                         torch.cuda.get_device_capability(device), cuda_arch_list(), error)
+        message = launch_failure_message(
+            op, torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device), cuda_arch_list(), error
+        )
         raise RuntimeError(message) from error
 
 
@@ -168,8 +170,9 @@ def relpos_attention(
     return torch.ops.mematte_ext.relpos_attention(q, k, v, rel_h, rel_w, scale)
 
 
-def global_attention(qkv: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, num_heads: int,
-                     scale: float) -> torch.Tensor:
+def global_attention(
+    qkv: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, num_heads: int, scale: float
+) -> torch.Tensor:
     """:func:`mematte_kernels.reference.global_attention` on CPUs with AVX2 + FMA, computed in
     fp32: qkv (B, H, W, 3C) contiguous fp32/bf16/fp16 with head dim 64, the gathered tables
     rel_h (H, H, 64) and rel_w (W, W, 64) fp32 contiguous -> (B, H, W, C) in qkv's dtype;

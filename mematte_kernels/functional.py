@@ -7,6 +7,7 @@ CPU tensors when ``TRITON_INTERPRET=1`` was set before import). All are differen
 when an input needs a gradient, the table is a training one (an inference-only kernel is
 swapped for its reference there).
 """
+
 from __future__ import annotations
 
 import torch
@@ -101,8 +102,10 @@ def varlen_attention(
     bounds = cu_seqlens.tolist()
     T = q.shape[0]
     if bounds[0] != 0 or bounds[-1] != T:
-        raise ValueError(f"{op}: cu_seqlens must run from 0 to T = {T} (the sequences cover every row), "
-                         f"got {bounds[0]} to {bounds[-1]}")
+        raise ValueError(
+            f"{op}: cu_seqlens must run from 0 to T = {T} (the sequences cover every row), "
+            f"got {bounds[0]} to {bounds[-1]}"
+        )
     lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
     if any(n < 0 for n in lengths):
         raise ValueError(f"{op}: cu_seqlens must be non-decreasing, got {bounds}")
@@ -142,8 +145,10 @@ def global_attention(
         if t.device != qkv.device:
             raise ValueError(f"{op}: {name} is on {t.device} but qkv is on {qkv.device}")
     if qkv.dim() != 4 or qkv.shape[-1] % (3 * num_heads):
-        raise ValueError(f"{op}: qkv must be 4-D (B, H, W, 3 * num_heads * head_dim) with num_heads = {num_heads}, "
-                         f"got shape {tuple(qkv.shape)}")
+        raise ValueError(
+            f"{op}: qkv must be 4-D (B, H, W, 3 * num_heads * head_dim) with num_heads = {num_heads}, "
+            f"got shape {tuple(qkv.shape)}"
+        )
     d = qkv.shape[-1] // (3 * num_heads)
     for name, t in (("rel_pos_h", rel_pos_h), ("rel_pos_w", rel_pos_w)):
         if t.dim() != 2 or t.shape[0] < 1 or t.shape[1] != d:

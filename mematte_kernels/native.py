@@ -10,6 +10,7 @@ The router, the patch embedding, the LayerNorm and :func:`varlen_attention` are 
 differentiable PyTorch ops. The others are for inference: called where autograd would need
 their backward they raise, naming themselves.
 """
+
 from __future__ import annotations
 
 import torch
@@ -136,7 +137,9 @@ def window_attention_bf16(qkv, pad_qkv, rel_h, rel_w, num_heads: int, scale: flo
     if qkv.dtype != torch.bfloat16 or qkv.shape[-1] != 3 * 64 * num_heads or window > 16:
         return window_attention(qkv, pad_qkv, rel_h, rel_w, num_heads, scale, window)
     tables = [t.to(torch.bfloat16).contiguous() for t in (rel_h, rel_w)]
-    return ext.window_attention(qkv.contiguous(), pad_qkv.to(torch.bfloat16).contiguous(), *tables, num_heads, scale, window)
+    return ext.window_attention(
+        qkv.contiguous(), pad_qkv.to(torch.bfloat16).contiguous(), *tables, num_heads, scale, window
+    )
 
 
 def rel_pos_attention(q, k, v, rel_h, rel_w, scale: float) -> torch.Tensor:
@@ -157,7 +160,11 @@ def rel_pos_attention(q, k, v, rel_h, rel_w, scale: float) -> torch.Tensor:
         bias = buffer[: r_q.shape[0], :, :N]  # (windows * heads, N, N), rows `row` apart
         torch.add(bias_h[:, :, :, :, None], bias_w[:, :, :, None, :], out=bias.view(-1, H, W, H, W))
         out[s : s + WINDOW_CHUNK] = F.scaled_dot_product_attention(
-            qc, k[s : s + WINDOW_CHUNK], v[s : s + WINDOW_CHUNK], attn_mask=bias.view(qc.shape[0], heads, N, N), scale=scale
+            qc,
+            k[s : s + WINDOW_CHUNK],
+            v[s : s + WINDOW_CHUNK],
+            attn_mask=bias.view(qc.shape[0], heads, N, N),
+            scale=scale,
         )
     return out
 
@@ -223,7 +230,9 @@ def _global_sdpa(qkv, rel_h, rel_w, num_heads: int, scale: float, compute: torch
     # the OS each time, and faulting them in costs more than writing the bias.
     bias_storage = qkv.new_empty(num_heads * rows * W * N, dtype=compute)
     for b in range(B):
-        k, v = (grid[b, :, :, i].reshape(N, num_heads, d).transpose(0, 1).to(compute).contiguous()[None] for i in (1, 2))
+        k, v = (
+            grid[b, :, :, i].reshape(N, num_heads, d).transpose(0, 1).to(compute).contiguous()[None] for i in (1, 2)
+        )
         for top in range(0, H, rows):
             q = grid[b, top : top + rows, :, 0].to(compute)  # (r, W, heads, d)
             r = q.shape[0]
@@ -233,7 +242,11 @@ def _global_sdpa(qkv, rel_h, rel_w, num_heads: int, scale: float, compute: torch
             bias = bias_storage[: num_heads * r * W * N].view(num_heads, r, W, H, W)
             torch.add(bias_h[..., None], bias_w[..., None, :], out=bias)
             o = F.scaled_dot_product_attention(
-                q.reshape(r * W, num_heads, d).transpose(0, 1)[None], k, v, attn_mask=bias.view(1, num_heads, r * W, N), scale=scale
+                q.reshape(r * W, num_heads, d).transpose(0, 1)[None],
+                k,
+                v,
+                attn_mask=bias.view(1, num_heads, r * W, N),
+                scale=scale,
             )  # (1, heads, rW, d)
             out[b, top : top + r] = o[0].transpose(0, 1).reshape(r, W, num_heads, d)
     return out.view(B, H, W, C)
@@ -261,8 +274,9 @@ def global_attention_avx2(qkv, rel_h, rel_w, num_heads: int, scale: float) -> to
     if C3 != 3 * 64 * num_heads or qkv.device.type != "cpu" or not ext.cpu_avx2_kernels():
         return global_attention(qkv, rel_h, rel_w, num_heads, scale)
     refuse_grad("mematte_kernels.native.global_attention_avx2", qkv, rel_h, rel_w)
-    return ext.global_attention(qkv.contiguous(), rel_h.float().contiguous(), rel_w.float().contiguous(), num_heads,
-                                scale)
+    return ext.global_attention(
+        qkv.contiguous(), rel_h.float().contiguous(), rel_w.float().contiguous(), num_heads, scale
+    )
 
 
 # ------------------------------------------------------ bf16/fp16 computed in fp32
@@ -299,7 +313,9 @@ def _rows_in_fp32(fn, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor)
     return out.view(*x.shape[:-1], N)
 
 
-def conv2d_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int = 1, padding: int = 0) -> torch.Tensor:
+def conv2d_fp32(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int = 1, padding: int = 0
+) -> torch.Tensor:
     """:func:`mematte_kernels.reference.conv2d` of bf16/fp16 tensors computed in fp32, a band
     of output rows at a time: each band reads its input rows plus the kernel's halo, zero
     rows standing in for the padding at the image's top and bottom."""
@@ -379,15 +395,15 @@ class _PolicyAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, policy, scale, eps):
         B, N, heads, d = q.shape
         qh, kh, vh = (t.transpose(1, 2).float() for t in (q, k, v))  # (B, heads, N, d) fp32
-        p = policy.float()[:, None, None, :]                           # (B, 1, 1, N)
-        vsum = vh.sum(dim=2, keepdim=True)                             # (B, heads, 1, d)
+        p = policy.float()[:, None, None, :]  # (B, 1, 1, N)
+        vsum = vh.sum(dim=2, keepdim=True)  # (B, heads, 1, d)
         out = torch.empty_like(qh)
         row_max = qh.new_empty((B, heads, N))
         row_argmax = torch.empty((B, heads, N), dtype=torch.long, device=q.device)
         denom = qh.new_empty((B, heads, N))
         for start in range(0, N, POLICY_CHUNK):
             rows = slice(start, min(start + POLICY_CHUNK, N))
-            logits = (qh[:, :, rows] @ kh.transpose(-2, -1)) * scale   # (B, heads, c, N)
+            logits = (qh[:, :, rows] @ kh.transpose(-2, -1)) * scale  # (B, heads, c, N)
             m, arg = logits.max(dim=-1, keepdim=True)
             a = (logits - m).exp_().mul_(_keep(p, rows, N))
             D = a.sum(dim=-1, keepdim=True) + eps
@@ -409,14 +425,14 @@ class _PolicyAttention(torch.autograd.Function):
         qh, kh, vh, oh, doh = (t.transpose(1, 2).float() for t in (q, k, v, out, dout))  # out: fp32
         p = policy.float()[:, None, None, :]
         vsum = vh.sum(dim=2, keepdim=True)
-        delta = (oh * doh).sum(-1)                                             # (B, heads, N)
-        dmax = -(eps / denom) * (delta - (doh * vsum).sum(-1) / N)             # through the row max
+        delta = (oh * doh).sum(-1)  # (B, heads, N)
+        dmax = -(eps / denom) * (delta - (doh * vsum).sum(-1) / N)  # through the row max
         dq, dk, dv = torch.empty_like(qh), torch.zeros_like(kh), torch.zeros_like(vh)
-        dpolicy = torch.zeros_like(p[:, 0, 0])                                 # (B, N)
+        dpolicy = torch.zeros_like(p[:, 0, 0])  # (B, N)
         for start in range(0, N, POLICY_CHUNK):
             rows = slice(start, min(start + POLICY_CHUNK, N))
             logits = (qh[:, :, rows] @ kh.transpose(-2, -1)) * scale
-            e = (logits - row_max[:, :, rows, None]).exp_()                    # (B, heads, c, N)
+            e = (logits - row_max[:, :, rows, None]).exp_()  # (B, heads, c, N)
             keep = _keep(p, rows, N)
             D = denom[:, :, rows, None]
             dv += (e * keep / D).transpose(-2, -1) @ doh[:, :, rows]

@@ -8,6 +8,7 @@ Shapes follow the model: tokens are channels-last, (B, N, C) or (B, H, W, C); pa
 (varlen) tensors follow flash-attention's convention: (T, heads, head_dim) with
 ``cu_seqlens`` (B + 1,) int32 and ``max_seqlen``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -142,7 +143,7 @@ def policy_attention(
     back to the logits' dtype before ``A @ v``. Differentiable in q, k, v and policy.
     """
     B, N, heads, d = q.shape
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, N, d)
     logits = (qh * scale) @ kh.transpose(-2, -1)  # (B, heads, N, N)
     compute = torch.promote_types(logits.dtype, torch.float32)
@@ -174,7 +175,9 @@ def patch_embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     return F.linear(patches, weight.reshape(weight.shape[0], -1), bias)
 
 
-def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int = 1, padding: int = 0) -> torch.Tensor:
+def conv2d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int = 1, padding: int = 0
+) -> torch.Tensor:
     """Conv2d(x): the ResBottlenecks' and the decoder's convolutions (square stride and
     padding, no dilation or groups)."""
     return F.conv2d(x, weight, bias, stride=stride, padding=padding)
@@ -376,7 +379,13 @@ def attend_windows(attention, qkv, pad_qkv, rel_h, rel_w, num_heads: int, scale:
 
 
 def window_attention(
-    qkv: torch.Tensor, pad_qkv: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, num_heads: int, scale: float, window: int
+    qkv: torch.Tensor,
+    pad_qkv: torch.Tensor,
+    rel_h: torch.Tensor,
+    rel_w: torch.Tensor,
+    num_heads: int,
+    scale: float,
+    window: int,
 ) -> torch.Tensor:
     """The ViT's window attention from the tokens' qkv projection (B, H, W, 3C).
 

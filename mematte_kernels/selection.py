@@ -18,6 +18,7 @@ Environment:
                            or ``~/.cache/mematte``).
 ``MEMATTE_BACKEND=reference`` bypasses all of this for the plain PyTorch references.
 """
+
 from __future__ import annotations
 
 import json
@@ -117,8 +118,10 @@ class SelectedOp:
             if match:
                 return match[0], f"forced by {FORCE_ENV}"
             if forced not in {c.name for c in self.candidates}:
-                raise ValueError(f"{FORCE_ENV}: {self.op} has no candidate {forced!r}; "
-                                 f"expected one of {', '.join(c.name for c in self.candidates)}")
+                raise ValueError(
+                    f"{FORCE_ENV}: {self.op} has no candidate {forced!r}; "
+                    f"expected one of {', '.join(c.name for c in self.candidates)}"
+                )
         if len(runnable) == 1:
             return runnable[0], "the only one that runs here"
         key = f"{self.op}/{_dtype_name(dtype)}"
@@ -185,8 +188,10 @@ def check_forced(selected: dict[str, SelectedOp]) -> None:
     """Refuse ``MEMATTE_CPU_KERNELS`` entries that name no selected op or no candidate of it."""
     for op, name in forced_choices().items():
         if op not in selected:
-            raise ValueError(f"{FORCE_ENV}: no CPU op {op!r} has a choice of implementations; "
-                             f"expected one of {', '.join(sorted(selected))}")
+            raise ValueError(
+                f"{FORCE_ENV}: no CPU op {op!r} has a choice of implementations; "
+                f"expected one of {', '.join(sorted(selected))}"
+            )
         names = [c.name for c in selected[op].candidates]
         if name not in names:
             raise ValueError(f"{FORCE_ENV}: {op} has no candidate {name!r}; expected one of {', '.join(names)}")
@@ -197,7 +202,8 @@ def check_forced(selected: dict[str, SelectedOp]) -> None:
 
 def cache_path() -> Path:
     root = os.environ.get(CACHE_ENV) or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mematte")
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mematte"
+    )
     return Path(root) / CACHE_FILE
 
 
@@ -206,8 +212,10 @@ def machine_key() -> str:
     extension's AVX512-BF16 kernels run here."""
     from . import ext
 
-    return (f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
-            f"avx512-bf16 kernels {'yes' if ext.cpu_bf16_kernels() else 'no'}")
+    return (
+        f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
+        f"avx512-bf16 kernels {'yes' if ext.cpu_bf16_kernels() else 'no'}"
+    )
 
 
 def cpu_model() -> str:
@@ -253,7 +261,9 @@ def write_cache(key: str, value: dict) -> None:
         data = _read_file()
         entry = data.get(machine_key())
         data[machine_key()] = {**(entry if isinstance(entry, dict) else {}), key: value}
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".cpu-kernels-", suffix=".tmp", delete=False) as f:
+        with tempfile.NamedTemporaryFile(
+            "w", dir=path.parent, prefix=".cpu-kernels-", suffix=".tmp", delete=False
+        ) as f:
             json.dump(data, f, indent=1, sort_keys=True)
         os.replace(f.name, path)
     except OSError as error:

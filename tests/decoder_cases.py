@@ -1,4 +1,5 @@
 """A small decoder for the tiling tests of both models."""
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ these) and the GPU report's compute-sanitizer runs.
 Inputs are as the model passes them: low-precision tokens with fp32 router parameters,
 q/k/v as strided views of one qkv tensor, an empty sequence among the packed ones.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -68,7 +69,9 @@ def triton_op_calls(device: torch.device | str, dtype: torch.dtype = torch.float
         ("scatter_residual_", scatter),
         ("varlen_attention", lambda: triton_ops.varlen_attention(*qkv.unbind(1), cu_seqlens, 7)),
         ("relpos_attention", lambda: triton_ops.relpos_attention(*grid_qkv.unbind(2), bias_h, bias_w)),
-        ("varlen_attention backward", lambda: with_grads(
-            lambda q, k, v: triton_ops.varlen_attention(q, k, v, cu_seqlens, 7), qkv.unbind(1))),
+        (
+            "varlen_attention backward",
+            lambda: with_grads(lambda q, k, v: triton_ops.varlen_attention(q, k, v, cu_seqlens, 7), qkv.unbind(1)),
+        ),
         ("policy_attention and its backward", lambda: with_grads(triton_ops.policy_attention, [*policy_qkv, policy])),
     ]

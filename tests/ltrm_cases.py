@@ -1,6 +1,7 @@
 """Inputs and error measures shared by the tests of the compiled LTRM ops (forward and
 backward): the same inputs from the same seed, so a forward case and its gradient case
 see the same tensors."""
+
 from __future__ import annotations
 
 import pytest

@@ -8,6 +8,7 @@ glibc's malloc moves its mmap threshold as blocks are freed, which makes the res
 size after a warm-up call vary by a factor of 3 from run to run; a fixed threshold makes
 every large block its own mapping, so the peak resident size is the peak of what is live.
 """
+
 import json
 import os
 import sys
@@ -35,7 +36,7 @@ def main(kind: str, dtype: str, height: int, width: int) -> None:
     rng = np.random.default_rng(0)
     image = rng.random((height, width, 3), dtype=np.float32)
     trimap = np.full((height, width), 128, np.uint8)
-    trimap[: height // 3], trimap[-(height // 3):] = 0, 255
+    trimap[: height // 3], trimap[-(height // 3) :] = 0, 255
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets the peak resident size to the current one
     before, _ = resident()

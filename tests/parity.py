@@ -1,5 +1,6 @@
 """What the parity tests against the original code share: the published state-dict manifest
 and the generator the golden outputs' weights and inputs were made with."""
+
 from __future__ import annotations
 
 import functools

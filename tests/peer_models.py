@@ -1,5 +1,6 @@
 """HF transformers' ViTMatte and timm's SAM ViT built from configs with seeded weights, for
 the tests of ``mematte.accelerate`` (nothing is downloaded)."""
+
 from __future__ import annotations
 
 import math

@@ -1,5 +1,6 @@
 """A real ``mematte serve`` in a subprocess on a free loopback port, for tests and the
 benchmark."""
+
 from __future__ import annotations
 
 import os

@@ -1,6 +1,7 @@
 """``mematte.accelerate`` on HF transformers' ViTMatte/ViTDet and timm's SAM ViT: the
 accelerated model's outputs against the same model unaccelerated (the peer is the oracle),
 in fp32 and bf16, with gradients, and the switch back."""
+
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,5 @@
 """The Python API: files in, alpha / cutout / composite / routing picture out."""
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -36,7 +37,7 @@ def files(tmp_path):
     Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(tmp_path / "cat.png")
     Image.fromarray(make_trimap()).save(tmp_path / "cat_trimap.png")
     mask = np.zeros((H, W), np.uint8)
-    mask[:, W // 2:] = 255
+    mask[:, W // 2 :] = 255
     Image.fromarray(mask).save(tmp_path / "cat_mask.png")
     Image.fromarray(rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)).save(tmp_path / "bg.jpg")
     return tmp_path
@@ -44,15 +45,29 @@ def files(tmp_path):
 
 def test_predict_file_writes_every_output_and_returns_them(files, model):
     out = files / "out"
-    result = predict_file(files / "cat.png", files / "cat_trimap.png", model=model, out_dir=out,
-                          rgba=True, background=files / "bg.jpg", save_routing=True, save_trimap=True, tile=False)
+    result = predict_file(
+        files / "cat.png",
+        files / "cat_trimap.png",
+        model=model,
+        out_dir=out,
+        rgba=True,
+        background=files / "bg.jpg",
+        save_routing=True,
+        save_trimap=True,
+        tile=False,
+    )
     assert result.alpha.shape == (H, W) and result.alpha.dtype == np.float32
     assert (result.alpha[:, :16] == 0).all() and (result.alpha[:, -16:] == 1).all()
     assert result.foreground.shape == result.composite.shape == (H, W, 3)
     assert [r.shape for r in result.routing] == [(4, 4)] * 4
     assert result.written == output_paths(files / "cat.png", out)
     assert sorted(p.name for p in out.iterdir()) == [
-        "cat_alpha.png", "cat_composite.png", "cat_rgba.png", "cat_routing.png", "cat_trimap.png"]
+        "cat_alpha.png",
+        "cat_composite.png",
+        "cat_rgba.png",
+        "cat_routing.png",
+        "cat_trimap.png",
+    ]
     np.testing.assert_array_equal(np.asarray(Image.open(out / "cat_trimap.png")), result.trimap)
 
     alpha_png = np.asarray(Image.open(out / "cat_alpha.png"))
@@ -70,8 +85,9 @@ def test_upstream_call_path_matches_model_predict(files, model):
 
 
 def test_mask_instead_of_trimap_and_loading_from_a_checkpoint_path(files, checkpoint):
-    result = predict_file(files / "cat.png", mask_path=files / "cat_mask.png", band=4,
-                          checkpoint=checkpoint, tile=False)
+    result = predict_file(
+        files / "cat.png", mask_path=files / "cat_mask.png", band=4, checkpoint=checkpoint, tile=False
+    )
     assert result.written == {}  # no out_dir: nothing written
     # mask edge between columns 27 and 28: unknown within 4 px on either side
     np.testing.assert_array_equal(np.unique(result.trimap[:, 24:32]), [128])
@@ -101,7 +117,10 @@ def test_exif_orientation_is_applied_to_each_file(files):
     "kwargs, message",
     [
         ({"trimap_path": "t.png"}, "a checkpoint is required: a randomly initialised model would output noise"),
-        ({"trimap_path": "t.png", "checkpoint": "c.pth", "model": object()}, "either a model or a checkpoint, not both"),
+        (
+            {"trimap_path": "t.png", "checkpoint": "c.pth", "model": object()},
+            "either a model or a checkpoint, not both",
+        ),
     ],
     ids=["no-model", "both-models"],
 )
@@ -136,7 +155,7 @@ def test_routing_picture_tints_global_tokens_and_dims_the_rest():
     # (the legend tints an exact mid-grey, the panels the image's 128/255: one level apart)
     np.testing.assert_allclose(swatches[0], tinted, atol=1)
     np.testing.assert_allclose(swatches[1], dimmed, atol=1)
-    assert (sheet[2 * 96 + 8:, 22:200] < 100).any()
+    assert (sheet[2 * 96 + 8 :, 22:200] < 100).any()
 
 
 @pytest.mark.parametrize("h, w", [(16, 8000), (8000, 16), (8, 8)], ids=["wide", "tall", "tiny"])
@@ -173,8 +192,15 @@ def test_a_failure_while_writing_leaves_no_output_and_no_temporary_file(files, m
 
     monkeypatch.setattr(api, "routing_picture", broken_picture)
     with pytest.raises(OSError, match="disk full"):
-        predict_file(files / "cat.png", files / "cat_trimap.png", model=model, out_dir=out, rgba=True,
-                     save_routing=True, tile=False)
+        predict_file(
+            files / "cat.png",
+            files / "cat_trimap.png",
+            model=model,
+            out_dir=out,
+            rgba=True,
+            save_routing=True,
+            tile=False,
+        )
     # the alpha was encoded first, but nothing of this run was renamed into place
     assert sorted(p.name for p in out.iterdir()) == ["cat_alpha.png"]
     assert (out / "cat_alpha.png").read_bytes() == b"from an earlier run"
@@ -227,8 +253,13 @@ def test_an_interrupt_while_writing_cleans_up(files, model, monkeypatch):
 def test_background_may_be_a_pil_image_or_a_grey_array(files, model):
     grey = np.random.default_rng(1).integers(0, 256, (30, 20), dtype=np.uint8)
     from_array = predict_file(files / "cat.png", files / "cat_trimap.png", model=model, background=grey, tile=False)
-    from_pil = predict_file(files / "cat.png", files / "cat_trimap.png", model=model,
-                            background=Image.fromarray(grey).convert("RGB"), tile=False)
+    from_pil = predict_file(
+        files / "cat.png",
+        files / "cat_trimap.png",
+        model=model,
+        background=Image.fromarray(grey).convert("RGB"),
+        tile=False,
+    )
     np.testing.assert_allclose(from_array.composite, from_pil.composite, atol=1e-6)
     with pytest.raises(ValueError, match=r"background must be H×W×3 colour or H×W grey, got shape \(30, 20, 4\)"):
         predict_file(files / "cat.png", files / "cat_trimap.png", model=model, background=np.zeros((30, 20, 4)))
@@ -243,8 +274,11 @@ def test_a_degenerate_trimap_warns_naming_the_image(files, model):
 
 
 def test_images_over_max_pixels_are_refused_with_the_memory_needed(files, model):
-    with pytest.raises(ValueError, match=r"cat.png: 56×40 is 0 megapixels, over the limit of 0 megapixels .*"
-                                         r"roughly 0 GiB.*--max-pixels 2240"):
+    with pytest.raises(
+        ValueError,
+        match=r"cat.png: 56×40 is 0 megapixels, over the limit of 0 megapixels .*"
+        r"roughly 0 GiB.*--max-pixels 2240",
+    ):
         predict_file(files / "cat.png", files / "cat_trimap.png", model=model, max_pixels=1000)
     predict_file(files / "cat.png", files / "cat_trimap.png", model=model, max_pixels=2240, tile=False)
 
@@ -252,13 +286,17 @@ def test_images_over_max_pixels_are_refused_with_the_memory_needed(files, model)
 # ---------------------------------------------------------------------- loading
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"device": "meta"}, r"device 'meta' cannot run the model; use auto, cpu, cuda or cuda:N"),
-    ({"device": "gpu"}, r"unknown device 'gpu'"),
-    ({"device": "cpu", "dtype": "float16"}, "float16 is for GPUs"),
-    ({"device": "cpu", "dtype": "half"}, "unknown dtype 'half'"),
-    ({"device": "cpu", "max_tokens": 2.5}, "whole number of tokens"),
-], ids=["meta", "unknown-name", "fp16-cpu", "unknown-dtype", "float-max-tokens"])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"device": "meta"}, r"device 'meta' cannot run the model; use auto, cpu, cuda or cuda:N"),
+        ({"device": "gpu"}, r"unknown device 'gpu'"),
+        ({"device": "cpu", "dtype": "float16"}, "float16 is for GPUs"),
+        ({"device": "cpu", "dtype": "half"}, "unknown dtype 'half'"),
+        ({"device": "cpu", "max_tokens": 2.5}, "whole number of tokens"),
+    ],
+    ids=["meta", "unknown-name", "fp16-cpu", "unknown-dtype", "float-max-tokens"],
+)
 def test_load_model_refuses_what_cannot_run(checkpoint, kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         load_model(checkpoint, **kwargs)

@@ -1,6 +1,7 @@
 """Autograd at the edges of the kernels: inference builds no graph whatever the caller's grad
 mode, training tables keep only ops with a backward, and an op without one refuses to be
 differentiated, naming itself."""
+
 import sys
 import weakref
 from functools import cache
@@ -197,7 +198,19 @@ def test_training_table_keeps_differentiable_fast_ops_and_swaps_the_rest():
 def _router_args():
     g = torch.Generator().manual_seed(0)
     C = 64
-    shapes = [(2, 37, C), (C,), (C,), (C, C), (C,), (C // 2, C), (C // 2,), (C // 4, C // 2), (C // 4,), (2, C // 4), (2,)]
+    shapes = [
+        (2, 37, C),
+        (C,),
+        (C,),
+        (C, C),
+        (C,),
+        (C // 2, C),
+        (C // 2,),
+        (C // 4, C // 2),
+        (C // 4,),
+        (2, C // 4),
+        (2,),
+    ]
     return [torch.randn(s, generator=g) * (0.3 if len(s) == 2 else 1) for s in shapes]
 
 

@@ -1,5 +1,6 @@
 """Every backend against the reference on the same weights: fp32 and bf16 parity, batch
 independence, the token cap and predict behave the same everywhere."""
+
 import sys
 from functools import cache
 from pathlib import Path

@@ -1,5 +1,6 @@
 """Loading checkpoints in every format the official release and users produce, and the
 errors for everything else."""
+
 import numpy as np
 import pytest
 import torch
@@ -74,7 +75,9 @@ def test_mismatch_lists_missing_and_unexpected_keys_and_the_variant(source):
 
 
 def test_vitmatte_checkpoint_is_refused_with_the_router_keys_missing():
-    state = {k: v for k, v in FastMEMatte("vit_s").state_dict().items() if "routers" not in k and "efficient_block" not in k}
+    state = {
+        k: v for k, v in FastMEMatte("vit_s").state_dict().items() if "routers" not in k and "efficient_block" not in k
+    }
     with pytest.raises(ValueError, match=r"missing \d+ keys: backbone.blocks.11.efficient_block"):
         FastMEMatte.from_checkpoint(state)
 
@@ -123,11 +126,15 @@ def test_missing_file(tmp_path):
 # ---------------------------------------------------------------------- wrappers and prefixes
 
 
-@pytest.mark.parametrize("wrap", [
-    lambda sd: {"state_dict": sd, "epoch": 3},
-    lambda sd: {f"module.{k}": v for k, v in sd.items()},
-    lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "optimizer_step": 7},
-], ids=["state_dict-wrapper", "module-prefix", "both"])
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: {"state_dict": sd, "epoch": 3},
+        lambda sd: {f"module.{k}": v for k, v in sd.items()},
+        lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "optimizer_step": 7},
+    ],
+    ids=["state_dict-wrapper", "module-prefix", "both"],
+)
 def test_training_loop_checkpoints_load(tmp_path, source, wrap):
     path = tmp_path / "trained.pth"
     torch.save(wrap(dict(source.state_dict())), path)
@@ -136,8 +143,11 @@ def test_training_loop_checkpoints_load(tmp_path, source, wrap):
 
 def test_variant_is_accepted_and_checked_against_the_keys(source):
     assert FastMEMatte.from_checkpoint(source.state_dict(), variant="vit_s").variant == "vit_s"
-    with pytest.raises(ValueError, match=r"variant='vit_b' was asked for, but the checkpoint holds a vit_s "
-                                         r"model \(backbone.pos_embed is 384 wide\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"variant='vit_b' was asked for, but the checkpoint holds a vit_s "
+        r"model \(backbone.pos_embed is 384 wide\)",
+    ):
         FastMEMatte.from_checkpoint(source.state_dict(), variant="vit_b")
     with pytest.raises(ValueError, match="unknown variant 'vit_h'"):
         FastMEMatte.from_checkpoint(source.state_dict(), variant="vit_h")
@@ -157,8 +167,11 @@ def test_non_finite_weights_are_refused_naming_the_first_tensor(tmp_path, source
     torch.save({"model": state}, path)
     counts = "2 NaN and 0 infinite" if bad == "nan" else "0 NaN and 2 infinite"
     for checkpoint in (path, state):
-        with pytest.raises(ValueError, match=rf"non-finite weights: {first} has {counts} values of "
-                                             rf"{state[first].numel()} \(2 tensors in all\)"):
+        with pytest.raises(
+            ValueError,
+            match=rf"non-finite weights: {first} has {counts} values of "
+            rf"{state[first].numel()} \(2 tensors in all\)",
+        ):
             FastMEMatte.from_checkpoint(checkpoint)
 
 

@@ -1,4 +1,5 @@
 """The ``mematte`` command end to end, on small generated images and a random checkpoint."""
+
 import contextlib
 import csv
 import io
@@ -27,9 +28,9 @@ def trimap_values():
     t = np.full((H, W), 128, np.uint8)
     t[:, BG_COLS] = 0
     t[:, FG_COLS] = 255
-    t[::3, 15] = 40     # ≤ 25 %: background
-    t[::3, 16] = 100    # unknown
-    t[::3, 40] = 200    # ≥ 75 %: foreground
+    t[::3, 15] = 40  # ≤ 25 %: background
+    t[::3, 16] = 100  # unknown
+    t[::3, 40] = 200  # ≥ 75 %: foreground
     return t
 
 
@@ -56,7 +57,8 @@ def folder_run(tmp_path_factory, checkpoint):
 
     image(1).save(images / "rgba_trimap.png")
     Image.fromarray(np.concatenate([t[:, :, None].repeat(3, axis=2), transparent], axis=2)).save(
-        trimaps / "rgba_trimap.png")
+        trimaps / "rgba_trimap.png"
+    )
     image(2).save(images / "la_trimap.jpg")
     Image.fromarray(np.concatenate([t[:, :, None], transparent], axis=2)).save(trimaps / "la_trimap.png")
     image(3).save(images / "sixteen_bit.png")
@@ -69,9 +71,22 @@ def folder_run(tmp_path_factory, checkpoint):
     image(5).save(images / "no_trimap.png")
 
     image(6, 30, 20).save(root / "bg.png")
-    rc, stdout, stderr = run("predict", images, "--trimap", trimaps, "--checkpoint", checkpoint,
-                             "-o", out, "--rgba", "--background", root / "bg.png", "--save-routing",
-                             "--16bit", "--no-tile")
+    rc, stdout, stderr = run(
+        "predict",
+        images,
+        "--trimap",
+        trimaps,
+        "--checkpoint",
+        checkpoint,
+        "-o",
+        out,
+        "--rgba",
+        "--background",
+        root / "bg.png",
+        "--save-routing",
+        "--16bit",
+        "--no-tile",
+    )
     return rc, stdout, stderr, out
 
 
@@ -82,8 +97,11 @@ def test_folder_run_reports_each_failure_with_its_reason_and_fails_at_the_end(fo
     rc, stdout, stderr, _ = folder_run
     assert rc == 1
     assert "failed: broken.png: " in stderr and "broken.png: not a readable image" in stderr
-    assert ("failed: wrong_size.png: trimap " in stderr
-            and "wrong_size.png is 40×56 (W×H) but image " in stderr and "is 56×40 (W×H)" in stderr)
+    assert (
+        "failed: wrong_size.png: trimap " in stderr
+        and "wrong_size.png is 40×56 (W×H) but image " in stderr
+        and "is 56×40 (W×H)" in stderr
+    )
     assert "failed: no_trimap.png: no trimap named no_trimap.* in " in stderr
     assert "3 of 6 images failed" in stderr
     assert "3 of 6 images matted into" in stdout
@@ -91,8 +109,7 @@ def test_folder_run_reports_each_failure_with_its_reason_and_fails_at_the_end(fo
 
 def test_folder_run_writes_every_output_of_the_good_files_and_nothing_else(folder_run):
     *_, out = folder_run
-    expected = sorted(f"{stem}_{kind}.png" for stem in GOOD
-                      for kind in ("alpha", "rgba", "composite", "routing"))
+    expected = sorted(f"{stem}_{kind}.png" for stem in GOOD for kind in ("alpha", "rgba", "composite", "routing"))
     assert sorted(p.name for p in out.iterdir()) == expected  # no temporary files either
     for stem in GOOD:
         assert Image.open(out / f"{stem}_rgba.png").mode == "RGBA"
@@ -119,8 +136,18 @@ def test_mask_gives_a_trimap_with_a_band_and_paths_are_printed(tmp_path, checkpo
     mask = np.zeros((H, W), np.uint8)
     mask[:, 28:] = 255
     Image.fromarray(mask).save(tmp_path / "dog_mask.png")
-    rc, stdout, stderr = run("predict", tmp_path / "dog.png", "--mask", tmp_path / "dog_mask.png",
-                             "--band", 4, "--checkpoint", checkpoint, "-o", tmp_path / "out")
+    rc, stdout, stderr = run(
+        "predict",
+        tmp_path / "dog.png",
+        "--mask",
+        tmp_path / "dog_mask.png",
+        "--band",
+        4,
+        "--checkpoint",
+        checkpoint,
+        "-o",
+        tmp_path / "out",
+    )
     assert rc == 0, stderr
     assert stdout.split() == [str(tmp_path / "out" / "dog_alpha.png")]
     alpha = np.asarray(Image.open(tmp_path / "out" / "dog_alpha.png"))
@@ -143,8 +170,9 @@ def test_without_checkpoint_predict_and_eval_refuse_and_say_where_to_get_one(tmp
 def test_a_file_that_is_not_a_checkpoint_is_named_as_such(tmp_path):
     image().save(tmp_path / "a.png")
     Image.fromarray(trimap_values()).save(tmp_path / "t.png")
-    rc, _, stderr = run("predict", tmp_path / "a.png", "--trimap", tmp_path / "t.png",
-                        "--checkpoint", tmp_path / "a.png")
+    rc, _, stderr = run(
+        "predict", tmp_path / "a.png", "--trimap", tmp_path / "t.png", "--checkpoint", tmp_path / "a.png"
+    )
     assert rc == 1
     assert "a.png' is not a PyTorch checkpoint" in stderr
 
@@ -159,8 +187,14 @@ def test_folder_input_needs_a_folder_of_trimaps(tmp_path, checkpoint):
 def test_help_documents_output_names_and_the_trimap_rule():
     rc, stdout, _ = run("predict", "--help")
     assert rc == 0
-    for text in ("<stem>_alpha.png", "<stem>_rgba.png", "<stem>_composite.png", "<stem>_routing.png",
-                 "up to 25% of full scale are background, from 75% foreground", "EXIF orientation is applied"):
+    for text in (
+        "<stem>_alpha.png",
+        "<stem>_rgba.png",
+        "<stem>_composite.png",
+        "<stem>_routing.png",
+        "up to 25% of full scale are background, from 75% foreground",
+        "EXIF orientation is applied",
+    ):
         assert text in " ".join(stdout.split()), text
 
 
@@ -178,8 +212,9 @@ def test_eval_composition_1k_layout_prints_the_table_and_writes_csv(tmp_path, ch
     image(9).save(tmp_path / "merged" / "y.png")  # no trimap or alpha for this one
     Image.fromarray(trimap_values()).save(tmp_path / "trimaps" / "y.png")
 
-    rc, stdout, stderr = run("eval", tmp_path, "--checkpoint", checkpoint, "--csv", tmp_path / "scores.csv",
-                             "--no-tile")
+    rc, stdout, stderr = run(
+        "eval", tmp_path, "--checkpoint", checkpoint, "--csv", tmp_path / "scores.csv", "--no-tile"
+    )
     assert rc == 1
     assert "failed: y.png: no ground-truth alpha named y.* in" in stderr
     lines = stdout.splitlines()
@@ -195,7 +230,8 @@ def test_eval_composition_1k_layout_prints_the_table_and_writes_csv(tmp_path, ch
     assert 0 < float(x["sad_div1000"]) < H * 24 / 1000 and 0 < float(x["mse_x1000"]) <= 1000
     assert float(x["time_s"]) > 0 and float(x["peak_mem_mib"]) > 0
     assert {k: float(v) for k, v in rows[1].items() if k != "image"} == {
-        k: float(v) for k, v in x.items() if k != "image"}
+        k: float(v) for k, v in x.items() if k != "image"
+    }
 
 
 def test_eval_aim500_layout(tmp_path, checkpoint):
@@ -246,9 +282,21 @@ def test_installed_console_script(tmp_path, checkpoint):
     Image.fromarray(trimap_values()).save(tmp_path / "t.png")
     script = Path(sys.executable).with_name("mematte")
     done = subprocess.run(
-        [script, "predict", tmp_path / "a.png", "--trimap", tmp_path / "t.png",
-         "--checkpoint", checkpoint, "-o", tmp_path / "out", "--no-tile"],
-        capture_output=True, text=True, timeout=300,
+        [
+            script,
+            "predict",
+            tmp_path / "a.png",
+            "--trimap",
+            tmp_path / "t.png",
+            "--checkpoint",
+            checkpoint,
+            "-o",
+            tmp_path / "out",
+            "--no-tile",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     assert Path(done.stdout.strip()) == tmp_path / "out" / "a_alpha.png"
@@ -259,9 +307,11 @@ def test_installed_console_script(tmp_path, checkpoint):
 
 
 def test_help_imports_neither_torch_nor_numpy():
-    code = ("import sys; from mematte.cli import main; rc = main(['--help']); "
-            "[main([c, '--help']) for c in ('predict', 'eval', 'info')]; "
-            "print(rc, sorted(m for m in ('torch', 'numpy', 'PIL') if m in sys.modules))")
+    code = (
+        "import sys; from mematte.cli import main; rc = main(['--help']); "
+        "[main([c, '--help']) for c in ('predict', 'eval', 'info')]; "
+        "print(rc, sorted(m for m in ('torch', 'numpy', 'PIL') if m in sys.modules))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "0 []"
@@ -287,18 +337,23 @@ def single(tmp_path, seed=0):
     return tmp_path / "a.png", tmp_path / "t.png"
 
 
-@pytest.mark.parametrize("extra, message", [
-    (("--max-tokens", "99999999999999999999"), "must be ≤ 2,147,483,647"),
-    (("--max-tokens", "-1"), "must be ≥ 0"),
-    (("--max-tokens", "2.5"), "'2.5' is not a whole number of tokens"),
-    (("--band", "0"), "must be ≥ 1"),
-    (("--device", "meta"), "device 'meta' cannot run the model"),
-    (("--device", "cpu", "--dtype", "float16"), "float16 is for GPUs"),
-], ids=["huge-max-tokens", "negative-max-tokens", "float-max-tokens", "zero-band", "meta-device", "fp16-cpu"])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--max-tokens", "99999999999999999999"), "must be ≤ 2,147,483,647"),
+        (("--max-tokens", "-1"), "must be ≥ 0"),
+        (("--max-tokens", "2.5"), "'2.5' is not a whole number of tokens"),
+        (("--band", "0"), "must be ≥ 1"),
+        (("--device", "meta"), "device 'meta' cannot run the model"),
+        (("--device", "cpu", "--dtype", "float16"), "float16 is for GPUs"),
+    ],
+    ids=["huge-max-tokens", "negative-max-tokens", "float-max-tokens", "zero-band", "meta-device", "fp16-cpu"],
+)
 def test_options_that_cannot_work_are_usage_errors_before_the_model_loads(tmp_path, checkpoint, extra, message):
     img, tri = single(tmp_path)
-    rc, stdout, stderr = run("predict", img, "--trimap", tri, "--checkpoint", checkpoint,
-                             "-o", tmp_path / "out", *extra)
+    rc, stdout, stderr = run(
+        "predict", img, "--trimap", tri, "--checkpoint", checkpoint, "-o", tmp_path / "out", *extra
+    )
     assert rc == 2
     assert message in stderr
     assert "mematte: FastMEMatte(vit_s) on" not in stderr  # the model never loaded
@@ -309,9 +364,27 @@ def test_gpu_backends_on_a_cpu_are_refused_up_front(tmp_path, checkpoint):
     img, tri = single(tmp_path)
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
-        [sys.executable, "-m", "mematte", "predict", img, "--trimap", tri, "--checkpoint", checkpoint,
-         "--device", "cpu", "--backend", "triton", "-o", tmp_path / "out"],
-        capture_output=True, text=True, timeout=300, env=env,
+        [
+            sys.executable,
+            "-m",
+            "mematte",
+            "predict",
+            img,
+            "--trimap",
+            tri,
+            "--checkpoint",
+            checkpoint,
+            "--device",
+            "cpu",
+            "--backend",
+            "triton",
+            "-o",
+            tmp_path / "out",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert done.returncode == 2, done.stderr
     assert "backend 'triton' runs Triton kernels, which need CUDA tensors" in done.stderr
@@ -335,12 +408,18 @@ def test_eval_csv_is_checked_before_any_work(tmp_path, checkpoint, where):
     image(8).save(tmp_path / "merged" / "x.png")
     Image.fromarray(trimap_values()).save(tmp_path / "trimaps" / "x.png")
     Image.fromarray(trimap_values()).save(tmp_path / "alpha_copy" / "x.png")
-    target = {"missing-folder": tmp_path / "nope" / "s.csv", "a-folder": tmp_path / "merged",
-              "under-a-file": tmp_path / "merged" / "x.png" / "s.csv"}[where]
+    target = {
+        "missing-folder": tmp_path / "nope" / "s.csv",
+        "a-folder": tmp_path / "merged",
+        "under-a-file": tmp_path / "merged" / "x.png" / "s.csv",
+    }[where]
     rc, stdout, stderr = run("eval", tmp_path, "--checkpoint", checkpoint, "--csv", target)
     assert rc == 2
-    assert {"missing-folder": "nope does not exist", "a-folder": "is a folder; give a file name",
-            "under-a-file": "x.png is a file"}[where] in stderr
+    assert {
+        "missing-folder": "nope does not exist",
+        "a-folder": "is a folder; give a file name",
+        "under-a-file": "x.png is a file",
+    }[where] in stderr
     assert stdout == ""  # no table: nothing was evaluated
 
 
@@ -362,8 +441,19 @@ def test_the_run_is_described_once_and_max_tokens_0_means_no_cap(tmp_path, check
     from mematte_kernels import ext
 
     img, tri = single(tmp_path)
-    rc, _, stderr = run("predict", img, "--trimap", tri, "--checkpoint", checkpoint, "-o", tmp_path / "out",
-                        "--max-tokens", 0, "--no-tile")
+    rc, _, stderr = run(
+        "predict",
+        img,
+        "--trimap",
+        tri,
+        "--checkpoint",
+        checkpoint,
+        "-o",
+        tmp_path / "out",
+        "--max-tokens",
+        0,
+        "--no-tile",
+    )
     assert rc == 0, stderr
     dtype = "bfloat16" if ext.cpu_bf16_kernels() else "float32"
     assert stderr.count("mematte: FastMEMatte(vit_s) on cpu") == 1
@@ -385,8 +475,17 @@ def test_a_degenerate_trimap_is_warned_about_once_per_image(tmp_path, checkpoint
     img, _ = single(tmp_path)
     hard = np.where(trimap_values() > 128, 255, 0).astype(np.uint8)
     Image.fromarray(hard).save(tmp_path / "hard.png")
-    rc, _, stderr = run("predict", img, "--trimap", tmp_path / "hard.png", "--checkpoint", checkpoint,
-                        "-o", tmp_path / "out", "--no-tile")
+    rc, _, stderr = run(
+        "predict",
+        img,
+        "--trimap",
+        tmp_path / "hard.png",
+        "--checkpoint",
+        checkpoint,
+        "-o",
+        tmp_path / "out",
+        "--no-tile",
+    )
     assert rc == 0, stderr
     assert stderr.count("has no unknown region") == 1
     assert "warning: a.png: trimap of" in stderr
@@ -397,8 +496,9 @@ def test_a_colour_palette_trimap_fails_with_the_reason(tmp_path, checkpoint):
     palette = Image.fromarray((trimap_values() // 128).astype(np.uint8), "P")
     palette.putpalette([0, 0, 0, 255, 0, 0, 255, 255, 255])
     palette.save(tmp_path / "p.png")
-    rc, _, stderr = run("predict", img, "--trimap", tmp_path / "p.png", "--checkpoint", checkpoint,
-                        "-o", tmp_path / "out")
+    rc, _, stderr = run(
+        "predict", img, "--trimap", tmp_path / "p.png", "--checkpoint", checkpoint, "-o", tmp_path / "out"
+    )
     assert rc == 1
     assert "p.png: a palette image with colours" in stderr
     assert not (tmp_path / "out").exists()
@@ -406,8 +506,9 @@ def test_a_colour_palette_trimap_fails_with_the_reason(tmp_path, checkpoint):
 
 def test_images_over_max_pixels_fail_naming_the_flag(tmp_path, checkpoint):
     img, tri = single(tmp_path)
-    rc, _, stderr = run("predict", img, "--trimap", tri, "--checkpoint", checkpoint, "-o", tmp_path / "out",
-                        "--max-pixels", 1000)
+    rc, _, stderr = run(
+        "predict", img, "--trimap", tri, "--checkpoint", checkpoint, "-o", tmp_path / "out", "--max-pixels", 1000
+    )
     assert rc == 1
     assert "over the limit of 0 megapixels" in stderr and "--max-pixels 2240" in stderr
 
@@ -430,8 +531,10 @@ def test_info_names_wrappers_and_the_module_prefix(tmp_path, checkpoint):
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 1}, tmp_path / "ddp.pth")
     rc, stdout, stderr = run("info", tmp_path / "ddp.pth")
     assert rc == 0, stderr
-    assert ('format:      checkpoint wrapping a state dict under "state_dict", keys prefixed '
-            "'module.' (DataParallel; stripped)") in stdout
+    assert (
+        'format:      checkpoint wrapping a state dict under "state_dict", keys prefixed '
+        "'module.' (DataParallel; stripped)"
+    ) in stdout
     assert "loads into:  FastMEMatte(vit_s)" in stdout
 
 
@@ -482,9 +585,25 @@ def test_sigterm_during_a_batch_leaves_only_complete_sets(tmp_path, checkpoint):
     images, trimaps = small_folder(tmp_path, n=12)
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mematte", "predict", images, "--trimap", trimaps, "--checkpoint", checkpoint,
-         "-o", out, "--rgba", "--save-routing", "--no-tile"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "mematte",
+            "predict",
+            images,
+            "--trimap",
+            trimaps,
+            "--checkpoint",
+            checkpoint,
+            "-o",
+            out,
+            "--rgba",
+            "--save-routing",
+            "--no-tile",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 240
     while not (out.is_dir() and any(out.glob("*_alpha.png"))) and time.monotonic() < deadline:

@@ -22,6 +22,7 @@ micro-tiles of 8 rows and 32 keys, hence the lengths 1, 7, 8, 31, 33, 63, 64, 65
 grid read in place, with the positions past the grid's bottom/right edge taken as keys and
 values from ``pad_qkv``; hence grids that are not multiples of the window (14 in the model).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -142,9 +143,7 @@ PLAIN_CASES = {
 
 
 @needs_bf16_attention
-@pytest.mark.parametrize(
-    "lengths, heads, scale", [pytest.param(*case, id=name) for name, case in PLAIN_CASES.items()]
-)
+@pytest.mark.parametrize("lengths, heads, scale", [pytest.param(*case, id=name) for name, case in PLAIN_CASES.items()])
 def test_matches_fp64_per_sequence_loop(lengths, heads, scale):
     q, k, v, cu_seqlens = packed_qkv(lengths, heads)
     scale = HEAD_DIM**-0.5 if scale is None else scale
@@ -497,7 +496,11 @@ def _bad_arguments():
     yield "k-T-4", (q, k[:4], v, cu, 0.125, None, None), r"k has shape \[4, 2, 64\] but q has"
     yield "cu-seqlens-int64", (q, k, v, cu.long(), 0.125, None, None), r"cu_seqlens must be a contiguous 1-D int32 CPU"
     end4 = torch.tensor([0, 3, 4], dtype=torch.int32)
-    yield "cu-seqlens-ends-at-4", (q, k, v, end4, 0.125, None, None), r"cu_seqlens must run from 0 to T = 5, got 0 \.\. 4"
+    yield (
+        "cu-seqlens-ends-at-4",
+        (q, k, v, end4, 0.125, None, None),
+        r"cu_seqlens must run from 0 to T = 5, got 0 \.\. 4",
+    )
     start1 = torch.tensor([1, 3, 5], dtype=torch.int32)
     yield "cu-seqlens-starts-at-1", (q, k, v, start1, 0.125, None, None), r"cu_seqlens must run from 0 to T = 5"
     decreasing = torch.tensor([0, 4, 3, 5], dtype=torch.int32)
@@ -506,7 +509,11 @@ def _bad_arguments():
     yield "rel-w-alone", (q, k, v, cu, 0.125, None, tables[1]), r"rel_h and rel_w come together"
     big = position_tables(17, 17)
     q289, k289, v289, cu289 = packed_qkv([289], 1)
-    yield "rel-17x17", (q289, k289, v289, cu289, 0.125, *big), r"rel_h must be a gathered position table \(n, n, 64\) with n <= 16"
+    yield (
+        "rel-17x17",
+        (q289, k289, v289, cu289, 0.125, *big),
+        r"rel_h must be a gathered position table \(n, n, 64\) with n <= 16",
+    )
     yield "rel-w-fp32", (q, k, v, cu, 0.125, tables[0], tables[1].float()), r"rel_w must be a contiguous bfloat16"
     grid_args = (grid_q, grid_k, grid_v, cu_seqlens_of([15, 14]), 0.125, *tables)
     yield "seq-not-3x5", grid_args, r"every sequence must be the 3x5 grid of 15 tokens, got one of 14"
@@ -589,7 +596,10 @@ def test_cpu_backend_uses_the_kernel(backend, monkeypatch):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     """The kernels are candidates the CPU backend measures for bf16 (mematte_kernels.selection)."""
     table = dispatch.resolve(backend, "cpu")
-    for field, kernel in (("varlen_attention", native.varlen_attention_bf16), ("window_attention", native.window_attention_bf16)):
+    for field, kernel in (
+        ("varlen_attention", native.varlen_attention_bf16),
+        ("window_attention", native.window_attention_bf16),
+    ):
         assert getattr(table, field) is cpu_choices.selected()[field]
         assert kernel in [c.fn for c in getattr(table, field).runnable(torch.bfloat16)]
 

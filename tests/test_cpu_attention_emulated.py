@@ -6,6 +6,7 @@ whole-grid position terms of ``relpos_attention``.
 The stand-ins are checked first on the paths that run on AVX512-BF16 hardware elsewhere in
 the suite (varlen and window attention): same 2x rule against a float64 reference.
 """
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@
 output is the reference's. fp32 within fp32 rounding; bf16/fp16 within 2x the low-precision
 error against the reference in fp32: the larger of the reference's own error run in that
 dtype and the error of rounding the fp32 result to it (some references compute in fp32)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,11 @@ from mematte_kernels import cpu_choices, dispatch, native, reference
 
 pytestmark = pytest.mark.usefixtures("nan_filled_outputs")
 
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.bfloat16, id="bf16"),
+    pytest.param(torch.float16, id="fp16"),
+]
 CASES = [(op, c.name) for op, selected in cpu_choices.selected().items() for c in selected.candidates]
 
 
@@ -61,7 +66,9 @@ def test_candidate_matches_reference(field, name, dtype):
     pytest.param((1, 3, 6, 5), (2, 3, 3, 3), 1, 0, id="6x5-3x3-valid"),
 ])  # fmt: skip
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_fp32_conv_in_one_row_bands_equals_one_fp32_conv(shape, weight_shape, stride, padding, channels_last, monkeypatch):
+def test_fp32_conv_in_one_row_bands_equals_one_fp32_conv(
+    shape, weight_shape, stride, padding, channels_last, monkeypatch
+):
     """Bands of one output row each (the smallest chunk) cover the whole output, halo and
     padding included: the result is the fp32 convolution, rounded once."""
     monkeypatch.setattr(native, "FP32_CHUNK_BYTES", 1)
@@ -120,7 +127,10 @@ def test_fp32_global_attention_in_strips_of_one_row_equals_one_call(monkeypatch)
     g = torch.Generator().manual_seed(7)
     heads, d, H, W = 2, 16, 5, 7
     qkv = torch.randn(2, H, W, 3 * heads * d, generator=g).bfloat16()
-    rel_h, rel_w = torch.randn(H, H, d, generator=g).bfloat16() * 0.2, torch.randn(W, W, d, generator=g).bfloat16() * 0.2
+    rel_h, rel_w = (
+        torch.randn(H, H, d, generator=g).bfloat16() * 0.2,
+        torch.randn(W, W, d, generator=g).bfloat16() * 0.2,
+    )
     expected = native.global_attention(qkv.float(), rel_h.float(), rel_w.float(), heads, d**-0.5)
     monkeypatch.setattr(native, "GLOBAL_CHUNK_LOGITS", 1)
     out = native.global_attention_fp32(qkv, rel_h, rel_w, heads, d**-0.5)
@@ -150,8 +160,9 @@ def test_fp32_candidates_refuse_gradients_by_name(op, args):
         op(*args())
 
 
-@pytest.mark.parametrize("stride, padding",
-                         [pytest.param(1, 1, id="s1-p1"), pytest.param(2, 1, id="s2-p1"), pytest.param(1, 0, id="s1-p0")])
+@pytest.mark.parametrize(
+    "stride, padding", [pytest.param(1, 1, id="s1-p1"), pytest.param(2, 1, id="s2-p1"), pytest.param(1, 0, id="s1-p0")]
+)
 def test_conv2d_reference_gradcheck(stride, padding):
     """The conv2d table op trains through its reference: gradients of input, weight and bias."""
     g = torch.Generator().manual_seed(8)

@@ -10,6 +10,7 @@ plus a floor of 1e-3 for the bf16 kernel; fp32 is held to 1e-5. Grids cross the 
 query blocks (32, 48), key blocks (128) and tiles (16), the AVX512 kernel's 1024-token
 short/long split, one-row and one-column grids, h ≠ w, resized tables and an empty batch.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -126,7 +127,9 @@ def _check_low_precision(out, qkv, rel_h, rel_w, heads, floor=0.0):
 
 
 @needs_avx2_attention
-@pytest.mark.parametrize("dtype", [pytest.param(d, id=str(d)[6:]) for d in (torch.float32, torch.bfloat16, torch.float16)])
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(d, id=str(d)[6:]) for d in (torch.float32, torch.bfloat16, torch.float16)]
+)
 @pytest.mark.parametrize("B, H, W, heads", [pytest.param(*v, id=k) for k, v in GRIDS.items()])
 def test_avx2_kernel_matches_upstream(B, H, W, heads, dtype):
     qkv, rel_h, rel_w, heads = grid_case(B, H, W, heads, dtype)

@@ -6,6 +6,7 @@ device". The default architecture list has code for Turing (the paper's 2080 Ti)
 consumer Ampere and the H100, and carries PTX, so GPUs newer than the H100 compile it when
 the module loads; the local GPUs' own architectures are added when there are any.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -107,10 +108,10 @@ def test_build_covers_the_local_gpu(setup_module):
     "built, reason",
     [
         pytest.param(None, "mematte_kernels._C is not built", id="no-extension"),
-        pytest.param(types.SimpleNamespace(cuda_compiled=False, cuda_opted_out=True), "MEMATTE_NO_CUDA=1",
-                     id="opted-out"),
-        pytest.param(types.SimpleNamespace(cuda_compiled=False, cuda_opted_out=False), "nvcc not found",
-                     id="no-nvcc"),
+        pytest.param(
+            types.SimpleNamespace(cuda_compiled=False, cuda_opted_out=True), "MEMATTE_NO_CUDA=1", id="opted-out"
+        ),
+        pytest.param(types.SimpleNamespace(cuda_compiled=False, cuda_opted_out=False), "nvcc not found", id="no-nvcc"),
     ],
 )
 def test_auto_on_a_gpu_without_cuda_ltrm_ops_warns(monkeypatch, caplog, built, reason):

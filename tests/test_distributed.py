@@ -1,5 +1,6 @@
 """``mematte predict`` and ``eval`` under torchrun: the folder shared among the processes,
 outputs and scores exactly those of one process; and the launch environment itself."""
+
 import contextlib
 import csv
 import io
@@ -46,9 +47,23 @@ def torchrun(*argv):
     """``torchrun --standalone --nproc-per-node 2 -m mematte ... --device cpu --backend reference`` (gloo)."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # torchrun's default
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(PROCESSES),
-         "-m", "mematte", *map(str, argv), *MODEL],
-        env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(PROCESSES),
+            "-m",
+            "mematte",
+            *map(str, argv),
+            *MODEL,
+        ],
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +77,10 @@ def dataset(tmp_path_factory):
         h, w = 37 + 4 * i, 61 - 3 * i
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "merged" / f"img{i}.png")
         trimap = np.full((h, w), 128, np.uint8)
-        trimap[:, : w // 4], trimap[:, -(w // 4):] = 0, 255
+        trimap[:, : w // 4], trimap[:, -(w // 4) :] = 0, 255
         Image.fromarray(trimap).save(root / "trimaps" / f"img{i}.png")
         truth = np.zeros((h, w), np.uint8)
-        truth[:, w // 2 + i - 3:] = 255
+        truth[:, w // 2 + i - 3 :] = 255
         Image.fromarray(truth).save(root / "alpha_copy" / f"img{i}.png")
     return root
 
@@ -77,16 +92,18 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def single_predict(dataset, checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "out"
-    rc, _, stderr = run("predict", dataset / "merged", "--trimap", dataset / "trimaps", "--checkpoint", checkpoint,
-                        "-o", out, "--rgba")
+    rc, _, stderr = run(
+        "predict", dataset / "merged", "--trimap", dataset / "trimaps", "--checkpoint", checkpoint, "-o", out, "--rgba"
+    )
     assert rc == 0, stderr
     return out
 
 
 def test_torchrun_predict_writes_the_outputs_of_one_process(dataset, checkpoint, single_predict, tmp_path):
     out = tmp_path / "out"
-    proc = torchrun("predict", dataset / "merged", "--trimap", dataset / "trimaps", "--checkpoint", checkpoint,
-                    "-o", out, "--rgba")
+    proc = torchrun(
+        "predict", dataset / "merged", "--trimap", dataset / "trimaps", "--checkpoint", checkpoint, "-o", out, "--rgba"
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert folder_bytes(out) == folder_bytes(single_predict)
     assert proc.stdout == f"7 of 7 images matted into {out}\n"  # rank 0 reports for both
@@ -100,12 +117,22 @@ def test_torchrun_predict_writes_the_outputs_of_one_process(dataset, checkpoint,
 def test_torchrun_predict_skip_existing_resumes_on_every_rank(dataset, checkpoint, single_predict, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(single_predict, out)
-    (out / "img3_rgba.png").unlink()                # rank 1's image, cut short
+    (out / "img3_rgba.png").unlink()  # rank 1's image, cut short
     (out / "img4_alpha.png").write_bytes(b"stale")  # rank 0's, cut short before its rgba
     (out / "img4_rgba.png").unlink()
     kept = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if not p.name.startswith(("img3", "img4"))}
-    proc = torchrun("predict", dataset / "merged", "--trimap", dataset / "trimaps", "--checkpoint", checkpoint,
-                    "-o", out, "--rgba", "--skip-existing")
+    proc = torchrun(
+        "predict",
+        dataset / "merged",
+        "--trimap",
+        dataset / "trimaps",
+        "--checkpoint",
+        checkpoint,
+        "-o",
+        out,
+        "--rgba",
+        "--skip-existing",
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout == f"2 of 7 images matted into {out} (5 skipped: their outputs exist)\n"
     assert folder_bytes(out) == folder_bytes(single_predict)
@@ -122,8 +149,10 @@ def test_torchrun_eval_prints_the_scores_and_means_of_one_process(dataset, check
     assert rc == 1 and proc.returncode == 1, proc.stderr[-4000:]
 
     def scores(stdout):  # every line, with time and peak memory left out
-        return [line.split()[:5] if line.split()[0].startswith(("img", "mean")) and len(line.split()) == 7 else line
-                for line in stdout.splitlines()]
+        return [
+            line.split()[:5] if line.split()[0].startswith(("img", "mean")) and len(line.split()) == 7 else line
+            for line in stdout.splitlines()
+        ]
 
     assert scores(proc.stdout) == scores(single_out)
     lines = proc.stdout.splitlines()
@@ -135,8 +164,9 @@ def test_torchrun_eval_prints_the_scores_and_means_of_one_process(dataset, check
     assert proc.stderr.count("mematte eval: 1 of 8 images failed") == 1
 
     def csv_scores(path):
-        return [{k: v for k, v in row.items() if k not in ("time_s", "peak_mem_mib")}
-                for row in csv.DictReader(path.open())]
+        return [
+            {k: v for k, v in row.items() if k not in ("time_s", "peak_mem_mib")} for row in csv.DictReader(path.open())
+        ]
 
     assert csv_scores(tmp_path / "torchrun.csv") == csv_scores(tmp_path / "single.csv")
 
@@ -168,13 +198,17 @@ def keep_threads():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("omp, ddp, device, threads", [
-    ("1", Distributed(1, 4, 1, 2), "cpu", 4),    # torchrun's default: this process's share of 8 cores
-    (None, Distributed(1, 4, 1, 2), "cpu", 4),
-    ("3", Distributed(1, 4, 1, 2), "cpu", None),  # set by the user: kept
-    ("1", Distributed(), "cpu", None),            # one process: as it is
-    ("1", Distributed(1, 4, 1, 2), "cuda", None),
-], ids=["torchrun-default", "unset", "user-set", "one-process", "cuda-device"])
+@pytest.mark.parametrize(
+    "omp, ddp, device, threads",
+    [
+        ("1", Distributed(1, 4, 1, 2), "cpu", 4),  # torchrun's default: this process's share of 8 cores
+        (None, Distributed(1, 4, 1, 2), "cpu", 4),
+        ("3", Distributed(1, 4, 1, 2), "cpu", None),  # set by the user: kept
+        ("1", Distributed(), "cpu", None),  # one process: as it is
+        ("1", Distributed(1, 4, 1, 2), "cuda", None),
+    ],
+    ids=["torchrun-default", "unset", "user-set", "one-process", "cuda-device"],
+)
 def test_cpu_processes_share_the_cores(monkeypatch, keep_threads, omp, ddp, device, threads):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     if omp is None:
@@ -205,6 +239,20 @@ def test_predict_takes_the_gpu_of_its_local_rank_before_the_model_loads(monkeypa
 
     monkeypatch.setattr(commands.api, "load_model", load_model)
     with pytest.raises(ModelLoaded):
-        main(["predict", str(dataset / "merged"), "--trimap", str(dataset / "trimaps"), "--checkpoint",
-              str(checkpoint), "-o", str(tmp_path), "--dtype", "float32", "--backend", "reference"])
+        main(
+            [
+                "predict",
+                str(dataset / "merged"),
+                "--trimap",
+                str(dataset / "trimaps"),
+                "--checkpoint",
+                str(checkpoint),
+                "-o",
+                str(tmp_path),
+                "--dtype",
+                "float32",
+                "--backend",
+                "reference",
+            ]
+        )
     assert events == [("set_device", torch.device("cuda", 1)), ("load_model", torch.device("cuda", 1))]

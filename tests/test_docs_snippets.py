@@ -8,6 +8,7 @@ small photo with its trimap. A block whose info string carries a title in SKIPPE
 its time budget (title="slow": exports of a whole model, which tests/test_export_*.py run
 end to end) — and is not run.
 """
+
 import json
 import re
 import shutil
@@ -76,16 +77,32 @@ def files(tmp_path_factory) -> Path:
     hf_dir = folder / "vitmatte-small-composition-1k"
     hf_dir.mkdir()
     save_file({k: v.contiguous() for k, v in hf.hf_from_upstream(vitmatte).items()}, hf_dir / "model.safetensors")
-    (hf_dir / "config.json").write_text(json.dumps({
-        "model_type": "vitmatte", "architectures": ["VitMatteForImageMatting"], "hidden_size": 384,
-        "convstream_hidden_sizes": [48, 96, 192], "fusion_hidden_sizes": [256, 128, 64, 32],
-        "backbone_config": {
-            "model_type": "vitdet", "hidden_size": 384, "num_attention_heads": 6, "num_hidden_layers": 12,
-            "num_channels": 4, "patch_size": 16, "image_size": 512, "window_size": 14,
-            "window_block_indices": [0, 1, 3, 4, 6, 7, 9, 10], "residual_block_indices": [2, 5, 8, 11],
-            "use_relative_position_embeddings": True, "out_features": ["stage12"], "out_indices": [12],
-        },
-    }))
+    (hf_dir / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "vitmatte",
+                "architectures": ["VitMatteForImageMatting"],
+                "hidden_size": 384,
+                "convstream_hidden_sizes": [48, 96, 192],
+                "fusion_hidden_sizes": [256, 128, 64, 32],
+                "backbone_config": {
+                    "model_type": "vitdet",
+                    "hidden_size": 384,
+                    "num_attention_heads": 6,
+                    "num_hidden_layers": 12,
+                    "num_channels": 4,
+                    "patch_size": 16,
+                    "image_size": 512,
+                    "window_size": 14,
+                    "window_block_indices": [0, 1, 3, 4, 6, 7, 9, 10],
+                    "residual_block_indices": [2, 5, 8, 11],
+                    "use_relative_position_embeddings": True,
+                    "out_features": ["stage12"],
+                    "out_indices": [12],
+                },
+            }
+        )
+    )
     shutil.copy(hf_dir / "model.safetensors", folder / "model.safetensors")
 
     image, trimap = _photo()
@@ -125,8 +142,7 @@ def test_the_pages_run_some_code_and_skip_only_marked_blocks():
 def _anchors(page: Path) -> set[str]:
     """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces to hyphens."""
     text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
-    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
-            for h in re.findall(r"^#+ (.*)$", text, re.M)}
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", text, re.M)}
 
 
 @pytest.mark.parametrize("page", PAGES, ids=_page_id)

@@ -1,5 +1,6 @@
 """``model.estimate_memory``: against the peak resident memory of fresh processes matting
 one image on the CPU (tests/memory_worker.py), and as ``mematte info --size`` prints it."""
+
 from __future__ import annotations
 
 import json
@@ -17,17 +18,28 @@ from mematte.cli import main
 WORKER = Path(__file__).with_name("memory_worker.py")
 ROOT = WORKER.parents[1]
 # Sizes apart from those the constants were fitted at (256² .. 2048², docs/serving.md).
-CASES = [("mematte", "bfloat16", 384, 640), ("mematte", "float32", 640, 480),
-         ("vitmatte", "bfloat16", 640, 480), ("vitmatte", "float32", 384, 640)]
+CASES = [
+    ("mematte", "bfloat16", 384, 640),
+    ("mematte", "float32", 640, 480),
+    ("vitmatte", "bfloat16", 640, 480),
+    ("vitmatte", "float32", 384, 640),
+]
 
 
 @pytest.fixture(scope="module")
 def measured():
     """Every case's worker at once (they are small), each in a fresh process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, str(WORKER), kind, dtype, str(h), str(w)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for kind, dtype, h, w in CASES]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), kind, dtype, str(h), str(w)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for kind, dtype, h, w in CASES
+    ]
     results = {}
     for case, proc in zip(CASES, procs):
         out, err = proc.communicate(timeout=300)
@@ -58,8 +70,9 @@ def test_info_prints_the_estimate_for_each_size(checkpoint, capsys):
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("memory:")]
     assert len(lines) == 2 and "3840×2160" in lines[0] and "640×480" in lines[1]
-    model = FastMEMatte.from_checkpoint(torch.load(checkpoint, weights_only=True),
-                                        dtype=torch.bfloat16 if "bfloat16" in lines[0] else torch.float32)
+    model = FastMEMatte.from_checkpoint(
+        torch.load(checkpoint, weights_only=True), dtype=torch.bfloat16 if "bfloat16" in lines[0] else torch.float32
+    )
     assert f"{model.estimate_memory(2160, 3840) / 2**30:.2f} GiB" in lines[0]
 
 

@@ -1,5 +1,6 @@
 """ONNX export: one file per model, checked against the PyTorch reference backend (fp32)
 at several sizes in ONNX Runtime's CPU provider, and the ``mematte export`` command."""
+
 import contextlib
 import io
 import json
@@ -169,8 +170,10 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path):
 
 
 def test_importing_mematte_does_not_import_onnx():
-    code = ("import sys, mematte, mematte.export; f = mematte.export_onnx; "
-            "print(sorted(m for m in ('onnx', 'onnxruntime', 'torch') if m in sys.modules))")
+    code = (
+        "import sys, mematte, mematte.export; f = mematte.export_onnx; "
+        "print(sorted(m for m in ('onnx', 'onnxruntime', 'torch') if m in sys.modules))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

@@ -1,5 +1,6 @@
 """``torch.export`` of the fast path: one program file for every image size, run by a
 process that imports only ``torch`` and ``mematte_kernels``, equal to the eager model."""
+
 import json
 import os
 import subprocess

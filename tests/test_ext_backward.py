@@ -8,6 +8,7 @@ error against an fp32 oracle (the reference's autograd on the upcast inputs and 
 incoming gradient) may be at most twice PyTorch's own error, the reference's autograd run in
 that dtype, plus a floor of 1e-5 of the largest magnitude.
 """
+
 from __future__ import annotations
 
 import functools
@@ -156,9 +157,10 @@ def test_noncontiguous_incoming_grad():
     loss = ext.dwconv_gelu(*leaves).sum() + (ext.dwconv_gelu(*leaves).permute(0, 3, 1, 2) * torch.arange(9.0)).sum()
     grads = torch.autograd.grad(loss, leaves)
     ref_leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
-    ref_loss = reference.dwconv_gelu(*ref_leaves).sum() + (
-        reference.dwconv_gelu(*ref_leaves).permute(0, 3, 1, 2) * torch.arange(9.0, dtype=torch.float64)
-    ).sum()
+    ref_loss = (
+        reference.dwconv_gelu(*ref_leaves).sum()
+        + (reference.dwconv_gelu(*ref_leaves).permute(0, 3, 1, 2) * torch.arange(9.0, dtype=torch.float64)).sum()
+    )
     for g, ref in zip(grads, torch.autograd.grad(ref_loss, ref_leaves)):
         assert max_rel_err(g, ref) <= 1e-4
 

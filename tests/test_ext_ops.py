@@ -4,6 +4,7 @@ fp32 must match the reference to 1e-5 relative (max error over max magnitude). H
 precision is judged against an fp32 reference computed from the same (upcast) inputs: the
 kernel's error may be at most twice PyTorch's own error in that dtype.
 """
+
 from __future__ import annotations
 
 import os
@@ -176,7 +177,9 @@ def _eca_args(**override):
             id="x-float64",
         ),
         pytest.param(
-            _dwconv_args(weight=torch.randn(8, 1, 5, 5)), r"weight has 8 channels but x has C = 16", id="weight-channels"
+            _dwconv_args(weight=torch.randn(8, 1, 5, 5)),
+            r"weight has 8 channels but x has C = 16",
+            id="weight-channels",
         ),
         pytest.param(_dwconv_args(weight=torch.randn(16, 1, 3, 3)), r"depthwise 5x5 kernel", id="weight-3x3"),
         pytest.param(_dwconv_args(bias=torch.randn(8)), r"bias must have shape \(C,\) = \(16,\)", id="bias-shape"),

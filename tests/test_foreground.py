@@ -1,4 +1,5 @@
 """Multi-level foreground estimation on composites whose true foreground is known."""
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -35,8 +36,7 @@ def test_result_is_a_fixed_point_of_the_per_pixel_solve():
     given its 4 neighbours (clamped at the border), then clipped to [0, 1]."""
     image, alpha, _ = synthetic_composite(14, 18)
     eps = 1e-5
-    fg, bg = estimate_foreground(image, alpha, regularization=eps, n_small_iterations=300,
-                                 return_background=True)
+    fg, bg = estimate_foreground(image, alpha, regularization=eps, n_small_iterations=300, return_background=True)
     h, w = alpha.shape
     worst = 0.0
     for y in range(h):
@@ -90,5 +90,7 @@ def test_pil_and_grey_images_are_read_as_rgb():
     alpha = rng.random((12, 10)).astype(np.float32)
     as_rgb = estimate_foreground(np.repeat(grey[:, :, None], 3, axis=2), alpha)
     np.testing.assert_array_equal(estimate_foreground(grey, alpha), as_rgb)
-    np.testing.assert_array_equal(estimate_foreground(Image.fromarray(grey), Image.fromarray(np.uint8(alpha * 255))),
-                                  estimate_foreground(grey, np.uint8(alpha * 255)))
+    np.testing.assert_array_equal(
+        estimate_foreground(Image.fromarray(grey), Image.fromarray(np.uint8(alpha * 255))),
+        estimate_foreground(grey, np.uint8(alpha * 255)),
+    )

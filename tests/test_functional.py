@@ -1,6 +1,7 @@
 """The public ops mematte_kernels.policy_attention, varlen_attention and global_attention:
 dispatch as the model's (MEMATTE_BACKEND honoured), gradients on every backend, and clear
 errors for bad input."""
+
 from __future__ import annotations
 
 import pytest
@@ -38,8 +39,12 @@ def test_policy_attention_every_backend(backend, monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, backend)
     q, k, v, p = make_inputs(2, 33, 2, policy="soft", seed=11)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(12))
-    assert_matches_fp64(lambda *t: mematte_kernels.policy_attention(*t, scale=0.3, eps=1e-3),
-                        lambda *t: reference.policy_attention(*t, scale=0.3, eps=1e-3), [q, k, v, p], dout)
+    assert_matches_fp64(
+        lambda *t: mematte_kernels.policy_attention(*t, scale=0.3, eps=1e-3),
+        lambda *t: reference.policy_attention(*t, scale=0.3, eps=1e-3),
+        [q, k, v, p],
+        dout,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -47,8 +52,12 @@ def test_varlen_attention_every_backend(backend, monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, backend)
     q, k, v, cu_seqlens, max_seqlen = packed_qkv([40, 0, 9], 2, torch.float32, seed=13)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(14))
-    assert_matches_fp64(lambda *t: mematte_kernels.varlen_attention(*t, cu_seqlens, max_seqlen, scale=0.3),
-                        lambda *t: reference.varlen_attention(*t, cu_seqlens, max_seqlen, scale=0.3), [q, k, v], dout)
+    assert_matches_fp64(
+        lambda *t: mematte_kernels.varlen_attention(*t, cu_seqlens, max_seqlen, scale=0.3),
+        lambda *t: reference.varlen_attention(*t, cu_seqlens, max_seqlen, scale=0.3),
+        [q, k, v],
+        dout,
+    )
 
 
 def test_training_tables_keep_the_attention_paths():
@@ -71,12 +80,16 @@ def test_triton_backend_runs_the_kernels(monkeypatch):
     q, k, v, p = make_inputs(1, 20, 2, policy="random", seed=15)
     assert torch.equal(mematte_kernels.policy_attention(q, k, v, p), triton_ops.policy_attention(q, k, v, p))
     q, k, v, cu_seqlens, max_seqlen = packed_qkv([12, 5], 2, torch.float32, seed=16)
-    assert torch.equal(mematte_kernels.varlen_attention(q, k, v, cu_seqlens, max_seqlen),
-                       triton_ops.varlen_attention(q, k, v, cu_seqlens, max_seqlen))
+    assert torch.equal(
+        mematte_kernels.varlen_attention(q, k, v, cu_seqlens, max_seqlen),
+        triton_ops.varlen_attention(q, k, v, cu_seqlens, max_seqlen),
+    )
     qkv, table_h, table_w = grid_inputs(1, 3, 4, 1, seed=17)
     rel_h, rel_w = reference.rel_pos_table(3, 3, table_h), reference.rel_pos_table(4, 4, table_w)
-    assert torch.equal(mematte_kernels.global_attention(qkv, table_h, table_w, 1),
-                       triton_ops.global_attention(qkv, rel_h, rel_w, 1, 0.125))
+    assert torch.equal(
+        mematte_kernels.global_attention(qkv, table_h, table_w, 1),
+        triton_ops.global_attention(qkv, rel_h, rel_w, 1, 0.125),
+    )
 
 
 def grid_inputs(B, H, W, heads, dtype=torch.float32, seed=0):
@@ -108,8 +121,12 @@ def test_global_attention_every_backend(backend, monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, backend)
     qkv, table_h, table_w = grid_inputs(2, 5, 7, 2, seed=18)
     dout = torch.randn(2, 5, 7, 128, generator=torch.Generator().manual_seed(19))
-    assert_matches_fp64(lambda *t: mematte_kernels.global_attention(*t, 2, scale=0.3),
-                        lambda *t: upstream_global(*t, 2, 0.3), [qkv, table_h, table_w], dout)
+    assert_matches_fp64(
+        lambda *t: mematte_kernels.global_attention(*t, 2, scale=0.3),
+        lambda *t: upstream_global(*t, 2, 0.3),
+        [qkv, table_h, table_w],
+        dout,
+    )
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(d, id=str(d)[6:]) for d in (torch.float32, torch.bfloat16)])
@@ -141,8 +158,9 @@ def _bad_global_inputs():
     yield "table-list", (qkv, th, tw.tolist(), 2), TypeError, "rel_pos_w must be a tensor, got list"
 
 
-@pytest.mark.parametrize("args, error, message",
-                         [pytest.param(a, e, m, id=name) for name, a, e, m in _bad_global_inputs()])
+@pytest.mark.parametrize(
+    "args, error, message", [pytest.param(a, e, m, id=name) for name, a, e, m in _bad_global_inputs()]
+)
 def test_global_attention_rejects_bad_input(args, error, message):
     with pytest.raises(error, match=message):
         mematte_kernels.global_attention(*args)
@@ -161,8 +179,9 @@ def _bad_policy_inputs():
     yield "policy-list", (q, k, v, p.tolist()), TypeError, "policy must be a tensor, got list"
 
 
-@pytest.mark.parametrize("args, error, message",
-                         [pytest.param(a, e, m, id=name) for name, a, e, m in _bad_policy_inputs()])
+@pytest.mark.parametrize(
+    "args, error, message", [pytest.param(a, e, m, id=name) for name, a, e, m in _bad_policy_inputs()]
+)
 def test_policy_attention_rejects_bad_input(args, error, message):
     with pytest.raises(error, match=message):
         mematte_kernels.policy_attention(*args)
@@ -178,8 +197,12 @@ def _bad_varlen_inputs():
     yield "cu-seqlens-int64", (q, k, v, cu.long(), n), TypeError, "cu_seqlens must be int32, got torch.int64"
     yield "cu-seqlens-short", (q, k, v, cu[:-1], n), ValueError, r"cu_seqlens must run from 0 to T = 5 .* got 0 to 3"
     yield "cu-seqlens-offset", (q, k, v, cu + 1, n), ValueError, "cu_seqlens must run from 0 to T = 5"
-    yield "cu-seqlens-decreasing", (q, k, v, torch.tensor([0, 4, 2, 5], dtype=torch.int32), 4), ValueError, \
-        "non-decreasing"
+    yield (
+        "cu-seqlens-decreasing",
+        (q, k, v, torch.tensor([0, 4, 2, 5], dtype=torch.int32), 4),
+        ValueError,
+        "non-decreasing",
+    )
     yield "cu-seqlens-2d", (q, k, v, cu[None], n), ValueError, "cu_seqlens must be 1-D"
     yield "cu-seqlens-empty", (q, k, v, cu[:0], n), ValueError, "cu_seqlens must be 1-D with B \\+ 1 >= 1 offsets"
     yield "cu-seqlens-device", (q, k, v, cu.to("meta"), n), ValueError, "cu_seqlens is on meta but q is on cpu"
@@ -189,8 +212,9 @@ def _bad_varlen_inputs():
     yield "mixed-dtypes", (q, k, v.bfloat16(), cu, n), TypeError, "one dtype, got v torch.bfloat16"
 
 
-@pytest.mark.parametrize("args, error, message",
-                         [pytest.param(a, e, m, id=name) for name, a, e, m in _bad_varlen_inputs()])
+@pytest.mark.parametrize(
+    "args, error, message", [pytest.param(a, e, m, id=name) for name, a, e, m in _bad_varlen_inputs()]
+)
 def test_varlen_attention_rejects_bad_input(args, error, message):
     with pytest.raises(error, match=message):
         mematte_kernels.varlen_attention(*args)

@@ -9,6 +9,7 @@ forward does, input checks included. The routed blocks take one each (the per-im
 counts, which size the packed buffers), so 4 of the 6 are theirs; the model's input checks
 share what is left, and must fold all their value checks into one sync.
 """
+
 from __future__ import annotations
 
 import sys
@@ -34,8 +35,16 @@ aten = torch.ops.aten
 # Ops that return host values computed from device data, or whose output shape depends on
 # device data: each one waits for the stream.
 SYNCING_OPS = {
-    aten.nonzero, aten.item, aten._local_scalar_dense, aten.is_nonzero, aten.equal, aten.masked_select,
-    aten.unique_consecutive, aten._unique, aten._unique2, aten.unique_dim,
+    aten.nonzero,
+    aten.item,
+    aten._local_scalar_dense,
+    aten.is_nonzero,
+    aten.equal,
+    aten.masked_select,
+    aten.unique_consecutive,
+    aten._unique,
+    aten._unique2,
+    aten.unique_dim,
 }
 # Ops that sync when indexed with a boolean mask (it is turned into indices on the host).
 MASK_INDEXING_OPS = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
@@ -133,9 +142,7 @@ def model(max_tokens, backend="triton"):
 
 
 @needs_triton
-@pytest.mark.parametrize(
-    "max_tokens", [pytest.param(None, id="no-cap"), pytest.param(5, id="cap-reached")]
-)
+@pytest.mark.parametrize("max_tokens", [pytest.param(None, id="no-cap"), pytest.param(5, id="cap-reached")])
 def test_forward_stays_within_the_sync_budget(max_tokens):
     """The GPU path (Triton routed blocks) on the CPU: at most FORWARD_SYNC_BUDGET syncs in
     one forward, input checks included, whether or not the token cap is reached."""

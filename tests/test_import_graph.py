@@ -1,6 +1,7 @@
 """The package reads top-down (kernels -> building blocks -> models -> tools): no module of
 ``mematte`` imports, directly or through others, a module that imports it back. Imports
 inside functions count too: a lazy import hides a cycle, it does not remove it."""
+
 import ast
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
     def visit(node):
         if node in path:
-            return path[path.index(node):] + [node]
+            return path[path.index(node) :] + [node]
         if node in done:
             return None
         path.append(node)

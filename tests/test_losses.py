@@ -1,4 +1,5 @@
 """The training losses on inputs whose values are known in closed form."""
+
 import math
 
 import pytest

@@ -1,4 +1,5 @@
 """Matting metrics against values worked out by hand on tiny maps."""
+
 import math
 from collections import deque
 
@@ -74,7 +75,7 @@ def test_grad_of_a_ramp_against_a_flat_map():
     # gy = 0. For σ = 1.4, |Σ_ij hx[i, j]·j| = 9.6838…
     sigma, a = 1.4, 0.01
     offsets = np.arange(-4, 5)
-    g = np.exp(-offsets**2 / (2 * sigma**2)) / (sigma * math.sqrt(2 * math.pi))
+    g = np.exp(-(offsets**2) / (2 * sigma**2)) / (sigma * math.sqrt(2 * math.pi))
     hx = np.outer(g, -offsets * g / sigma**2)
     hx /= np.sqrt(np.sum(hx**2))
     response = abs(np.sum(hx * offsets[None, :]))

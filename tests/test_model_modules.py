@@ -1,4 +1,5 @@
 """Each piece of the spec against a small hand-computed or independently written expectation."""
+
 import math
 import sys
 from pathlib import Path
@@ -97,7 +98,10 @@ def test_rel_pos_attention_against_explicit_logits():
     g = torch.Generator().manual_seed(1)
     B, heads, H, W, d = 1, 2, 3, 4, 8
     q, k, v = (torch.randn(B, heads, H * W, d, generator=g, dtype=torch.float64) for _ in range(3))
-    rel_h, rel_w = torch.randn(H, H, d, generator=g, dtype=torch.float64), torch.randn(W, W, d, generator=g, dtype=torch.float64)
+    rel_h, rel_w = (
+        torch.randn(H, H, d, generator=g, dtype=torch.float64),
+        torch.randn(W, W, d, generator=g, dtype=torch.float64),
+    )
     scale = d**-0.5
     logits = torch.empty(B, heads, H * W, H * W, dtype=torch.float64)
     for i in range(H * W):
@@ -105,7 +109,9 @@ def test_rel_pos_attention_against_explicit_logits():
         for j in range(H * W):
             kh, kw = divmod(j, W)
             qi = q[:, :, i]
-            logits[:, :, i, j] = (qi * k[:, :, j]).sum(-1) * scale + (qi * rel_h[qh, kh]).sum(-1) + (qi * rel_w[qw, kw]).sum(-1)
+            logits[:, :, i, j] = (
+                (qi * k[:, :, j]).sum(-1) * scale + (qi * rel_h[qh, kh]).sum(-1) + (qi * rel_w[qw, kw]).sum(-1)
+            )
     expected = logits.softmax(-1) @ v
     torch.testing.assert_close(reference.rel_pos_attention(q, k, v, rel_h, rel_w, scale), expected)
 
@@ -126,11 +132,18 @@ def test_window_attention_equals_upstream_zero_padding_before_the_projection():
     g = torch.Generator().manual_seed(3)
     B, H, W, C, heads = 2, 15, 17, 8, 2
     tokens = torch.randn(B, H, W, C, generator=g, dtype=torch.float64)
-    weight, bias = torch.randn(3 * C, C, generator=g, dtype=torch.float64), torch.randn(3 * C, generator=g, dtype=torch.float64)
-    rel_h, rel_w = (rel_pos_table(14, 14, torch.randn(27, C // heads, generator=g, dtype=torch.float64)) for _ in range(2))
+    weight, bias = (
+        torch.randn(3 * C, C, generator=g, dtype=torch.float64),
+        torch.randn(3 * C, generator=g, dtype=torch.float64),
+    )
+    rel_h, rel_w = (
+        rel_pos_table(14, 14, torch.randn(27, C // heads, generator=g, dtype=torch.float64)) for _ in range(2)
+    )
     padded = torch.nn.functional.pad(tokens, (0, 0, 0, 28 - W, 0, 28 - H))
     windows = padded.view(B, 2, 14, 2, 14, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, 196, C)
-    q, k, v = torch.nn.functional.linear(windows, weight, bias).view(-1, 196, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+    q, k, v = (
+        torch.nn.functional.linear(windows, weight, bias).view(-1, 196, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+    )
     upstream = reference.rel_pos_attention(q, k, v, rel_h, rel_w, 0.5).transpose(1, 2).reshape(B, 2, 2, 14, 14, C)
     upstream = upstream.permute(0, 1, 3, 2, 4, 5).reshape(B, 28, 28, C)[:, :H, :W]
     qkv = torch.nn.functional.linear(tokens, weight, bias)
@@ -350,13 +363,13 @@ def test_resized_pos_embed_is_kept_until_the_weights_change():
     resized = ResizedPosEmbed()
     with torch.no_grad():
         first = resized(pos, 5, 9)
-        assert resized(pos, 5, 9) is first                     # kept
-        assert not torch.equal(resized(pos, 6, 9), first)      # another grid: resized again
-        pos.add_(1.0)                                          # an in-place update (an optimiser step)
+        assert resized(pos, 5, 9) is first  # kept
+        assert not torch.equal(resized(pos, 6, 9), first)  # another grid: resized again
+        pos.add_(1.0)  # an in-place update (an optimiser step)
         torch.testing.assert_close(resized(pos, 6, 9), abs_pos(pos, 6, 9), rtol=0, atol=0)
-        pos.data = torch.randn(1, 197, 8)                      # new weights under the same Parameter
+        pos.data = torch.randn(1, 197, 8)  # new weights under the same Parameter
         torch.testing.assert_close(resized(pos, 6, 9), abs_pos(pos, 6, 9), rtol=0, atol=0)
-    out = resized(pos, 6, 9)                                   # with autograd: part of the graph
+    out = resized(pos, 6, 9)  # with autograd: part of the graph
     assert out.requires_grad and out is not resized.grid
 
 
@@ -370,5 +383,9 @@ def test_model_output_follows_newly_loaded_weights(checkpoint):
     model.load_state_dict(other)
     fresh = FastMEMatte.from_checkpoint(other)
     with torch.inference_mode():
-        torch.testing.assert_close(model({"image": image, "trimap": trimap})[0]["phas"],
-                                   fresh({"image": image, "trimap": trimap})[0]["phas"], rtol=0, atol=0)
+        torch.testing.assert_close(
+            model({"image": image, "trimap": trimap})[0]["phas"],
+            fresh({"image": image, "trimap": trimap})[0]["phas"],
+            rtol=0,
+            atol=0,
+        )

@@ -1,5 +1,6 @@
 """FastMEMatte against the published MEMatte: state-dict manifest and golden outputs of the
 original code (fp32, CPU) on synthetic weights."""
+
 import pytest
 import torch
 

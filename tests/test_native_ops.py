@@ -1,5 +1,6 @@
 """The PyTorch-native fast ops (CPU backend, window attention of every fast backend)
 against their references."""
+
 import pytest
 import torch
 
@@ -28,7 +29,11 @@ def router_args(B, N, C, dtype, seed=0):
 
 @pytest.mark.parametrize(
     "B, N, C",
-    [pytest.param(1, 1, 8, id="B1-N1-C8"), pytest.param(2, 63, 384, id="B2-N63-C384"), pytest.param(3, 1000, 96, id="B3-N1000-C96")],
+    [
+        pytest.param(1, 1, 8, id="B1-N1-C8"),
+        pytest.param(2, 63, 384, id="B2-N63-C384"),
+        pytest.param(3, 1000, 96, id="B3-N1000-C96"),
+    ],
 )
 def test_router_folds_global_half_into_bias(B, N, C):
     args = router_args(B, N, C, torch.float32)

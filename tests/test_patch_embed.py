@@ -5,6 +5,7 @@ torch 2.14's oneDNN bf16 conv2d on Intel CPUs with AMX returns wrong numbers for
 the reference backend used to inherit it. The bf16 test below fails on such a CPU when the
 conv is used; everywhere, no backend may run a convolution for it.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -48,11 +49,21 @@ def test_bf16_is_as_close_as_rounding_allows(B, H, W):
     exact = conv_tokens(x.double(), weight.double(), bias.double())
     rounding = (exact.to(torch.bfloat16).double() - exact).abs().mean()
     error = (out.double() - exact).abs().mean()
-    assert error <= 2 * rounding, f"mean error {error:.3g} vs bf16 rounding {rounding:.3g} (output scale {exact.abs().mean():.3g})"
+    assert error <= 2 * rounding, (
+        f"mean error {error:.3g} vs bf16 rounding {rounding:.3g} (output scale {exact.abs().mean():.3g})"
+    )
 
 
-BACKENDS = ["reference", "cpu", pytest.param("triton", marks=pytest.mark.skipif(
-    not triton_common.INTERPRET, reason="the triton backend on CPU tensors needs TRITON_INTERPRET=1"))]
+BACKENDS = [
+    "reference",
+    "cpu",
+    pytest.param(
+        "triton",
+        marks=pytest.mark.skipif(
+            not triton_common.INTERPRET, reason="the triton backend on CPU tensors needs TRITON_INTERPRET=1"
+        ),
+    ),
+]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -6,6 +6,7 @@ a row-by-row transcription of TRAINING.md's formula and against plain attention 
 limits where the policy is trivial. Without a GPU the kernels run in Triton's interpreter
 (see conftest.py), so their sizes are small and odd (not multiples of the blocks).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -63,7 +64,7 @@ def test_reference_matches_formula(B, N, policy):
     # A large eps makes the eps/N terms visible in fp32.
     for scale, eps in ((None, 1e-6), (0.7, 0.3)):
         out = reference.policy_attention(q, k, v, p, scale, eps)
-        expected = row_by_row(q, k, v, p, 8 ** -0.5 if scale is None else scale, eps)
+        expected = row_by_row(q, k, v, p, 8**-0.5 if scale is None else scale, eps)
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -128,13 +129,29 @@ def run_kernels(q, k, v, p, dout, scale=None, eps=1e-6):
     out_fp32 = None if q.dtype == torch.float32 else nan_like(q, torch.float32)
     stats = torch.full((B, heads, N), float("nan"))
     row_max, denom, row_argmax = stats.clone(), stats.clone(), torch.full((B, heads, N), -7, dtype=torch.int32)
-    launch_forward(q, k, v, p, scale, eps, out=out, out_fp32=out_fp32, row_max=row_max, row_argmax=row_argmax,
-                   denom=denom)
+    launch_forward(
+        q, k, v, p, scale, eps, out=out, out_fp32=out_fp32, row_max=row_max, row_argmax=row_argmax, denom=denom
+    )
     if out_fp32 is not None:
         assert torch.equal(out_fp32.to(q.dtype), out)
     dq, dk, dv, dpolicy_per_head = nan_like(q), nan_like(q), nan_like(q), stats.clone()
-    launch_backward(dout, q, k, v, p, out if out_fp32 is None else out_fp32, row_max, row_argmax, denom, scale, eps,
-                    dq=dq, dk=dk, dv=dv, dpolicy_per_head=dpolicy_per_head)
+    launch_backward(
+        dout,
+        q,
+        k,
+        v,
+        p,
+        out if out_fp32 is None else out_fp32,
+        row_max,
+        row_argmax,
+        denom,
+        scale,
+        eps,
+        dq=dq,
+        dk=dk,
+        dv=dv,
+        dpolicy_per_head=dpolicy_per_head,
+    )
     return out, dq, dk, dv, dpolicy_per_head.sum(1)
 
 
@@ -149,8 +166,9 @@ def check_kernels(q, k, v, p, scale=None, eps=1e-6, seed=0):
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 100)).to(q.dtype)
     actual = run_kernels(q, k, v, p, dout, scale, eps)
     # fp64 for the fp32 kernel; for a low-precision one, fp32 from the same rounded inputs.
-    expected = reference_with_grads(q, k, v, p, dout, torch.float64 if q.dtype == torch.float32 else torch.float32,
-                                    scale, eps)
+    expected = reference_with_grads(
+        q, k, v, p, dout, torch.float64 if q.dtype == torch.float32 else torch.float32, scale, eps
+    )
     assert_all_close(actual, expected, reference_with_grads(q, k, v, p, dout, q.dtype, scale, eps), q.dtype)
 
 
@@ -187,10 +205,15 @@ def run_cpu_path(q, k, v, p, dout, scale=None, eps=1e-6):
 CPU_SHAPES = {**SHAPES, "B2-N600": (2, 2 * native.POLICY_CHUNK + 88, 3)}
 
 
-@pytest.mark.parametrize("shape, policy, dtype", [
-    pytest.param(shape, policy, dtype, id=f"{name}-{policy}-{DTYPE_NAMES[dtype]}")
-    for (name, shape), policy, dtype in itertools.product(CPU_SHAPES.items(), POLICIES, (torch.float32, torch.bfloat16))
-])
+@pytest.mark.parametrize(
+    "shape, policy, dtype",
+    [
+        pytest.param(shape, policy, dtype, id=f"{name}-{policy}-{DTYPE_NAMES[dtype]}")
+        for (name, shape), policy, dtype in itertools.product(
+            CPU_SHAPES.items(), POLICIES, (torch.float32, torch.bfloat16)
+        )
+    ],
+)
 def test_cpu_path_matches_reference(shape, policy, dtype):
     """The chunked CPU path (fp32 inside), forward and backward, by the kernels' rule."""
     q, k, v, p = make_inputs(*shape, dtype=dtype, policy=policy, seed=2)
@@ -237,8 +260,10 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.mematte.policy_attention_forward.default, args)
     out, _, *stats = torch.ops.mematte.policy_attention_forward(*(t.detach() for t in args[:4]), None, 1e-6)
     dout = torch.randn(q.shape)
-    torch.library.opcheck(torch.ops.mematte.policy_attention_backward.default,
-                          (dout, *(t.detach() for t in args[:4]), out, *stats, None, 1e-6))
+    torch.library.opcheck(
+        torch.ops.mematte.policy_attention_backward.default,
+        (dout, *(t.detach() for t in args[:4]), out, *stats, None, 1e-6),
+    )
 
 
 def test_empty_inputs():
@@ -273,7 +298,9 @@ def test_rejects_bad_input(args, error, message):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [pytest.param(d, id=DTYPE_NAMES[d]) for d in (torch.float32, torch.bfloat16, torch.float16)])
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(d, id=DTYPE_NAMES[d]) for d in (torch.float32, torch.bfloat16, torch.float16)]
+)
 @pytest.mark.parametrize("N", [1024, 4099])
 def test_gpu_matches_reference(N, dtype):
     """The compiled kernels, every autotuned path, at MEMatte's sizes (ViT-S heads)."""

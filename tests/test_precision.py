@@ -4,6 +4,7 @@ bf16 (Turing, compute capability 7.5) refuse bfloat16 and get float16 from ``aut
 
 The flags are process-wide settings that need no GPU to read, so every check runs on the
 CPU; the GPU's properties are mocked."""
+
 from __future__ import annotations
 
 import subprocess
@@ -129,16 +130,33 @@ def test_a_caller_on_the_fp32_precision_api_gets_its_settings_back():
     assert after.split() == ["tf32", "tf32"]
 
 
-@pytest.mark.parametrize("flag, inside", [([], (False, False)), (["--allow-tf32"], (True, True))],
-                         ids=["default", "allow-tf32"])
-def test_cli_predict_runs_fp32_without_tf32_unless_allowed(tmp_path, checkpoint, caller_allows_tf32,
-                                                          flags_seen_inside, flag, inside):
+@pytest.mark.parametrize(
+    "flag, inside", [([], (False, False)), (["--allow-tf32"], (True, True))], ids=["default", "allow-tf32"]
+)
+def test_cli_predict_runs_fp32_without_tf32_unless_allowed(
+    tmp_path, checkpoint, caller_allows_tf32, flags_seen_inside, flag, inside
+):
     """--allow-tf32 reaches the model through load_model and from_checkpoint."""
     from test_cli import run, single
 
     img, tri = single(tmp_path)
-    rc, _, stderr = run("predict", img, "--trimap", tri, "--checkpoint", checkpoint, "--device", "cpu",
-                        "--dtype", "float32", "--backend", "reference", "-o", tmp_path / "out", *flag)
+    rc, _, stderr = run(
+        "predict",
+        img,
+        "--trimap",
+        tri,
+        "--checkpoint",
+        checkpoint,
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--backend",
+        "reference",
+        "-o",
+        tmp_path / "out",
+        *flag,
+    )
     assert rc == 0, stderr
     assert flags_seen_inside and set(flags_seen_inside) == {inside}
 
@@ -161,8 +179,11 @@ def ampere(monkeypatch):
 
 
 def test_bf16_on_turing_is_refused_naming_the_gpu(turing):
-    with pytest.raises(ValueError, match=r"bfloat16 needs a GPU of compute capability 8\.0 or newer; "
-                                         r"NVIDIA GeForce RTX 2080 Ti is 7\.5: use float16"):
+    with pytest.raises(
+        ValueError,
+        match=r"bfloat16 needs a GPU of compute capability 8\.0 or newer; "
+        r"NVIDIA GeForce RTX 2080 Ti is 7\.5: use float16",
+    ):
         api.resolve_dtype("bfloat16", torch.device("cuda"))
     with pytest.raises(ValueError, match="bfloat16 needs a GPU"):
         api.resolve_dtype(torch.bfloat16, torch.device("cuda:0"))
@@ -179,8 +200,22 @@ def test_cli_refuses_bf16_on_turing_as_a_usage_error(turing, tmp_path, checkpoin
     from test_cli import run, single
 
     img, tri = single(tmp_path)
-    rc, _, stderr = run("predict", img, "--trimap", tri, "--checkpoint", checkpoint, "--device", "cuda",
-                        "--dtype", "bfloat16", "--backend", "reference", "-o", tmp_path / "out")
+    rc, _, stderr = run(
+        "predict",
+        img,
+        "--trimap",
+        tri,
+        "--checkpoint",
+        checkpoint,
+        "--device",
+        "cuda",
+        "--dtype",
+        "bfloat16",
+        "--backend",
+        "reference",
+        "-o",
+        tmp_path / "out",
+    )
     assert rc == 2
     assert "bfloat16 needs a GPU of compute capability 8.0 or newer" in stderr
     assert not (tmp_path / "out").exists()

@@ -1,4 +1,5 @@
 """model.predict: one image in the formats users have, and clear errors for bad input."""
+
 import numpy as np
 import pytest
 import torch
@@ -65,8 +66,19 @@ def test_predict_matches_the_upstream_call(model):
         (np.full((8, 8, 3), 2.0, np.float32), np.zeros((8, 8), np.uint8), r"must lie in \[0, 1\]"),
         (np.zeros((8, 8, 3), np.int64), np.zeros((8, 8), np.uint8), r"dtype int64"),
     ],
-    ids=["rgba", "gray", "size-mismatch", "4d-trimap", "nan-image", "inf-trimap", "nan-trimap", "batch",
-         "empty", "out-of-range", "int64"],
+    ids=[
+        "rgba",
+        "gray",
+        "size-mismatch",
+        "4d-trimap",
+        "nan-image",
+        "inf-trimap",
+        "nan-trimap",
+        "batch",
+        "empty",
+        "out-of-range",
+        "int64",
+    ],
 )
 def test_bad_input_is_refused_with_the_reason(model, image, trimap, match):
     with pytest.raises(ValueError, match=match):
@@ -98,10 +110,16 @@ def test_class_id_and_0_255_trimaps_read_as_the_8bit_one(model):
     assert set(np.unique(class_ids)) == {0, 1, 2}
     np.testing.assert_array_equal(model.predict(image, class_ids, patch_decoder=False), expected)
     np.testing.assert_array_equal(model.predict(image, class_ids.astype(np.int64), patch_decoder=False), expected)
-    np.testing.assert_array_equal(model.predict(image, torch.from_numpy(class_ids)[None], patch_decoder=False), expected)
-    np.testing.assert_array_equal(model.predict(image, trimap.astype(np.float32), patch_decoder=False), expected)  # 0..255 floats
+    np.testing.assert_array_equal(
+        model.predict(image, torch.from_numpy(class_ids)[None], patch_decoder=False), expected
+    )
+    np.testing.assert_array_equal(
+        model.predict(image, trimap.astype(np.float32), patch_decoder=False), expected
+    )  # 0..255 floats
     rgb = np.repeat(trimap[:, :, None], 3, axis=2)
-    np.testing.assert_array_equal(model.predict(Image.fromarray(image).convert("RGBA"), rgb, patch_decoder=False), expected)
+    np.testing.assert_array_equal(
+        model.predict(Image.fromarray(image).convert("RGBA"), rgb, patch_decoder=False), expected
+    )
 
 
 @pytest.mark.parametrize("kind", ["all-known", "all-unknown"])
@@ -122,9 +140,16 @@ def test_a_trimap_that_leaves_nothing_to_matte_warns(model, kind):
 @pytest.mark.parametrize(
     "image, trimap, match",
     [
-        (torch.full((1, 3, 8, 8), 255.0), torch.zeros(1, 1, 8, 8),
-         r"'image' values must lie in \[0, 1\] \(RGB divided by 255\), got 255..255"),
-        (torch.zeros(1, 3, 8, 8), torch.full((1, 1, 8, 8), 128.0), r"'trimap' values must lie in \[0, 1\].*got 128..128"),
+        (
+            torch.full((1, 3, 8, 8), 255.0),
+            torch.zeros(1, 1, 8, 8),
+            r"'image' values must lie in \[0, 1\] \(RGB divided by 255\), got 255..255",
+        ),
+        (
+            torch.zeros(1, 3, 8, 8),
+            torch.full((1, 1, 8, 8), 128.0),
+            r"'trimap' values must lie in \[0, 1\].*got 128..128",
+        ),
         (torch.full((1, 3, 8, 8), float("nan")), torch.zeros(1, 1, 8, 8), r"'image' holds NaN or infinite"),
         (torch.zeros(1, 3, 8, 8), torch.full((1, 1, 8, 8), -float("inf")), r"'trimap' holds NaN or infinite"),
     ],
@@ -142,7 +167,9 @@ def test_upstream_input_checks_read_the_device_once(monkeypatch):
     reads = []
     for name in ("tolist", "item", "__bool__", "__float__", "__int__", "cpu", "numpy"):
         original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: reads.append(_n) or _o(self, *a, **k))
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: reads.append(_n) or _o(self, *a, **k)
+        )
     matting.check_values(torch.rand(2, 3, 16, 8), torch.rand(2, 1, 16, 8))
     assert reads == ["tolist"]
 
@@ -168,8 +195,11 @@ def test_upstream_input_checks_sync_once_on_a_gpu():
 # ---------------------------------------------------------------------- max_tokens, results
 
 
-@pytest.mark.parametrize("value, expected", [(None, None), (0, None), (1, 1), (np.int64(18500), 18500)],
-                         ids=["None", "zero", "one", "numpy-int"])
+@pytest.mark.parametrize(
+    "value, expected",
+    [(None, None), (0, None), (1, 1), (np.int64(18500), 18500)],
+    ids=["None", "zero", "one", "numpy-int"],
+)
 def test_max_tokens_none_or_zero_is_no_cap(value, expected):
     m = FastMEMatte("vit_s", max_tokens=value)
     assert m.max_tokens == expected

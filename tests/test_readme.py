@@ -1,4 +1,5 @@
 """The README's commands are the ones CI runs, and the packaging metadata they build."""
+
 import re
 from pathlib import Path
 
@@ -17,7 +18,7 @@ def test_ci_runs_the_readme_setup_and_test_commands_verbatim():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     for heading in ("Setup", "Test"):
         block = first_bash_block(readme, heading).splitlines()
-        runs = [ci[i:i + len(block)] for i in range(len(ci) - len(block) + 1)]
+        runs = [ci[i : i + len(block)] for i in range(len(ci) - len(block) + 1)]
         assert block in runs, f"README's {heading} commands are not lines of .ci/run: {block}"
 
 

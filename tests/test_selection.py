@@ -2,6 +2,7 @@
 fake timings, so the logic is tested on any CPU: the fastest candidate wins whichever it is,
 the choice is cached on disk per machine and read back without measuring, forcing works and
 bad forcing is refused by name."""
+
 import json
 import logging
 from dataclasses import replace
@@ -147,7 +148,10 @@ def test_unreadable_cache_is_measured_again_and_rewritten(monkeypatch, cache_dir
     with caplog.at_level(logging.WARNING, logger="mematte_kernels"):
         assert op.choose(torch.float32).name == "a"
     assert timed and "ignoring unreadable CPU kernel choices" in caplog.text
-    assert json.loads((cache_dir / selection.CACHE_FILE).read_text())[selection.machine_key()]["toy_op/float32"]["choice"] == "a"
+    assert (
+        json.loads((cache_dir / selection.CACHE_FILE).read_text())[selection.machine_key()]["toy_op/float32"]["choice"]
+        == "a"
+    )
 
 
 def test_cached_choice_no_longer_offered_is_measured_again(monkeypatch, cache_dir):

@@ -1,6 +1,7 @@
 """``mematte serve`` end to end: a real server in a subprocess (uvicorn, a free loopback
 port), checked against ``mematte predict`` on the same files, under load, against hostile
 inputs, on SIGTERM and with an API key."""
+
 from __future__ import annotations
 
 import io
@@ -39,21 +40,23 @@ def photo(height=HEIGHT, width=WIDTH, seed=0) -> np.ndarray:
 
 def trimap(height=HEIGHT, width=WIDTH) -> np.ndarray:
     t = np.full((height, width), 128, np.uint8)
-    t[: height // 3], t[-(height // 3):] = 0, 255
+    t[: height // 3], t[-(height // 3) :] = 0, 255
     return t
 
 
 def mask(height=HEIGHT, width=WIDTH) -> np.ndarray:
     m = np.zeros((height, width), np.uint8)
-    m[height // 4: -height // 4, width // 4: -width // 4] = 255
+    m[height // 4 : -height // 4, width // 4 : -width // 4] = 255
     return m
 
 
 def png_header_only(width: int, height: int) -> bytes:
     """A valid PNG signature and IHDR claiming width×height, then a tiny IDAT: what a
     decompression bomb's header looks like, in 60 bytes."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
 
@@ -86,16 +89,33 @@ def test_round_trip_gives_the_bytes_of_mematte_predict(server, checkpoint, tmp_p
     (tmp_path / "photo_mask.png").write_bytes(MASK)
     run = [sys.executable, "-m", "mematte", "predict", str(tmp_path / "photo.jpg"), "--checkpoint", str(checkpoint)]
     # one after the other: the first stores the CPU kernel choices the second and the server read
-    subprocess.run(run + ["--trimap", str(tmp_path / "photo_trimap.png"), "--rgba", "--background",
-                          str(tmp_path / "bg.png"), "-o", str(tmp_path / "trimap")], check=True, capture_output=True)
-    subprocess.run(run + ["--mask", str(tmp_path / "photo_mask.png"), "--band", "6", "--16bit",
-                          "-o", str(tmp_path / "mask")], check=True, capture_output=True)
+    subprocess.run(
+        run
+        + [
+            "--trimap",
+            str(tmp_path / "photo_trimap.png"),
+            "--rgba",
+            "--background",
+            str(tmp_path / "bg.png"),
+            "-o",
+            str(tmp_path / "trimap"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        run + ["--mask", str(tmp_path / "photo_mask.png"), "--band", "6", "--16bit", "-o", str(tmp_path / "mask")],
+        check=True,
+        capture_output=True,
+    )
     image = (tmp_path / "photo.jpg").read_bytes()
     asked = {
         "trimap/photo_alpha.png": ({"trimap": TRIMAP}, {}),
         "trimap/photo_rgba.png": ({"trimap": TRIMAP}, {"output": "rgba"}),
-        "trimap/photo_composite.png": ({"trimap": TRIMAP, "background": (tmp_path / "bg.png").read_bytes()},
-                                       {"output": "composite"}),
+        "trimap/photo_composite.png": (
+            {"trimap": TRIMAP, "background": (tmp_path / "bg.png").read_bytes()},
+            {"output": "composite"},
+        ),
         "mask/photo_alpha.png": ({"mask": MASK}, {"band": "6", "bits": "16"}),
     }
     for written, (guide, options) in asked.items():
@@ -143,7 +163,7 @@ def test_the_page_and_its_assets_need_nothing_from_elsewhere(server):
 
 def _corrupt_png() -> bytes:
     data = bytearray(IMAGE)
-    data[len(data) // 2: len(data) // 2 + 64] = b"\xff" * 64  # inside IDAT: CRC and zlib fail
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64  # inside IDAT: CRC and zlib fail
     return bytes(data)
 
 
@@ -168,8 +188,7 @@ HOSTILE = [
     ("png cut inside its header", {"image": IMAGE[:30], "trimap": TRIMAP}, {}, 400, "image"),
     ("corrupt png data", {"image": _corrupt_png(), "trimap": TRIMAP}, {}, 400, "image"),
     ("truncated jpeg", {"image": JPEG[: len(JPEG) // 2], "trimap": TRIMAP}, {}, 400, "image"),
-    ("header claims 30000x30000", {"image": png_header_only(30000, 30000), "trimap": TRIMAP}, {}, 413,
-     "--max-pixels"),
+    ("header claims 30000x30000", {"image": png_header_only(30000, 30000), "trimap": TRIMAP}, {}, 413, "--max-pixels"),
     ("trimap claims 30000x30000", {"image": IMAGE, "trimap": png_header_only(30000, 30000)}, {}, 413, "trimap"),
     ("trimap size differs", {"image": IMAGE, "trimap": png_bytes(trimap(64, 64))}, {}, 400, "64×64"),
     ("mask size differs", {"image": IMAGE, "mask": png_bytes(mask(80, 128))}, {}, 400, "mask"),
@@ -177,8 +196,13 @@ HOSTILE = [
     ("empty trimap part", {"image": IMAGE, "trimap": b""}, {}, 400, "empty"),
     ("non-image bytes", {"image": b"hello, this is not an image at all", "trimap": TRIMAP}, {}, 415, "allowed format"),
     ("gif", {"image": _gif(), "trimap": TRIMAP}, {}, 415, "allowed format"),
-    ("svg", {"image": b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>', "trimap": TRIMAP}, {},
-     415, "allowed format"),
+    (
+        "svg",
+        {"image": b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>', "trimap": TRIMAP},
+        {},
+        415,
+        "allowed format",
+    ),
     ("pdf", {"image": b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF", "trimap": TRIMAP}, {}, 415, "allowed"),
     ("ico", {"image": png_bytes(photo(32, 32), format="ICO"), "trimap": TRIMAP}, {}, 415, "allowed format"),
     ("missing image", {"trimap": TRIMAP}, {}, 400, "image"),
@@ -205,8 +229,9 @@ HOSTILE = [
 ]
 
 
-@pytest.mark.parametrize("files, data, status, words", [case[1:] for case in HOSTILE],
-                         ids=[case[0] for case in HOSTILE])
+@pytest.mark.parametrize(
+    "files, data, status, words", [case[1:] for case in HOSTILE], ids=[case[0] for case in HOSTILE]
+)
 def test_hostile_input_gets_a_json_error_naming_it(server, files, data, status, words):
     response = post(server, files=files, data=data)
     assert response.status_code == status, response.text
@@ -246,28 +271,36 @@ def test_over_cap_upload_is_refused_by_its_declared_length(server):
 
 
 def test_over_cap_upload_is_refused_while_it_streams(server):
-    head = (b"POST /v1/matte HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n")
-    part = b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"i\"\r\n\r\n"
+    head = (
+        b"POST /v1/matte HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+    )
+    part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="i"\r\n\r\n'
     chunks = [b"%x\r\n%s\r\n" % (len(part), part)] + [b"10000\r\n" + b"\0" * 0x10000 + b"\r\n"] * 40
     status, body = _raw(server, head, chunks)
     assert status == 413 and "--max-upload-mb" in body["error"]
 
 
 def test_a_slow_client_is_cut_off_at_the_timeout(server):
-    head = (b"POST /v1/matte HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n"
-            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n")
+    head = (
+        b"POST /v1/matte HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+    )
     start = time.monotonic()
     status, body = _raw(server, head, [b"--b\r\n"] + [b"x"] * 24, pause=0.25)
     assert status == 408 and "did not arrive" in body["error"]
     assert time.monotonic() - start < 12
 
 
-@pytest.mark.parametrize("content_type, body, status", [
-    ("application/json", b'{"image": "http://example.com/a.png"}', 415),
-    ("multipart/form-data", b"--x\r\n\r\n", 400),  # no boundary
-    ("multipart/form-data; boundary=zz", b"garbage without any boundary", 400),
-], ids=["json body", "multipart without boundary", "multipart without parts"])
+@pytest.mark.parametrize(
+    "content_type, body, status",
+    [
+        ("application/json", b'{"image": "http://example.com/a.png"}', 415),
+        ("multipart/form-data", b"--x\r\n\r\n", 400),  # no boundary
+        ("multipart/form-data; boundary=zz", b"garbage without any boundary", 400),
+    ],
+    ids=["json body", "multipart without boundary", "multipart without parts"],
+)
 def test_bodies_that_are_not_forms(server, content_type, body, status):
     response = post(server, content=body, headers={"content-type": content_type})
     assert response.status_code == status, response.text
@@ -284,11 +317,17 @@ def test_unknown_paths_and_methods_answer_json(server):
 
 def test_a_client_that_goes_away_has_its_work_dropped(server):
     size = (768, 768)  # long enough to matte that the client leaves while the model works on it
-    body = httpx.Request("POST", server.url + "/v1/matte", files={
-        "image": png_bytes(photo(*size), format="JPEG", quality=90), "trimap": png_bytes(trimap(*size))})
+    body = httpx.Request(
+        "POST",
+        server.url + "/v1/matte",
+        files={"image": png_bytes(photo(*size), format="JPEG", quality=90), "trimap": png_bytes(trimap(*size))},
+    )
     body.read()
-    head = b"POST /v1/matte HTTP/1.1\r\nHost: x\r\n" + b"".join(
-        f"{k}: {v}\r\n".encode() for k, v in body.headers.items() if k.lower() != "host") + b"\r\n"
+    head = (
+        b"POST /v1/matte HTTP/1.1\r\nHost: x\r\n"
+        + b"".join(f"{k}: {v}\r\n".encode() for k, v in body.headers.items() if k.lower() != "host")
+        + b"\r\n"
+    )
     host, port = server.url.removeprefix("http://").split(":")
     with server.client() as c:
         dropped = _count(c.get("/metrics").text, "499")
@@ -325,8 +364,9 @@ def test_past_the_timeout_the_answer_is_504_and_the_work_is_dropped(server):
 
 def test_cors_is_off_without_cors_origin(server):
     with server.client() as c:
-        answer = c.options("/v1/matte", headers={"Origin": "http://example.test",
-                                                 "Access-Control-Request-Method": "POST"})
+        answer = c.options(
+            "/v1/matte", headers={"Origin": "http://example.test", "Access-Control-Request-Method": "POST"}
+        )
     assert "access-control-allow-origin" not in answer.headers
 
 
@@ -421,8 +461,7 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(vitmatte_checkpoint)
         with server.client() as c:  # a ViTMatte checkpoint is served as well
             assert c.get("/healthz").json()["model"] == "FastViTMatte(vit_s)"
         answer = []
-        request = threading.Thread(target=lambda: answer.append(
-            post(server, files={"image": image, "trimap": guide})))
+        request = threading.Thread(target=lambda: answer.append(post(server, files={"image": image, "trimap": guide})))
         request.start()
         with server.client() as c:  # wait until the model works on it
             for _ in range(200):
@@ -442,26 +481,56 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(vitmatte_checkpoint)
 
 
 def test_binding_off_loopback_needs_a_key(checkpoint):
-    done = subprocess.run([sys.executable, "-m", "mematte", "serve", "--checkpoint", str(checkpoint),
-                           "--host", "0.0.0.0", "--port", "0"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "mematte", "serve", "--checkpoint", str(checkpoint), "--host", "0.0.0.0", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "--api-key-env" in done.stderr
-    done = subprocess.run([sys.executable, "-m", "mematte", "serve", "--checkpoint", str(checkpoint),
-                           "--host", "0.0.0.0", "--api-key-env", "MEMATTE_TEST_UNSET_KEY"],
-                          capture_output=True, text=True, timeout=120, env={k: v for k, v in __import__("os").environ.items()
-                                                                           if k != "MEMATTE_TEST_UNSET_KEY"})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mematte",
+            "serve",
+            "--checkpoint",
+            str(checkpoint),
+            "--host",
+            "0.0.0.0",
+            "--api-key-env",
+            "MEMATTE_TEST_UNSET_KEY",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in __import__("os").environ.items() if k != "MEMATTE_TEST_UNSET_KEY"},
+    )
     assert done.returncode == 2 and "unset or empty" in done.stderr
 
 
 def test_the_api_key_is_enforced_on_0_0_0_0(checkpoint):
     key = "s3cret-key-for-tests"
-    with serve_helpers.running(checkpoint, "--host", "0.0.0.0", "--api-key-env", "MEMATTE_TEST_KEY",
-                               "--cors-origin", "http://allowed.test", env={"MEMATTE_TEST_KEY": key}) as server:
+    with serve_helpers.running(
+        checkpoint,
+        "--host",
+        "0.0.0.0",
+        "--api-key-env",
+        "MEMATTE_TEST_KEY",
+        "--cors-origin",
+        "http://allowed.test",
+        env={"MEMATTE_TEST_KEY": key},
+    ) as server:
         with server.client() as c:  # --cors-origin allows that origin, and no other
             for origin, allowed in (("http://allowed.test", True), ("http://other.test", False)):
                 answer = c.options("/v1/matte", headers={"Origin": origin, "Access-Control-Request-Method": "POST"})
                 assert (answer.headers.get("access-control-allow-origin") == origin) == allowed, origin
-        for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer " + key[:-1]},
-                        {"Authorization": "Basic " + key}):
+        for headers in (
+            {},
+            {"X-API-Key": "wrong"},
+            {"Authorization": "Bearer " + key[:-1]},
+            {"Authorization": "Basic " + key},
+        ):
             response = post(server, files=GOOD, headers=headers)
             assert response.status_code == 401 and "API key" in response.json()["error"], headers
         with server.client() as c:
@@ -473,10 +542,13 @@ def test_the_api_key_is_enforced_on_0_0_0_0(checkpoint):
 
 
 def test_importing_mematte_and_serve_help_import_no_server_library():
-    code = ("import sys, mematte; from mematte.cli import main; main(['serve', '--help']); "
-            "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette', 'prometheus_client', 'torch') "
-            "if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          cwd=serve_helpers.ROOT)
+    code = (
+        "import sys, mematte; from mematte.cli import main; main(['serve', '--help']); "
+        "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette', 'prometheus_client', 'torch') "
+        "if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=serve_helpers.ROOT
+    )
     assert done.returncode == 0, done.stderr
     assert "POST /v1/matte" in done.stdout and done.stdout.splitlines()[-1] == "[]"

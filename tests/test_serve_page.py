@@ -1,5 +1,6 @@
 """The try-it page in a real browser: Debian's headless Chromium driven by Selenium
 (through /usr/bin/chromedriver, so nothing is downloaded) against a real ``mematte serve``."""
+
 from __future__ import annotations
 
 import base64
@@ -25,8 +26,13 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                 "--window-size=1200,900"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1200,900",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(30)
@@ -49,8 +55,12 @@ def test_the_page_mattes_an_uploaded_photo_and_mask(checkpoint, browser, tmp_pat
         browser.find_element(By.ID, "guide-file").send_keys(str(tmp_path / "mask.png"))
         wait.until(lambda d: d.find_element(By.ID, "run").is_enabled())
         browser.find_element(By.ID, "run").click()
-        wait.until(lambda d: d.find_element(By.ID, "cutout").get_attribute("data-done") == "1"
-                   or "error" in d.find_element(By.ID, "status").get_attribute("class"))
+        wait.until(
+            lambda d: (
+                d.find_element(By.ID, "cutout").get_attribute("data-done") == "1"
+                or "error" in d.find_element(By.ID, "status").get_attribute("class")
+            )
+        )
         status = browser.find_element(By.ID, "status").text
         assert status.startswith("done"), status
         cutout = browser.find_element(By.ID, "cutout")

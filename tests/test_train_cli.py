@@ -1,5 +1,6 @@
 """``mematte train`` end to end: bad input refused before any work, and with the real
 model, learning on a fixed batch, torchrun, resume and the checkpoint layout."""
+
 import contextlib
 import inspect
 import io
@@ -63,14 +64,19 @@ def test_command_line_spells_the_recipe_out():
     # the parser is built without importing torch, so it repeats the recipe's numbers
     assert command.RECIPE == optim.RECIPE
     assert (command.LR, command.WEIGHT_DECAY, command.LR_DECAY, command.WARMUP) == (
-        optim.LR, optim.WEIGHT_DECAY, optim.LR_DECAY, optim.WARMUP_ITERS)
+        optim.LR,
+        optim.WEIGHT_DECAY,
+        optim.LR_DECAY,
+        optim.WARMUP_ITERS,
+    )
     assert (command.MIN_CHECKPOINT_PERIOD, command.WORKERS) == (optim.MIN_CHECKPOINT_PERIOD, optim.WORKERS)
 
 
 def test_help_imports_no_torch():
     code = "import sys; from mematte.cli import build_parser; build_parser(); print('torch' in sys.modules)"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     assert proc.stdout.strip() == "False", proc.stderr
 
 
@@ -86,17 +92,21 @@ def no_bg(root):
     shutil.rmtree(root / "bg")
 
 
-@pytest.mark.parametrize("options, damage, message", [
-    (["--crop", "100"], None, "multiple of 32"),
-    (["--batch-size", "1"], None, "BatchNorm"),
-    (["--precision", "fp16", "--device", "cpu"], None, "needs a GPU"),
-    (["--iters", "0"], None, "--iters must be ≥ 1"),
-    ([], unpaired, "no usable foreground/alpha pair"),
-    ([], no_bg, "lacks bg/"),
-    (["--batch-size", "5"], None, "cannot fill one batch"),
-    (["--init", "GARBAGE"], None, "not a PyTorch checkpoint"),
-    (["--init", "MISSING"], None, "no such file"),
-], ids=["crop", "batch-1", "fp16-cpu", "iters", "unpaired", "no-bg", "few-bg", "init-garbage", "init-missing"])
+@pytest.mark.parametrize(
+    "options, damage, message",
+    [
+        (["--crop", "100"], None, "multiple of 32"),
+        (["--batch-size", "1"], None, "BatchNorm"),
+        (["--precision", "fp16", "--device", "cpu"], None, "needs a GPU"),
+        (["--iters", "0"], None, "--iters must be ≥ 1"),
+        ([], unpaired, "no usable foreground/alpha pair"),
+        ([], no_bg, "lacks bg/"),
+        (["--batch-size", "5"], None, "cannot fill one batch"),
+        (["--init", "GARBAGE"], None, "not a PyTorch checkpoint"),
+        (["--init", "MISSING"], None, "no such file"),
+    ],
+    ids=["crop", "batch-1", "fp16-cpu", "iters", "unpaired", "no-bg", "few-bg", "init-garbage", "init-missing"],
+)
 def test_bad_input_is_refused_before_any_work(tmp_path, data_dir, options, damage, message):
     data = tmp_path / "data"
     shutil.copytree(data_dir, data)
@@ -113,8 +123,14 @@ def test_bad_input_is_refused_before_any_work(tmp_path, data_dir, options, damag
 
 def test_variant_must_match_init(tmp_path, data_dir):
     path = tmp_path / "vit_s_like.pth"
-    torch.save({"backbone.pos_embed": torch.zeros(1, 197, 384), "backbone.blocks.0.norm1.weight": torch.zeros(384),
-                "decoder.matting_head.matting_convs.3.bias": torch.zeros(1)}, path)
+    torch.save(
+        {
+            "backbone.pos_embed": torch.zeros(1, 197, 384),
+            "backbone.blocks.0.norm1.weight": torch.zeros(384),
+            "decoder.matting_head.matting_convs.3.bias": torch.zeros(1),
+        },
+        path,
+    )
     rc, _, err = run("train", data_dir, "--out", tmp_path / "run", "--init", path, "--variant", "vit_b")
     assert rc == 2 and "--variant vit_b but --init" in err
 
@@ -134,10 +150,14 @@ def test_an_existing_run_is_not_overwritten(tmp_path, data_dir):
 def cli(*argv, nproc=None, cwd=None):
     """``python -m mematte`` (or torchrun -m mematte) in a fresh process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-                if nproc else [sys.executable])
-    proc = subprocess.run([*launcher, "-m", "mematte", *map(str, argv)], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=900)
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+        if nproc
+        else [sys.executable]
+    )
+    proc = subprocess.run(
+        [*launcher, "-m", "mematte", *map(str, argv)], env=env, cwd=cwd, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -148,8 +168,20 @@ SMALL = ["--crop", "64", "--batch-size", "2", "--device", "cpu", "--workers", "0
 @needs_training_mode
 def test_checkpoint_layout_and_strict_load(tmp_path, data_dir, vitmatte_init):
     out = tmp_path / "run"
-    proc = cli("train", data_dir, "--out", out, "--init", vitmatte_init, "--iters", "2", "--checkpoint-period", "1",
-               *SMALL, cwd=tmp_path)  # run from elsewhere, as a user would
+    proc = cli(
+        "train",
+        data_dir,
+        "--out",
+        out,
+        "--init",
+        vitmatte_init,
+        "--iters",
+        "2",
+        "--checkpoint-period",
+        "1",
+        *SMALL,
+        cwd=tmp_path,
+    )  # run from elsewhere, as a user would
     assert "initialised from a vitmatte checkpoint" in proc.stderr
     ckpt = torch.load(out / "model_final.pth", weights_only=True)
     assert {"model", "iteration", "optimizer", "scheduler"} <= set(ckpt) and ckpt["iteration"] == 1
@@ -160,7 +192,9 @@ def test_checkpoint_layout_and_strict_load(tmp_path, data_dir, vitmatte_init):
     assert sorted(model.state_dict()) == sorted(expected)
     # the teacher is the ViTMatte backbone, untouched by training
     init_sd = torch.load(vitmatte_init, weights_only=True)["model"]
-    assert torch.equal(ckpt["model"]["teacher_backbone.blocks.2.attn.rel_pos_h"], init_sd["backbone.blocks.2.attn.rel_pos_h"])
+    assert torch.equal(
+        ckpt["model"]["teacher_backbone.blocks.2.attn.rel_pos_h"], init_sd["backbone.blocks.2.attn.rel_pos_h"]
+    )
     assert (out / "metrics.csv").read_text().count("\n") == 3
 
 
@@ -227,9 +261,26 @@ def test_forty_iterations_reduce_the_matting_losses_on_a_fixed_batch(tmp_path, d
     from mematte.train.engine import Trainer
     from mematte.train.run import build_model, prepare
 
-    args = build_parser().parse_args(["train", str(data_dir), "--out", str(tmp_path / "run"), "--crop", "128",
-                                      "--batch-size", "2", "--iters", "40", "--warmup", "5", "--device", "cpu",
-                                      "--workers", "0"])
+    args = build_parser().parse_args(
+        [
+            "train",
+            str(data_dir),
+            "--out",
+            str(tmp_path / "run"),
+            "--crop",
+            "128",
+            "--batch-size",
+            "2",
+            "--iters",
+            "40",
+            "--warmup",
+            "5",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+        ]
+    )
     prepared = prepare(args)
     model, _ = build_model(prepared)
     t = Trainer(model, prepared.files, prepared.cfg, torch.device("cpu"), progress=False)

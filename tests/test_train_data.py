@@ -1,5 +1,6 @@
 """The training data pipeline: each transform's contract, the dataset folder checks, and
 reproducibility per seed, epoch, rank and worker."""
+
 import cv2
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ def brute_erosion(mask: np.ndarray, k: int) -> np.ndarray:
     padded = np.pad(mask, r, constant_values=1)
     out = np.ones_like(mask)
     for dy, dx in zip(*np.nonzero(kernel)):
-        out &= padded[dy:dy + mask.shape[0], dx:dx + mask.shape[1]]
+        out &= padded[dy : dy + mask.shape[0], dx : dx + mask.shape[1]]
     return out
 
 
@@ -80,7 +81,7 @@ def test_crop_is_centred_on_an_unknown_pixel(crop):
         assert out.trimap[crop // 2, crop // 2] == 128
         # a window of the input, not a resize: it occurs in the input as it is
         rows, cols = np.nonzero(np.all(s.fg == out.fg[0, 0], axis=-1))
-        assert any(np.array_equal(s.fg[y:y + crop, x:x + crop], out.fg) for y, x in zip(rows, cols))
+        assert any(np.array_equal(s.fg[y : y + crop, x : x + crop], out.fg) for y, x in zip(rows, cols))
 
 
 def test_crop_scales_up_small_images():
@@ -169,11 +170,14 @@ def test_find_dataset_pairs_and_reports(tmp_path):
         assert name in text
 
 
-@pytest.mark.parametrize("broken, message", [
-    ("no_bg", "lacks bg/"),
-    ("empty_fg", "holds no images"),
-    ("unpaired", "no usable foreground/alpha pair"),
-])
+@pytest.mark.parametrize(
+    "broken, message",
+    [
+        ("no_bg", "lacks bg/"),
+        ("empty_fg", "holds no images"),
+        ("unpaired", "no usable foreground/alpha pair"),
+    ],
+)
 def test_find_dataset_refuses_unusable_folders(tmp_path, broken, message):
     root = make_dataset(tmp_path / "d", n_fg=2, n_bg=2)
     if broken == "no_bg":
@@ -239,9 +243,10 @@ def test_sampler_splits_ranks_and_reshuffles_each_epoch():
     ranks = [data.TrainSampler(10, 2, num_replicas=2, rank=r, seed=0) for r in range(2)]
     per_rank = [batches(s, 4) for s in ranks]  # 10 // 2 = 5 per rank -> 2 batches per epoch
     for e in (0, 1):
-        seen = [i for r in range(2) for b in per_rank[r][2 * e:2 * e + 2] for i, ep in b]
-        assert len(set(seen)) == 8 and all(ep == e for r in range(2) for b in per_rank[r][2 * e:2 * e + 2]
-                                           for _, ep in b)
+        seen = [i for r in range(2) for b in per_rank[r][2 * e : 2 * e + 2] for i, ep in b]
+        assert len(set(seen)) == 8 and all(
+            ep == e for r in range(2) for b in per_rank[r][2 * e : 2 * e + 2] for _, ep in b
+        )
     epoch0 = [i for b in per_rank[0][:2] for i, _ in b]
     epoch1 = [i for b in per_rank[0][2:] for i, _ in b]
     assert epoch0 != epoch1
@@ -257,8 +262,9 @@ def test_loader_is_the_same_with_workers(dataset_dir):
     ds = data.MattingDataset(data.find_dataset(dataset_dir), 64, seed=0)
 
     def first(workers):
-        loader = torch.utils.data.DataLoader(ds, batch_sampler=data.TrainSampler(len(ds), 2, seed=0),
-                                             num_workers=workers)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_sampler=data.TrainSampler(len(ds), 2, seed=0), num_workers=workers
+        )
         it = iter(loader)
         return [next(it) for _ in range(3)]
 

@@ -1,6 +1,7 @@
 """The training loop itself, with a small stand-in model (tests/train_helpers.ToyMatte) that
 has FastMEMatte's training interface: resume equals a straight run, checkpoint layout,
 metrics, a frozen teacher, and DDP under torchrun (gloo)."""
+
 import csv
 import os
 import shutil
@@ -99,8 +100,10 @@ def test_resume_equals_straight_run(straight, data_dir, tmp_path):
     t.resume(run / "model_0000009.pth")
     assert t.start_iter == 10
     t.train()
-    assert_same_state(torch.load(run / "model_final.pth", weights_only=True),
-                      torch.load(straight / "model_final.pth", weights_only=True))
+    assert_same_state(
+        torch.load(run / "model_final.pth", weights_only=True),
+        torch.load(straight / "model_final.pth", weights_only=True),
+    )
     with open(run / "metrics.csv", newline="") as f:
         assert [int(r["iteration"]) for r in csv.DictReader(f)] == list(range(20))
 
@@ -119,14 +122,32 @@ def test_ddp_ranks_agree_and_first_step_equals_one_process(data_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     script = Path(__file__).parent / "train_ddp_toy.py"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(script), str(data_dir), str(out), "3"],
-        env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(script),
+            str(data_dir),
+            str(out),
+            "3",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert_same_state(ranks[0], ranks[1])
     assert sorted(p.name for p in out.glob("model_*.pth")) == [
-        "model_0000000.pth", "model_0000001.pth", "model_0000002.pth", "model_final.pth"]
+        "model_0000000.pth",
+        "model_0000001.pth",
+        "model_0000002.pth",
+        "model_final.pth",
+    ]
 
     # The first step on one process: each rank's batch and Gumbel draws, gradients averaged.
     t = trainer(data_dir, tmp_path / "single", iters=3, checkpoint_period=1)
@@ -190,8 +211,9 @@ def test_losses_that_stay_nonfinite_stop_the_run(data_dir, tmp_path):
         t.train()
 
 
-@pytest.mark.parametrize("choice, warns", [pytest.param("fp32", True, id="bf16-emulated"),
-                                           pytest.param("onednn", False, id="bf16-native")])
+@pytest.mark.parametrize(
+    "choice, warns", [pytest.param("fp32", True, id="bf16-emulated"), pytest.param("onednn", False, id="bf16-native")]
+)
 def test_mixed_precision_on_a_cpu_that_emulates_it_is_called_out(choice, warns, monkeypatch):
     """The warning follows the CPU backend's measured choice for bf16 dense layers."""
     from mematte_kernels import cpu_choices

@@ -1,5 +1,6 @@
 """Where training starts: ViTMatte and MEMatte checkpoints as --init, the teacher seeded as
 upstream's preprocessing does, upstream's random init, and files that are neither."""
+
 import json
 from pathlib import Path
 
@@ -16,8 +17,11 @@ def random_state_dict(name, seed=0):
     g = torch.Generator().manual_seed(seed)
     out = {}
     for k, shape in sorted(SHAPES[name].items()):
-        out[k] = (torch.randint(0, 5, shape, generator=g) if k.endswith("num_batches_tracked")
-                  else torch.randn(shape, generator=g))
+        out[k] = (
+            torch.randint(0, 5, shape, generator=g)
+            if k.endswith("num_batches_tracked")
+            else torch.randn(shape, generator=g)
+        )
     return out
 
 
@@ -37,7 +41,7 @@ def test_vitmatte_init_seeds_student_and_teacher_as_upstream(vitmatte_file):
     assert teacher == {"teacher_" + k for k in source if "backbone" in k}
     assert len(teacher) == 207
     for k in teacher:
-        assert torch.equal(plan.state_dict[k], source[k[len("teacher_"):]])
+        assert torch.equal(plan.state_dict[k], source[k[len("teacher_") :]])
     student = set(plan.state_dict) - teacher
     mematte = set(SHAPES["mematte_vit_s"])
     # the routed blocks' rel-pos are dropped; routers and LTRMs are what stays random
@@ -65,8 +69,9 @@ def test_load_into_the_student(vitmatte_file):
 
 def test_mematte_checkpoint_fine_tunes(tmp_path):
     sd = random_state_dict("mematte_vit_s", seed=2)
-    sd.update({"teacher_" + k: v for k, v in random_state_dict("vitmatte_vit_s", seed=3).items()
-               if k.startswith("backbone.")})
+    sd.update(
+        {"teacher_" + k: v for k, v in random_state_dict("vitmatte_vit_s", seed=3).items() if k.startswith("backbone.")}
+    )
     path = tmp_path / "mematte.pth"
     torch.save({"model": sd, "iteration": 99}, path)
     plan = init.plan_init(path)
@@ -85,8 +90,9 @@ def test_separate_teacher(tmp_path, vitmatte_file):
     expected = random_state_dict("vitmatte_vit_s", seed=7)
     assert torch.equal(plan.state_dict["teacher_backbone.pos_embed"], expected["backbone.pos_embed"])
     vit_b = tmp_path / "teacher_b.pth"
-    torch.save({"backbone.pos_embed": torch.zeros(1, 197, 768), "backbone.blocks.0.norm1.weight": torch.zeros(768)},
-               vit_b)
+    torch.save(
+        {"backbone.pos_embed": torch.zeros(1, 197, 768), "backbone.blocks.0.norm1.weight": torch.zeros(768)}, vit_b
+    )
     with pytest.raises(init.InitError, match="vit_b"):
         init.plan_init(vitmatte_file, teacher=vit_b)
 
@@ -95,11 +101,17 @@ def test_hf_names(tmp_path):
     """An HF VitMatte checkpoint (renamed by the rules of VITMATTE.md), as a file and as a
     model folder, initialises exactly as its upstream-named original."""
     source = random_state_dict("vitmatte_vit_s", seed=4)
-    rules = [("backbone.blocks", "backbone.encoder.layer"), ("attn", "attention"),
-             ("fusion_blks", "fusion_blocks"), ("bn", "batch_norm")]
-    exact = {"backbone.pos_embed": "backbone.embeddings.position_embeddings",
-             "backbone.patch_embed.proj.weight": "backbone.embeddings.projection.weight",
-             "backbone.patch_embed.proj.bias": "backbone.embeddings.projection.bias"}
+    rules = [
+        ("backbone.blocks", "backbone.encoder.layer"),
+        ("attn", "attention"),
+        ("fusion_blks", "fusion_blocks"),
+        ("bn", "batch_norm"),
+    ]
+    exact = {
+        "backbone.pos_embed": "backbone.embeddings.position_embeddings",
+        "backbone.patch_embed.proj.weight": "backbone.embeddings.projection.weight",
+        "backbone.patch_embed.proj.bias": "backbone.embeddings.projection.bias",
+    }
     hf = {}
     for k, v in source.items():
         name = exact.get(k, k)
@@ -111,11 +123,22 @@ def test_hf_names(tmp_path):
     folder = tmp_path / "hf"
     folder.mkdir()
     save_file(hf, folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "vitmatte",
-        "backbone_config": {"hidden_size": 384, "num_attention_heads": 6, "num_hidden_layers": 12,
-                            "window_size": 14, "residual_block_indices": [2, 5, 8, 11],
-                            "num_channels": 4, "patch_size": 16}}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "vitmatte",
+                "backbone_config": {
+                    "hidden_size": 384,
+                    "num_attention_heads": 6,
+                    "num_hidden_layers": 12,
+                    "window_size": 14,
+                    "residual_block_indices": [2, 5, 8, 11],
+                    "num_channels": 4,
+                    "patch_size": 16,
+                },
+            }
+        )
+    )
     torch.save(source, tmp_path / "upstream.pth")
     upstream = init.plan_init(tmp_path / "upstream.pth")
     for path in (folder, folder / "model.safetensors"):
@@ -125,13 +148,23 @@ def test_hf_names(tmp_path):
         assert all(torch.equal(plan.state_dict[k], upstream.state_dict[k]) for k in plan.state_dict)
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"garbage", "not a PyTorch checkpoint"),
-    ({"decoder.x": torch.zeros(1)}, "not a ViTMatte or MEMatte checkpoint"),
-    ({"backbone.pos_embed": torch.zeros(1, 197, 100), "backbone.blocks.0.x": torch.zeros(1),
-      "decoder.y": torch.zeros(1)}, "cannot tell ViT-S from ViT-B"),
-    ({"optimizer": {"lr": 1.0}}, "holds no state dict"),
-], ids=["not-torch", "no-backbone", "unknown-width", "no-tensors"])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"garbage", "not a PyTorch checkpoint"),
+        ({"decoder.x": torch.zeros(1)}, "not a ViTMatte or MEMatte checkpoint"),
+        (
+            {
+                "backbone.pos_embed": torch.zeros(1, 197, 100),
+                "backbone.blocks.0.x": torch.zeros(1),
+                "decoder.y": torch.zeros(1),
+            },
+            "cannot tell ViT-S from ViT-B",
+        ),
+        ({"optimizer": {"lr": 1.0}}, "holds no state dict"),
+    ],
+    ids=["not-torch", "no-backbone", "unknown-width", "no-tensors"],
+)
 def test_bad_init_files(tmp_path, content, message):
     path = tmp_path / "bad.pth"
     if isinstance(content, bytes):

@@ -1,6 +1,7 @@
 """FastMEMatte in training mode, tested the way training fails: the Gumbel routing is
 upstream's, the routed block with a hard policy is the inference block, a fixed batch's loss
 goes down, gradients reach every student parameter and never the teacher."""
+
 import math
 import sys
 from functools import cache
@@ -132,7 +133,9 @@ def test_fixed_batch_loss_decreases_and_every_student_parameter_learns():
         if step == 0:
             # A block's LTRM learns only where its router left tokens to it.
             policies = model.train_outputs["policy"]
-            all_routed = tuple(f"backbone.blocks.{b}.efficient_block." for b, p in zip(GLOBAL_BLOCKS, policies) if p.all())
+            all_routed = tuple(
+                f"backbone.blocks.{b}.efficient_block." for b, p in zip(GLOBAL_BLOCKS, policies) if p.all()
+            )
             assert len(all_routed) < 4
             without = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
             assert [n for n in without if not n.startswith(all_routed)] == []

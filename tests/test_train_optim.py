@@ -1,5 +1,6 @@
 """Optimiser and schedule against TRAINING.md: layer ids, lr decay, weight-decay groups,
 warmup and multi-step, and the published numbers."""
+
 import pytest
 import torch
 
@@ -13,17 +14,20 @@ def model():
     return FastMEMatte("vit_s")
 
 
-@pytest.mark.parametrize("name, layer", [
-    ("backbone.pos_embed", 0),
-    ("backbone.patch_embed.proj.weight", 0),
-    ("backbone.blocks.0.norm1.weight", 1),
-    ("backbone.blocks.2.efficient_block.fc1.weight", 3),
-    ("backbone.blocks.2.residual.conv1.weight", 13),
-    ("backbone.blocks.11.attn.qkv.bias", 12),
-    ("backbone.routers.0.in_conv.1.weight", 13),
-    ("decoder.fusion_blks.0.conv.conv.weight", 13),
-    ("teacher_backbone.blocks.0.norm1.weight", 13),
-])
+@pytest.mark.parametrize(
+    "name, layer",
+    [
+        ("backbone.pos_embed", 0),
+        ("backbone.patch_embed.proj.weight", 0),
+        ("backbone.blocks.0.norm1.weight", 1),
+        ("backbone.blocks.2.efficient_block.fc1.weight", 3),
+        ("backbone.blocks.2.residual.conv1.weight", 13),
+        ("backbone.blocks.11.attn.qkv.bias", 12),
+        ("backbone.routers.0.in_conv.1.weight", 13),
+        ("decoder.fusion_blks.0.conv.conv.weight", 13),
+        ("teacher_backbone.blocks.0.norm1.weight", 13),
+    ],
+)
 def test_layer_ids(name, layer):
     assert optim.layer_id(name) == layer
 

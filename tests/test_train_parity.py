@@ -2,6 +2,7 @@
 code's: losses, routing decisions, gradients, the teacher left untouched, BatchNorm
 statistics after the step. The golden file (tests/data/golden/README.md) holds the
 original's outputs of one fp32 step on synthetic weights, inputs and Gumbel noise."""
+
 import math
 import sys
 from pathlib import Path
@@ -62,12 +63,21 @@ def step(request):
     model.to(device).train()
     data = golden_batch()
     teacher_before = {k: v.clone() for k, v in model.teacher_backbone.state_dict().items()}
-    losses = model({k: v.to(device) for k, v in data.items()}, gumbel_noise=[g.to(device) for g in GOLDEN["gumbel_noise"]])
+    losses = model(
+        {k: v.to(device) for k, v in data.items()}, gumbel_noise=[g.to(device) for g in GOLDEN["gumbel_noise"]]
+    )
     sum(losses.values()).backward()
     model.cpu()  # gradients included
     model.routed_share = model.routed_share.cpu()
-    model.train_outputs = {k: v.cpu() if isinstance(v, torch.Tensor) else [t.cpu() for t in v] for k, v in model.train_outputs.items()}
-    return model, data, {k: v.detach().cpu() for k, v in losses.items()}, {k: v.cpu() for k, v in teacher_before.items()}
+    model.train_outputs = {
+        k: v.cpu() if isinstance(v, torch.Tensor) else [t.cpu() for t in v] for k, v in model.train_outputs.items()
+    }
+    return (
+        model,
+        data,
+        {k: v.detach().cpu() for k, v in losses.items()},
+        {k: v.cpu() for k, v in teacher_before.items()},
+    )
 
 
 def test_the_batch_is_the_golden_batch(step):
@@ -113,7 +123,10 @@ def test_gradients(step):
         if name == ZERO_GRAD:
             assert got.abs().max() <= 1e-5, name
             continue
-        assert (got - expected).norm() <= 5e-3 * expected.norm(), (name, ((got - expected).norm() / expected.norm()).item())
+        assert (got - expected).norm() <= 5e-3 * expected.norm(), (
+            name,
+            ((got - expected).norm() / expected.norm()).item(),
+        )
     for name, stats in GOLDEN["grad_stats"].items():
         if name == ZERO_GRAD:
             continue

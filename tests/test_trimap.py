@@ -1,4 +1,5 @@
 """Trimap clean-up (the 25 % / 75 % rule, every file mode) and trimaps from masks."""
+
 import warnings
 
 import numpy as np
@@ -27,15 +28,20 @@ def test_float_and_16bit_trimaps_use_their_own_full_scale():
 
 @pytest.mark.filterwarnings("ignore::mematte.trimap.TrimapWarning")  # rows of cut-point values, not a picture
 def test_float_trimaps_in_0_255_are_read_like_8bit_ones():
-    np.testing.assert_array_equal(normalize_trimap(np.array([[0.0, 40.0, 128.0, 200.0, 255.0]])),
-                                  [[0, 0, 128, 255, 255]])
+    np.testing.assert_array_equal(
+        normalize_trimap(np.array([[0.0, 40.0, 128.0, 200.0, 255.0]])), [[0, 0, 128, 255, 255]]
+    )
 
 
-@pytest.mark.parametrize("values, match", [
-    ([[0.0, 300.0]], r"float values must lie in \[0, 1\] or \[0, 255\], got 0..300"),
-    ([[-1.0, 128.0]], r"float values must lie in \[0, 1\] or \[0, 255\], got -1..128"),
-    ([[0.0, np.nan]], r"trimap holds 1 NaN"),
-], ids=["over-255", "negative", "nan"])
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ([[0.0, 300.0]], r"float values must lie in \[0, 1\] or \[0, 255\], got 0..300"),
+        ([[-1.0, 128.0]], r"float values must lie in \[0, 1\] or \[0, 255\], got -1..128"),
+        ([[0.0, np.nan]], r"trimap holds 1 NaN"),
+    ],
+    ids=["over-255", "negative", "nan"],
+)
 def test_float_trimap_outside_both_ranges_is_refused(values, match):
     with pytest.raises(ValueError, match=match):
         normalize_trimap(np.array(values))
@@ -47,13 +53,17 @@ def test_class_ids_exactly_0_1_2_are_background_unknown_foreground(dtype):
     np.testing.assert_array_equal(normalize_trimap(ids), [[0, 128, 255, 128, 0]])
 
 
-@pytest.mark.parametrize("values, expected", [
-    ([[0, 1]], [[0, 0]]),            # 8-bit: both nearly black
-    ([[0, 2]], [[0, 0]]),
-    ([[0, 1, 2, 3]], [[0, 0, 0, 0]]),
-    ([[0.0, 1.0]], [[0, 255]]),      # floats in [0, 1]
-    ([[0.0, 0.5, 2.0]], [[0, 0, 0]]),  # not whole numbers: 0..255 scale
-], ids=["uint8-0-1", "uint8-0-2", "uint8-0-3", "float-0-1", "float-not-ids"])
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ([[0, 1]], [[0, 0]]),  # 8-bit: both nearly black
+        ([[0, 2]], [[0, 0]]),
+        ([[0, 1, 2, 3]], [[0, 0, 0, 0]]),
+        ([[0.0, 1.0]], [[0, 255]]),  # floats in [0, 1]
+        ([[0.0, 0.5, 2.0]], [[0, 0, 0]]),  # not whole numbers: 0..255 scale
+    ],
+    ids=["uint8-0-1", "uint8-0-2", "uint8-0-3", "float-0-1", "float-not-ids"],
+)
 def test_anything_but_exactly_0_1_2_is_not_read_as_class_ids(values, expected):
     a = np.array(values, np.uint8 if isinstance(values[0][0], int) else np.float32)
     np.testing.assert_array_equal(normalize_trimap(a), expected)
@@ -75,10 +85,14 @@ def test_colour_palette_trimap_is_refused(tmp_path):
         read_gray(tmp_path / "t.png")
 
 
-@pytest.mark.parametrize("values, match", [
-    ([[0, 255, 255]], "no unknown region"),
-    ([[128, 128, 128]], "unknown everywhere"),
-], ids=["no-unknown", "only-unknown"])
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ([[0, 255, 255]], "no unknown region"),
+        ([[128, 128, 128]], "unknown everywhere"),
+    ],
+    ids=["no-unknown", "only-unknown"],
+)
 def test_degenerate_trimaps_warn(values, match):
     with pytest.warns(TrimapWarning, match=match):
         warn_if_degenerate(np.array(values, np.uint8), name="t.png")

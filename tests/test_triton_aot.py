@@ -16,6 +16,7 @@ The compiling runs in a subprocess, which runs this file as a script, one compil
 per core: the test session sets TRITON_INTERPRET=1 without a GPU, and kernels decorated
 under it are interpreter wrappers that cannot be compiled.
 """
+
 from __future__ import annotations
 
 import functools
@@ -53,95 +54,295 @@ SIGNATURES = {
     # The model's routers: fp32 parameters ("*fp32") on tokens of the dtype under test, whose
     # two wide layers get their weights in that dtype.
     "_router_hidden_kernel": dict(
-        x_ptr=ACT, norm_weight_ptr="*fp32", norm_bias_ptr="*fp32", in_weight_ptr=ACT, in_bias_ptr="*fp32",
-        local_ptr=ACT, partial_ptr="*fp32", N="i32", C=I32_16, eps="fp32",
-        stride_xb=I32_16, stride_xn=I32_16, stride_xc=1,
+        x_ptr=ACT,
+        norm_weight_ptr="*fp32",
+        norm_bias_ptr="*fp32",
+        in_weight_ptr=ACT,
+        in_bias_ptr="*fp32",
+        local_ptr=ACT,
+        partial_ptr="*fp32",
+        N="i32",
+        C=I32_16,
+        eps="fp32",
+        stride_xb=I32_16,
+        stride_xn=I32_16,
+        stride_xc=1,
     ),
     "_router_fold_kernel": dict(
-        partial_ptr="*fp32", out0_weight_ptr="*fp32", out0_bias_ptr="*fp32", folded_bias_ptr="*fp32",
-        N="i32", C=I32_16, num_tiles="i32",
+        partial_ptr="*fp32",
+        out0_weight_ptr="*fp32",
+        out0_bias_ptr="*fp32",
+        folded_bias_ptr="*fp32",
+        N="i32",
+        C=I32_16,
+        num_tiles="i32",
     ),
     "_router_head_kernel": dict(
-        local_ptr=ACT, folded_bias_ptr="*fp32", out0_weight_ptr=ACT, out1_weight_ptr="*fp32",
-        out1_bias_ptr="*fp32", out2_weight_ptr="*fp32", out2_bias_ptr="*fp32", scores_ptr="*fp32", keep_ptr="*i1",
-        N="i32", C=I32_16,
+        local_ptr=ACT,
+        folded_bias_ptr="*fp32",
+        out0_weight_ptr=ACT,
+        out1_weight_ptr="*fp32",
+        out1_bias_ptr="*fp32",
+        out2_weight_ptr="*fp32",
+        out2_bias_ptr="*fp32",
+        scores_ptr="*fp32",
+        keep_ptr="*i1",
+        N="i32",
+        C=I32_16,
     ),
     "_gather_layernorm_kernel": dict(
-        x_ptr=ACT, index_ptr="*i64", weight_ptr=ACT, bias_ptr=ACT, out_ptr=ACT,
-        T="i32", C=I32_16, eps="fp32", stride_xm=I32_16, stride_xc=1,
+        x_ptr=ACT,
+        index_ptr="*i64",
+        weight_ptr=ACT,
+        bias_ptr=ACT,
+        out_ptr=ACT,
+        T="i32",
+        C=I32_16,
+        eps="fp32",
+        stride_xm=I32_16,
+        stride_xc=1,
     ),
     "_scatter_residual_kernel": dict(
-        out_ptr=ACT, residual_ptr=ACT, rows_ptr=ACT, index_ptr="*i64", T="i32", C=I32_16,
-        stride_om=I32_16, stride_oc=1, stride_rm=I32_16, stride_rc=1, stride_tm=I32_16, stride_tc=1,
+        out_ptr=ACT,
+        residual_ptr=ACT,
+        rows_ptr=ACT,
+        index_ptr="*i64",
+        T="i32",
+        C=I32_16,
+        stride_om=I32_16,
+        stride_oc=1,
+        stride_rm=I32_16,
+        stride_rc=1,
+        stride_tm=I32_16,
+        stride_tc=1,
     ),
     "_varlen_attention_kernel": dict(
-        q_ptr=ACT, k_ptr=ACT, v_ptr=ACT, out_ptr=ACT, cu_seqlens_ptr="*i32",
-        num_heads="i32", qk_scale="fp32", seqlen_bucket="i32",
-        stride_qt=I32_16, stride_qh=I32_16, stride_kt=I32_16, stride_kh=I32_16,
-        stride_vt=I32_16, stride_vh=I32_16, stride_ot=I32_16, stride_oh=I32_16,
+        q_ptr=ACT,
+        k_ptr=ACT,
+        v_ptr=ACT,
+        out_ptr=ACT,
+        cu_seqlens_ptr="*i32",
+        num_heads="i32",
+        qk_scale="fp32",
+        seqlen_bucket="i32",
+        stride_qt=I32_16,
+        stride_qh=I32_16,
+        stride_kt=I32_16,
+        stride_kh=I32_16,
+        stride_vt=I32_16,
+        stride_vh=I32_16,
+        stride_ot=I32_16,
+        stride_oh=I32_16,
     ),
     # ViTMatte's global attention: the position tables' strides follow the grid (any integer).
     "_relpos_attention_kernel": dict(
-        q_ptr=ACT, k_ptr=ACT, v_ptr=ACT, bias_h_ptr=ACT, bias_w_ptr=ACT, out_ptr=ACT,
-        num_queries="i32", N="i32", grid_w="i32", num_heads="i32", qk_scale="fp32", length_bucket="i32",
-        stride_qb=I32_16, stride_qn=I32_16, stride_qh=I32_16, stride_kb=I32_16, stride_kn=I32_16, stride_kh=I32_16,
-        stride_vb=I32_16, stride_vn=I32_16, stride_vh=I32_16, stride_hb="i32", stride_hn="i32", stride_hh="i32",
-        stride_wb="i32", stride_wn="i32", stride_wh="i32", stride_ob=I32_16, stride_on=I32_16, stride_oh=I32_16,
+        q_ptr=ACT,
+        k_ptr=ACT,
+        v_ptr=ACT,
+        bias_h_ptr=ACT,
+        bias_w_ptr=ACT,
+        out_ptr=ACT,
+        num_queries="i32",
+        N="i32",
+        grid_w="i32",
+        num_heads="i32",
+        qk_scale="fp32",
+        length_bucket="i32",
+        stride_qb=I32_16,
+        stride_qn=I32_16,
+        stride_qh=I32_16,
+        stride_kb=I32_16,
+        stride_kn=I32_16,
+        stride_kh=I32_16,
+        stride_vb=I32_16,
+        stride_vn=I32_16,
+        stride_vh=I32_16,
+        stride_hb="i32",
+        stride_hn="i32",
+        stride_hh="i32",
+        stride_wb="i32",
+        stride_wn="i32",
+        stride_wh="i32",
+        stride_ob=I32_16,
+        stride_on=I32_16,
+        stride_oh=I32_16,
     ),
 }
 # Policy attention: q, k, v (B, N, heads, 64) views of the qkv projection, policy (B, N).
-_POLICY_QKV_STRIDES = dict(stride_qb=I32_16, stride_qn=I32_16, stride_qh=I32_16, stride_kb=I32_16, stride_kn=I32_16,
-                           stride_kh=I32_16, stride_vb=I32_16, stride_vn=I32_16, stride_vh=I32_16)
+_POLICY_QKV_STRIDES = dict(
+    stride_qb=I32_16,
+    stride_qn=I32_16,
+    stride_qh=I32_16,
+    stride_kb=I32_16,
+    stride_kn=I32_16,
+    stride_kh=I32_16,
+    stride_vb=I32_16,
+    stride_vn=I32_16,
+    stride_vh=I32_16,
+)
 _POLICY_STATS = dict(row_max_ptr="*fp32", row_argmax_ptr="*i32", denom_ptr="*fp32")
 _POLICY_BACKWARD = dict(
-    q_ptr=ACT, k_ptr=ACT, v_ptr=ACT, policy_ptr=ACT, dout_ptr=ACT, **_POLICY_STATS, delta_ptr="*fp32", dmax_ptr="*fp32",
-    N="i32", seqlen_bucket="i32", num_heads="i32", qk_scale="fp32", scale="fp32", **_POLICY_QKV_STRIDES,
-    stride_db=I32_16, stride_dn=I32_16, stride_dh=I32_16, stride_pb="i32", stride_pn=1,
+    q_ptr=ACT,
+    k_ptr=ACT,
+    v_ptr=ACT,
+    policy_ptr=ACT,
+    dout_ptr=ACT,
+    **_POLICY_STATS,
+    delta_ptr="*fp32",
+    dmax_ptr="*fp32",
+    N="i32",
+    seqlen_bucket="i32",
+    num_heads="i32",
+    qk_scale="fp32",
+    scale="fp32",
+    **_POLICY_QKV_STRIDES,
+    stride_db=I32_16,
+    stride_dn=I32_16,
+    stride_dh=I32_16,
+    stride_pb="i32",
+    stride_pn=1,
 )
-SIGNATURES.update({
-    "_policy_attention_fwd_kernel": dict(
-        q_ptr=ACT, k_ptr=ACT, v_ptr=ACT, policy_ptr=ACT, vsum_ptr="*fp32", out_ptr=ACT, out_fp32_ptr="*fp32",
-        **_POLICY_STATS,
-        N="i32", seqlen_bucket="i32", num_heads="i32", qk_scale="fp32", eps="fp32", **_POLICY_QKV_STRIDES,
-        stride_ob=I32_16, stride_on=I32_16, stride_oh=I32_16, stride_pb="i32", stride_pn=1,
-    ),
-    "_policy_attention_bwd_preprocess_kernel": dict(
-        out_ptr="*fp32", dout_ptr=ACT, vsum_ptr="*fp32", denom_ptr="*fp32", delta_ptr="*fp32", dmax_ptr="*fp32",
-        N="i32", num_heads="i32", eps="fp32",
-        stride_ob=I32_16, stride_on=I32_16, stride_oh=I32_16, stride_db=I32_16, stride_dn=I32_16, stride_dh=I32_16,
-    ),
-    "_policy_attention_bwd_dkdv_kernel": dict(
-        **_POLICY_BACKWARD, dk_ptr=ACT, dv_ptr=ACT, dpolicy_ptr="*fp32", eps="fp32",
-        stride_dkb=I32_16, stride_dkn=I32_16, stride_dkh=I32_16, stride_dvb=I32_16, stride_dvn=I32_16, stride_dvh=I32_16,
-    ),
-    "_policy_attention_bwd_dq_kernel": dict(
-        **_POLICY_BACKWARD, dq_ptr=ACT, stride_dqb=I32_16, stride_dqn=I32_16, stride_dqh=I32_16,
-    ),
-})
+SIGNATURES.update(
+    {
+        "_policy_attention_fwd_kernel": dict(
+            q_ptr=ACT,
+            k_ptr=ACT,
+            v_ptr=ACT,
+            policy_ptr=ACT,
+            vsum_ptr="*fp32",
+            out_ptr=ACT,
+            out_fp32_ptr="*fp32",
+            **_POLICY_STATS,
+            N="i32",
+            seqlen_bucket="i32",
+            num_heads="i32",
+            qk_scale="fp32",
+            eps="fp32",
+            **_POLICY_QKV_STRIDES,
+            stride_ob=I32_16,
+            stride_on=I32_16,
+            stride_oh=I32_16,
+            stride_pb="i32",
+            stride_pn=1,
+        ),
+        "_policy_attention_bwd_preprocess_kernel": dict(
+            out_ptr="*fp32",
+            dout_ptr=ACT,
+            vsum_ptr="*fp32",
+            denom_ptr="*fp32",
+            delta_ptr="*fp32",
+            dmax_ptr="*fp32",
+            N="i32",
+            num_heads="i32",
+            eps="fp32",
+            stride_ob=I32_16,
+            stride_on=I32_16,
+            stride_oh=I32_16,
+            stride_db=I32_16,
+            stride_dn=I32_16,
+            stride_dh=I32_16,
+        ),
+        "_policy_attention_bwd_dkdv_kernel": dict(
+            **_POLICY_BACKWARD,
+            dk_ptr=ACT,
+            dv_ptr=ACT,
+            dpolicy_ptr="*fp32",
+            eps="fp32",
+            stride_dkb=I32_16,
+            stride_dkn=I32_16,
+            stride_dkh=I32_16,
+            stride_dvb=I32_16,
+            stride_dvn=I32_16,
+            stride_dvh=I32_16,
+        ),
+        "_policy_attention_bwd_dq_kernel": dict(
+            **_POLICY_BACKWARD,
+            dq_ptr=ACT,
+            stride_dqb=I32_16,
+            stride_dqn=I32_16,
+            stride_dqh=I32_16,
+        ),
+    }
+)
 # Varlen attention's backward: packed (T, heads, 64) views, statistics (heads, T) fp32.
 _VARLEN_STRIDES = {f"stride_{t}{d}": I32_16 for t in ("q", "k", "v", "d") for d in ("t", "h")}
-SIGNATURES.update({
-    "_varlen_attention_lse_kernel": dict(
-        q_ptr=ACT, k_ptr=ACT, cu_seqlens_ptr="*i32", lse_ptr="*fp32", total="i32", num_heads="i32", qk_scale="fp32",
-        seqlen_bucket="i32", stride_qt=I32_16, stride_qh=I32_16, stride_kt=I32_16, stride_kh=I32_16,
-    ),
-    "_varlen_attention_bwd_dkdv_kernel": dict(
-        q_ptr=ACT, k_ptr=ACT, v_ptr=ACT, dout_ptr=ACT, lse_ptr="*fp32", delta_ptr="*fp32", cu_seqlens_ptr="*i32",
-        dk_ptr=ACT, dv_ptr=ACT, total="i32", num_heads="i32", qk_scale="fp32", scale="fp32", seqlen_bucket="i32",
-        **_VARLEN_STRIDES, stride_dkt=I32_16, stride_dkh=I32_16, stride_dvt=I32_16, stride_dvh=I32_16,
-    ),
-    "_varlen_attention_bwd_dq_kernel": dict(
-        q_ptr=ACT, k_ptr=ACT, v_ptr=ACT, dout_ptr=ACT, lse_ptr="*fp32", delta_ptr="*fp32", cu_seqlens_ptr="*i32",
-        dq_ptr=ACT, total="i32", num_heads="i32", qk_scale="fp32", scale="fp32", seqlen_bucket="i32",
-        **_VARLEN_STRIDES, stride_dqt=I32_16, stride_dqh=I32_16,
-    ),
-})
-VARLEN_BACKWARD = ("_varlen_attention_lse_kernel", "_varlen_attention_bwd_dkdv_kernel", "_varlen_attention_bwd_dq_kernel")
-POLICY_AUTOTUNED = ("_policy_attention_fwd_kernel", "_policy_attention_bwd_dkdv_kernel", "_policy_attention_bwd_dq_kernel")
+SIGNATURES.update(
+    {
+        "_varlen_attention_lse_kernel": dict(
+            q_ptr=ACT,
+            k_ptr=ACT,
+            cu_seqlens_ptr="*i32",
+            lse_ptr="*fp32",
+            total="i32",
+            num_heads="i32",
+            qk_scale="fp32",
+            seqlen_bucket="i32",
+            stride_qt=I32_16,
+            stride_qh=I32_16,
+            stride_kt=I32_16,
+            stride_kh=I32_16,
+        ),
+        "_varlen_attention_bwd_dkdv_kernel": dict(
+            q_ptr=ACT,
+            k_ptr=ACT,
+            v_ptr=ACT,
+            dout_ptr=ACT,
+            lse_ptr="*fp32",
+            delta_ptr="*fp32",
+            cu_seqlens_ptr="*i32",
+            dk_ptr=ACT,
+            dv_ptr=ACT,
+            total="i32",
+            num_heads="i32",
+            qk_scale="fp32",
+            scale="fp32",
+            seqlen_bucket="i32",
+            **_VARLEN_STRIDES,
+            stride_dkt=I32_16,
+            stride_dkh=I32_16,
+            stride_dvt=I32_16,
+            stride_dvh=I32_16,
+        ),
+        "_varlen_attention_bwd_dq_kernel": dict(
+            q_ptr=ACT,
+            k_ptr=ACT,
+            v_ptr=ACT,
+            dout_ptr=ACT,
+            lse_ptr="*fp32",
+            delta_ptr="*fp32",
+            cu_seqlens_ptr="*i32",
+            dq_ptr=ACT,
+            total="i32",
+            num_heads="i32",
+            qk_scale="fp32",
+            scale="fp32",
+            seqlen_bucket="i32",
+            **_VARLEN_STRIDES,
+            stride_dqt=I32_16,
+            stride_dqh=I32_16,
+        ),
+    }
+)
+VARLEN_BACKWARD = (
+    "_varlen_attention_lse_kernel",
+    "_varlen_attention_bwd_dkdv_kernel",
+    "_varlen_attention_bwd_dq_kernel",
+)
+POLICY_AUTOTUNED = (
+    "_policy_attention_fwd_kernel",
+    "_policy_attention_bwd_dkdv_kernel",
+    "_policy_attention_bwd_dq_kernel",
+)
 AUTOTUNED = ("_varlen_attention_kernel", "_relpos_attention_kernel", *POLICY_AUTOTUNED, *VARLEN_BACKWARD)
 # Kernels whose tl.dot decides between tensor cores and FMA.
-DOT_KERNELS = {"_router_hidden_kernel", "_router_head_kernel", "_varlen_attention_kernel", "_relpos_attention_kernel",
-               *POLICY_AUTOTUNED, *VARLEN_BACKWARD}
+DOT_KERNELS = {
+    "_router_hidden_kernel",
+    "_router_head_kernel",
+    "_varlen_attention_kernel",
+    "_relpos_attention_kernel",
+    *POLICY_AUTOTUNED,
+    *VARLEN_BACKWARD,
+}
 
 
 def head_tiles(head_dim):
@@ -153,7 +354,9 @@ def head_tiles(head_dim):
 def tuned(kernel, configs, **constexprs):
     """A variant per config of an autotuned kernel's list (after its per-dtype pruning)."""
     assert all(config in kernel.configs for config in configs)
-    return [(kernel.fn, {**config.kwargs, **constexprs}, config.num_warps, config.num_stages, True) for config in configs]
+    return [
+        (kernel.fn, {**config.kwargs, **constexprs}, config.num_warps, config.num_stages, True) for config in configs
+    ]
 
 
 def attention_variants(torch_dtype, head_dim):
@@ -171,10 +374,15 @@ def attention_variants(torch_dtype, head_dim):
     variants = tuned(_varlen_attention_kernel, configs_for(torch_dtype), **tiles)
     variants += tuned(relpos._relpos_attention_kernel, relpos.configs_for(torch_dtype), **tiles)
     # The forward also writes its output in fp32 for fp16/bf16 inputs.
-    variants += tuned(pa._policy_attention_fwd_kernel, pa.forward_configs_for(torch_dtype), **tiles,
-                      STORE_FP32=torch_dtype != torch.float32)
-    variants.append((pa._policy_attention_bwd_preprocess_kernel, {**tiles, "BLOCK_M": pa.PREPROCESS_BLOCK_M}, 4, 3,
-                     False))
+    variants += tuned(
+        pa._policy_attention_fwd_kernel,
+        pa.forward_configs_for(torch_dtype),
+        **tiles,
+        STORE_FP32=torch_dtype != torch.float32,
+    )
+    variants.append(
+        (pa._policy_attention_bwd_preprocess_kernel, {**tiles, "BLOCK_M": pa.PREPROCESS_BLOCK_M}, 4, 3, False)
+    )
     for kernel in (pa._policy_attention_bwd_dkdv_kernel, pa._policy_attention_bwd_dq_kernel):
         variants += tuned(kernel, pa.backward_configs_for(torch_dtype), **tiles)
     for name in VARLEN_BACKWARD:
@@ -198,14 +406,19 @@ def launch_variants(dtype):
     hidden, hidden_warps = split(router.hidden_tile(torch_dtype))
     fold, fold_warps = split(router.FOLD_TILE)
     head, head_warps = split(router.HEAD_TILE)
-    variants = [(router._router_hidden_kernel, hidden, hidden_warps, 3, False),
-                (router._router_fold_kernel, fold, fold_warps, 3, False)]
+    variants = [
+        (router._router_hidden_kernel, hidden, hidden_warps, 3, False),
+        (router._router_fold_kernel, fold, fold_warps, 3, False),
+    ]
     for C in WIDTHS:
-        variants.append((router._router_head_kernel, {**head, "QUARTER_PAD": router.quarter_pad(C)}, head_warps, 3,
-                         False))
+        variants.append(
+            (router._router_head_kernel, {**head, "QUARTER_PAD": router.quarter_pad(C)}, head_warps, 3, False)
+        )
         rows, rows_warps = split(gather_scatter._row_tile(C))
-        variants += [(gather_scatter._gather_layernorm_kernel, rows, rows_warps, 3, False),
-                     (gather_scatter._scatter_residual_kernel, rows, rows_warps, 3, False)]
+        variants += [
+            (gather_scatter._gather_layernorm_kernel, rows, rows_warps, 3, False),
+            (gather_scatter._scatter_residual_kernel, rows, rows_warps, 3, False),
+        ]
     for head_dim in HEAD_DIMS:
         variants += attention_variants(torch_dtype, head_dim)
     return variants
@@ -268,14 +481,23 @@ def compile_unit(unit) -> list[dict]:
     records = []
     for index in indices:
         kernel, constexprs, num_warps, num_stages, autotuned = cached_variants(dtype)[index]
-        compiled = triton.compile(ast_source(kernel, dtype, constexprs), target=GPUTarget("cuda", arch, 32),
-                                  options=dict(num_warps=num_warps, num_stages=num_stages))
-        records.append(dict(
-            kernel=kernel.__name__, dtype=dtype, arch=arch, shared=compiled.metadata.shared,
-            head_dim=constexprs.get("HEAD_DIM"), autotuned=autotuned,
-            config=f"{constexprs} warps={num_warps} stages={num_stages}",
-            mma="mma" in compiled.asm["ptx"],
-        ))
+        compiled = triton.compile(
+            ast_source(kernel, dtype, constexprs),
+            target=GPUTarget("cuda", arch, 32),
+            options=dict(num_warps=num_warps, num_stages=num_stages),
+        )
+        records.append(
+            dict(
+                kernel=kernel.__name__,
+                dtype=dtype,
+                arch=arch,
+                shared=compiled.metadata.shared,
+                head_dim=constexprs.get("HEAD_DIM"),
+                autotuned=autotuned,
+                config=f"{constexprs} warps={num_warps} stages={num_stages}",
+                mma="mma" in compiled.asm["ptx"],
+            )
+        )
         if first_fit and compiled.metadata.shared <= SHARED_MEMORY_LIMIT[arch]:
             break
     return records
@@ -332,9 +554,14 @@ def test_every_config_compiles(compiled):
         policy = len(pa.FORWARD_CONFIGS[kind]) + 2 * len(pa.BACKWARD_CONFIGS[kind])
         return forward + relpos_forward + policy + 3 * len(vb.CONFIGS[kind])
 
-    swept = [r for r in compiled if not r["autotuned"] or (r["arch"] in SWEEP_ARCHS and r["head_dim"] == SWEEP_HEAD_DIM)]
-    expected = sum(2 + 3 * len(WIDTHS) + len(HEAD_DIMS) + (autotuned_count(dtype) if arch in SWEEP_ARCHS else 0)
-                   for arch, dtypes in ARCH_DTYPES.items() for dtype in dtypes)
+    swept = [
+        r for r in compiled if not r["autotuned"] or (r["arch"] in SWEEP_ARCHS and r["head_dim"] == SWEEP_HEAD_DIM)
+    ]
+    expected = sum(
+        2 + 3 * len(WIDTHS) + len(HEAD_DIMS) + (autotuned_count(dtype) if arch in SWEEP_ARCHS else 0)
+        for arch, dtypes in ARCH_DTYPES.items()
+        for dtype in dtypes
+    )
     assert len(swept) == expected
     assert len({(r["kernel"], r["dtype"], r["arch"], r["config"]) for r in swept}) == expected
     assert {(r["arch"], r["dtype"]) for r in compiled} == {(a, d) for a, ds in ARCH_DTYPES.items() for d in ds}
@@ -342,8 +569,7 @@ def test_every_config_compiles(compiled):
 
 @pytest.mark.parametrize("arch", [pytest.param(arch, id=f"sm{arch}") for arch in SHARED_MEMORY_LIMIT])
 def test_fixed_configs_fit_shared_memory(compiled, arch):
-    over = [r for r in compiled
-            if r["arch"] == arch and not r["autotuned"] and r["shared"] > SHARED_MEMORY_LIMIT[arch]]
+    over = [r for r in compiled if r["arch"] == arch and not r["autotuned"] and r["shared"] > SHARED_MEMORY_LIMIT[arch]]
     assert not over, f"over {SHARED_MEMORY_LIMIT[arch]} bytes of shared memory: {over}"
 
 
@@ -353,8 +579,9 @@ def test_every_autotuned_kernel_has_a_config_that_fits(compiled, arch):
     for r in compiled:
         if r["arch"] == arch and r["autotuned"]:
             lists.setdefault((r["kernel"], r["dtype"], r["head_dim"]), []).append(r["shared"])
-    assert set(lists) == {(kernel, dtype, head_dim)
-                          for kernel in AUTOTUNED for dtype in ARCH_DTYPES[arch] for head_dim in HEAD_DIMS}
+    assert set(lists) == {
+        (kernel, dtype, head_dim) for kernel in AUTOTUNED for dtype in ARCH_DTYPES[arch] for head_dim in HEAD_DIMS
+    }
     none_fit = {key: shared for key, shared in lists.items() if min(shared) > SHARED_MEMORY_LIMIT[arch]}
     assert not none_fit, f"no config within {SHARED_MEMORY_LIMIT[arch]} bytes of shared memory: {none_fit}"
 

@@ -4,6 +4,7 @@ against torch's scaled_dot_product_attention run sequence by sequence.
 Without a GPU the kernel runs in Triton's interpreter (see conftest.py); the sizes are odd on
 purpose (not multiples of the 64-row blocks) and include empty and one-token sequences.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -117,10 +118,12 @@ def test_large_logits_as_precise_as_fused_attention(dtype):
 
     out = run_kernel(q, k, v, cu_seqlens, max(lengths))
     expected = reference.varlen_attention(q.float(), k.float(), v.float(), cu_seqlens, max(lengths))
-    fused = torch.cat([
-        F.scaled_dot_product_attention(*(t[start:end].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
-        for start, end in itertools.pairwise(cu_seqlens.tolist())
-    ])
+    fused = torch.cat(
+        [
+            F.scaled_dot_product_attention(*(t[start:end].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
+            for start, end in itertools.pairwise(cu_seqlens.tolist())
+        ]
+    )
     fused_error = max_abs_error(fused, expected)
     error = assert_close(out, expected, atol=FUSED_ATTENTION_FACTOR * fused_error)
     assert error > 0  # the comparison means something: bf16/fp16 outputs are not exact

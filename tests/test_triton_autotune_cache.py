@@ -8,6 +8,7 @@ gives each config a made-up time. The first process prefers the largest tiles, t
 the smallest, so a second process that timed again would choose differently. (The test
 session runs the kernels in Triton's interpreter, which tunes nothing.)
 """
+
 from __future__ import annotations
 
 import json
@@ -30,10 +31,16 @@ def autotuned_kernels():
     relpos = importlib.import_module("mematte_kernels.triton.relpos_attention")
     varlen = importlib.import_module("mematte_kernels.triton.varlen_attention")
     varlen_backward = importlib.import_module("mematte_kernels.triton.varlen_attention_backward")
-    return [varlen._varlen_attention_kernel, relpos._relpos_attention_kernel, policy._policy_attention_fwd_kernel,
-            policy._policy_attention_bwd_dkdv_kernel, policy._policy_attention_bwd_dq_kernel,
-            varlen_backward._varlen_attention_lse_kernel, varlen_backward._varlen_attention_bwd_dkdv_kernel,
-            varlen_backward._varlen_attention_bwd_dq_kernel]
+    return [
+        varlen._varlen_attention_kernel,
+        relpos._relpos_attention_kernel,
+        policy._policy_attention_fwd_kernel,
+        policy._policy_attention_bwd_dkdv_kernel,
+        policy._policy_attention_bwd_dq_kernel,
+        varlen_backward._varlen_attention_lse_kernel,
+        varlen_backward._varlen_attention_bwd_dkdv_kernel,
+        varlen_backward._varlen_attention_bwd_dq_kernel,
+    ]
 
 
 def tune(prefer: str, launches: list[tuple[int, int]]) -> dict:
@@ -73,9 +80,15 @@ def tune(prefer: str, launches: list[tuple[int, int]]) -> dict:
         runs = []
         with mock.patch.object(kernel.fn, "run", record_launch), mock.patch.object(kernel, "_do_bench", made_up_time):
             for tokens, bucket in launches:
-                args = [torch.empty(0, dtype=torch.float16) if name.endswith("_ptr") else
-                        bucket if name in ("seqlen_bucket", "length_bucket") else tokens
-                        for name in kernel.arg_names if name not in constexprs and name not in ("BLOCK_M", "BLOCK_N")]
+                args = [
+                    torch.empty(0, dtype=torch.float16)
+                    if name.endswith("_ptr")
+                    else bucket
+                    if name in ("seqlen_bucket", "length_bucket")
+                    else tokens
+                    for name in kernel.arg_names
+                    if name not in constexprs and name not in ("BLOCK_M", "BLOCK_N")
+                ]
                 before = len(timed)
                 kernel[(1,)](*args, **constexprs)
                 runs.append({"timed": len(timed) - before, "launched": launched[-1]})
@@ -85,10 +98,12 @@ def tune(prefer: str, launches: list[tuple[int, int]]) -> dict:
 
 def run_process(cache_dir: Path, prefer: str, launches) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(cache_dir),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
-    result = subprocess.run([sys.executable, __file__, prefer, json.dumps(launches)], cwd=REPO, env=env,
-                            capture_output=True, text=True)
+    env.update(
+        TRITON_CACHE_DIR=str(cache_dir), PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    )
+    result = subprocess.run(
+        [sys.executable, __file__, prefer, json.dumps(launches)], cwd=REPO, env=env, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr[-6000:]
     return json.loads(result.stdout)
 

@@ -6,6 +6,7 @@ inputs' device current first (``_common.on_input_device``). On the CPU this is c
 recording, for every kernel launch, whether it happened inside that guard and for which
 device; with two GPUs, by running every op on the second one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -146,17 +147,31 @@ def _attention_launches(out):
     return {
         "varlen_attention": lambda: launch_varlen_attention(q3, q3, q3, cu, 6, out=out(q3)),
         "relpos_attention": lambda: launch_relpos_attention(q4, q4, q4, bias_h, bias_w, out=out(q4)),
-        "policy_attention": lambda: launch_forward(q4, q4, q4, torch.ones(1, 6), None, 1e-6, out=out(q4),
-                                                   out_fp32=None, row_max=None, row_argmax=None, denom=None),
+        "policy_attention": lambda: launch_forward(
+            q4,
+            q4,
+            q4,
+            torch.ones(1, 6),
+            None,
+            1e-6,
+            out=out(q4),
+            out_fp32=None,
+            row_max=None,
+            row_argmax=None,
+            denom=None,
+        ),
     }
 
 
 @pytest.mark.parametrize("op", ["varlen_attention", "relpos_attention", "policy_attention"])
-@pytest.mark.parametrize("bad", [
-    pytest.param(lambda q: torch.zeros_like(q, dtype=torch.float16), id="dtype"),
-    pytest.param(lambda q: torch.zeros_like(q)[:-1], id="shape"),
-    pytest.param(lambda q: torch.zeros(*q.shape[:-1], 2 * q.shape[-1])[..., ::2], id="head-dim-strided"),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(lambda q: torch.zeros_like(q, dtype=torch.float16), id="dtype"),
+        pytest.param(lambda q: torch.zeros_like(q)[:-1], id="shape"),
+        pytest.param(lambda q: torch.zeros(*q.shape[:-1], 2 * q.shape[-1])[..., ::2], id="head-dim-strided"),
+    ],
+)
 def test_attention_launches_name_an_out_that_cannot_take_the_result(op, bad):
     with pytest.raises(ValueError, match=f"{op}: out must be a torch.float32 tensor of shape"):
         _attention_launches(bad)[op]()

@@ -1,6 +1,7 @@
 """MEMATTE_TRITON_AUTOTUNE=0 runs every autotuned kernel's first config instead of timing them
 all: what a short GPU run on a fresh machine (bench/gpu_report.py) needs, where the first
 call would otherwise compile and time each config of each kernel."""
+
 from __future__ import annotations
 
 import json

@@ -10,6 +10,7 @@ must match the reference bitwise in every dtype. The gather's LayerNorm takes fp
 in a different summation order than torch's: fp32 within 1e-5, low precision within 2x
 PyTorch's own error (tests/triton_tolerance.py).
 """
+
 from __future__ import annotations
 
 import itertools

@@ -5,6 +5,7 @@ far below zero, where keys past a sequence's end must not take part.
 
 Without a GPU the kernels run in Triton's interpreter (see conftest.py) on small sizes.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -76,14 +77,23 @@ def check_against_reference(op, reference_op, names, inputs, large_logits=False,
 
 
 def check_varlen(q, k, v, cu_seqlens, max_seqlen, large_logits=False):
-    check_against_reference(lambda *t: mematte_kernels.varlen_attention(*t, cu_seqlens, max_seqlen),
-                            lambda *t: reference.varlen_attention(*t, cu_seqlens, max_seqlen),
-                            ("out", "dq", "dk", "dv"), (q, k, v), large_logits)
+    check_against_reference(
+        lambda *t: mematte_kernels.varlen_attention(*t, cu_seqlens, max_seqlen),
+        lambda *t: reference.varlen_attention(*t, cu_seqlens, max_seqlen),
+        ("out", "dq", "dk", "dv"),
+        (q, k, v),
+        large_logits,
+    )
 
 
 def check_policy(q, k, v, policy, large_logits=False):
-    check_against_reference(mematte_kernels.policy_attention, reference.policy_attention,
-                            ("out", "dq", "dk", "dv", "dpolicy"), (q, k, v, policy), large_logits)
+    check_against_reference(
+        mematte_kernels.policy_attention,
+        reference.policy_attention,
+        ("out", "dq", "dk", "dv", "dpolicy"),
+        (q, k, v, policy),
+        large_logits,
+    )
 
 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS, ids=lambda d: f"d{d}")
@@ -109,7 +119,7 @@ def test_global_attention(head_dim):
     rel_pos_h, rel_pos_w = (torch.randn(2 * n - 1, head_dim, generator=generator) * 0.2 for n in (H, W))
     out = mematte_kernels.global_attention(qkv, rel_pos_h, rel_pos_w, heads)
     rel_h, rel_w = reference.rel_pos_table(H, H, rel_pos_h), reference.rel_pos_table(W, W, rel_pos_w)
-    expected = reference.global_attention(qkv.double(), rel_h.double(), rel_w.double(), heads, head_dim ** -0.5)
+    expected = reference.global_attention(qkv.double(), rel_h.double(), rel_w.double(), heads, head_dim**-0.5)
     assert_relatively_close("out", out, expected)
 
 
@@ -135,7 +145,7 @@ def test_varlen_backward_with_every_logit_below_minus_100(lengths):
     q, k, v = far_below_zero((sum(lengths),), 1, head_dim, torch.Generator().manual_seed(2))
     cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
     for start, end in itertools.pairwise(cu_seqlens.tolist()):
-        logits = torch.einsum("ihd,jhd->hij", q[start:end], k[start:end]) * head_dim ** -0.5
+        logits = torch.einsum("ihd,jhd->hij", q[start:end], k[start:end]) * head_dim**-0.5
         assert logits.max() < -100
         assert (logits.amax(-1) - logits.amin(-1)).min() > 5  # not a uniform softmax
     check_varlen(q, k, v, cu_seqlens, max(lengths), large_logits=True)
@@ -147,7 +157,7 @@ def test_policy_backward_with_every_logit_below_minus_100(N):
     head_dim = 64
     generator = torch.Generator().manual_seed(3)
     q, k, v = far_below_zero((1, N), 1, head_dim, generator)
-    logits = torch.einsum("bihd,bjhd->bhij", q, k) * head_dim ** -0.5
+    logits = torch.einsum("bihd,bjhd->bhij", q, k) * head_dim**-0.5
     assert logits.max() < -100
     policy = torch.rand(1, N, generator=generator)
     check_policy(q, k, v, policy, large_logits=True)

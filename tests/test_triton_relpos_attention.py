@@ -4,6 +4,7 @@ Without a GPU the kernel runs in Triton's interpreter (see conftest.py) with 32�
 the grids are odd on purpose: h and w not multiples of the block, one-row and one-column
 grids, h ≠ w, one token, an empty batch.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -109,26 +110,32 @@ def _bad_inputs():
     yield "grid-mismatch", (q, k, v, bh[..., :2], bw), ValueError, r"grid is 2×4"
     wide = torch.randn(1, 12, 2, 256)
     yield "head-dim-256", (wide, wide, wide, bh, bw), ValueError, "takes head_dim up to 128, got head_dim 256"
-    yield "float64", (q.double(), k.double(), v.double(), bh.double(), bw.double()), TypeError, "float16, bfloat16 or float32"
+    yield (
+        "float64",
+        (q.double(), k.double(), v.double(), bh.double(), bw.double()),
+        TypeError,
+        "float16, bfloat16 or float32",
+    )
     yield "bias-dtype", (q, k, v, bh.half(), bw), TypeError, "bias_h must have the same dtype"
     yield "bias-shape", (q, k, v, bh[:, :5], bw), ValueError, r"bias_h must be \(1, 12, 2, H or W\)"
     yield "3d-q", (q[0], k[0], v[0], bh, bw), ValueError, r"q must be 4-D \(B, N, heads, head_dim\)"
     yield "device", (q, k, v, bh.to("meta"), bw), ValueError, "bias_h is on meta but q is on cpu"
 
 
-@pytest.mark.parametrize(
-    "args, error, message", [pytest.param(a, e, m, id=name) for name, a, e, m in _bad_inputs()]
-)
+@pytest.mark.parametrize("args, error, message", [pytest.param(a, e, m, id=name) for name, a, e, m in _bad_inputs()])
 def test_rejects_bad_input(args, error, message):
     with pytest.raises(error, match=message):
         relpos_attention(*args)
 
 
-@pytest.mark.parametrize("shape, heads, message", [
-    pytest.param((1, 2, 2, 190), 1, r"\(190\) must be 3 \* C", id="not-3C"),
-    pytest.param((1, 2, 2, 3 * 96), 5, r"multiple of num_heads \(5\)", id="C-not-a-multiple-of-heads"),
-    pytest.param((4, 3 * 64), 1, r"qkv must be 4-D", id="2d"),
-])
+@pytest.mark.parametrize(
+    "shape, heads, message",
+    [
+        pytest.param((1, 2, 2, 190), 1, r"\(190\) must be 3 \* C", id="not-3C"),
+        pytest.param((1, 2, 2, 3 * 96), 5, r"multiple of num_heads \(5\)", id="C-not-a-multiple-of-heads"),
+        pytest.param((4, 3 * 64), 1, r"qkv must be 4-D", id="2d"),
+    ],
+)
 def test_global_attention_names_a_bad_qkv(shape, heads, message):
     with pytest.raises(ValueError, match=message):
         global_attention(torch.zeros(shape), None, None, heads, 0.125)

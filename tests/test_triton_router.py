@@ -4,6 +4,7 @@ Without a GPU the kernels run in Triton's interpreter (see conftest.py). Token c
 on purpose (not multiples of the 32/64-token tiles, so the global mean is summed over
 partial tiles) and C covers tiles straddling C/2 (C/2 = 48) and MEMatte's 384 and 768.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -47,8 +48,14 @@ def make_router(C: int, seed: int = 0):
     def linear(out_features, in_features):
         return randn(out_features, in_features, std=in_features**-0.5), randn(out_features, std=0.1)
 
-    return [1 + randn(C, std=0.2), randn(C, std=0.1), *linear(C, C), *linear(C // 2, C),
-            *linear(C // 4, C // 2), *linear(2, C // 4)]
+    return [
+        1 + randn(C, std=0.2),
+        randn(C, std=0.1),
+        *linear(C, C),
+        *linear(C // 2, C),
+        *linear(C // 4, C // 2),
+        *linear(2, C // 4),
+    ]
 
 
 def make_tokens(B, N, C, seed=0):
@@ -135,7 +142,12 @@ def _bad_inputs():
     yield "x-2d", (x[0], *params), ValueError, r"x must be 3-D \(B, N, C\)"
     yield "C-not-multiple-of-4", (torch.randn(1, 4, 30), *make_router(32)), ValueError, "multiple of 4"
     yield "x-int", (x.long(), *params), TypeError, "x must be float16, bfloat16 or float32"
-    yield "param-dtype", (x, *params[:2], params[2].half(), *params[3:]), TypeError, "in_weight must have the same dtype"
+    yield (
+        "param-dtype",
+        (x, *params[:2], params[2].half(), *params[3:]),
+        TypeError,
+        "in_weight must have the same dtype",
+    )
     in_weight, out2_weight = params[2][:16], params[8][:1]
     yield "in-weight-shape", (x, *params[:2], in_weight, *params[3:]), ValueError, r"in_weight must have shape \(32,"
     yield "out2-shape", (x, *params[:8], out2_weight, params[9]), ValueError, r"out2_weight must have shape \(2, 8\)"
@@ -151,7 +163,9 @@ def test_rejects_bad_input(args, error, message):
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(d, id=DTYPE_NAMES[d]) for d in (torch.bfloat16, torch.float16)])
-@pytest.mark.parametrize("shape", [pytest.param((2, 65, 96), id="B2-N65-C96"), pytest.param((1, 130, 384), id="B1-N130-C384")])
+@pytest.mark.parametrize(
+    "shape", [pytest.param((2, 65, 96), id="B2-N65-C96"), pytest.param((1, 130, 384), id="B1-N130-C384")]
+)
 def test_low_precision_tokens_with_fp32_parameters(shape, dtype):
     """The model keeps routers in fp32 and hands them bf16/fp16 tokens: the wide layers run
     in the tokens' dtype, the rest in fp32, within 2x the error of the same scheme in

@@ -4,6 +4,7 @@ fp32 also against torch's scaled_dot_product_attention backward run sequence by 
 Without a GPU the kernels run in Triton's interpreter (see conftest.py): odd lengths, empty
 and one-token sequences, small sizes.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -23,8 +24,9 @@ from triton_tolerance import DTYPE_NAMES, DTYPES, LOW_PRECISION_FACTOR, LOW_PREC
 FP32_RTOL = 1e-4
 FP32_FLOOR = 1e-6  # a one-token sequence: out = v, so dq = dk = 0 exactly
 
-BACKWARD_SHAPES = {name: SHAPES[name] for name in ("B1-T1", "B1-T65", "B3-T128-one-empty", "B3-T1-two-empty",
-                                                    "B1-T0", "B0-T0")}
+BACKWARD_SHAPES = {
+    name: SHAPES[name] for name in ("B1-T1", "B1-T65", "B3-T128-one-empty", "B3-T1-two-empty", "B1-T0", "B0-T0")
+}
 BACKWARD_SHAPES["B2-T300"] = ([300, 37], 1)
 
 
@@ -101,8 +103,10 @@ def test_opcheck_with_gradients():
     inputs = tuple(t.clone().requires_grad_() for t in (q, k, v))
     torch.library.opcheck(torch.ops.mematte.varlen_attention.default, (*inputs, cu_seqlens, max_seqlen, None))
     out = varlen_attention(q, k, v, cu_seqlens, max_seqlen)
-    torch.library.opcheck(torch.ops.mematte.varlen_attention_backward.default,
-                          (torch.randn(q.shape), q, k, v, out, cu_seqlens, max_seqlen, None))
+    torch.library.opcheck(
+        torch.ops.mematte.varlen_attention_backward.default,
+        (torch.randn(q.shape), q, k, v, out, cu_seqlens, max_seqlen, None),
+    )
 
 
 @pytest.mark.gpu

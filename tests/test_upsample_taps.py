@@ -11,6 +11,7 @@ The composite op, whose taps are rounded to the dtype by the 1x1 conv, and the f
 weights are read in bf16, are judged as in test_ext_ops.py: against the error of the
 reference op run in that dtype.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -783,4 +784,3 @@ def test_cpu_backend_without_the_kernel_falls_back_to_reference(monkeypatch):
     real = ext.has_kernel
     monkeypatch.setattr(ext, "has_kernel", lambda op, device: op != "upsample_taps_relu_" and real(op, device))
     assert dispatch.resolve("cpu", "cpu").upsample_conv_relu_ is reference.upsample_conv_relu_
-

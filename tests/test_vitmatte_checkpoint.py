@@ -1,5 +1,6 @@
 """ViTMatte checkpoints: upstream files and state dicts, HF transformers' names (a file or a
 model directory), the key map, clear errors, and the tools choosing the model class."""
+
 import contextlib
 import io
 import json
@@ -82,8 +83,14 @@ def _hf_config(hidden=384, heads=6):
         "model_type": "vitmatte",
         "hidden_size": hidden,
         "backbone_config": {
-            "model_type": "vitdet", "hidden_size": hidden, "num_attention_heads": heads, "num_hidden_layers": 12,
-            "window_size": 14, "residual_block_indices": [2, 5, 8, 11], "num_channels": 4, "patch_size": 16,
+            "model_type": "vitdet",
+            "hidden_size": hidden,
+            "num_attention_heads": heads,
+            "num_hidden_layers": 12,
+            "window_size": 14,
+            "residual_block_indices": [2, 5, 8, 11],
+            "num_channels": 4,
+            "patch_size": 16,
         },
     }
 

@@ -1,5 +1,6 @@
 """FastViTMatte's parts: tiles that equal whole-image decoding, the global block's op, and
 the model's contract (dtypes, batch, errors)."""
+
 import pytest
 import torch
 
@@ -31,8 +32,12 @@ def test_tiles_on_the_input_canvas_equal_whole_image_decoding():
 def test_canvas_multiple_must_be_token_aligned():
     decoder = small_random_decoder()
     with pytest.raises(ValueError, match="canvas multiple"):
-        decode_tiled(decoder, torch.zeros(1, 16, 2, 2, dtype=torch.float64), torch.zeros(1, 4, 32, 32, dtype=torch.float64),
-                     canvas_multiple=24)
+        decode_tiled(
+            decoder,
+            torch.zeros(1, 16, 2, 2, dtype=torch.float64),
+            torch.zeros(1, 4, 32, 32, dtype=torch.float64),
+            canvas_multiple=24,
+        )
 
 
 @pytest.mark.parametrize("grid", [(5, 7), (1, 9), (6, 1)], ids=lambda g: f"{g[0]}x{g[1]}")
@@ -81,7 +86,9 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="unknown variant"):
         FastViTMatte("vit_l")
     with pytest.raises(ValueError, match="float16 is for GPUs"):
-        FastViTMatte("vit_s", dtype=torch.float16)({"image": torch.rand(1, 3, 32, 32), "trimap": torch.rand(1, 1, 32, 32)})
+        FastViTMatte("vit_s", dtype=torch.float16)(
+            {"image": torch.rand(1, 3, 32, 32), "trimap": torch.rand(1, 1, 32, 32)}
+        )
 
 
 def test_triton_backend_runs_the_model_like_the_reference():

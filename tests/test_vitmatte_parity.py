@@ -1,5 +1,6 @@
 """FastViTMatte against the published ViTMatte: state-dict manifest and golden outputs of the
 original code (ViT-S, fp32, CPU) on synthetic weights."""
+
 import pytest
 import torch
 
@@ -18,8 +19,9 @@ def test_state_dict_matches_official_manifest(variant):
 @pytest.mark.parametrize("variant", ["vit_s", "vit_b"])
 def test_backbone_alone_holds_the_backbone_keys(variant):
     """The backbone module (MEMatte's teacher too) has exactly the checkpoint's backbone.* keys."""
-    backbone = {k.removeprefix("backbone."): v for k, v in manifest(f"vitmatte_{variant}").items()
-                if k.startswith("backbone.")}
+    backbone = {
+        k.removeprefix("backbone."): v for k, v in manifest(f"vitmatte_{variant}").items() if k.startswith("backbone.")
+    }
     state = ViTMatteBackbone(variant).state_dict()
     assert {k: list(v.shape) for k, v in state.items()} == backbone
 
@@ -83,8 +85,9 @@ def test_golden_alpha_bf16(golden):
 
 def test_predict_follows_upstream_inference(golden):
     """predict() is the upstream call on one image: no clamping of the known regions."""
-    model = FastViTMatte.from_checkpoint(synth.weights("vitmatte_vit_s", seed=golden["weights_seed"]),
-                                         dtype=torch.float32)  # held to the fp32 golden alpha
+    model = FastViTMatte.from_checkpoint(
+        synth.weights("vitmatte_vit_s", seed=golden["weights_seed"]), dtype=torch.float32
+    )  # held to the fp32 golden alpha
     image, trimap = synth.inputs(**golden["input"])
     alpha = model.predict(image[0], trimap[0, 0])
     assert alpha.shape == (512, 600)

@@ -1,6 +1,7 @@
 """The window attention's position bias as SDPA receives it: allocated once per call with
 rows aligned for the GPU's memory-efficient kernel, which otherwise pads a copy of the
 196-wide bias of every chunk of windows."""
+
 from __future__ import annotations
 
 import pytest

@@ -4,6 +4,7 @@ parameters to OUT/rank<r>.pt.
 
     torchrun --standalone --nproc-per-node 2 tests/train_ddp_toy.py DATA OUT ITERS
 """
+
 import sys
 from pathlib import Path
 

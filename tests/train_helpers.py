@@ -1,5 +1,6 @@
 """Shared by the training tests: a tiny generated dataset, and a small model with
 FastMEMatte's parameter names and training interface for testing the loop itself."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,8 +23,7 @@ def soft_disc(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     return np.rint(np.clip((1.15 - r) / 0.3, 0, 1) * 255).astype(np.uint8)
 
 
-def make_dataset(root: Path, n_fg: int = 3, n_bg: int = 8, size: tuple[int, int] = (176, 208),
-                 seed: int = 0) -> Path:
+def make_dataset(root: Path, n_fg: int = 3, n_bg: int = 8, size: tuple[int, int] = (176, 208), seed: int = 0) -> Path:
     """DATA/fg, DATA/alpha (PNG, paired by stem) and DATA/bg (JPEG) with smooth random
     colours, (h, w) = ``size``."""
     rng = np.random.default_rng(seed)
@@ -86,6 +86,17 @@ def toy_config(out: Path, **changes):
     """Engine settings for the small tests: crop 64, batch 2, short warmup, no workers."""
     from mematte.train.engine import TrainConfig
 
-    settings = dict(out=out, iters=20, batch_size=2, crop=64, lr=1e-2, warmup=4, milestones=(10, 15),
-                    checkpoint_period=10, precision="fp32", seed=0, workers=0)
+    settings = dict(
+        out=out,
+        iters=20,
+        batch_size=2,
+        crop=64,
+        lr=1e-2,
+        warmup=4,
+        milestones=(10, 15),
+        checkpoint_period=10,
+        precision="fp32",
+        seed=0,
+        workers=0,
+    )
     return TrainConfig(**{**settings, **changes})

@@ -7,6 +7,7 @@ low-precision inputs (so input rounding is not counted against anyone), and must
 twice PyTorch's own error there (the same reference run in the low-precision dtype), plus a
 tiny floor for cases where PyTorch happens to be exact (a one-token attention returns v).
 """
+
 from __future__ import annotations
 
 import torch

@@ -2,6 +2,7 @@
 ``bench/stage_profile.py``). A folder rather than ``bench/profile.py``: pytest puts
 ``bench/`` first on ``sys.path``, where a ``profile.py`` would hide the standard library's
 ``profile`` module from ``cProfile`` (which ``torch.compile`` imports)."""
+
 import sys
 from pathlib import Path
 

@@ -6,6 +6,7 @@ exporter here uses, so that a failed or interrupted export leaves no partial fil
 
 Nothing here imports onnx until an export runs.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,9 @@ import pathlib
 from .atomic import atomic_output
 
 
-def export_onnx(model, path: str | os.PathLike, *, dtype=None, opset: int | None = None, max_tokens=18500) -> pathlib.Path:
+def export_onnx(
+    model, path: str | os.PathLike, *, dtype=None, opset: int | None = None, max_tokens=18500
+) -> pathlib.Path:
     """Write ``model`` (FastMEMatte or FastViTMatte) as an ONNX file at ``path``; see
     :func:`mematte.export.onnx_graph.export_onnx`."""
     from .onnx_graph import export_onnx as export

@@ -1,5 +1,6 @@
 """The write-then-rename every exporter uses, so that a failed or interrupted export leaves
 no partial file."""
+
 from __future__ import annotations
 
 import contextlib

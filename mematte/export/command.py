@@ -1,6 +1,7 @@
 """``mematte export CKPT OUT``: everything that can be refused (format, options, output
 location, the checkpoint itself) is, with exit status 2, before the export starts; the
 file is written atomically."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,10 @@ def export_format(args: argparse.Namespace) -> str:
     try:
         return EXPORT_FORMATS[args.output.suffix.lower()]
     except KeyError:
-        raise UsageError(f"OUT {args.output}: cannot tell the format from the suffix "
-                         f"{args.output.suffix or '(none)'!r}; name it .onnx or .pt2, or pass --format") from None
+        raise UsageError(
+            f"OUT {args.output}: cannot tell the format from the suffix "
+            f"{args.output.suffix or '(none)'!r}; name it .onnx or .pt2, or pass --format"
+        ) from None
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -52,8 +55,9 @@ def run_export(args: argparse.Namespace) -> int:
         if fmt == "onnx":
             from . import export_onnx
 
-            export_onnx(model, args.output, dtype=getattr(torch, args.dtype), opset=args.opset,
-                        max_tokens=args.max_tokens)
+            export_onnx(
+                model, args.output, dtype=getattr(torch, args.dtype), opset=args.opset, max_tokens=args.max_tokens
+            )
         else:
             from .torch_program import export_program
 

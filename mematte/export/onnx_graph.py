@@ -20,6 +20,7 @@ The graph is written operator by operator (``onnx.helper``), standard ONNX domai
 With ``dtype=float16`` weights and activations are fp16; LayerNorm statistics, softmaxes,
 the routers, the position resizes and the final sigmoid run in fp32.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -128,8 +129,14 @@ class Graph:
     def layer_norm(self, x: str, norm, eps: float | None = None) -> str:
         """LayerNorm over the last axis, statistics in fp32."""
         eps = norm.eps if eps is None else eps
-        y = self.op("LayerNormalization", self.to_fp32(x), self.weight(norm.weight, fp32=True),
-                    self.weight(norm.bias, fp32=True), epsilon=float(eps), axis=-1)
+        y = self.op(
+            "LayerNormalization",
+            self.to_fp32(x),
+            self.weight(norm.weight, fp32=True),
+            self.weight(norm.bias, fp32=True),
+            epsilon=float(eps),
+            axis=-1,
+        )
         return self.from_fp32(y)
 
     def channels_first_layer_norm(self, x: str, norm) -> str:
@@ -147,12 +154,25 @@ class Graph:
     def softmax(self, x: str) -> str:
         return self.from_fp32(self.op("Softmax", self.to_fp32(x), axis=-1))
 
-    def conv(self, x: str, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
-             padding: int = 0, groups: int = 1) -> str:
+    def conv(
+        self,
+        x: str,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        stride: int = 1,
+        padding: int = 0,
+        groups: int = 1,
+    ) -> str:
         inputs = [x, self.weight(weight.contiguous())] + ([self.weight(bias)] if bias is not None else [])
         k = weight.shape[-1]
-        return self.op("Conv", *inputs, kernel_shape=[k] * (weight.dim() - 2), strides=[stride] * (weight.dim() - 2),
-                       pads=[padding] * (2 * (weight.dim() - 2)), group=groups)
+        return self.op(
+            "Conv",
+            *inputs,
+            kernel_shape=[k] * (weight.dim() - 2),
+            strides=[stride] * (weight.dim() - 2),
+            pads=[padding] * (2 * (weight.dim() - 2)),
+            group=groups,
+        )
 
 
 def loop(g: Graph, trips: str, body_fn, out_type: int) -> str:
@@ -164,9 +184,16 @@ def loop(g: Graph, trips: str, body_fn, out_type: int) -> str:
     cond_out = body.op("Identity", cond_in)
     out_id = body.op("Identity", out)
     graph = helper.make_graph(
-        body.nodes, g.name("loop_body"),
-        [helper.make_tensor_value_info(step, TensorProto.INT64, []), helper.make_tensor_value_info(cond_in, TensorProto.BOOL, [])],
-        [helper.make_tensor_value_info(cond_out, TensorProto.BOOL, []), helper.make_tensor_value_info(out_id, out_type, None)],
+        body.nodes,
+        g.name("loop_body"),
+        [
+            helper.make_tensor_value_info(step, TensorProto.INT64, []),
+            helper.make_tensor_value_info(cond_in, TensorProto.BOOL, []),
+        ],
+        [
+            helper.make_tensor_value_info(cond_out, TensorProto.BOOL, []),
+            helper.make_tensor_value_info(out_id, out_type, None),
+        ],
     )
     true = g.const(np.array(True))
     return g.op("Loop", g.op("Squeeze", trips), true, body=graph)
@@ -264,13 +291,23 @@ def resized_rel_pos(g: Graph, table: torch.Tensor, size: str) -> str:
     ``F.interpolate(mode="linear")``) to 2·size − 1 rows, gathered to (size, size, d)."""
     length = g.arith("Sub", g.arith("Mul", size, 2), 1)
     rows = g.const(table.detach().float().numpy().T[None, :, None, :])  # (1, d, 1, L)
-    resized = g.op("Resize", rows, "", "", g.shape(1, table.shape[1], 1, length),
-                   mode="linear", coordinate_transformation_mode="half_pixel")
+    resized = g.op(
+        "Resize",
+        rows,
+        "",
+        "",
+        g.shape(1, table.shape[1], 1, length),
+        mode="linear",
+        coordinate_transformation_mode="half_pixel",
+    )
     resized = g.op("Transpose", g.reshape(resized, table.shape[1], -1), perm=[1, 0])  # (2·size − 1, d)
     n = g.op("Squeeze", size)
     coords = g.op("Range", g.const(np.array(0, np.int64)), n, g.const(np.array(1, np.int64)))
-    relative = g.op("Add", g.op("Sub", g.op("Unsqueeze", coords, g.ints(1)), g.op("Unsqueeze", coords, g.ints(0))),
-                    g.arith("Sub", size, 1))
+    relative = g.op(
+        "Add",
+        g.op("Sub", g.op("Unsqueeze", coords, g.ints(1)), g.op("Unsqueeze", coords, g.ints(0))),
+        g.arith("Sub", size, 1),
+    )
     return g.from_fp32(g.op("Gather", resized, relative, axis=0))
 
 
@@ -313,8 +350,14 @@ def router(g: Graph, x: str, router_module, channels: int) -> tuple[str, str]:
     """Log-probabilities (N, 2) in fp32 and the margin scores[:, 0] − scores[:, 1] (N,)."""
     fc_in, (fc0, fc1, fc2) = router_module.in_conv[1], router_module.out_conv[0::2]
     norm = router_module.in_conv[0]
-    t = g.op("LayerNormalization", g.to_fp32(x), g.weight(norm.weight, fp32=True), g.weight(norm.bias, fp32=True),
-             epsilon=float(norm.eps), axis=-1)
+    t = g.op(
+        "LayerNormalization",
+        g.to_fp32(x),
+        g.weight(norm.weight, fp32=True),
+        g.weight(norm.bias, fp32=True),
+        epsilon=float(norm.eps),
+        axis=-1,
+    )
     t = g.gelu(g.linear(t, fc_in, fp32=True), fp32=True)
     half = channels // 2
     local = g.slice(t, 0, half, 1)
@@ -335,8 +378,12 @@ def routed_tokens(g: Graph, margin: str, max_tokens: int | None) -> str:
     masked = g.op("Where", keep, margin, g.const(np.array(-np.inf, np.float32)))
     count = g.op("Min", g.dim(margin, 0), g.ints(max_tokens))
     top = g.op("TopK", masked, count, axis=0, largest=1, sorted=0, outputs=2)[1]
-    none_chosen = g.op("ConstantOfShape", g.dim(margin, 0), value=helper.make_tensor("", TensorProto.BOOL, [1], [False]))
-    chosen = g.op("ScatterElements", none_chosen, top, g.op("Expand", g.const(np.array([True])), g.op("Shape", top)), axis=0)
+    none_chosen = g.op(
+        "ConstantOfShape", g.dim(margin, 0), value=helper.make_tensor("", TensorProto.BOOL, [1], [False])
+    )
+    chosen = g.op(
+        "ScatterElements", none_chosen, top, g.op("Expand", g.const(np.array([True])), g.op("Shape", top)), axis=0
+    )
     return g.op("And", keep, chosen)
 
 
@@ -369,7 +416,12 @@ def routed_block(g: Graph, x: str, block: RoutedBlock, keep: str, size) -> str:
 
     any_routed = g.op("Squeeze", g.op("Greater", count, g.ints(0)))
     dtype = ONNX_TYPES[g.dtype]
-    x = g.op("If", any_routed, then_branch=branch(g, attend, dtype), else_branch=branch(g, lambda s: s.op("Identity", out), dtype))
+    x = g.op(
+        "If",
+        any_routed,
+        then_branch=branch(g, attend, dtype),
+        else_branch=branch(g, lambda s: s.op("Identity", out), dtype),
+    )
     return res_bottleneck(g, mlp(g, x, block), block.residual, size)
 
 
@@ -386,8 +438,16 @@ def backbone(g: Graph, x: str, model, max_tokens: int | None) -> tuple[str, list
     grid = vit.pos_embed.detach().float()[0, 1:]
     side = int(math.isqrt(grid.shape[0]))
     grid = g.const(grid.numpy().T.reshape(1, C, side, side))
-    pos = g.op("Resize", grid, "", "", g.shape(1, C, h, w), mode="cubic", cubic_coeff_a=-0.75,
-               coordinate_transformation_mode="half_pixel")
+    pos = g.op(
+        "Resize",
+        grid,
+        "",
+        "",
+        g.shape(1, C, h, w),
+        mode="cubic",
+        cubic_coeff_a=-0.75,
+        coordinate_transformation_mode="half_pixel",
+    )
     tokens = g.op("Add", to_tokens(g, patches), g.from_fp32(to_tokens(g, pos)))
     decisions = []
     routers = iter(getattr(vit, "routers", ()))
@@ -418,7 +478,9 @@ def decode(g: Graph, folded: FoldedDecoder, features: str, images: str) -> str:
     return g.op("Sigmoid", g.to_fp32(g.conv(x, *folded.head_out)))
 
 
-def decode_bands(g: Graph, folded: FoldedDecoder, features: str, x: str, height: str, width: str, canvas_multiple: int) -> str:
+def decode_bands(
+    g: Graph, folded: FoldedDecoder, features: str, x: str, height: str, width: str, canvas_multiple: int
+) -> str:
     """Alpha (1, 1, height, width) decoded band by band over the padded input ``x`` (1, 4, Hp, Wp)
     and its features, on the canvas the reference decodes (the input zero-padded to a
     multiple of ``canvas_multiple``), whose rows and columns beyond the image's last token
@@ -431,8 +493,13 @@ def decode_bands(g: Graph, folded: FoldedDecoder, features: str, x: str, height:
     rh, rw = region
     x = g.op("Pad", x, g.shape(0, 0, 0, 0, 0, 0, g.arith("Sub", rh, g.dim(x, 2)), g.arith("Sub", rw, g.dim(x, 3))))
     grid_h, grid_w = g.arith("Div", rh, PATCH), g.arith("Div", rw, PATCH)
-    features = g.op("Pad", features, g.shape(0, 0, 0, 0, 0, 0, g.arith("Sub", grid_h, g.dim(features, 2)),
-                                               g.arith("Sub", grid_w, g.dim(features, 3))))
+    features = g.op(
+        "Pad",
+        features,
+        g.shape(
+            0, 0, 0, 0, 0, 0, g.arith("Sub", grid_h, g.dim(features, 2)), g.arith("Sub", grid_w, g.dim(features, 3))
+        ),
+    )
     rows = g.arith("Mul", g.arith("Div", g.arith("Div", g.ints(DECODER_BAND_PIXELS), rw), PATCH), PATCH)
     band = g.op("Max", g.arith("Sub", rows, 2 * FAST_CONTEXT), g.ints(4 * PATCH))
     bands = g.ceil_div(height, band)
@@ -441,8 +508,12 @@ def decode_bands(g: Graph, folded: FoldedDecoder, features: str, x: str, height:
         start = s.arith("Mul", i, band)
         top = s.op("Max", s.arith("Sub", start, FAST_CONTEXT), s.ints(0))
         bottom = s.op("Min", s.arith("Add", s.op("Add", start, band), FAST_CONTEXT), rh)
-        alpha = decode(s, folded, s.slice(features, s.arith("Div", top, PATCH), s.arith("Div", bottom, PATCH), 2),
-                       s.slice(x, top, bottom, 2))
+        alpha = decode(
+            s,
+            folded,
+            s.slice(features, s.arith("Div", top, PATCH), s.arith("Div", bottom, PATCH), 2),
+            s.slice(x, top, bottom, 2),
+        )
         offset = s.op("Sub", start, top)
         alpha = s.slice(alpha, offset, s.op("Add", offset, band), 2)
         return s.op("Pad", alpha, s.shape(0, 0, 0, 0, 0, 0, s.op("Sub", band, s.dim(alpha, 2)), 0))
@@ -473,10 +544,14 @@ def build_model(model, dtype: torch.dtype, opset: int, max_tokens: int | None, s
     g.nodes[-1].output[0] = "alpha"
     outputs = [helper.make_tensor_value_info("alpha", TensorProto.FLOAT, [1, 1, "height", "width"])]
     if decisions:
-        grid = g.shape(g.arith("Div", g.op("Add", height, pad_h), PATCH), g.arith("Div", g.op("Add", width, pad_w), PATCH))
+        grid = g.shape(
+            g.arith("Div", g.op("Add", height, pad_h), PATCH), g.arith("Div", g.op("Add", width, pad_w), PATCH)
+        )
         stacked = g.op("Concat", *[g.op("Unsqueeze", keep, g.ints(0)) for keep in decisions], axis=0)
         g.nodes.append(helper.make_node("Reshape", [stacked, g.shape(len(decisions), grid)], ["decisions"]))
-        outputs.append(helper.make_tensor_value_info("decisions", TensorProto.BOOL, [len(decisions), "grid_height", "grid_width"]))
+        outputs.append(
+            helper.make_tensor_value_info("decisions", TensorProto.BOOL, [len(decisions), "grid_height", "grid_width"])
+        )
     kind = "MEMatte" if isinstance(model, FastMEMatte) else "ViTMatte"
     graph = helper.make_graph(g.nodes, f"{kind}-{model.variant}", [image, trimap], outputs, initializer=g.initializers)
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="mematte")
@@ -508,7 +583,9 @@ def export_onnx(model, path, *, dtype=None, opset: int | None = None, max_tokens
     newest = onnx.defs.onnx_opset_version()
     opset = DEFAULT_OPSET if opset is None else opset
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
-        raise ValueError(f"opset must be a whole number from {MIN_OPSET} to {newest} (the installed onnx), got {opset!r}")
+        raise ValueError(
+            f"opset must be a whole number from {MIN_OPSET} to {newest} (the installed onnx), got {opset!r}"
+        )
     max_tokens = check_max_tokens(max_tokens)
     onnx_model = build_model(model, dtype, opset, max_tokens)
     onnx.checker.check_model(onnx_model, full_check=True)

@@ -23,6 +23,7 @@ size:
 - the decoder decodes the image (plus the context the tiles of the eager model see) in one
   piece: the same alpha as the tiles, since its receptive field is under their context.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,7 +70,9 @@ class ExportOps:
         self.dwconv_gelu = ext.dwconv_gelu if ltrm else reference.dwconv_gelu
         self.eca = ext.eca if ltrm else reference.eca
         self.upsample_conv_relu_ = (
-            native.upsample_conv_relu_ if ext.has_kernel("upsample_taps_relu_", device) else reference.upsample_conv_relu_
+            native.upsample_conv_relu_
+            if ext.has_kernel("upsample_taps_relu_", device)
+            else reference.upsample_conv_relu_
         )
         self.global_attention = (
             native.global_attention_avx2 if cpu and ext.cpu_avx2_kernels() else reference.global_attention
@@ -254,7 +257,9 @@ def cap_tokens(keep: torch.Tensor, scores: torch.Tensor, max_tokens: int | None)
 # -------------------------------------------------------------------- export
 
 
-def export_program(model: FastMEMatte | FastViTMatte, path: str | os.PathLike, *, max_tokens=DEFAULT_MAX_TOKENS) -> pathlib.Path:
+def export_program(
+    model: FastMEMatte | FastViTMatte, path: str | os.PathLike, *, max_tokens=DEFAULT_MAX_TOKENS
+) -> pathlib.Path:
     """Write ``model``'s fast path as an ``ExportedProgram`` (``torch.export.save``) at
     ``path``, for any height and width from 16 to 16384 px: ``image`` (1, 3, H, W) and
     ``trimap`` (1, 1, H, W) in [0, 1] to ``alpha`` (1, 1, H, W). ``max_tokens`` caps
@@ -266,7 +271,9 @@ def export_program(model: FastMEMatte | FastViTMatte, path: str | os.PathLike, *
     return pathlib.Path(path)
 
 
-def package_aoti(model: FastMEMatte | FastViTMatte, path: str | os.PathLike, *, max_tokens=DEFAULT_MAX_TOKENS) -> pathlib.Path:
+def package_aoti(
+    model: FastMEMatte | FastViTMatte, path: str | os.PathLike, *, max_tokens=DEFAULT_MAX_TOKENS
+) -> pathlib.Path:
     """:func:`export_program`'s program compiled ahead of time by Inductor for the model's
     device, packaged at ``path`` (a ``.pt2``) for ``torch._inductor.aoti_load_package``.
     Needs a C++ compiler; takes minutes."""

@@ -6,6 +6,7 @@ Supported: transformers' ``VitMatteForImageMatting``, ``VitDetBackbone`` and ``V
 adapter imports its library only when handed one of its models, and a model's library is
 already imported by then: importing ``mematte`` imports neither.
 """
+
 from __future__ import annotations
 
 import sys
@@ -53,8 +54,10 @@ def accelerate(model: nn.Module, backend: str = "auto", enabled: bool = True) ->
         raise TypeError(f"accelerate() takes a torch.nn.Module, got {type(model).__name__}")
     adapter = _adapter(model)
     if adapter is None:
-        raise TypeError(f"accelerate() does not support {type(model).__module__}.{type(model).__qualname__}; "
-                        f"supported: {'; '.join(SUPPORTED)}")
+        raise TypeError(
+            f"accelerate() does not support {type(model).__module__}.{type(model).__qualname__}; "
+            f"supported: {'; '.join(SUPPORTED)}"
+        )
     if not enabled:
         for module in model.modules():
             restore_forward(module)

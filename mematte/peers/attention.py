@@ -5,6 +5,7 @@ An accelerated module keeps its class, parameters and buffers; an instance attri
 state that forward reads as ``_mematte_*`` attributes, and :func:`restore_forward` deletes
 them to bring the class's forward back.
 """
+
 from __future__ import annotations
 
 import types

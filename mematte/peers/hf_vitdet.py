@@ -11,6 +11,7 @@ its last blocks work on full-resolution planes of 32 to 68 channels (~5 GB at 20
 fp32). In inference the decoder runs HF's own forward on strips of rows with enough context
 that every alpha row is the one the whole image gives.
 """
+
 from __future__ import annotations
 
 import torch

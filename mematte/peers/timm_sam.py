@@ -7,6 +7,7 @@ projects the output. The accelerated forward keeps the projections and norms and
 the attention. Attention with rotary position instead of relative position is left as
 timm has it (fused attention without a bias builds no N×N matrix).
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,7 @@
 """The HTTP application: admission (key, form, formats, sizes, memory) on the event loop,
 matting on the model's thread with same-size images batched (:mod:`.worker`), everything
 answered as PNG or as JSON ``{"error": ...}``."""
+
 from __future__ import annotations
 
 import hmac
@@ -48,8 +49,10 @@ MAX_BAND = 1024
 PIPELINE_BYTES_PER_PIXEL = {"alpha": 40, "rgba": 120, "composite": 150}
 STATIC = resources.files(__package__) / "static"
 # The page may use nothing but itself.
-PAGE_POLICY = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
-               "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+PAGE_POLICY = (
+    "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
 
 
 @dataclass(frozen=True)
@@ -94,17 +97,32 @@ def create_app(model, settings: Settings, *, free_memory=free_memory):
     """The ASGI application serving ``model`` (one loaded FastMEMatte or FastViTMatte)."""
     device = model.pixel_mean.device
     registry = CollectorRegistry()
-    batch_sizes = Histogram("mematte_batch_size", "Images matted together in one forward pass", registry=registry,
-                            buckets=tuple(range(1, MAX_BATCH + 1)))
-    matter = Matter(model, queue=settings.queue, tile=settings.tile, max_pixels=settings.max_pixels,
-                    free_memory=lambda: free_memory(device), on_batch=batch_sizes.observe)
+    batch_sizes = Histogram(
+        "mematte_batch_size",
+        "Images matted together in one forward pass",
+        registry=registry,
+        buckets=tuple(range(1, MAX_BATCH + 1)),
+    )
+    matter = Matter(
+        model,
+        queue=settings.queue,
+        tile=settings.tile,
+        max_pixels=settings.max_pixels,
+        free_memory=lambda: free_memory(device),
+        on_batch=batch_sizes.observe,
+    )
     requests = Counter("mematte_requests", "Matting requests by HTTP status", ["status"], registry=registry)
-    latency = Histogram("mematte_request_seconds", "Time to answer a matting request", registry=registry,
-                        buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120))
+    latency = Histogram(
+        "mematte_request_seconds",
+        "Time to answer a matting request",
+        registry=registry,
+        buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120),
+    )
     depth = Gauge("mematte_queue_depth", "Requests waiting for the model", registry=registry)
     depth.set_function(lambda: matter.waiting)
-    rejections = Counter("mematte_rejections", "Requests refused before matting, by reason", ["reason"],
-                         registry=registry)
+    rejections = Counter(
+        "mematte_rejections", "Requests refused before matting, by reason", ["reason"], registry=registry
+    )
 
     @asynccontextmanager
     async def lifespan(app):
@@ -115,8 +133,12 @@ def create_app(model, settings: Settings, *, free_memory=free_memory):
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
-                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "X-API-Key"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key"],
+        )
 
     @app.exception_handler(Refused)
     async def refused(request, e: Refused):
@@ -144,15 +166,24 @@ def create_app(model, settings: Settings, *, free_memory=free_memory):
             given = token.strip()
         if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
             rejections.labels("unauthorised").inc()
-            raise Refused(401, "a valid API key is required (Authorization: Bearer KEY or X-API-Key: KEY)",
-                          {"WWW-Authenticate": "Bearer"})
+            raise Refused(
+                401,
+                "a valid API key is required (Authorization: Bearer KEY or X-API-Key: KEY)",
+                {"WWW-Authenticate": "Bearer"},
+            )
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "model": f"{type(model).__name__}({model.variant})", "device": str(device),
-                "dtype": str(model.dtype).removeprefix("torch."), "queue_depth": matter.waiting,
-                "in_progress": matter.pending > 0,
-                "queue_size": settings.queue, "api_key_required": settings.api_key is not None}
+        return {
+            "status": "ok",
+            "model": f"{type(model).__name__}({model.variant})",
+            "device": str(device),
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "queue_depth": matter.waiting,
+            "in_progress": matter.pending > 0,
+            "queue_size": settings.queue,
+            "api_key_required": settings.api_key is not None,
+        }
 
     @app.get("/metrics")
     async def metrics(request: Request):
@@ -183,22 +214,26 @@ def create_app(model, settings: Settings, *, free_memory=free_memory):
                 except QueueFull as e:
                     raise Refused(503, str(e), {"Retry-After": str(e.retry_after)}) from None
                 except TimeoutError:
-                    raise Refused(504, f"matting took longer than the server's {settings.timeout:g} s "
-                                       "timeout; the work was dropped") from None
+                    raise Refused(
+                        504,
+                        f"matting took longer than the server's {settings.timeout:g} s timeout; the work was dropped",
+                    ) from None
                 except Cancelled:
                     raise Refused(499, "the client went away; the work was dropped") from None
                 except (ValueError, OSError) as e:
                     raise Refused(400, _without_folder(str(e), folder)) from None
                 except (MemoryError, torch.OutOfMemoryError):
-                    raise Refused(503, "the device ran out of memory for this image; retry later",
-                                  {"Retry-After": "5"}) from None
+                    raise Refused(
+                        503, "the device ran out of memory for this image; retry later", {"Retry-After": "5"}
+                    ) from None
             status = 200
             return Response(png, media_type="image/png")
         except Refused as e:
             status = e.status
             if status in (408, 413, 415, 503, 504):
-                rejections.labels({408: "slow_upload", 413: "too_large", 415: "format",
-                                   503: "busy", 504: "timeout"}[status]).inc()
+                rejections.labels(
+                    {408: "slow_upload", 413: "too_large", 415: "format", 503: "busy", 504: "timeout"}[status]
+                ).inc()
             raise
         finally:
             requests.labels(str(status)).inc()
@@ -213,8 +248,7 @@ async def _admit(request: Request, folder: Path, model, settings: Settings, devi
     if not content_type.startswith("multipart/form-data"):
         raise Refused(415, "send multipart/form-data with an image and a trimap or mask file")
     try:
-        form = await request.form(max_files=len(FILE_FIELDS), max_fields=len(TEXT_FIELDS),
-                                  max_part_size=1024)
+        form = await request.form(max_files=len(FILE_FIELDS), max_fields=len(TEXT_FIELDS), max_part_size=1024)
     except HTTPException as e:  # the multipart parser's own refusals
         raise Refused(400, f"unreadable form: {e.detail}") from None
     except BodyTooLarge as e:
@@ -272,11 +306,24 @@ async def _admit(request: Request, folder: Path, model, settings: Settings, devi
     need = request_memory(model, height, width, output)
     free = free_memory(device)
     if need > free:
-        raise Refused(413, f"image: {width}×{height} needs about {need / 2**30:.1f} GiB to matte, but "
-                           f"the {device.type} has {free / 2**30:.1f} GiB free")
-    return Job(folder=folder, image=files["image"], trimap=files.get("trimap"), mask=files.get("mask"),
-               background=files.get("background"), band=band, output=output, bits=bits,
-               max_tokens=max_tokens, size=(height, width), need=need)
+        raise Refused(
+            413,
+            f"image: {width}×{height} needs about {need / 2**30:.1f} GiB to matte, but "
+            f"the {device.type} has {free / 2**30:.1f} GiB free",
+        )
+    return Job(
+        folder=folder,
+        image=files["image"],
+        trimap=files.get("trimap"),
+        mask=files.get("mask"),
+        background=files.get("background"),
+        band=band,
+        output=output,
+        bits=bits,
+        max_tokens=max_tokens,
+        size=(height, width),
+        need=need,
+    )
 
 
 def _whole(options: dict, name: str, default: int, least: int, most: int) -> int:
@@ -306,8 +353,11 @@ def _header(name: str, path: Path, max_pixels: int | None) -> tuple[int, int]:
     except (OSError, SyntaxError, ValueError) as e:
         raise Refused(400, f"{name}: unreadable image header ({e})") from None
     if max_pixels is not None and width * height > max_pixels:
-        raise Refused(413, f"{name}: {width}×{height} is {width * height:,} pixels, over the server's "
-                           f"limit of {max_pixels:,} (--max-pixels)")
+        raise Refused(
+            413,
+            f"{name}: {width}×{height} is {width * height:,} pixels, over the server's "
+            f"limit of {max_pixels:,} (--max-pixels)",
+        )
     if width < 1 or height < 1:
         raise Refused(400, f"{name}: the image is empty ({width}×{height})")
     return height, width

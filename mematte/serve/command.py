@@ -1,5 +1,6 @@
 """``mematte serve``: its command line (built without importing torch or FastAPI) and what
 it runs."""
+
 from __future__ import annotations
 
 import argparse
@@ -30,30 +31,62 @@ exit status: 0 stopped (SIGTERM), 1 the model could not be loaded, 2 usage error
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "serve", help="matte over HTTP, with a page to try it",
+        "serve",
+        help="matte over HTTP, with a page to try it",
         description="Serve one model over HTTP: POST /v1/matte returns the PNG that "
-                    "mematte predict writes for the same files.",
-        epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "mematte predict writes for the same files.",
+        epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default: %(default)s); any non-loopback address "
-                        "needs --api-key-env")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: %(default)s); any non-loopback address needs --api-key-env",
+    )
     p.add_argument("--port", type=_whole(0, "port", 65535), default=8000, help="(default: %(default)s)")
-    p.add_argument("--max-pixels", type=_whole(0, "pixels"), default=MAX_PIXELS, metavar="N",
-                   help="refuse images with more pixels (413), read from the header before "
-                        "decoding; 0: only the memory check (default: %(default)s, Pillow's limit)")
-    p.add_argument("--max-upload-mb", type=_whole(1, "MB"), default=64, metavar="N",
-                   help="refuse request bodies over N MB (413) while they stream (default: %(default)s)")
-    p.add_argument("--queue", type=_whole(1, "requests"), default=8, metavar="N",
-                   help="requests that may wait for the model; more get 503 (default: %(default)s)")
-    p.add_argument("--timeout", type=_positive_seconds, default=60.0, metavar="S",
-                   help="seconds a request may take, upload included: then 408 (upload) or "
-                        "504 (matting, whose work is dropped) (default: %(default)s)")
-    p.add_argument("--api-key-env", metavar="VAR",
-                   help="environment variable holding the API key that every /v1/matte and "
-                        "/metrics request must present (required off loopback)")
-    p.add_argument("--cors-origin", action="append", metavar="ORIGIN", default=[],
-                   help="allow browser requests from ORIGIN (repeatable; default: none)")
+    p.add_argument(
+        "--max-pixels",
+        type=_whole(0, "pixels"),
+        default=MAX_PIXELS,
+        metavar="N",
+        help="refuse images with more pixels (413), read from the header before "
+        "decoding; 0: only the memory check (default: %(default)s, Pillow's limit)",
+    )
+    p.add_argument(
+        "--max-upload-mb",
+        type=_whole(1, "MB"),
+        default=64,
+        metavar="N",
+        help="refuse request bodies over N MB (413) while they stream (default: %(default)s)",
+    )
+    p.add_argument(
+        "--queue",
+        type=_whole(1, "requests"),
+        default=8,
+        metavar="N",
+        help="requests that may wait for the model; more get 503 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=60.0,
+        metavar="S",
+        help="seconds a request may take, upload included: then 408 (upload) or "
+        "504 (matting, whose work is dropped) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        help="environment variable holding the API key that every /v1/matte and "
+        "/metrics request must present (required off loopback)",
+    )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        default=[],
+        help="allow browser requests from ORIGIN (repeatable; default: none)",
+    )
     add_model_options(p)
     p.set_defaults(run="mematte.serve.command:run_serve")
     return p
@@ -83,8 +116,10 @@ def api_key(args: argparse.Namespace, environ) -> str | None:
     missing, so that no server ever listens off loopback unprotected."""
     if args.api_key_env is None:
         if not is_loopback(args.host):
-            raise UsageError(f"--host {args.host} is reachable from other machines: give "
-                             "--api-key-env VAR, an environment variable holding the API key")
+            raise UsageError(
+                f"--host {args.host} is reachable from other machines: give "
+                "--api-key-env VAR, an environment variable holding the API key"
+            )
         return None
     key = environ.get(args.api_key_env, "")
     if not key.strip():
@@ -111,13 +146,25 @@ def run_serve(args: argparse.Namespace) -> int:
     from .app import Settings, create_app
 
     settings = Settings(
-        max_pixels=args.max_pixels or None, max_upload_bytes=args.max_upload_mb * 2**20,
-        queue=args.queue, timeout=args.timeout, api_key=key, cors_origins=tuple(args.cors_origin),
-        max_tokens=args.max_tokens, tile=args.tile,
+        max_pixels=args.max_pixels or None,
+        max_upload_bytes=args.max_upload_mb * 2**20,
+        queue=args.queue,
+        timeout=args.timeout,
+        api_key=key,
+        cors_origins=tuple(args.cors_origin),
+        max_tokens=args.max_tokens,
+        tile=args.tile,
     )
     app = create_app(model, settings)
-    config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.timeout,
-                            log_level="info", access_log=False, server_header=False)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        timeout_graceful_shutdown=args.timeout,
+        log_level="info",
+        access_log=False,
+        server_header=False,
+    )
     # uvicorn handles SIGTERM itself (stop accepting, finish in-flight requests) and then
     # re-raises it to the handler it found: make that one a no-op, so a stop exits 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)

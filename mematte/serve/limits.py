@@ -1,6 +1,7 @@
 """Guards on the request body, applied while it streams in, before any parsing: a size
 cap (413) and a deadline for the whole upload (408), so that neither a huge nor a slow
 client can hold memory or a connection for long."""
+
 from __future__ import annotations
 
 import asyncio
@@ -68,7 +69,15 @@ class BodyLimits:
 
 async def _error(send, status: int, message: str) -> None:
     body = json.dumps({"error": message}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -4,6 +4,7 @@ takes the oldest job together with the waiting jobs of the same size and options
 pass, which is 1.3× faster than one at a time on a 2-core CPU (docs/serving.md). A job
 whose client gave up or ran out of time is dropped: before it starts, or between two
 steps of the forward pass when every job of its batch is dropped."""
+
 from __future__ import annotations
 
 import asyncio
@@ -40,11 +41,11 @@ class Job:
     mask: Path | None
     background: Path | None
     band: int
-    output: str           # alpha | rgba | composite
+    output: str  # alpha | rgba | composite
     bits: int
     max_tokens: int | None
     size: tuple[int, int] = (0, 0)  # (height, width) from the header
-    need: int = 0                   # predicted peak bytes
+    need: int = 0  # predicted peak bytes
     dropped: threading.Event = field(default_factory=threading.Event)
     result: Future = field(default_factory=Future)
 
@@ -56,15 +57,14 @@ class Job:
 class Matter:
     """Runs :class:`Job` s on one thread with at most ``queue`` of them waiting."""
 
-    def __init__(self, model, *, queue: int, tile: bool, max_pixels: int | None, free_memory=None,
-                 on_batch=None):
+    def __init__(self, model, *, queue: int, tile: bool, max_pixels: int | None, free_memory=None, on_batch=None):
         self.model, self.queue, self.tile, self.max_pixels = model, queue, tile, max_pixels
         self.free_memory = free_memory or (lambda: 0)
         self.on_batch = on_batch or (lambda size: None)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mematte-model")
         self.backlog: list[Job] = []  # admitted, not yet taken by the model's thread
         self.lock = threading.Lock()
-        self.pending = 0          # waiting or running; touched only on the event loop
+        self.pending = 0  # waiting or running; touched only on the event loop
         self.recent_seconds = 1.0  # duration of the last batch, for Retry-After
 
     @property
@@ -91,8 +91,8 @@ class Matter:
                     raise Cancelled
             return future.result()
         except BaseException:
-            job.dropped.set()   # stops its batch between two steps once every job is dropped
-            with self.lock:     # or takes it out of the queue if it has not started
+            job.dropped.set()  # stops its batch between two steps once every job is dropped
+            with self.lock:  # or takes it out of the queue if it has not started
                 if job in self.backlog:
                     self.backlog.remove(job)
             raise
@@ -125,8 +125,9 @@ class Matter:
         read = []
         for job in batch:  # each job's inputs; one that cannot be read fails alone
             try:
-                image, guide = api.read_pair(job.image, job.trimap, mask_path=job.mask, band=job.band,
-                                             max_pixels=self.max_pixels)
+                image, guide = api.read_pair(
+                    job.image, job.trimap, mask_path=job.mask, band=job.band, max_pixels=self.max_pixels
+                )
                 trimap.warn_if_degenerate(guide, name="trimap")
                 background = api.background_array(job.background) if job.background else None
                 read.append((job, image, guide, background))
@@ -146,8 +147,9 @@ class Matter:
             if max_tokens is not None:
                 model.max_tokens = max_tokens
             with progress.reporting(check):
-                alphas = api.matte_batch(model, [image for _, image, _, _ in read],
-                                         [guide for _, _, guide, _ in read], tile=self.tile)
+                alphas = api.matte_batch(
+                    model, [image for _, image, _, _ in read], [guide for _, _, guide, _ in read], tile=self.tile
+                )
         except Exception as e:
             for job, *_ in read:
                 job.result.set_exception(e)
@@ -158,9 +160,18 @@ class Matter:
         device = model.pixel_mean.device
         for (job, image, guide, background), (alpha, routing) in zip(read, alphas):
             try:
-                done = api.finish_matte(job.image, image, guide, alpha, routing, device=device,
-                                        out_dir=job.folder / "out", rgba=job.output == "rgba",
-                                        background=background, bits=job.bits)
+                done = api.finish_matte(
+                    job.image,
+                    image,
+                    guide,
+                    alpha,
+                    routing,
+                    device=device,
+                    out_dir=job.folder / "out",
+                    rgba=job.output == "rgba",
+                    background=background,
+                    bits=job.bits,
+                )
                 job.result.set_result(done.written[job.output].read_bytes())
             except Exception as e:
                 job.result.set_exception(e)

@@ -1,4 +1,5 @@
 """``mematte train``: its command line (built without importing torch) and what it runs."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,8 +10,10 @@ from ..cli import BACKENDS, EXIT_OK
 # The published recipe; mirrors mematte.train.optim (a test checks that they agree),
 # spelled out so that building the parser imports no torch.
 VARIANTS = ("vit_s", "vit_b")
-RECIPE = {"vit_s": {"iters": 40406, "gpus": 2, "batch_per_gpu": 16},
-          "vit_b": {"iters": 64650, "gpus": 4, "batch_per_gpu": 10}}
+RECIPE = {
+    "vit_s": {"iters": 40406, "gpus": 2, "batch_per_gpu": 16},
+    "vit_b": {"iters": 64650, "gpus": 4, "batch_per_gpu": 10},
+}
 LR, WEIGHT_DECAY, LR_DECAY, WARMUP = 5e-4, 0.1, 0.65, 250
 CROP_MULTIPLE = 32
 # Defaults that do not come from the paper (mirrors mematte.train.optim's, like the recipe).
@@ -47,56 +50,97 @@ exit status: 0 done, 1 the run failed, 2 usage error (nothing was done), 130 int
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "train", help="train or fine-tune MEMatte (BATR, the published recipe)",
+        "train",
+        help="train or fine-tune MEMatte (BATR, the published recipe)",
         description="Train MEMatte as published (batch-constrained adaptive token routing, "
-                    "distilled from ViTMatte), on one process or many under torchrun.",
-        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "distilled from ViTMatte), on one process or many under torchrun.",
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("data", metavar="DATA", type=Path, help="dataset folder with fg/, alpha/ and bg/")
     p.add_argument("--out", type=Path, required=True, metavar="RUN", help="folder for checkpoints and metrics")
     w = p.add_argument_group("weights")
-    w.add_argument("--init", type=Path, metavar="CKPT",
-                   help="ViTMatte checkpoint (upstream or HF names) to start from, as published; "
-                        "or a MEMatte checkpoint to fine-tune (default: random weights)")
-    w.add_argument("--teacher", type=Path, metavar="CKPT",
-                   help="ViTMatte checkpoint whose backbone is the distillation teacher "
-                        "(default: the --init ViTMatte, or the teacher a MEMatte --init holds)")
-    w.add_argument("--variant", choices=VARIANTS,
-                   help="model size (default: that of --init, else vit_s)")
+    w.add_argument(
+        "--init",
+        type=Path,
+        metavar="CKPT",
+        help="ViTMatte checkpoint (upstream or HF names) to start from, as published; "
+        "or a MEMatte checkpoint to fine-tune (default: random weights)",
+    )
+    w.add_argument(
+        "--teacher",
+        type=Path,
+        metavar="CKPT",
+        help="ViTMatte checkpoint whose backbone is the distillation teacher "
+        "(default: the --init ViTMatte, or the teacher a MEMatte --init holds)",
+    )
+    w.add_argument("--variant", choices=VARIANTS, help="model size (default: that of --init, else vit_s)")
     s = p.add_argument_group("schedule")
     s.add_argument("--iters", type=int, metavar="N", help="iterations (default: 40406 ViT-S, 64650 ViT-B)")
-    s.add_argument("--batch-size", type=int, metavar="N",
-                   help="crops per process and iteration, ≥ 2 (default: the published global batch, "
-                        "32 ViT-S or 40 ViT-B, divided among the processes)")
-    s.add_argument("--crop", type=int, default=512, metavar="PX",
-                   help="training crop side, a multiple of 32 (default: %(default)s)")
+    s.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help="crops per process and iteration, ≥ 2 (default: the published global batch, "
+        "32 ViT-S or 40 ViT-B, divided among the processes)",
+    )
+    s.add_argument(
+        "--crop",
+        type=int,
+        default=512,
+        metavar="PX",
+        help="training crop side, a multiple of 32 (default: %(default)s)",
+    )
     s.add_argument("--lr", type=float, default=LR, help="base learning rate (default: %(default)s)")
     s.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="(default: %(default)s)")
-    s.add_argument("--lr-decay", type=float, default=LR_DECAY,
-                   help="layer-wise lr decay of the ViT blocks (default: %(default)s)")
-    s.add_argument("--warmup", type=int, default=WARMUP, metavar="N",
-                   help="linear warmup iterations (default: %(default)s)")
-    s.add_argument("--milestones", type=float, nargs=2, metavar=("F1", "F2"),
-                   help="fractions of --iters where the lr drops to 0.1 and 0.05 of its peak "
-                        "(default: 0.2 0.8667 ViT-S, 0.5 0.8667 ViT-B)")
-    s.add_argument("--checkpoint-period", type=int, metavar="N",
-                   help="iterations between checkpoints (default: --iters / 15, at least "
-                        f"{MIN_CHECKPOINT_PERIOD:,}); the final model is always saved")
+    s.add_argument(
+        "--lr-decay", type=float, default=LR_DECAY, help="layer-wise lr decay of the ViT blocks (default: %(default)s)"
+    )
+    s.add_argument(
+        "--warmup", type=int, default=WARMUP, metavar="N", help="linear warmup iterations (default: %(default)s)"
+    )
+    s.add_argument(
+        "--milestones",
+        type=float,
+        nargs=2,
+        metavar=("F1", "F2"),
+        help="fractions of --iters where the lr drops to 0.1 and 0.05 of its peak "
+        "(default: 0.2 0.8667 ViT-S, 0.5 0.8667 ViT-B)",
+    )
+    s.add_argument(
+        "--checkpoint-period",
+        type=int,
+        metavar="N",
+        help="iterations between checkpoints (default: --iters / 15, at least "
+        f"{MIN_CHECKPOINT_PERIOD:,}); the final model is always saved",
+    )
     r = p.add_argument_group("run")
-    r.add_argument("--device", default="auto",
-                   help="auto (a CUDA GPU when there is one), cpu, cuda, cuda:N (default: auto; "
-                        "under torchrun each process takes the GPU of its local rank)")
-    r.add_argument("--precision", choices=PRECISIONS,
-                   help="fp32, or mixed precision with bf16 or fp16 autocast (fp16 adds a "
-                        "GradScaler; GPUs only) (default: fp16 on GPUs, as published; fp32 on CPUs)")
-    r.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="kernel implementation (default: %(default)s)")
+    r.add_argument(
+        "--device",
+        default="auto",
+        help="auto (a CUDA GPU when there is one), cpu, cuda, cuda:N (default: auto; "
+        "under torchrun each process takes the GPU of its local rank)",
+    )
+    r.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="fp32, or mixed precision with bf16 or fp16 autocast (fp16 adds a "
+        "GradScaler; GPUs only) (default: fp16 on GPUs, as published; fp32 on CPUs)",
+    )
+    r.add_argument("--backend", choices=BACKENDS, default="auto", help="kernel implementation (default: %(default)s)")
     r.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    r.add_argument("--resume", action="store_true",
-                   help="continue the run in RUN from its last checkpoint (starts fresh if it has none)")
-    r.add_argument("--workers", type=int, metavar="N",
-                   help=f"data-loading processes per training process (default: {WORKERS}, or the "
-                        "cores each process has if fewer)")
+    r.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in RUN from its last checkpoint (starts fresh if it has none)",
+    )
+    r.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help=f"data-loading processes per training process (default: {WORKERS}, or the "
+        "cores each process has if fewer)",
+    )
     p.set_defaults(run="mematte.train.command:run_train")
     return p
 
@@ -106,12 +150,15 @@ def check_numbers(args: argparse.Namespace) -> None:
     from ..cli import UsageError
 
     if args.crop < CROP_MULTIPLE or args.crop % CROP_MULTIPLE:
-        raise UsageError(f"--crop must be a positive multiple of {CROP_MULTIPLE} (the model's patch "
-                         f"grid), got {args.crop}")
+        raise UsageError(
+            f"--crop must be a positive multiple of {CROP_MULTIPLE} (the model's patch grid), got {args.crop}"
+        )
     if args.batch_size is not None and args.batch_size < 2:
-        raise UsageError(f"--batch-size must be ≥ 2: the decoder's BatchNorm normalises over the "
-                         f"crops of each process (got {args.batch_size}); for one crop per GPU "
-                         "use fewer processes with --batch-size 2 or more")
+        raise UsageError(
+            f"--batch-size must be ≥ 2: the decoder's BatchNorm normalises over the "
+            f"crops of each process (got {args.batch_size}); for one crop per GPU "
+            "use fewer processes with --batch-size 2 or more"
+        )
     for name in ("iters", "checkpoint_period"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -129,4 +176,3 @@ def run_train(args: argparse.Namespace) -> int:
     from .run import train_command
 
     return train_command(args) or EXIT_OK
-

@@ -21,6 +21,7 @@ Randomness: every sample draws from its own generator, seeded from (seed, epoch,
 so a sample is the same whichever rank or data-loader worker makes it, and a resumed run
 sees the same data as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,8 +62,9 @@ def random_interp(rng: np.random.Generator) -> int:
 # ---------------------------------------------------------------------- transforms
 
 
-def mix_second_foreground(fg: np.ndarray, alpha: np.ndarray, fg2: np.ndarray, alpha2: np.ndarray,
-                          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def mix_second_foreground(
+    fg: np.ndarray, alpha: np.ndarray, fg2: np.ndarray, alpha2: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Overlay a second foreground behind the first: ``fg2``/``alpha2`` are resized to the
     first's size, alpha becomes ``1 − (1 − α)(1 − α2)`` and colour ``fg·α + fg2·(1 − α)``
     (uint8). Skipped when the union would be opaque everywhere."""
@@ -77,8 +79,9 @@ def mix_second_foreground(fg: np.ndarray, alpha: np.ndarray, fg2: np.ndarray, al
     return fg, union
 
 
-def maybe_resize_foreground(fg: np.ndarray, alpha: np.ndarray, rng: np.random.Generator
-                            ) -> tuple[np.ndarray, np.ndarray]:
+def maybe_resize_foreground(
+    fg: np.ndarray, alpha: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """With probability 1/4, resize foreground and alpha to 640×640 (aspect not kept)."""
     if rng.random() < RESIZE_FG_PROB:
         size = (RESIZE_FG_SIZE, RESIZE_FG_SIZE)
@@ -99,17 +102,21 @@ def affine_matrix(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     flip = np.where(rng.random(2) < FLIP_PROB, -1.0, 1.0)
     sx, sy = flip / scale
     d = math.cos(angle + shear) * math.cos(angle) + math.sin(angle + shear) * math.sin(angle)
-    m = np.array([
-        [math.cos(angle) * sx, math.sin(angle + shear) * sx, 0.0],
-        [-math.sin(angle) * sy, math.cos(angle + shear) * sy, 0.0],
-    ]) / d
+    m = (
+        np.array(
+            [
+                [math.cos(angle) * sx, math.sin(angle + shear) * sx, 0.0],
+                [-math.sin(angle) * sy, math.cos(angle + shear) * sy, 0.0],
+            ]
+        )
+        / d
+    )
     cx, cy = w * 0.5 + 0.5, h * 0.5 + 0.5
     m[:, 2] = m[:, :2] @ [-cx, -cy] + [cx, cy]
     return m
 
 
-def random_affine(fg: np.ndarray, alpha: np.ndarray, rng: np.random.Generator
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def random_affine(fg: np.ndarray, alpha: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Warp foreground and alpha by one :func:`affine_matrix`, zero outside, each with its
     own random interpolation."""
     h, w = alpha.shape
@@ -150,10 +157,10 @@ def make_trimap(alpha: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 @dataclass
 class Sample:
-    fg: np.ndarray      # H×W×3 BGR, uint8 or float32 in 0..255
-    alpha: np.ndarray   # H×W float32
+    fg: np.ndarray  # H×W×3 BGR, uint8 or float32 in 0..255
+    alpha: np.ndarray  # H×W float32
     trimap: np.ndarray  # H×W uint8 0/128/255
-    bg: np.ndarray      # H×W×3 BGR
+    bg: np.ndarray  # H×W×3 BGR
 
 
 def fit_background(bg: np.ndarray, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
@@ -190,7 +197,7 @@ def random_crop(s: Sample, crop: int, rng: np.random.Generator) -> Sample:
         )
     margin = crop // 2
     quarter = cv2.resize(s.trimap, (w // 4, h // 4), interpolation=cv2.INTER_NEAREST)  # quarter[i, j] = trimap[4i, 4j]
-    inner = quarter[margin // 4:(h - margin) // 4, margin // 4:(w - margin) // 4]
+    inner = quarter[margin // 4 : (h - margin) // 4, margin // 4 : (w - margin) // 4]
     rows, cols = np.nonzero(inner == UNKNOWN)
     if len(rows) >= MIN_CANDIDATES:
         k = rng.integers(len(rows))
@@ -238,10 +245,10 @@ class DatasetError(ValueError):
 
 @dataclass
 class DatasetFiles:
-    fg: list[Path]        # foregrounds, in training order (shuffled once)
-    alpha: list[Path]     # their mattes, paired with fg
-    bg: list[Path]        # backgrounds, sorted by name
-    skipped: list[str]    # why files were left out, one line each
+    fg: list[Path]  # foregrounds, in training order (shuffled once)
+    alpha: list[Path]  # their mattes, paired with fg
+    bg: list[Path]  # backgrounds, sorted by name
+    skipped: list[str]  # why files were left out, one line each
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -275,8 +282,9 @@ def find_dataset(root: str | Path) -> DatasetFiles:
     folders = {name: root / name for name in ("fg", "alpha", "bg")}
     missing = [f"{name}/" for name, path in folders.items() if not path.is_dir()]
     if missing:
-        raise DatasetError(f"{root} lacks {', '.join(missing)} (expected fg/ and alpha/ paired by file "
-                           "stem, and bg/ with backgrounds)")
+        raise DatasetError(
+            f"{root} lacks {', '.join(missing)} (expected fg/ and alpha/ paired by file stem, and bg/ with backgrounds)"
+        )
     listed = {name: io.find_images(path) for name, path in folders.items()}
     for name, files in listed.items():
         if not files:
@@ -299,8 +307,9 @@ def find_dataset(root: str | Path) -> DatasetFiles:
         if fg_size is None or alpha_size is None:
             continue
         if fg_size != alpha_size:
-            skipped.append(f"{fg}: foreground is {fg_size[0]}×{fg_size[1]} but {alpha.name} is "
-                           f"{alpha_size[0]}×{alpha_size[1]}")
+            skipped.append(
+                f"{fg}: foreground is {fg_size[0]}×{fg_size[1]} but {alpha.name} is {alpha_size[0]}×{alpha_size[1]}"
+            )
             continue
         pairs.append((fg, alpha))
     if not pairs:
@@ -310,7 +319,10 @@ def find_dataset(root: str | Path) -> DatasetFiles:
         raise DatasetError(f"no readable background in {folders['bg']}")
     order = np.random.RandomState(0).permutation(len(pairs))  # the recipe's one shuffle of the foregrounds
     return DatasetFiles(
-        fg=[pairs[i][0] for i in order], alpha=[pairs[i][1] for i in order], bg=bgs, skipped=skipped,
+        fg=[pairs[i][0] for i in order],
+        alpha=[pairs[i][1] for i in order],
+        bg=bgs,
+        skipped=skipped,
     )
 
 
@@ -371,7 +383,8 @@ class MattingDataset(torch.utils.data.Dataset):
         if rng.random() < SECOND_FG_PROB:
             j = (index + int(rng.integers(n_fg))) % n_fg
             fg, alpha = mix_second_foreground(
-                fg, alpha, read_color(self.files.fg[j]), read_alpha(self.files.alpha[j]), rng)
+                fg, alpha, read_color(self.files.fg[j]), read_alpha(self.files.alpha[j]), rng
+            )
         fg, alpha = maybe_resize_foreground(fg, alpha, rng)
         fg, alpha = random_affine(fg, alpha, rng)
         trimap = make_trimap(alpha, rng)
@@ -406,16 +419,19 @@ class TrainSampler(torch.utils.data.Sampler):
     uninterrupted run would have.
     """
 
-    def __init__(self, size: int, batch_size: int, *, num_replicas: int = 1, rank: int = 0,
-                 seed: int = 0, start_batch: int = 0):
+    def __init__(
+        self, size: int, batch_size: int, *, num_replicas: int = 1, rank: int = 0, seed: int = 0, start_batch: int = 0
+    ):
         self.sampler = torch.utils.data.DistributedSampler(
-            range(size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+            range(size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
         self.batch_size = batch_size
         self.batches_per_epoch = len(self.sampler) // batch_size
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"{size} backgrounds cannot fill one batch of {batch_size} on each of {num_replicas} "
-                f"processes: add backgrounds or lower --batch-size")
+                f"processes: add backgrounds or lower --batch-size"
+            )
         self.start_batch = start_batch
 
     def __iter__(self):
@@ -424,5 +440,5 @@ class TrainSampler(torch.utils.data.Sampler):
             self.sampler.set_epoch(epoch)
             indices = list(self.sampler)
             for b in range(skip, self.batches_per_epoch):
-                yield [(i, epoch) for i in indices[b * self.batch_size:(b + 1) * self.batch_size]]
+                yield [(i, epoch) for i in indices[b * self.batch_size : (b + 1) * self.batch_size]]
             epoch, skip = epoch + 1, 0

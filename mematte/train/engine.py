@@ -13,6 +13,7 @@ routers). A run resumed from a checkpoint therefore continues bit for bit: model
 optimiser, schedule and scaler come from the checkpoint, the data order and every random
 draw from the iteration number.
 """
+
 from __future__ import annotations
 
 import csv
@@ -56,8 +57,10 @@ def emulated_precision_warning(device: torch.device, dtype: torch.dtype | None) 
     if cpu_choices.selected()["linear"].choose(dtype).name != "fp32":
         return None
     name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    return (f"{name} autocast on this CPU runs its GEMMs and convolutions emulated: they measure slower "
-            f"in {name} than in fp32 here, so --precision fp32 trains faster")
+    return (
+        f"{name} autocast on this CPU runs its GEMMs and convolutions emulated: they measure slower "
+        f"in {name} than in fp32 here, so --precision fp32 trains faster"
+    )
 
 
 @dataclass
@@ -125,8 +128,15 @@ class Trainer:
     and which records ``routed_share``, as :class:`mematte.FastMEMatte` does) on
     ``files`` with the settings of ``cfg``."""
 
-    def __init__(self, model: nn.Module, files: DatasetFiles, cfg: TrainConfig, device: torch.device,
-                 ddp: Distributed | None = None, progress: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        files: DatasetFiles,
+        cfg: TrainConfig,
+        device: torch.device,
+        ddp: Distributed | None = None,
+        progress: bool = True,
+    ):
         self.cfg = cfg
         self.device = device
         self.ddp = ddp or Distributed()
@@ -168,8 +178,9 @@ class Trainer:
         state = torch.load(path, map_location=self.device, weights_only=True)
         saved = state.get("trainer", {})
         mine = {**self.cfg.shared(), "world_size": self.ddp.world_size}
-        differ = [f"{k}: {saved.get(k)!r} then, {v!r} now" for k, v in mine.items()
-                  if _plain(saved.get(k)) != _plain(v)]
+        differ = [
+            f"{k}: {saved.get(k)!r} then, {v!r} now" for k, v in mine.items() if _plain(saved.get(k)) != _plain(v)
+        ]
         if differ:
             raise ValueError(f"{path} was trained with other settings; resume with the same ones ({'; '.join(differ)})")
         self.model.load_state_dict(state["model"], strict=True)
@@ -206,12 +217,21 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def loader(self) -> torch.utils.data.DataLoader:
-        sampler = TrainSampler(len(self.dataset), self.cfg.batch_size, num_replicas=self.ddp.world_size,
-                               rank=self.ddp.rank, seed=self.cfg.seed, start_batch=self.start_iter)
+        sampler = TrainSampler(
+            len(self.dataset),
+            self.cfg.batch_size,
+            num_replicas=self.ddp.world_size,
+            rank=self.ddp.rank,
+            seed=self.cfg.seed,
+            start_batch=self.start_iter,
+        )
         return torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=sampler, num_workers=self.cfg.workers,
+            self.dataset,
+            batch_sampler=sampler,
+            num_workers=self.cfg.workers,
             worker_init_fn=_worker_init if self.cfg.workers else None,
-            pin_memory=self.device.type == "cuda", persistent_workers=self.cfg.workers > 0,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=self.cfg.workers > 0,
         )
 
     def train(self) -> Path | None:
@@ -222,21 +242,32 @@ class Trainer:
             # DDP's defaults are upstream's settings: BatchNorm statistics broadcast from
             # rank 0 at each forward, every parameter used in every step.
             model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
             if cfg.precision == "fp16" and self.device.type == "cuda":  # as published
                 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
                 model.register_comm_hook(None, default_hooks.fp16_compress_hook)
         model.train()
-        autocast = (torch.autocast(self.device.type, dtype=PRECISIONS[cfg.precision])
-                    if PRECISIONS[cfg.precision] is not None else nullcontext())
+        autocast = (
+            torch.autocast(self.device.type, dtype=PRECISIONS[cfg.precision])
+            if PRECISIONS[cfg.precision] is not None
+            else nullcontext()
+        )
         if ddp.main:
             if warning := emulated_precision_warning(self.device, PRECISIONS[cfg.precision]):
                 log.warning(warning)
             cfg.out.mkdir(parents=True, exist_ok=True)
         metrics = self._open_metrics() if ddp.main else None
-        bar = tqdm(range(self.start_iter, cfg.iters), initial=self.start_iter, total=cfg.iters,
-                   unit="it", disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(
+            range(self.start_iter, cfg.iters),
+            initial=self.start_iter,
+            total=cfg.iters,
+            unit="it",
+            disable=not self.progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
         final = None
         nonfinite = 0
         batches = iter(self.loader())
@@ -266,7 +297,8 @@ class Trainer:
                     text = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
                     if nonfinite >= MAX_NONFINITE:
                         raise FloatingPointError(
-                            f"losses not finite for {nonfinite} iterations in a row, last at {iteration}: {text}")
+                            f"losses not finite for {nonfinite} iterations in a row, last at {iteration}: {text}"
+                        )
                     if ddp.main:
                         tqdm.write(f"iteration {iteration}: loss not finite ({text}); update skipped", file=sys.stderr)
                 lr = max(g["lr"] for g in self.optimizer.param_groups)

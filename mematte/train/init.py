@@ -8,6 +8,7 @@ decoder); the routed blocks' 63-row relative positions are dropped (MEMatte's gl
 blocks have none); routers and LTRMs keep their random init; and every key containing
 ``backbone`` is copied to ``teacher_<key>`` to seed the distillation teacher.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,7 +38,7 @@ class InitError(ValueError):
 class InitPlan:
     """What to load into the model (non-strict) and how it was obtained."""
 
-    kind: str                              # "vitmatte" or "mematte"
+    kind: str  # "vitmatte" or "mematte"
     variant: str
     state_dict: dict[str, torch.Tensor]
     has_teacher: bool
@@ -72,8 +73,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise InitError(f"{path} holds no state dict (names → tensors, or a detectron2 file with one "
-                        "under 'model')")
+        raise InitError(f"{path} holds no state dict (names → tensors, or a detectron2 file with one under 'model')")
     return _upstream_names(obj)
 
 
@@ -82,8 +82,10 @@ def _variant(state_dict: Mapping[str, torch.Tensor], source: str) -> str:
     for name, (dim, _) in VARIANTS.items():
         if pos is not None and pos.shape[-1] == dim:
             return name
-    raise InitError(f"{source}: cannot tell ViT-S from ViT-B (backbone.pos_embed is "
-                    f"{'missing' if pos is None else tuple(pos.shape)})")
+    raise InitError(
+        f"{source}: cannot tell ViT-S from ViT-B (backbone.pos_embed is "
+        f"{'missing' if pos is None else tuple(pos.shape)})"
+    )
 
 
 def plan_init(path: str | os.PathLike, teacher: str | os.PathLike | None = None) -> InitPlan:
@@ -94,8 +96,10 @@ def plan_init(path: str | os.PathLike, teacher: str | os.PathLike | None = None)
     source = str(path)
     kind = "vitmatte"
     if not any(k.startswith("backbone.blocks.") for k in sd) or "backbone.pos_embed" not in sd:
-        raise InitError(f"{source} is not a ViTMatte or MEMatte checkpoint: it has no "
-                        "backbone.pos_embed / backbone.blocks.* weights")
+        raise InitError(
+            f"{source} is not a ViTMatte or MEMatte checkpoint: it has no "
+            "backbone.pos_embed / backbone.blocks.* weights"
+        )
     variant = _variant(sd, source)
     notes = []
     if any(k.startswith("backbone.routers.") for k in sd):
@@ -106,9 +110,13 @@ def plan_init(path: str | os.PathLike, teacher: str | os.PathLike | None = None)
         if not any(k.startswith("decoder.") for k in sd):
             raise InitError(f"{source} has no decoder.* weights: not a ViTMatte matting checkpoint")
         student = {k: v for k, v in sd.items() if k not in VITMATTE_ONLY and not k.startswith(TEACHER_PREFIX)}
-        teacher_sd = {TEACHER_PREFIX + k: v for k, v in sd.items() if "backbone" in k and not k.startswith(TEACHER_PREFIX)}
-        notes.append("routers and LTRMs start random; the relative positions of blocks "
-                     f"{', '.join(map(str, GLOBAL_BLOCKS))} are dropped; the teacher is this ViTMatte backbone")
+        teacher_sd = {
+            TEACHER_PREFIX + k: v for k, v in sd.items() if "backbone" in k and not k.startswith(TEACHER_PREFIX)
+        }
+        notes.append(
+            "routers and LTRMs start random; the relative positions of blocks "
+            f"{', '.join(map(str, GLOBAL_BLOCKS))} are dropped; the teacher is this ViTMatte backbone"
+        )
     if teacher is not None:
         teacher_sd = plan_teacher(teacher, variant)
         notes.append(f"the teacher comes from {teacher}")
@@ -142,11 +150,16 @@ def load_init(model: nn.Module, plan: InitPlan) -> list[str]:
     (a teacher it has must be complete).
     Returns a short report."""
     expected = model.state_dict()
-    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
-                  for k, v in plan.state_dict.items() if k in expected and v.shape != expected[k].shape]
+    mismatched = [
+        f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+        for k, v in plan.state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
     if mismatched:
         raise InitError(f"{len(mismatched)} shapes differ (checkpoint vs model): {', '.join(mismatched[:5])}")
-    allowed_missing = (NEW_IN_MEMATTE if plan.kind != "mematte" else ()) + (() if plan.has_teacher else (TEACHER_PREFIX,))
+    allowed_missing = (NEW_IN_MEMATTE if plan.kind != "mematte" else ()) + (
+        () if plan.has_teacher else (TEACHER_PREFIX,)
+    )
     missing = [k for k in expected if k not in plan.state_dict and not k.startswith(allowed_missing)]
     if missing:
         raise InitError(f"the checkpoint lacks {len(missing)} weights the model needs: {', '.join(missing[:5])}")
@@ -155,8 +168,11 @@ def load_init(model: nn.Module, plan: InitPlan) -> list[str]:
         raise InitError(f"the checkpoint has {len(unexpected)} weights the model does not: {', '.join(unexpected[:5])}")
     model.load_state_dict(plan.state_dict, strict=False)
     left_random = sum(1 for k in expected if k not in plan.state_dict)
-    return [f"initialised from a {plan.kind} checkpoint ({len(plan.state_dict)} tensors, "
-            f"{left_random} left at their random init)", *plan.notes]
+    return [
+        f"initialised from a {plan.kind} checkpoint ({len(plan.state_dict)} tensors, "
+        f"{left_random} left at their random init)",
+        *plan.notes,
+    ]
 
 
 def upstream_init(model: nn.Module) -> None:
@@ -184,4 +200,3 @@ def upstream_init(model: nn.Module) -> None:
                 nn.init.zeros_(norm.bias)
             nn.init.zeros_(m.norm3.weight)
             nn.init.zeros_(m.norm3.bias)
-

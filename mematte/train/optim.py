@@ -10,6 +10,7 @@ requires grad (the teacher has none), with
 * a multiplier on every group's lr: linear warmup from 0.001 to 1 over the first 250
   iterations, then 1, 0.1 and 0.05 split at two milestones.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -28,8 +29,16 @@ WARMUP_ITERS = 250
 WARMUP_FACTOR = 0.001
 STEP_VALUES = (1.0, 0.1, 0.05)
 NORM_TYPES = (
-    nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-    nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm,
+    nn.LayerNorm,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LocalResponseNorm,
 )
 NO_DECAY_NAMES = ("pos_embed",)
 
@@ -42,7 +51,7 @@ def layer_id(name: str, num_layers: int = NUM_LAYERS) -> int:
         if ".pos_embed" in name or ".patch_embed" in name:
             return 0
         if ".blocks." in name and ".residual." not in name:
-            return int(name[name.find(".blocks."):].split(".")[2]) + 1
+            return int(name[name.find(".blocks.") :].split(".")[2]) + 1
     return num_layers + 1
 
 
@@ -50,8 +59,9 @@ def lr_scale(name: str, decay: float = LR_DECAY, num_layers: int = NUM_LAYERS) -
     return decay ** (num_layers + 1 - layer_id(name, num_layers))
 
 
-def param_groups(model: nn.Module, lr: float = LR, weight_decay: float = WEIGHT_DECAY,
-                 lr_decay: float = LR_DECAY) -> list[dict]:
+def param_groups(
+    model: nn.Module, lr: float = LR, weight_decay: float = WEIGHT_DECAY, lr_decay: float = LR_DECAY
+) -> list[dict]:
     """One group per (lr, weight decay) pair, in order of first appearance; each group
     records its parameter names under ``"names"``."""
     groups: dict[tuple[float, float], dict] = {}
@@ -64,15 +74,17 @@ def param_groups(model: nn.Module, lr: float = LR, weight_decay: float = WEIGHT_
             name = f"{module_name}.{param_name}" if module_name else param_name
             decay = 0.0 if isinstance(module, NORM_TYPES) or param_name in NO_DECAY_NAMES else weight_decay
             group_lr = lr * lr_scale(name, lr_decay)
-            group = groups.setdefault((group_lr, decay), {"params": [], "names": [], "lr": group_lr,
-                                                          "weight_decay": decay})
+            group = groups.setdefault(
+                (group_lr, decay), {"params": [], "names": [], "lr": group_lr, "weight_decay": decay}
+            )
             group["params"].append(p)
             group["names"].append(name)
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, lr: float = LR, weight_decay: float = WEIGHT_DECAY,
-                    lr_decay: float = LR_DECAY) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, lr: float = LR, weight_decay: float = WEIGHT_DECAY, lr_decay: float = LR_DECAY
+) -> torch.optim.AdamW:
     groups = param_groups(model, lr, weight_decay, lr_decay)
     if not groups:
         raise ValueError("the model has no trainable parameter")
@@ -81,8 +93,13 @@ def build_optimizer(model: nn.Module, lr: float = LR, weight_decay: float = WEIG
     return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay, fused=True)
 
 
-def lr_multiplier(iteration: int, milestones: Sequence[int], warmup_iters: int = WARMUP_ITERS,
-                  warmup_factor: float = WARMUP_FACTOR, values: Sequence[float] = STEP_VALUES) -> float:
+def lr_multiplier(
+    iteration: int,
+    milestones: Sequence[int],
+    warmup_iters: int = WARMUP_ITERS,
+    warmup_factor: float = WARMUP_FACTOR,
+    values: Sequence[float] = STEP_VALUES,
+) -> float:
     """The schedule's factor on every group's lr at ``iteration`` (0-based): the
     multi-step value, ramped linearly from ``warmup_factor`` of its start during warmup."""
     step = values[bisect.bisect_right(list(milestones), iteration)]
@@ -97,9 +114,14 @@ class WarmupMultiStep(torch.optim.lr_scheduler.LRScheduler):
     """Sets each group's lr to its base lr × :func:`lr_multiplier` (stepped once per
     iteration, after the optimiser)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, milestones: Sequence[int],
-                 warmup_iters: int = WARMUP_ITERS, warmup_factor: float = WARMUP_FACTOR,
-                 last_epoch: int = -1):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        milestones: Sequence[int],
+        warmup_iters: int = WARMUP_ITERS,
+        warmup_factor: float = WARMUP_FACTOR,
+        last_epoch: int = -1,
+    ):
         self.milestones = list(milestones)
         self.warmup_iters = warmup_iters
         self.warmup_factor = warmup_factor
@@ -121,8 +143,10 @@ MIN_CHECKPOINT_PERIOD = 1000
 WORKERS = 4
 # The published runs: iterations, GPUs and crops per GPU (a global batch of 32 for ViT-S,
 # 40 for ViT-B; the iteration counts are 30 and 60 "epochs" of 43,100 samples at that batch).
-RECIPE = {"vit_s": {"iters": 40406, "gpus": 2, "batch_per_gpu": 16},
-          "vit_b": {"iters": 64650, "gpus": 4, "batch_per_gpu": 10}}
+RECIPE = {
+    "vit_s": {"iters": 40406, "gpus": 2, "batch_per_gpu": 16},
+    "vit_b": {"iters": 64650, "gpus": 4, "batch_per_gpu": 10},
+}
 
 
 def published_batch(variant: str) -> int:

@@ -1,5 +1,6 @@
 """``mematte train`` after its numbers are checked: every input is validated, then the
 model is built and trained (see :mod:`mematte.train.engine`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,10 @@ def prepare(args: argparse.Namespace) -> Prepared:
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} is a file; it must be a folder")
     if not args.resume and existing_run(args.out):
-        raise UsageError(f"{args.out} already holds a run ({existing_run(args.out)[-1].name}); pass "
-                         "--resume to continue it, or choose another --out")
+        raise UsageError(
+            f"{args.out} already holds a run ({existing_run(args.out)[-1].name}); pass "
+            "--resume to continue it, or choose another --out"
+        )
 
     try:
         files = find_dataset(args.data)
@@ -69,14 +72,25 @@ def prepare(args: argparse.Namespace) -> Prepared:
     batch_size = args.batch_size or default_batch_size(variant, ddp.world_size)
     fractions = args.milestones or optim.MILESTONE_FRACTIONS[variant]
     if len(files.bg) < batch_size * ddp.world_size:
-        raise UsageError(f"{len(files.bg)} backgrounds cannot fill one batch of {batch_size} on each of "
-                         f"{ddp.world_size} processes: add backgrounds or lower --batch-size")
+        raise UsageError(
+            f"{len(files.bg)} backgrounds cannot fill one batch of {batch_size} on each of "
+            f"{ddp.world_size} processes: add backgrounds or lower --batch-size"
+        )
     cfg = TrainConfig(
-        out=args.out, variant=variant, iters=iters, batch_size=batch_size, crop=args.crop, lr=args.lr,
-        weight_decay=args.weight_decay, lr_decay=args.lr_decay, warmup=args.warmup,
+        out=args.out,
+        variant=variant,
+        iters=iters,
+        batch_size=batch_size,
+        crop=args.crop,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        lr_decay=args.lr_decay,
+        warmup=args.warmup,
         milestones=tuple(optim.milestones_for(iters, fractions)),
         checkpoint_period=args.checkpoint_period or default_checkpoint_period(iters),
-        precision=precision, seed=args.seed, resume=args.resume,
+        precision=precision,
+        seed=args.seed,
+        resume=args.resume,
         workers=default_workers(ddp) if args.workers is None else args.workers,
     )
     return Prepared(cfg, files, device, ddp, plan, teacher, args.backend)
@@ -103,7 +117,8 @@ def default_batch_size(variant: str, world_size: int) -> int:
         raise UsageError(
             f"the published global batch of {variant}, {published} crops, does not divide among {world_size} "
             f"processes into batches of 2 or more (the decoder's BatchNorm needs 2 per process): run "
-            f"{', '.join(fits)} processes, or give --batch-size (crops per process)")
+            f"{', '.join(fits)} processes, or give --batch-size (crops per process)"
+        )
     return per_process
 
 
@@ -112,9 +127,13 @@ def describe_batch(cfg: TrainConfig, world_size: int) -> str:
     recipe, published = optim.RECIPE[cfg.variant], optim.published_batch(cfg.variant)
     global_batch = cfg.batch_size * world_size
     processes = f"{world_size} process{'es' if world_size > 1 else ''}"
-    comparison = "as published" if global_batch == published else f"{global_batch / published:.3g}× the published {published}"
-    return (f"global batch {global_batch} ({cfg.batch_size} crops of {cfg.crop}² per process × {processes}), "
-            f"{comparison} ({recipe['gpus']} GPUs × {recipe['batch_per_gpu']})")
+    comparison = (
+        "as published" if global_batch == published else f"{global_batch / published:.3g}× the published {published}"
+    )
+    return (
+        f"global batch {global_batch} ({cfg.batch_size} crops of {cfg.crop}² per process × {processes}), "
+        f"{comparison} ({recipe['gpus']} GPUs × {recipe['batch_per_gpu']})"
+    )
 
 
 def build_model(p: Prepared) -> tuple[torch.nn.Module, list[str]]:
@@ -128,8 +147,7 @@ def build_model(p: Prepared) -> tuple[torch.nn.Module, list[str]]:
     if p.plan is not None:
         report = load_init(model, p.plan)
     else:
-        report = ["no --init: starting from random weights (the published recipe starts from a "
-                  "ViTMatte checkpoint)"]
+        report = ["no --init: starting from random weights (the published recipe starts from a ViTMatte checkpoint)"]
         if p.teacher:
             model.load_state_dict(p.teacher, strict=False)
     if not has_teacher:
@@ -147,9 +165,11 @@ def train_command(args: argparse.Namespace) -> int:
                 print(line, file=sys.stderr)
 
     if p.files.skipped:
-        say(f"skipping {len(p.files.skipped)} dataset files:",
+        say(
+            f"skipping {len(p.files.skipped)} dataset files:",
             *(f"  {s}" for s in p.files.skipped[:SHOWN_SKIPS]),
-            *([f"  … and {len(p.files.skipped) - SHOWN_SKIPS} more"] if len(p.files.skipped) > SHOWN_SKIPS else []))
+            *([f"  … and {len(p.files.skipped) - SHOWN_SKIPS} more"] if len(p.files.skipped) > SHOWN_SKIPS else []),
+        )
     resume_from = find_resume_checkpoint(args.out) if args.resume else None
     if args.resume and resume_from is None:
         say(f"--resume: {args.out} has no checkpoint yet; starting a new run")
@@ -168,8 +188,10 @@ def train_command(args: argparse.Namespace) -> int:
         if trainer.start_iter >= cfg.iters:
             say(f"{cfg.out} has finished its {cfg.iters} iterations")
             return 0
-    say(f"training {cfg.variant}: {cfg.iters} iterations, {describe_batch(cfg, p.ddp.world_size)}; "
-        f"{cfg.precision} on {p.device}; {len(p.files.fg)} foregrounds, {len(p.files.bg)} backgrounds")
+    say(
+        f"training {cfg.variant}: {cfg.iters} iterations, {describe_batch(cfg, p.ddp.world_size)}; "
+        f"{cfg.precision} on {p.device}; {len(p.files.fg)} foregrounds, {len(p.files.bg)} backgrounds"
+    )
     try:
         final = trainer.train()
     finally:

@@ -8,6 +8,7 @@ Each public function takes the arguments and returns what the function of the sa
 policy attention are differentiable (their backward kernels are ops of their own). Under
 ``TRITON_INTERPRET=1`` the kernels run on CPU tensors in Triton's interpreter.
 """
+
 from ._common import INTERPRET
 
 if INTERPRET:

@@ -1,6 +1,7 @@
 """What the Triton wrappers share: the interpreter switch, the device guard every launch
 runs under, the attention kernels' head-dimension tiles and autotuning settings, and input
 checks with clear errors."""
+
 from __future__ import annotations
 
 import contextlib
@@ -42,8 +43,9 @@ def time_launches(kernel_call: Callable[[], None], quantiles) -> list[float]:
     """Milliseconds of ``kernel_call`` at each of ``quantiles``, as Triton's ``do_bench``
     returns them."""
     kernel_call()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(AUTOTUNE_REPS)]
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(AUTOTUNE_REPS)
+    ]
     for start, end in events:
         start.record()
         kernel_call()
@@ -89,16 +91,20 @@ def check_qkv(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ndim: 
         if t.stride(-1) != 1:
             raise ValueError(f"{op}: {name} must be contiguous in the head dimension, got strides {t.stride()}")
     if q.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"{op}: the Triton kernel takes head_dim up to {MAX_HEAD_DIM}, got head_dim {q.shape[-1]} "
-                         "(mematte_kernels.triton's public functions run PyTorch's fused attention there)")
+        raise ValueError(
+            f"{op}: the Triton kernel takes head_dim up to {MAX_HEAD_DIM}, got head_dim {q.shape[-1]} "
+            "(mematte_kernels.triton's public functions run PyTorch's fused attention there)"
+        )
 
 
 def check_attention_out(op: str, out: torch.Tensor, q: torch.Tensor) -> None:
     """``out`` can take the attention of ``q``: its shape, dtype and device, unit stride in the
     head dimension."""
     if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
-        raise ValueError(f"{op}: out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device} "
-                         "with a contiguous head dimension")
+        raise ValueError(
+            f"{op}: out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device} "
+            "with a contiguous head dimension"
+        )
 
 
 def check_devices(op: str, **tensors: torch.Tensor) -> None:

@@ -4,6 +4,7 @@ leaves (the lists put the sm_80/sm_90 choice first) instead of benchmarking them
 For runs that cannot spend the first call's tuning time, e.g. a short GPU report on a fresh
 machine; set it before the package is imported.
 """
+
 from __future__ import annotations
 
 import os

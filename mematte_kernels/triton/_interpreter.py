@@ -12,6 +12,7 @@ the kernels here rely on get the value wrong:
 Both are replaced by exact conversions through torch. The patch is applied only when the
 interpreter is on and changes nothing for other dtypes.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -8,6 +8,7 @@ one pass (the routed block's ``x + msa`` on the selected tokens).
 One program handles BLOCK_T rows of the whole channel width (C <= a few thousand), so the
 LayerNorm statistics come from registers: the mean, then the variance around it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,13 +23,21 @@ ELEMENTS_PER_PROGRAM = 4096
 
 @triton.jit(do_not_specialize=["T"])  # the kept-token count changes with every image
 def _gather_layernorm_kernel(
-    x_ptr, index_ptr, weight_ptr, bias_ptr, out_ptr,
-    T, C, eps,
-    stride_xm, stride_xc,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    index_ptr,
+    weight_ptr,
+    bias_ptr,
+    out_ptr,
+    T,
+    C,
+    eps,
+    stride_xm,
+    stride_xc,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,) packed rows
-    offs_c = tl.arange(0, BLOCK_C)                               # (BLOCK_C,) channels
+    offs_c = tl.arange(0, BLOCK_C)  # (BLOCK_C,) channels
     t_mask = offs_t < T
     c_mask = offs_c < C
     mask = t_mask[:, None] & c_mask[None, :]
@@ -50,13 +59,23 @@ def _gather_layernorm_kernel(
 
 @triton.jit(do_not_specialize=["T"])  # the kept-token count changes with every image
 def _scatter_residual_kernel(
-    out_ptr, residual_ptr, rows_ptr, index_ptr,
-    T, C,
-    stride_om, stride_oc, stride_rm, stride_rc, stride_tm, stride_tc,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    out_ptr,
+    residual_ptr,
+    rows_ptr,
+    index_ptr,
+    T,
+    C,
+    stride_om,
+    stride_oc,
+    stride_rm,
+    stride_rc,
+    stride_tm,
+    stride_tc,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,) packed rows
-    offs_c = tl.arange(0, BLOCK_C)                               # (BLOCK_C,) channels
+    offs_c = tl.arange(0, BLOCK_C)  # (BLOCK_C,) channels
     mask = (offs_t < T)[:, None] & (offs_c < C)[None, :]
 
     dest = tl.load(index_ptr + offs_t, mask=offs_t < T, other=0).to(tl.int64)  # (BLOCK_T,) rows of out
@@ -64,8 +83,9 @@ def _scatter_residual_kernel(
     update = tl.load(rows_ptr + offs_t[:, None].to(tl.int64) * stride_tm + offs_c[None, :] * stride_tc, mask=mask)
     # One fp32 add and one rounding, as torch computes a + b for every float dtype.
     total = residual.to(tl.float32) + update.to(tl.float32)  # (BLOCK_T, BLOCK_C)
-    tl.store(out_ptr + dest[:, None] * stride_om + offs_c[None, :] * stride_oc,
-             total.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        out_ptr + dest[:, None] * stride_om + offs_c[None, :] * stride_oc, total.to(out_ptr.dtype.element_ty), mask=mask
+    )
 
 
 def _row_tile(C: int) -> dict:
@@ -96,8 +116,13 @@ def _check_gather_inputs(x, index, weight, bias) -> None:
 
 @on_input_device
 def launch_gather_layernorm(
-    x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-    *, out: torch.Tensor,
+    x: torch.Tensor,
+    index: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    *,
+    out: torch.Tensor,
 ) -> None:
     """LayerNorm rows ``index`` of ``x`` into ``out`` (T, C), contiguous, x's dtype.
     ``index`` values must lie in [0, M); they are not checked (that would need a host sync)."""
@@ -110,8 +135,16 @@ def launch_gather_layernorm(
         return
     tile = _row_tile(C)
     _gather_layernorm_kernel[(triton.cdiv(T, tile["BLOCK_T"]),)](
-        x, index, weight.contiguous(), bias.contiguous(), out,
-        T, C, eps, x.stride(0), x.stride(1),
+        x,
+        index,
+        weight.contiguous(),
+        bias.contiguous(),
+        out,
+        T,
+        C,
+        eps,
+        x.stride(0),
+        x.stride(1),
         **tile,
     )
 
@@ -144,7 +177,9 @@ def _(x, index, weight, bias, eps):
 
 
 @on_input_device
-def launch_scatter_residual_(out: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> None:
+def launch_scatter_residual_(
+    out: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor, index: torch.Tensor
+) -> None:
     """``out[index] = residual[index] + rows`` in place. ``index`` values must lie in [0, M)
     and not repeat; they are not checked (that would need a host sync)."""
     _check_scatter_inputs(out, residual, rows, index)
@@ -153,8 +188,18 @@ def launch_scatter_residual_(out: torch.Tensor, residual: torch.Tensor, rows: to
         return
     tile = _row_tile(C)
     _scatter_residual_kernel[(triton.cdiv(T, tile["BLOCK_T"]),)](
-        out, residual, rows, index, T, C,
-        out.stride(0), out.stride(1), residual.stride(0), residual.stride(1), rows.stride(0), rows.stride(1),
+        out,
+        residual,
+        rows,
+        index,
+        T,
+        C,
+        out.stride(0),
+        out.stride(1),
+        residual.stride(0),
+        residual.stride(1),
+        rows.stride(0),
+        rows.stride(1),
         **tile,
     )
 

@@ -43,6 +43,7 @@ Logits are the fp32 dot result times ``scale * log2(e)`` (the exponentials run i
 fp32 uses exact fp32 dots (``input_precision="ieee"``), fp16/bf16 the tensor cores with fp32
 accumulation.
 """
+
 from __future__ import annotations
 
 import math
@@ -144,15 +145,47 @@ def _keep_weight(policy, offs_query, offs_key):
 # ----------------------------------------------------------------------------- forward
 
 
-@triton.autotune(configs=_all(FORWARD_CONFIGS), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_forward},
-                 **AUTOTUNE_OPTIONS)
+@triton.autotune(
+    configs=_all(FORWARD_CONFIGS),
+    key=AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _prune_forward},
+    **AUTOTUNE_OPTIONS,
+)
 @triton.jit(do_not_specialize=VARYING)
 def _policy_attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, policy_ptr, vsum_ptr, out_ptr, out_fp32_ptr, row_max_ptr, row_argmax_ptr, denom_ptr,
-    N, seqlen_bucket, num_heads, qk_scale, eps,
-    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh, stride_pb, stride_pn,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    policy_ptr,
+    vsum_ptr,
+    out_ptr,
+    out_fp32_ptr,
+    row_max_ptr,
+    row_argmax_ptr,
+    denom_ptr,
+    N,
+    seqlen_bucket,
+    num_heads,
+    qk_scale,
+    eps,
+    stride_qb,
+    stride_qn,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_ob,
+    stride_on,
+    stride_oh,
+    stride_pb,
+    stride_pn,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     STORE_FP32: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -161,8 +194,8 @@ def _policy_attention_fwd_kernel(
     head = pid_bh % num_heads
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) queries
-    offs_n = tl.arange(0, BLOCK_N)                    # (BLOCK_N,) keys, within a key block
-    offs_d = tl.arange(0, BLOCK_D)                    # (BLOCK_D,) lanes of the head dimension
+    offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,) keys, within a key block
+    offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,) lanes of the head dimension
     d_mask = offs_d < HEAD_DIM
     query_mask = offs_m < N
     row_mask = query_mask[:, None] & d_mask[None, :]
@@ -170,22 +203,28 @@ def _policy_attention_fwd_kernel(
     k_base = k_ptr + batch.to(tl.int64) * stride_kb + head * stride_kh
     v_base = v_ptr + batch.to(tl.int64) * stride_vb + head * stride_vh
 
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=row_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)               # sum_j a v_j, relative to row_max
-    row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)     # base-2 logits
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)  # sum_j a v_j, relative to row_max
+    row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # base-2 logits
     row_argmax = tl.zeros((BLOCK_M,), tl.int32)
-    row_sum = tl.zeros((BLOCK_M,), tl.float32)                   # sum_j a, relative to row_max
+    row_sum = tl.zeros((BLOCK_M,), tl.float32)  # sum_j a, relative to row_max
     for key_start in range(0, N, BLOCK_N):
         offs_key = key_start + offs_n
         key_mask = offs_key < N
-        k = tl.load(k_base + offs_key[None, :] * stride_kn + offs_d[:, None],
-                    mask=d_mask[:, None] & key_mask[None, :], other=0.0)  # (BLOCK_D, BLOCK_N): k^T
-        v = tl.load(v_base + offs_key[:, None] * stride_vn + offs_d[None, :],
-                    mask=key_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-        policy = tl.load(policy_ptr + batch * stride_pb + offs_key * stride_pn,
-                         mask=key_mask, other=0.0).to(tl.float32)  # (BLOCK_N,)
+        k = tl.load(
+            k_base + offs_key[None, :] * stride_kn + offs_d[:, None],
+            mask=d_mask[:, None] & key_mask[None, :],
+            other=0.0,
+        )  # (BLOCK_D, BLOCK_N): k^T
+        v = tl.load(
+            v_base + offs_key[:, None] * stride_vn + offs_d[None, :],
+            mask=key_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_D)
+        policy = tl.load(policy_ptr + batch * stride_pb + offs_key * stride_pn, mask=key_mask, other=0.0).to(
+            tl.float32
+        )  # (BLOCK_N,)
 
         logits = tl.dot(q, k, input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N), base 2
         logits = tl.where(key_mask[None, :], logits, float("-inf"))
@@ -207,8 +246,11 @@ def _policy_attention_fwd_kernel(
     vsum = tl.load(vsum_ptr + pid_bh * HEAD_DIM + offs_d, mask=d_mask, other=0.0)  # (BLOCK_D,) fp32
     denom = row_sum + eps
     out = (acc + (eps / N) * vsum[None, :]) / denom[:, None]  # (BLOCK_M, BLOCK_D)
-    tl.store(out_ptr + batch.to(tl.int64) * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_mask)
+    tl.store(
+        out_ptr + batch.to(tl.int64) * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_mask,
+    )
     if STORE_FP32:
         # (B, N, heads, HEAD_DIM) contiguous, for the backward's delta = dout . out.
         rows = (batch.to(tl.int64) * N + offs_m) * num_heads + head
@@ -224,10 +266,24 @@ def _policy_attention_fwd_kernel(
 
 @triton.jit(do_not_specialize=["N"])
 def _policy_attention_bwd_preprocess_kernel(
-    out_ptr, dout_ptr, vsum_ptr, denom_ptr, delta_ptr, dmax_ptr,
-    N, num_heads, eps,
-    stride_ob, stride_on, stride_oh, stride_db, stride_dn, stride_dh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    out_ptr,
+    dout_ptr,
+    vsum_ptr,
+    denom_ptr,
+    delta_ptr,
+    dmax_ptr,
+    N,
+    num_heads,
+    eps,
+    stride_ob,
+    stride_on,
+    stride_oh,
+    stride_db,
+    stride_dn,
+    stride_dh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -239,10 +295,16 @@ def _policy_attention_bwd_preprocess_kernel(
     query_mask = offs_m < N
     row_mask = query_mask[:, None] & d_mask[None, :]
 
-    out = tl.load(out_ptr + batch.to(tl.int64) * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
-                  mask=row_mask, other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_D)
-    dout = tl.load(dout_ptr + batch.to(tl.int64) * stride_db + head * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :],
-                   mask=row_mask, other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_D)
+    out = tl.load(
+        out_ptr + batch.to(tl.int64) * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+        mask=row_mask,
+        other=0.0,
+    ).to(tl.float32)  # (BLOCK_M, BLOCK_D)
+    dout = tl.load(
+        dout_ptr + batch.to(tl.int64) * stride_db + head * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :],
+        mask=row_mask,
+        other=0.0,
+    ).to(tl.float32)  # (BLOCK_M, BLOCK_D)
     vsum = tl.load(vsum_ptr + pid_bh * HEAD_DIM + offs_d, mask=d_mask, other=0.0)  # (BLOCK_D,)
     stats = pid_bh.to(tl.int64) * N + offs_m
     denom = tl.load(denom_ptr + stats, mask=query_mask, other=1.0)  # (BLOCK_M,)
@@ -253,17 +315,57 @@ def _policy_attention_bwd_preprocess_kernel(
     tl.store(dmax_ptr + stats, dmax, mask=query_mask)
 
 
-@triton.autotune(configs=_all(BACKWARD_CONFIGS), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_backward},
-                 **AUTOTUNE_OPTIONS)
+@triton.autotune(
+    configs=_all(BACKWARD_CONFIGS),
+    key=AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _prune_backward},
+    **AUTOTUNE_OPTIONS,
+)
 @triton.jit(do_not_specialize=VARYING)
 def _policy_attention_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, policy_ptr, dout_ptr, row_max_ptr, row_argmax_ptr, denom_ptr, delta_ptr, dmax_ptr,
-    dk_ptr, dv_ptr, dpolicy_ptr,
-    N, seqlen_bucket, num_heads, qk_scale, scale, eps,
-    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh, stride_pb, stride_pn,
-    stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    policy_ptr,
+    dout_ptr,
+    row_max_ptr,
+    row_argmax_ptr,
+    denom_ptr,
+    delta_ptr,
+    dmax_ptr,
+    dk_ptr,
+    dv_ptr,
+    dpolicy_ptr,
+    N,
+    seqlen_bucket,
+    num_heads,
+    qk_scale,
+    scale,
+    eps,
+    stride_qb,
+    stride_qn,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_db,
+    stride_dn,
+    stride_dh,
+    stride_pb,
+    stride_pn,
+    stride_dkb,
+    stride_dkn,
+    stride_dkh,
+    stride_dvb,
+    stride_dvn,
+    stride_dvh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -271,7 +373,7 @@ def _policy_attention_bwd_dkdv_kernel(
     head = pid_bh % num_heads
 
     offs_key = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) keys
-    offs_m = tl.arange(0, BLOCK_M)                       # (BLOCK_M,) queries, within a query block
+    offs_m = tl.arange(0, BLOCK_M)  # (BLOCK_M,) queries, within a query block
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     key_mask = offs_key < N
@@ -280,12 +382,19 @@ def _policy_attention_bwd_dkdv_kernel(
     dout_base = dout_ptr + batch.to(tl.int64) * stride_db + head * stride_dh
     stats_base = pid_bh.to(tl.int64) * N
 
-    k = tl.load(k_ptr + batch.to(tl.int64) * stride_kb + head * stride_kh + offs_key[:, None] * stride_kn + offs_d[None, :],
-                mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-    v = tl.load(v_ptr + batch.to(tl.int64) * stride_vb + head * stride_vh + offs_key[:, None] * stride_vn + offs_d[None, :],
-                mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-    policy = tl.load(policy_ptr + batch * stride_pb + offs_key * stride_pn,
-                     mask=key_mask, other=0.0).to(tl.float32)  # (BLOCK_N,)
+    k = tl.load(
+        k_ptr + batch.to(tl.int64) * stride_kb + head * stride_kh + offs_key[:, None] * stride_kn + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )  # (BLOCK_N, BLOCK_D)
+    v = tl.load(
+        v_ptr + batch.to(tl.int64) * stride_vb + head * stride_vh + offs_key[:, None] * stride_vn + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )  # (BLOCK_N, BLOCK_D)
+    policy = tl.load(policy_ptr + batch * stride_pb + offs_key * stride_pn, mask=key_mask, other=0.0).to(
+        tl.float32
+    )  # (BLOCK_N,)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -294,10 +403,16 @@ def _policy_attention_bwd_dkdv_kernel(
     for query_start in range(0, N, BLOCK_M):
         offs_query = query_start + offs_m
         query_mask = offs_query < N
-        q = tl.load(q_base + offs_query[None, :] * stride_qn + offs_d[:, None],
-                    mask=d_mask[:, None] & query_mask[None, :], other=0.0)  # (BLOCK_D, BLOCK_M): q^T
-        dout = tl.load(dout_base + offs_query[:, None] * stride_dn + offs_d[None, :],
-                       mask=query_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+        q = tl.load(
+            q_base + offs_query[None, :] * stride_qn + offs_d[:, None],
+            mask=d_mask[:, None] & query_mask[None, :],
+            other=0.0,
+        )  # (BLOCK_D, BLOCK_M): q^T
+        dout = tl.load(
+            dout_base + offs_query[:, None] * stride_dn + offs_d[None, :],
+            mask=query_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )  # (BLOCK_M, BLOCK_D)
         # Padded queries: an infinite max makes their weights 0. Row statistics are (BLOCK_M,).
         row_max = tl.load(row_max_ptr + stats_base + offs_query, mask=query_mask, other=float("inf"))
         row_argmax = tl.load(row_argmax_ptr + stats_base + offs_query, mask=query_mask, other=-1)
@@ -306,12 +421,14 @@ def _policy_attention_bwd_dkdv_kernel(
         dmax = tl.load(dmax_ptr + stats_base + offs_query, mask=query_mask, other=0.0)
 
         logits_t = tl.dot(k, q, input_precision="ieee") * qk_scale  # (BLOCK_N, BLOCK_M), base 2
-        weights_t = tl.where(key_mask[:, None], tl.math.exp2(logits_t - row_max[None, :]), 0.0)  # (BLOCK_N, BLOCK_M): exp(l - m)
+        weights_t = tl.where(
+            key_mask[:, None], tl.math.exp2(logits_t - row_max[None, :]), 0.0
+        )  # (BLOCK_N, BLOCK_M): exp(l - m)
         keep_t = tl.where(offs_key[:, None] == offs_query[None, :], 1.0, policy[:, None])  # (BLOCK_N, BLOCK_M)
         # a / D with a rounded to v's dtype, as the forward summed it into D.
         probs_t = (weights_t * keep_t).to(v.dtype).to(tl.float32) / denom[None, :]
         dv = tl.dot(probs_t.to(dout.dtype), dout, dv, input_precision="ieee")
-        dattn_t = tl.dot(v, tl.trans(dout), input_precision="ieee")   # (BLOCK_N, BLOCK_M): dA^T
+        dattn_t = tl.dot(v, tl.trans(dout), input_precision="ieee")  # (BLOCK_N, BLOCK_M): dA^T
         g_t = weights_t * (dattn_t - delta[None, :]) / denom[None, :]
         is_argmax = offs_key[:, None] == row_argmax[None, :]
         dlogits_t = probs_t * (dattn_t - delta[None, :]) + tl.where(is_argmax, dmax[None, :], 0.0)
@@ -321,23 +438,64 @@ def _policy_attention_bwd_dkdv_kernel(
         dout_over_denom += tl.sum(dout.to(tl.float32) / denom[:, None], axis=0)
 
     dv += (eps / N) * dout_over_denom[None, :]
-    tl.store(dk_ptr + batch.to(tl.int64) * stride_dkb + head * stride_dkh + offs_key[:, None] * stride_dkn + offs_d[None, :],
-             (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + batch.to(tl.int64) * stride_dvb + head * stride_dvh + offs_key[:, None] * stride_dvn + offs_d[None, :],
-             dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(
+        dk_ptr + batch.to(tl.int64) * stride_dkb + head * stride_dkh + offs_key[:, None] * stride_dkn + offs_d[None, :],
+        (dk * scale).to(dk_ptr.dtype.element_ty),
+        mask=kv_mask,
+    )
+    tl.store(
+        dv_ptr + batch.to(tl.int64) * stride_dvb + head * stride_dvh + offs_key[:, None] * stride_dvn + offs_d[None, :],
+        dv.to(dv_ptr.dtype.element_ty),
+        mask=kv_mask,
+    )
     tl.store(dpolicy_ptr + stats_base + offs_key, dpolicy, mask=key_mask)
 
 
-@triton.autotune(configs=_all(BACKWARD_CONFIGS), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_backward},
-                 **AUTOTUNE_OPTIONS)
+@triton.autotune(
+    configs=_all(BACKWARD_CONFIGS),
+    key=AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _prune_backward},
+    **AUTOTUNE_OPTIONS,
+)
 @triton.jit(do_not_specialize=VARYING)
 def _policy_attention_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, policy_ptr, dout_ptr, row_max_ptr, row_argmax_ptr, denom_ptr, delta_ptr, dmax_ptr, dq_ptr,
-    N, seqlen_bucket, num_heads, qk_scale, scale,
-    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh, stride_pb, stride_pn,
-    stride_dqb, stride_dqn, stride_dqh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    policy_ptr,
+    dout_ptr,
+    row_max_ptr,
+    row_argmax_ptr,
+    denom_ptr,
+    delta_ptr,
+    dmax_ptr,
+    dq_ptr,
+    N,
+    seqlen_bucket,
+    num_heads,
+    qk_scale,
+    scale,
+    stride_qb,
+    stride_qn,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_db,
+    stride_dn,
+    stride_dh,
+    stride_pb,
+    stride_pn,
+    stride_dqb,
+    stride_dqn,
+    stride_dqh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -345,7 +503,7 @@ def _policy_attention_bwd_dq_kernel(
     head = pid_bh % num_heads
 
     offs_query = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) queries
-    offs_n = tl.arange(0, BLOCK_N)                         # (BLOCK_N,) keys, within a key block
+    offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,) keys, within a key block
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     query_mask = offs_query < N
@@ -354,10 +512,20 @@ def _policy_attention_bwd_dq_kernel(
     v_base = v_ptr + batch.to(tl.int64) * stride_vb + head * stride_vh
     stats = pid_bh.to(tl.int64) * N + offs_query
 
-    q = tl.load(q_ptr + batch.to(tl.int64) * stride_qb + head * stride_qh + offs_query[:, None] * stride_qn + offs_d[None, :],
-                mask=row_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
-    dout = tl.load(dout_ptr + batch.to(tl.int64) * stride_db + head * stride_dh + offs_query[:, None] * stride_dn + offs_d[None, :],
-                   mask=row_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+    q = tl.load(
+        q_ptr + batch.to(tl.int64) * stride_qb + head * stride_qh + offs_query[:, None] * stride_qn + offs_d[None, :],
+        mask=row_mask,
+        other=0.0,
+    )  # (BLOCK_M, BLOCK_D)
+    dout = tl.load(
+        dout_ptr
+        + batch.to(tl.int64) * stride_db
+        + head * stride_dh
+        + offs_query[:, None] * stride_dn
+        + offs_d[None, :],
+        mask=row_mask,
+        other=0.0,
+    )  # (BLOCK_M, BLOCK_D)
     # Row statistics, (BLOCK_M,) each; padded queries get an infinite max, so weights of 0.
     row_max = tl.load(row_max_ptr + stats, mask=query_mask, other=float("inf"))
     row_argmax = tl.load(row_argmax_ptr + stats, mask=query_mask, other=-1)
@@ -369,15 +537,24 @@ def _policy_attention_bwd_dq_kernel(
     for key_start in range(0, N, BLOCK_N):
         offs_key = key_start + offs_n
         key_mask = offs_key < N
-        k = tl.load(k_base + offs_key[:, None] * stride_kn + offs_d[None, :],
-                    mask=key_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(v_base + offs_key[None, :] * stride_vn + offs_d[:, None],
-                    mask=d_mask[:, None] & key_mask[None, :], other=0.0)  # (BLOCK_D, BLOCK_N): v^T
-        policy = tl.load(policy_ptr + batch * stride_pb + offs_key * stride_pn,
-                         mask=key_mask, other=0.0).to(tl.float32)  # (BLOCK_N,)
+        k = tl.load(
+            k_base + offs_key[:, None] * stride_kn + offs_d[None, :],
+            mask=key_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_D)
+        v = tl.load(
+            v_base + offs_key[None, :] * stride_vn + offs_d[:, None],
+            mask=d_mask[:, None] & key_mask[None, :],
+            other=0.0,
+        )  # (BLOCK_D, BLOCK_N): v^T
+        policy = tl.load(policy_ptr + batch * stride_pb + offs_key * stride_pn, mask=key_mask, other=0.0).to(
+            tl.float32
+        )  # (BLOCK_N,)
 
         logits = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N), base 2
-        weights = tl.where(key_mask[None, :], tl.math.exp2(logits - row_max[:, None]), 0.0)  # (BLOCK_M, BLOCK_N): exp(l - m)
+        weights = tl.where(
+            key_mask[None, :], tl.math.exp2(logits - row_max[:, None]), 0.0
+        )  # (BLOCK_M, BLOCK_N): exp(l - m)
         dattn = tl.dot(dout, v, input_precision="ieee")  # (BLOCK_M, BLOCK_N)
         # a / D with a rounded to v's dtype, as the forward summed it into D.
         probs = (weights * _keep_weight(policy, offs_query, offs_key)).to(v.dtype).to(tl.float32) / denom[:, None]
@@ -385,8 +562,15 @@ def _policy_attention_bwd_dq_kernel(
         dlogits += tl.where(offs_key[None, :] == row_argmax[:, None], dmax[:, None], 0.0)
         dq = tl.dot(dlogits.to(k.dtype), k, dq, input_precision="ieee")
 
-    tl.store(dq_ptr + batch.to(tl.int64) * stride_dqb + head * stride_dqh + offs_query[:, None] * stride_dqn + offs_d[None, :],
-             (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_mask)
+    tl.store(
+        dq_ptr
+        + batch.to(tl.int64) * stride_dqb
+        + head * stride_dqh
+        + offs_query[:, None] * stride_dqn
+        + offs_d[None, :],
+        (dq * scale).to(dq_ptr.dtype.element_ty),
+        mask=row_mask,
+    )
 
 
 # ----------------------------------------------------------------------------- launches
@@ -413,13 +597,14 @@ def _column_sum(v: torch.Tensor) -> torch.Tensor:
 
 
 def _scales(scale: float | None, head_dim: int) -> tuple[float, float]:
-    scale = head_dim ** -0.5 if scale is None else scale
+    scale = head_dim**-0.5 if scale is None else scale
     return scale, scale * LOG2E
 
 
 @on_input_device
-def launch_forward(q, k, v, policy, scale: float | None, eps: float, *, out, out_fp32, row_max, row_argmax,
-                   denom) -> None:
+def launch_forward(
+    q, k, v, policy, scale: float | None, eps: float, *, out, out_fp32, row_max, row_argmax, denom
+) -> None:
     """The forward into ``out`` (B, N, heads, d), for fp16/bf16 inputs also into
     ``out_fp32`` (the same in fp32, contiguous; None for fp32 inputs), and the row statistics
     (B, heads, N): ``row_max`` fp32 (base-2 logits), ``row_argmax`` int32, ``denom`` fp32."""
@@ -427,12 +612,18 @@ def launch_forward(q, k, v, policy, scale: float | None, eps: float, *, out, out
     B, N, heads, head_dim = q.shape
     check_attention_out("policy_attention", out, q)
     store_fp32 = q.dtype != torch.float32
-    if store_fp32 and (out_fp32 is None or out_fp32.shape != q.shape or out_fp32.dtype != torch.float32
-                       or not out_fp32.is_contiguous()):
-        raise ValueError(f"policy_attention: out_fp32 must be a contiguous float32 tensor of shape {tuple(q.shape)} "
-                         f"for {q.dtype} inputs")
-    for name, t, dtype in (("row_max", row_max, torch.float32), ("row_argmax", row_argmax, torch.int32),
-                           ("denom", denom, torch.float32)):
+    if store_fp32 and (
+        out_fp32 is None or out_fp32.shape != q.shape or out_fp32.dtype != torch.float32 or not out_fp32.is_contiguous()
+    ):
+        raise ValueError(
+            f"policy_attention: out_fp32 must be a contiguous float32 tensor of shape {tuple(q.shape)} "
+            f"for {q.dtype} inputs"
+        )
+    for name, t, dtype in (
+        ("row_max", row_max, torch.float32),
+        ("row_argmax", row_argmax, torch.int32),
+        ("denom", denom, torch.float32),
+    ):
         if t.shape != (B, heads, N) or t.dtype != dtype or not t.is_contiguous():
             raise ValueError(f"policy_attention: {name} must be a contiguous {dtype} tensor of shape {(B, heads, N)}")
     if B == 0 or N == 0 or heads == 0 or head_dim == 0:
@@ -444,23 +635,71 @@ def launch_forward(q, k, v, policy, scale: float | None, eps: float, *, out, out
         return (triton.cdiv(N, meta["BLOCK_M"]), B * heads)
 
     _policy_attention_fwd_kernel[grid](
-        q, k, v, policy, _column_sum(v), out, out_fp32 if store_fp32 else out, row_max, row_argmax, denom,
-        N, length_bucket(N), heads, qk_scale, eps,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *policy.stride(),
-        **tiles, STORE_FP32=store_fp32,
+        q,
+        k,
+        v,
+        policy,
+        _column_sum(v),
+        out,
+        out_fp32 if store_fp32 else out,
+        row_max,
+        row_argmax,
+        denom,
+        N,
+        length_bucket(N),
+        heads,
+        qk_scale,
+        eps,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *out.stride()[:3],
+        *policy.stride(),
+        **tiles,
+        STORE_FP32=store_fp32,
     )
 
 
 @on_input_device
-def launch_backward(dout, q, k, v, policy, out, row_max, row_argmax, denom, scale: float | None, eps: float,
-                    *, dq, dk, dv, dpolicy_per_head) -> None:
+def launch_backward(
+    dout,
+    q,
+    k,
+    v,
+    policy,
+    out,
+    row_max,
+    row_argmax,
+    denom,
+    scale: float | None,
+    eps: float,
+    *,
+    dq,
+    dk,
+    dv,
+    dpolicy_per_head,
+) -> None:
     """Gradients into dq, dk, dv (q's shape and dtype) and ``dpolicy_per_head`` (B, heads, N)
     fp32, from the forward's output in fp32 (``out``: the output itself for fp32 inputs,
     ``out_fp32`` for fp16/bf16 ones) and row statistics."""
     if out.dtype != torch.float32:
         raise TypeError(f"policy_attention backward: out must be the forward's float32 output, got {out.dtype}")
-    check_devices("policy_attention backward", dout=dout, q=q, k=k, v=v, policy=policy, out=out, row_max=row_max,
-                  row_argmax=row_argmax, denom=denom, dq=dq, dk=dk, dv=dv, dpolicy=dpolicy_per_head)
+    check_devices(
+        "policy_attention backward",
+        dout=dout,
+        q=q,
+        k=k,
+        v=v,
+        policy=policy,
+        out=out,
+        row_max=row_max,
+        row_argmax=row_argmax,
+        denom=denom,
+        dq=dq,
+        dk=dk,
+        dv=dv,
+        dpolicy=dpolicy_per_head,
+    )
     B, N, heads, head_dim = q.shape
     if B == 0 or N == 0 or heads == 0 or head_dim == 0:
         return
@@ -469,21 +708,58 @@ def launch_backward(dout, q, k, v, policy, out, row_max, row_argmax, denom, scal
     vsum = _column_sum(v)
     delta, dmax = _stats(q), _stats(q)
     _policy_attention_bwd_preprocess_kernel[(triton.cdiv(N, PREPROCESS_BLOCK_M), B * heads)](
-        out, dout, vsum, denom, delta, dmax,
-        N, heads, eps,
-        *out.stride()[:3], *dout.stride()[:3],
-        **tiles, BLOCK_M=PREPROCESS_BLOCK_M,
+        out,
+        dout,
+        vsum,
+        denom,
+        delta,
+        dmax,
+        N,
+        heads,
+        eps,
+        *out.stride()[:3],
+        *dout.stride()[:3],
+        **tiles,
+        BLOCK_M=PREPROCESS_BLOCK_M,
     )
     common = (N, length_bucket(N), heads, qk_scale, scale)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *policy.stride())
     _policy_attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * heads)](
-        q, k, v, policy, dout, row_max, row_argmax, denom, delta, dmax, dk, dv, dpolicy_per_head,
-        *common, eps, *strides, *dk.stride()[:3], *dv.stride()[:3],
+        q,
+        k,
+        v,
+        policy,
+        dout,
+        row_max,
+        row_argmax,
+        denom,
+        delta,
+        dmax,
+        dk,
+        dv,
+        dpolicy_per_head,
+        *common,
+        eps,
+        *strides,
+        *dk.stride()[:3],
+        *dv.stride()[:3],
         **tiles,
     )
     _policy_attention_bwd_dq_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * heads)](
-        q, k, v, policy, dout, row_max, row_argmax, denom, delta, dmax, dq,
-        *common, *strides, *dq.stride()[:3],
+        q,
+        k,
+        v,
+        policy,
+        dout,
+        row_max,
+        row_argmax,
+        denom,
+        delta,
+        dmax,
+        dq,
+        *common,
+        *strides,
+        *dq.stride()[:3],
         **tiles,
     )
 
@@ -499,13 +775,29 @@ def _fp32_output(q: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("mematte::policy_attention_forward", mutates_args=())
 def _forward_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: torch.Tensor, scale: float | None, eps: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    policy: torch.Tensor,
+    scale: float | None,
+    eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     check_inputs(q, k, v, policy)
     out, out_fp32 = q.new_empty(q.shape), _fp32_output(q)
     row_max, row_argmax, denom = _stats(q), _stats(q, torch.int32), _stats(q)
-    launch_forward(q, k, v, policy, scale, eps, out=out, out_fp32=out_fp32 if out_fp32.numel() else None,
-                   row_max=row_max, row_argmax=row_argmax, denom=denom)
+    launch_forward(
+        q,
+        k,
+        v,
+        policy,
+        scale,
+        eps,
+        out=out,
+        out_fp32=out_fp32 if out_fp32.numel() else None,
+        row_max=row_max,
+        row_argmax=row_argmax,
+        denom=denom,
+    )
     return out, out_fp32, row_max, row_argmax, denom
 
 
@@ -517,13 +809,37 @@ def _(q, k, v, policy, scale, eps):
 
 @torch.library.custom_op("mematte::policy_attention_backward", mutates_args=())
 def _backward_op(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: torch.Tensor, out: torch.Tensor,
-    row_max: torch.Tensor, row_argmax: torch.Tensor, denom: torch.Tensor, scale: float | None, eps: float,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    policy: torch.Tensor,
+    out: torch.Tensor,
+    row_max: torch.Tensor,
+    row_argmax: torch.Tensor,
+    denom: torch.Tensor,
+    scale: float | None,
+    eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv = (q.new_empty(q.shape) for _ in range(3))
     dpolicy_per_head = _stats(q)
-    launch_backward(dout.contiguous(), q, k, v, policy, out, row_max, row_argmax, denom, scale, eps,
-                    dq=dq, dk=dk, dv=dv, dpolicy_per_head=dpolicy_per_head)
+    launch_backward(
+        dout.contiguous(),
+        q,
+        k,
+        v,
+        policy,
+        out,
+        row_max,
+        row_argmax,
+        denom,
+        scale,
+        eps,
+        dq=dq,
+        dk=dk,
+        dv=dv,
+        dpolicy_per_head=dpolicy_per_head,
+    )
     return dq, dk, dv, dpolicy_per_head.sum(dim=1).to(policy.dtype)
 
 
@@ -542,7 +858,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, *unused_stat_grads):
     q, k, v, policy, out, row_max, row_argmax, denom = ctx.saved_tensors
     dq, dk, dv, dpolicy = torch.ops.mematte.policy_attention_backward(
-        dout, q, k, v, policy, out, row_max, row_argmax, denom, ctx.scale, ctx.eps)
+        dout, q, k, v, policy, out, row_max, row_argmax, denom, ctx.scale, ctx.eps
+    )
     return dq, dk, dv, dpolicy, None, None
 
 

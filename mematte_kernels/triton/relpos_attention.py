@@ -17,6 +17,7 @@ BLOCK_N-key blocks; the softmax runs in base 2: the fp32 logits are multiplied b
 ``scale * log2(e)`` and the bias by ``log2(e)``. fp32 uses exact fp32 dots (``input_precision="ieee"``); fp16/bf16
 use the tensor cores with fp32 accumulation.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,14 +62,55 @@ INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, 
 )
 # Integer arguments that change with the image size (the tables' strides follow the grid):
 # one compilation for all sizes.
-@triton.jit(do_not_specialize=["num_queries", "N", "grid_w", "length_bucket", "stride_hb", "stride_hn", "stride_hh",
-                               "stride_wb", "stride_wn", "stride_wh"])
+@triton.jit(
+    do_not_specialize=[
+        "num_queries",
+        "N",
+        "grid_w",
+        "length_bucket",
+        "stride_hb",
+        "stride_hn",
+        "stride_hh",
+        "stride_wb",
+        "stride_wn",
+        "stride_wh",
+    ]
+)
 def _relpos_attention_kernel(
-    q_ptr, k_ptr, v_ptr, bias_h_ptr, bias_w_ptr, out_ptr,
-    num_queries, N, grid_w, num_heads, qk_scale, length_bucket,
-    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-    stride_hb, stride_hn, stride_hh, stride_wb, stride_wn, stride_wh, stride_ob, stride_on, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bias_h_ptr,
+    bias_w_ptr,
+    out_ptr,
+    num_queries,
+    N,
+    grid_w,
+    num_heads,
+    qk_scale,
+    length_bucket,
+    stride_qb,
+    stride_qn,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_hb,
+    stride_hn,
+    stride_hh,
+    stride_wb,
+    stride_wn,
+    stride_wh,
+    stride_ob,
+    stride_on,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # Queries: the num_queries rows of q, out and the tables (a strip of the grid); keys: all N.
     pid_m = tl.program_id(0)
@@ -77,14 +119,17 @@ def _relpos_attention_kernel(
     head = pid_bh % num_heads
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) queries
-    offs_d = tl.arange(0, BLOCK_D)                    # (BLOCK_D,) lanes of the head dimension
+    offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,) lanes of the head dimension
     d_mask = offs_d < HEAD_DIM
     q_mask = offs_m < num_queries
     rows_m = offs_m.to(tl.int64)
     row_mask = q_mask[:, None] & d_mask[None, :]
 
-    q = tl.load(q_ptr + batch * stride_qb + rows_m[:, None] * stride_qn + head * stride_qh + offs_d[None, :],
-                mask=row_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+    q = tl.load(
+        q_ptr + batch * stride_qb + rows_m[:, None] * stride_qn + head * stride_qh + offs_d[None, :],
+        mask=row_mask,
+        other=0.0,
+    )  # (BLOCK_M, BLOCK_D)
     # Each query's row of the two position tables.
     bias_h_rows = bias_h_ptr + batch * stride_hb + rows_m * stride_hn + head * stride_hh  # (BLOCK_M,)
     bias_w_rows = bias_w_ptr + batch * stride_wb + rows_m * stride_wn + head * stride_wh  # (BLOCK_M,)
@@ -98,29 +143,36 @@ def _relpos_attention_kernel(
         offs_n = key_start + tl.arange(0, BLOCK_N)  # (BLOCK_N,) keys
         key_mask = offs_n < N
         rows_n = offs_n.to(tl.int64)
-        k = tl.load(k_base + rows_n[None, :] * stride_kn + offs_d[:, None],
-                    mask=d_mask[:, None] & key_mask[None, :], other=0.0)  # (BLOCK_D, BLOCK_N)
-        v = tl.load(v_base + rows_n[:, None] * stride_vn + offs_d[None, :],
-                    mask=key_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+        k = tl.load(
+            k_base + rows_n[None, :] * stride_kn + offs_d[:, None], mask=d_mask[:, None] & key_mask[None, :], other=0.0
+        )  # (BLOCK_D, BLOCK_N)
+        v = tl.load(
+            v_base + rows_n[:, None] * stride_vn + offs_d[None, :], mask=key_mask[:, None] & d_mask[None, :], other=0.0
+        )  # (BLOCK_N, BLOCK_D)
         key_row = offs_n // grid_w
         key_col = offs_n - key_row * grid_w
         tile_mask = q_mask[:, None] & key_mask[None, :]
         bias = tl.load(bias_h_rows[:, None] + key_row[None, :], mask=tile_mask, other=0.0).to(tl.float32)
         bias += tl.load(bias_w_rows[:, None] + key_col[None, :], mask=tile_mask, other=0.0).to(tl.float32)
         # The fp32 logits are scaled, not a rounded q (as flash-attention does).
-        logits = tl.dot(q, k, input_precision="ieee") * qk_scale + bias * 1.4426950408889634  # (BLOCK_M, BLOCK_N), base 2
+        logits = (
+            tl.dot(q, k, input_precision="ieee") * qk_scale + bias * 1.4426950408889634
+        )  # (BLOCK_M, BLOCK_N), base 2
         logits = tl.where(key_mask[None, :], logits, float("-inf"))
         # Every block holds at least one real key, so new_max is finite and no -inf - -inf occurs.
         new_max = tl.maximum(row_max, tl.max(logits, axis=1))  # (BLOCK_M,)
-        p = tl.math.exp2(logits - new_max[:, None])            # (BLOCK_M, BLOCK_N)
-        rescale = tl.math.exp2(row_max - new_max)              # (BLOCK_M,); 0 on the first block
+        p = tl.math.exp2(logits - new_max[:, None])  # (BLOCK_M, BLOCK_N)
+        rescale = tl.math.exp2(row_max - new_max)  # (BLOCK_M,); 0 on the first block
         row_sum = row_sum * rescale + tl.sum(p, axis=1)
         acc = tl.dot(p.to(v.dtype), v, acc * rescale[:, None], input_precision="ieee")  # (BLOCK_M, BLOCK_D)
         row_max = new_max
 
     out = acc / row_sum[:, None]  # (BLOCK_M, BLOCK_D)
-    tl.store(out_ptr + batch * stride_ob + rows_m[:, None] * stride_on + head * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_mask)
+    tl.store(
+        out_ptr + batch * stride_ob + rows_m[:, None] * stride_on + head * stride_oh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_mask,
+    )
 
 
 def _check_inputs(q, k, v, bias_h, bias_w, out=None) -> None:
@@ -134,17 +186,23 @@ def _check_inputs(q, k, v, bias_h, bias_w, out=None) -> None:
     B, N, heads, head_dim = k.shape
     n = q.shape[1]
     if k.shape != v.shape or n > N:
-        raise ValueError(f"{op}: k and v must have one shape (B, N, heads, head_dim) and q at most N rows, "
-                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(
+            f"{op}: k and v must have one shape (B, N, heads, head_dim) and q at most N rows, "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     for name, t in (("bias_h", bias_h), ("bias_w", bias_w)):
         check_ndim(op, name, t, 4, "(B, n, heads, H or W)")
         check_float(op, name, t, q.dtype)
         if tuple(t.shape[:3]) != (B, n, heads) or t.stride(-1) != 1:
-            raise ValueError(f"{op}: {name} must be ({B}, {n}, {heads}, H or W) with a contiguous last dimension, "
-                             f"got shape {tuple(t.shape)} strides {t.stride()}")
+            raise ValueError(
+                f"{op}: {name} must be ({B}, {n}, {heads}, H or W) with a contiguous last dimension, "
+                f"got shape {tuple(t.shape)} strides {t.stride()}"
+            )
     if bias_h.shape[-1] * bias_w.shape[-1] != N:
-        raise ValueError(f"{op}: the grid is {bias_h.shape[-1]}×{bias_w.shape[-1]} (from bias_h, bias_w) "
-                         f"but k holds {N} tokens per image")
+        raise ValueError(
+            f"{op}: the grid is {bias_h.shape[-1]}×{bias_w.shape[-1]} (from bias_h, bias_w) "
+            f"but k holds {N} tokens per image"
+        )
     check_devices(op, q=q, k=k, v=v, bias_h=bias_h, bias_w=bias_w)
 
 
@@ -165,17 +223,36 @@ def launch_relpos_attention(q, k, v, bias_h, bias_w, scale: float | None = None,
         return (triton.cdiv(n, meta["BLOCK_M"]), B * heads)
 
     _relpos_attention_kernel[grid](
-        q, k, v, bias_h, bias_w, out,
-        n, N, bias_w.shape[-1], heads, scale * LOG2E, length_bucket(N),
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *bias_h.stride()[:3], *bias_w.stride()[:3], *out.stride()[:3],
-        HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim),
+        q,
+        k,
+        v,
+        bias_h,
+        bias_w,
+        out,
+        n,
+        N,
+        bias_w.shape[-1],
+        heads,
+        scale * LOG2E,
+        length_bucket(N),
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *bias_h.stride()[:3],
+        *bias_w.stride()[:3],
+        *out.stride()[:3],
+        HEAD_DIM=head_dim,
+        BLOCK_D=head_block(head_dim),
     )
 
 
 @torch.library.custom_op("mematte::relpos_attention", mutates_args=())
 def _relpos_attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_h: torch.Tensor, bias_w: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias_h: torch.Tensor,
+    bias_w: torch.Tensor,
     scale: float | None = None,
 ) -> torch.Tensor:
     out = q.new_empty(q.shape)
@@ -212,8 +289,9 @@ def global_attention(qkv, rel_h, rel_w, num_heads: int, scale: float) -> torch.T
     check_ndim("global_attention", "qkv", qkv, 4, "(B, H, W, 3C)")
     B, H, W, C3 = qkv.shape
     if C3 % (3 * num_heads):
-        raise ValueError(f"global_attention: qkv's last dimension ({C3}) must be 3 * C with C a multiple of "
-                         f"num_heads ({num_heads})")
+        raise ValueError(
+            f"global_attention: qkv's last dimension ({C3}) must be 3 * C with C a multiple of num_heads ({num_heads})"
+        )
     C = C3 // 3
     d = C // num_heads
     if d > MAX_HEAD_DIM:
@@ -224,7 +302,8 @@ def global_attention(qkv, rel_h, rel_w, num_heads: int, scale: float) -> torch.T
     for top in range(0, H, rows):
         bottom = min(top + rows, H)
         strip = slice(top * W, bottom * W)
-        bias_h, bias_w = reference.rel_pos_bias(q[:, strip].reshape(B, bottom - top, W, num_heads, d),
-                                                rel_h[top:bottom], rel_w)
+        bias_h, bias_w = reference.rel_pos_bias(
+            q[:, strip].reshape(B, bottom - top, W, num_heads, d), rel_h[top:bottom], rel_w
+        )
         out[:, top:bottom] = relpos_attention(q[:, strip], k, v, bias_h, bias_w, scale).view(B, bottom - top, W, C)
     return out

@@ -30,6 +30,7 @@ only affects fp32 operands), also with fp32 parameters, as the model runs its ro
 tokens are never copied to fp32; the weights of those two layers are rounded to the tokens'
 dtype, and the global mean, the narrow layers and the margins stay fp32.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -69,11 +70,22 @@ def _gelu(x):
 
 @triton.jit(do_not_specialize=["N"])  # N: tokens per image, one compilation for every size
 def _router_hidden_kernel(
-    x_ptr, norm_weight_ptr, norm_bias_ptr, in_weight_ptr, in_bias_ptr,
-    local_ptr, partial_ptr,
-    N, C, eps,
-    stride_xb, stride_xn, stride_xc,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    norm_weight_ptr,
+    norm_bias_ptr,
+    in_weight_ptr,
+    in_bias_ptr,
+    local_ptr,
+    partial_ptr,
+    N,
+    C,
+    eps,
+    stride_xb,
+    stride_xn,
+    stride_xc,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # One program per (token tile, image) produces all C outputs of its tokens: the
     # statistics are computed once, and the tile's later reads of x come from L1/L2.
@@ -82,7 +94,7 @@ def _router_hidden_kernel(
     half = C // 2
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) tokens
-    offs_k = tl.arange(0, BLOCK_K)                    # (BLOCK_K,) input channels
+    offs_k = tl.arange(0, BLOCK_K)  # (BLOCK_K,) input channels
     row_mask = offs_m < N
     x_rows = x_ptr + pid_b.to(tl.int64) * stride_xb + offs_m[:, None].to(tl.int64) * stride_xn  # (BLOCK_M, 1)
 
@@ -118,7 +130,8 @@ def _router_hidden_kernel(
             # W_in is (C_out, C_in) row-major; read its transpose tile directly.
             w = tl.load(
                 in_weight_ptr + offs_n[None, :] * C + k[:, None],
-                mask=k_mask[:, None] & (offs_n[None, :] < C), other=0.0,
+                mask=k_mask[:, None] & (offs_n[None, :] < C),
+                other=0.0,
             )  # (BLOCK_K, BLOCK_N)
             acc = tl.dot(x_hat.to(w.dtype), w, acc, input_precision="ieee")
         b_in = tl.load(in_bias_ptr + offs_n, mask=offs_n < C, other=0.0).to(tl.float32)
@@ -138,17 +151,24 @@ def _router_hidden_kernel(
 
 @triton.jit(do_not_specialize=["N", "num_tiles"])  # N: tokens per image, one compilation for every size
 def _router_fold_kernel(
-    partial_ptr, out0_weight_ptr, out0_bias_ptr, folded_bias_ptr,
-    N, C, num_tiles,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
+    partial_ptr,
+    out0_weight_ptr,
+    out0_bias_ptr,
+    folded_bias_ptr,
+    N,
+    C,
+    num_tiles,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
     half = C // 2
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) outputs of out_conv.0
-    offs_k = tl.arange(0, BLOCK_K)                    # (BLOCK_K,) global channels
-    offs_t = tl.arange(0, BLOCK_T)                    # (BLOCK_T,) token tiles
+    offs_k = tl.arange(0, BLOCK_K)  # (BLOCK_K,) global channels
+    offs_t = tl.arange(0, BLOCK_T)  # (BLOCK_T,) token tiles
     n_mask = offs_n < half
     partial_rows = partial_ptr + pid_b.to(tl.int64) * num_tiles * half
 
@@ -161,12 +181,14 @@ def _router_fold_kernel(
             t = t0 + offs_t
             tile_sums += tl.load(
                 partial_rows + t[:, None] * half + k[None, :],
-                mask=(t[:, None] < num_tiles) & k_mask[None, :], other=0.0,
+                mask=(t[:, None] < num_tiles) & k_mask[None, :],
+                other=0.0,
             )  # (BLOCK_T, BLOCK_K)
         g = tl.sum(tile_sums, axis=0) / N  # (BLOCK_K,) per-image mean of the global half
         w = tl.load(
             out0_weight_ptr + offs_n[:, None] * C + half + k[None, :],
-            mask=n_mask[:, None] & k_mask[None, :], other=0.0,
+            mask=n_mask[:, None] & k_mask[None, :],
+            other=0.0,
         ).to(tl.float32)  # (BLOCK_N, BLOCK_K): W0[:, C/2:]
         acc += w * g[None, :]
     folded = tl.sum(acc, axis=1) + tl.load(out0_bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -175,10 +197,21 @@ def _router_fold_kernel(
 
 @triton.jit(do_not_specialize=["N"])  # N: tokens per image, one compilation for every size
 def _router_head_kernel(
-    local_ptr, folded_bias_ptr, out0_weight_ptr, out1_weight_ptr, out1_bias_ptr, out2_weight_ptr, out2_bias_ptr,
-    scores_ptr, keep_ptr,
-    N, C,
-    BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, QUARTER_PAD: tl.constexpr,
+    local_ptr,
+    folded_bias_ptr,
+    out0_weight_ptr,
+    out1_weight_ptr,
+    out1_bias_ptr,
+    out2_weight_ptr,
+    out2_bias_ptr,
+    scores_ptr,
+    keep_ptr,
+    N,
+    C,
+    BLOCK_M: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    QUARTER_PAD: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -186,8 +219,8 @@ def _router_head_kernel(
     quarter = C // 4
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) tokens
-    offs_k = tl.arange(0, BLOCK_K)                    # (BLOCK_K,) local channels
-    offs_q = tl.arange(0, QUARTER_PAD)                # (QUARTER_PAD,) out_conv.2 outputs, padded to a power of 2
+    offs_k = tl.arange(0, BLOCK_K)  # (BLOCK_K,) local channels
+    offs_q = tl.arange(0, QUARTER_PAD)  # (QUARTER_PAD,) out_conv.2 outputs, padded to a power of 2
     row_mask = offs_m < N
     q_mask = offs_q < quarter
     tokens = (pid_b * N + offs_m).to(tl.int64)  # (BLOCK_M,) flat token index
@@ -205,18 +238,22 @@ def _router_head_kernel(
             k = k0 + offs_k
             k_mask = k < half
             local = tl.load(
-                local_rows + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0,
+                local_rows + k[None, :],
+                mask=row_mask[:, None] & k_mask[None, :],
+                other=0.0,
             )  # (BLOCK_M, BLOCK_K)
             w0 = tl.load(
                 out0_weight_ptr + offs_j[None, :] * C + k[:, None],
-                mask=k_mask[:, None] & j_mask[None, :], other=0.0,
+                mask=k_mask[:, None] & j_mask[None, :],
+                other=0.0,
             )  # (BLOCK_K, BLOCK_J): W0[:, :C/2]^T
             acc1 = tl.dot(local, w0, acc1, input_precision="ieee")
         folded = tl.load(folded_bias_ptr + pid_b * half + offs_j, mask=j_mask, other=0.0)  # (BLOCK_J,)
         z1 = _gelu(acc1 + folded[None, :])  # (BLOCK_M, BLOCK_J)
         w1 = tl.load(
             out1_weight_ptr + offs_q[None, :] * half + offs_j[:, None],
-            mask=j_mask[:, None] & q_mask[None, :], other=0.0,
+            mask=j_mask[:, None] & q_mask[None, :],
+            other=0.0,
         )  # (BLOCK_J, QUARTER_PAD): W1^T
         acc2 = tl.dot(z1.to(w1.dtype), w1, acc2, input_precision="ieee")
     b1 = tl.load(out1_bias_ptr + offs_q, mask=q_mask, other=0.0).to(tl.float32)
@@ -238,8 +275,18 @@ def _router_head_kernel(
     tl.store(keep_ptr + tokens, score0 > score1, mask=row_mask)
 
 
-PARAM_NAMES = ("norm_weight", "norm_bias", "in_weight", "in_bias", "out0_weight", "out0_bias",
-               "out1_weight", "out1_bias", "out2_weight", "out2_bias")
+PARAM_NAMES = (
+    "norm_weight",
+    "norm_bias",
+    "in_weight",
+    "in_bias",
+    "out0_weight",
+    "out0_bias",
+    "out1_weight",
+    "out1_bias",
+    "out2_weight",
+    "out2_bias",
+)
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -260,8 +307,10 @@ def _check_router_inputs(x: torch.Tensor, params: Sequence[torch.Tensor]) -> Non
         if t.dtype != param_dtype:
             raise TypeError(f"{op}: {name} must have the same dtype as norm_weight ({param_dtype}), got {t.dtype}")
     if x.dtype != param_dtype and not (param_dtype == torch.float32 and x.dtype in LOW_PRECISION):
-        raise TypeError(f"{op}: x must have the parameters' dtype ({param_dtype}), or be bfloat16/float16 "
-                        f"with float32 parameters, got {x.dtype}")
+        raise TypeError(
+            f"{op}: x must have the parameters' dtype ({param_dtype}), or be bfloat16/float16 "
+            f"with float32 parameters, got {x.dtype}"
+        )
     check_devices(op, x=x, **dict(zip(PARAM_NAMES, params)))
 
 
@@ -281,8 +330,18 @@ def launch_router_scores(
     if B == 0 or N == 0:
         return
     half = C // 2
-    (norm_weight, norm_bias, in_weight, in_bias, out0_weight, out0_bias,
-     out1_weight, out1_bias, out2_weight, out2_bias) = (t.contiguous() for t in params)
+    (
+        norm_weight,
+        norm_bias,
+        in_weight,
+        in_bias,
+        out0_weight,
+        out0_bias,
+        out1_weight,
+        out1_bias,
+        out2_weight,
+        out2_bias,
+    ) = (t.contiguous() for t in params)
 
     # Low-precision tokens with fp32 parameters (the model's routers): the two C-wide
     # layers run on the tensor cores in the tokens' dtype, so their weights are rounded to
@@ -293,35 +352,78 @@ def launch_router_scores(
     local = torch.empty((B, N, half), device=x.device, dtype=x.dtype)
     partial = torch.empty((B, num_tiles, half), device=x.device, dtype=torch.float32)
     _router_hidden_kernel[(num_tiles, B)](
-        x, norm_weight, norm_bias, in_weight_dot, in_bias, local, partial,
-        N, C, eps, x.stride(0), x.stride(1), x.stride(2),
+        x,
+        norm_weight,
+        norm_bias,
+        in_weight_dot,
+        in_bias,
+        local,
+        partial,
+        N,
+        C,
+        eps,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
         **tile,
     )
 
     folded_bias = torch.empty((B, half), device=x.device, dtype=torch.float32)
     _router_fold_kernel[(triton.cdiv(half, FOLD_TILE["BLOCK_N"]), B)](
-        partial, out0_weight, out0_bias, folded_bias, N, C, num_tiles, **FOLD_TILE,
+        partial,
+        out0_weight,
+        out0_bias,
+        folded_bias,
+        N,
+        C,
+        num_tiles,
+        **FOLD_TILE,
     )
 
     _router_head_kernel[(triton.cdiv(N, HEAD_TILE["BLOCK_M"]), B)](
-        local, folded_bias, out0_weight_dot, out1_weight, out1_bias, out2_weight, out2_bias,
-        scores, keep, N, C,
-        QUARTER_PAD=quarter_pad(C), **HEAD_TILE,
+        local,
+        folded_bias,
+        out0_weight_dot,
+        out1_weight,
+        out1_bias,
+        out2_weight,
+        out2_bias,
+        scores,
+        keep,
+        N,
+        C,
+        QUARTER_PAD=quarter_pad(C),
+        **HEAD_TILE,
     )
 
 
 @torch.library.custom_op("mematte::router_scores", mutates_args=())
 def _router_scores_op(
     x: torch.Tensor,
-    norm_weight: torch.Tensor, norm_bias: torch.Tensor,
-    in_weight: torch.Tensor, in_bias: torch.Tensor,
-    out0_weight: torch.Tensor, out0_bias: torch.Tensor,
-    out1_weight: torch.Tensor, out1_bias: torch.Tensor,
-    out2_weight: torch.Tensor, out2_bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    in_weight: torch.Tensor,
+    in_bias: torch.Tensor,
+    out0_weight: torch.Tensor,
+    out0_bias: torch.Tensor,
+    out1_weight: torch.Tensor,
+    out1_bias: torch.Tensor,
+    out2_weight: torch.Tensor,
+    out2_bias: torch.Tensor,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    params = (norm_weight, norm_bias, in_weight, in_bias, out0_weight, out0_bias,
-              out1_weight, out1_bias, out2_weight, out2_bias)
+    params = (
+        norm_weight,
+        norm_bias,
+        in_weight,
+        in_bias,
+        out0_weight,
+        out0_bias,
+        out1_weight,
+        out1_bias,
+        out2_weight,
+        out2_bias,
+    )
     scores = x.new_empty((*x.shape[:-1], 2), dtype=torch.float32)
     keep = x.new_empty(x.shape[:-1], dtype=torch.bool)
     launch_router_scores(x, params, eps, scores=scores, keep=keep)
@@ -329,10 +431,35 @@ def _router_scores_op(
 
 
 @_router_scores_op.register_fake
-def _(x, norm_weight, norm_bias, in_weight, in_bias, out0_weight, out0_bias,
-      out1_weight, out1_bias, out2_weight, out2_bias, eps):
-    _check_router_inputs(x, (norm_weight, norm_bias, in_weight, in_bias, out0_weight, out0_bias,
-                             out1_weight, out1_bias, out2_weight, out2_bias))
+def _(
+    x,
+    norm_weight,
+    norm_bias,
+    in_weight,
+    in_bias,
+    out0_weight,
+    out0_bias,
+    out1_weight,
+    out1_bias,
+    out2_weight,
+    out2_bias,
+    eps,
+):
+    _check_router_inputs(
+        x,
+        (
+            norm_weight,
+            norm_bias,
+            in_weight,
+            in_bias,
+            out0_weight,
+            out0_bias,
+            out1_weight,
+            out1_bias,
+            out2_weight,
+            out2_bias,
+        ),
+    )
     B, N, _ = x.shape
     return x.new_empty((B, N, 2), dtype=torch.float32), x.new_empty((B, N), dtype=torch.bool)
 
@@ -363,5 +490,17 @@ def router_scores(
     mixed = norm_weight.dtype == torch.float32 and x.dtype in LOW_PRECISION
     if x.is_floating_point() and not mixed:
         x = x.to(norm_weight.dtype)
-    return torch.ops.mematte.router_scores(x, norm_weight, norm_bias, in_weight, in_bias, out0_weight, out0_bias,
-                                           out1_weight, out1_bias, out2_weight, out2_bias, eps)
+    return torch.ops.mematte.router_scores(
+        x,
+        norm_weight,
+        norm_bias,
+        in_weight,
+        in_bias,
+        out0_weight,
+        out0_bias,
+        out1_weight,
+        out1_bias,
+        out2_weight,
+        out2_bias,
+        eps,
+    )

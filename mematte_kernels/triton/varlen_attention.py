@@ -12,6 +12,7 @@ shorter sequence exit at once. Softmax runs in base 2: the fp32 logits are multi
 fp32 uses exact fp32 dots (``input_precision="ieee"``); fp16/bf16 use the tensor cores with
 fp32 accumulation.
 """
+
 from __future__ import annotations
 
 import math
@@ -66,8 +67,18 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
 
 @triton.jit
 def _attend_key_block(
-    acc, row_max, row_sum, q, k_ptrs, v_ptrs, d_mask, key_start, seqlen, qk_scale,
-    BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr,
+    acc,
+    row_max,
+    row_sum,
+    q,
+    k_ptrs,
+    v_ptrs,
+    d_mask,
+    key_start,
+    seqlen,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    MASK_KEYS: tl.constexpr,
 ):
     offs_n = key_start + tl.arange(0, BLOCK_N)  # (BLOCK_N,) keys of this block
     if MASK_KEYS:
@@ -84,8 +95,8 @@ def _attend_key_block(
         logits = tl.where(key_mask[None, :], logits, float("-inf"))
     # Every block holds at least one real key, so new_max is finite and no -inf - -inf occurs.
     new_max = tl.maximum(row_max, tl.max(logits, axis=1))  # (BLOCK_M,)
-    p = tl.math.exp2(logits - new_max[:, None])            # (BLOCK_M, BLOCK_N)
-    rescale = tl.math.exp2(row_max - new_max)              # (BLOCK_M,); 0 on the first block
+    p = tl.math.exp2(logits - new_max[:, None])  # (BLOCK_M, BLOCK_N)
+    rescale = tl.math.exp2(row_max - new_max)  # (BLOCK_M,); 0 on the first block
     row_sum = row_sum * rescale + tl.sum(p, axis=1)
     acc = tl.dot(p.to(v.dtype), v, acc * rescale[:, None], input_precision="ieee")  # (BLOCK_M, BLOCK_D)
     return acc, new_max, row_sum
@@ -101,10 +112,26 @@ def _attend_key_block(
 )
 @triton.jit(do_not_specialize=["seqlen_bucket"])
 def _varlen_attention_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_ptr,
-    num_heads, qk_scale, seqlen_bucket,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    cu_seqlens_ptr,
+    num_heads,
+    qk_scale,
+    seqlen_bucket,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # seqlen_bucket is read by the autotuner only (its key), not by the kernel.
     pid_m = tl.program_id(0)
@@ -117,16 +144,19 @@ def _varlen_attention_kernel(
         return
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) queries, within the sequence
-    offs_n = tl.arange(0, BLOCK_N)                    # (BLOCK_N,) keys, within a key block
-    offs_d = tl.arange(0, BLOCK_D)                    # (BLOCK_D,) lanes of the head dimension
+    offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,) keys, within a key block
+    offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,) lanes of the head dimension
     d_mask = offs_d < HEAD_DIM
     q_mask = offs_m < seqlen
     # Packed row offsets in int64: T * stride can pass 2**31 for batches of 8K images.
     q_rows = (seq_start + offs_m).to(tl.int64)
     key_rows = (seq_start + offs_n).to(tl.int64)
 
-    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=q_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    q = tl.load(
+        q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+        mask=q_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )  # (BLOCK_M, BLOCK_D)
     k_ptrs = k_ptr + key_rows[None, :] * stride_kt + head * stride_kh + offs_d[:, None]  # (BLOCK_D, BLOCK_N): k^T
     v_ptrs = v_ptr + key_rows[:, None] * stride_vt + head * stride_vh + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
 
@@ -136,17 +166,22 @@ def _varlen_attention_kernel(
     # Full key blocks need no mask; only the last, partial one does.
     full_end = (seqlen // BLOCK_N) * BLOCK_N
     for key_start in range(0, full_end, BLOCK_N):
-        acc, row_max, row_sum = _attend_key_block(acc, row_max, row_sum, q, k_ptrs, v_ptrs, d_mask, key_start, seqlen,
-                                                  qk_scale, BLOCK_N, MASK_KEYS=False)
+        acc, row_max, row_sum = _attend_key_block(
+            acc, row_max, row_sum, q, k_ptrs, v_ptrs, d_mask, key_start, seqlen, qk_scale, BLOCK_N, MASK_KEYS=False
+        )
         k_ptrs += BLOCK_N * stride_kt
         v_ptrs += BLOCK_N * stride_vt
     if full_end < seqlen:
-        acc, row_max, row_sum = _attend_key_block(acc, row_max, row_sum, q, k_ptrs, v_ptrs, d_mask, full_end, seqlen,
-                                                  qk_scale, BLOCK_N, MASK_KEYS=True)
+        acc, row_max, row_sum = _attend_key_block(
+            acc, row_max, row_sum, q, k_ptrs, v_ptrs, d_mask, full_end, seqlen, qk_scale, BLOCK_N, MASK_KEYS=True
+        )
 
     out = acc / row_sum[:, None]  # (BLOCK_M, BLOCK_D)
-    tl.store(out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=q_mask[:, None] & d_mask[None, :])
+    tl.store(
+        out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=q_mask[:, None] & d_mask[None, :],
+    )
 
 
 def _check_attention_inputs(q, k, v, cu_seqlens, max_seqlen) -> None:
@@ -164,8 +199,14 @@ def _check_attention_inputs(q, k, v, cu_seqlens, max_seqlen) -> None:
 
 @on_input_device
 def launch_varlen_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-    scale: float | None = None, *, out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float | None = None,
+    *,
+    out: torch.Tensor,
 ) -> None:
     """Attention of every packed sequence into ``out`` (T, heads, d), q's dtype.
 
@@ -178,22 +219,40 @@ def launch_varlen_attention(
     batch = cu_seqlens.shape[0] - 1
     if T == 0 or batch == 0 or max_seqlen == 0 or heads == 0 or head_dim == 0:
         return
-    scale = head_dim ** -0.5 if scale is None else scale
+    scale = head_dim**-0.5 if scale is None else scale
 
     def grid(meta):
         return (triton.cdiv(max_seqlen, meta["BLOCK_M"]), batch * heads)
 
     _varlen_attention_kernel[grid](
-        q, k, v, out, cu_seqlens,
-        heads, scale * math.log2(math.e), length_bucket(max_seqlen),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim),
+        q,
+        k,
+        v,
+        out,
+        cu_seqlens,
+        heads,
+        scale * math.log2(math.e),
+        length_bucket(max_seqlen),
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=head_dim,
+        BLOCK_D=head_block(head_dim),
     )
 
 
 @torch.library.custom_op("mematte::varlen_attention", mutates_args=())
 def _varlen_attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
     scale: float | None = None,
 ) -> torch.Tensor:
     out = q.new_empty(q.shape)

@@ -18,6 +18,7 @@ are; where every real logit of a query lies below about -88, exp2(0 - lse) overf
 Their probabilities are therefore masked to 0 (``tl.where``), never left to a product with a
 zero-loaded k or v (inf * 0 is NaN).
 """
+
 from __future__ import annotations
 
 import math
@@ -71,10 +72,22 @@ _VARYING = ["total", "seqlen_bucket"]
 @triton.autotune(**_AUTOTUNE)
 @triton.jit(do_not_specialize=_VARYING)
 def _varlen_attention_lse_kernel(
-    q_ptr, k_ptr, cu_seqlens_ptr, lse_ptr,
-    total, num_heads, qk_scale, seqlen_bucket,
-    stride_qt, stride_qh, stride_kt, stride_kh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    cu_seqlens_ptr,
+    lse_ptr,
+    total,
+    num_heads,
+    qk_scale,
+    seqlen_bucket,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -86,21 +99,27 @@ def _varlen_attention_lse_kernel(
         return
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) queries, within the sequence
-    offs_n = tl.arange(0, BLOCK_N)                    # (BLOCK_N,) keys, within a key block
+    offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,) keys, within a key block
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     query_mask = offs_m < seqlen
     q_rows = (seq_start + offs_m).to(tl.int64)
-    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=query_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    q = tl.load(
+        q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+        mask=query_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )  # (BLOCK_M, BLOCK_D)
 
     row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # base-2 logits
     row_sum = tl.zeros((BLOCK_M,), tl.float32)
     for key_start in range(0, seqlen, BLOCK_N):
         key_mask = key_start + offs_n < seqlen
         key_rows = (seq_start + key_start + offs_n).to(tl.int64)
-        k = tl.load(k_ptr + key_rows[None, :] * stride_kt + head * stride_kh + offs_d[:, None],
-                    mask=d_mask[:, None] & key_mask[None, :], other=0.0)  # (BLOCK_D, BLOCK_N): k^T
+        k = tl.load(
+            k_ptr + key_rows[None, :] * stride_kt + head * stride_kh + offs_d[:, None],
+            mask=d_mask[:, None] & key_mask[None, :],
+            other=0.0,
+        )  # (BLOCK_D, BLOCK_N): k^T
         logits = tl.dot(q, k, input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N)
         logits = tl.where(key_mask[None, :], logits, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(logits, axis=1))
@@ -113,11 +132,36 @@ def _varlen_attention_lse_kernel(
 @triton.autotune(**_AUTOTUNE)
 @triton.jit(do_not_specialize=_VARYING)
 def _varlen_attention_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, cu_seqlens_ptr, dk_ptr, dv_ptr,
-    total, num_heads, qk_scale, scale, seqlen_bucket,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dt, stride_dh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    dout_ptr,
+    lse_ptr,
+    delta_ptr,
+    cu_seqlens_ptr,
+    dk_ptr,
+    dv_ptr,
+    total,
+    num_heads,
+    qk_scale,
+    scale,
+    seqlen_bucket,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_dt,
+    stride_dh,
+    stride_dkt,
+    stride_dkh,
+    stride_dvt,
+    stride_dvh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -129,16 +173,18 @@ def _varlen_attention_bwd_dkdv_kernel(
         return
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) keys, within the sequence
-    offs_m = tl.arange(0, BLOCK_M)                    # (BLOCK_M,) queries, within a query block
+    offs_m = tl.arange(0, BLOCK_M)  # (BLOCK_M,) queries, within a query block
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     key_mask = offs_n < seqlen
     key_rows = (seq_start + offs_n).to(tl.int64)
     kv_mask = key_mask[:, None] & d_mask[None, :]
-    k = tl.load(k_ptr + key_rows[:, None] * stride_kt + head * stride_kh + offs_d[None, :],
-                mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-    v = tl.load(v_ptr + key_rows[:, None] * stride_vt + head * stride_vh + offs_d[None, :],
-                mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+    k = tl.load(
+        k_ptr + key_rows[:, None] * stride_kt + head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0
+    )  # (BLOCK_N, BLOCK_D)
+    v = tl.load(
+        v_ptr + key_rows[:, None] * stride_vt + head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0
+    )  # (BLOCK_N, BLOCK_D)
     stats = head.to(tl.int64) * total
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -146,10 +192,16 @@ def _varlen_attention_bwd_dkdv_kernel(
     for query_start in range(0, seqlen, BLOCK_M):
         query_mask = query_start + offs_m < seqlen
         q_rows = (seq_start + query_start + offs_m).to(tl.int64)
-        q = tl.load(q_ptr + q_rows[None, :] * stride_qt + head * stride_qh + offs_d[:, None],
-                    mask=d_mask[:, None] & query_mask[None, :], other=0.0)  # (BLOCK_D, BLOCK_M): q^T
-        dout = tl.load(dout_ptr + q_rows[:, None] * stride_dt + head * stride_dh + offs_d[None, :],
-                       mask=query_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+        q = tl.load(
+            q_ptr + q_rows[None, :] * stride_qt + head * stride_qh + offs_d[:, None],
+            mask=d_mask[:, None] & query_mask[None, :],
+            other=0.0,
+        )  # (BLOCK_D, BLOCK_M): q^T
+        dout = tl.load(
+            dout_ptr + q_rows[:, None] * stride_dt + head * stride_dh + offs_d[None, :],
+            mask=query_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )  # (BLOCK_M, BLOCK_D)
         # Padded queries: an infinite log-sum-exp makes their probabilities 0.
         lse = tl.load(lse_ptr + stats + q_rows, mask=query_mask, other=float("inf"))
         delta = tl.load(delta_ptr + stats + q_rows, mask=query_mask, other=0.0)
@@ -161,20 +213,48 @@ def _varlen_attention_bwd_dkdv_kernel(
         dlogits_t = probs_t * (dprobs_t - delta[None, :])
         dk = tl.dot(dlogits_t.to(q.dtype), tl.trans(q), dk, input_precision="ieee")
 
-    tl.store(dk_ptr + key_rows[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :],
-             (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + key_rows[:, None] * stride_dvt + head * stride_dvh + offs_d[None, :],
-             dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(
+        dk_ptr + key_rows[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :],
+        (dk * scale).to(dk_ptr.dtype.element_ty),
+        mask=kv_mask,
+    )
+    tl.store(
+        dv_ptr + key_rows[:, None] * stride_dvt + head * stride_dvh + offs_d[None, :],
+        dv.to(dv_ptr.dtype.element_ty),
+        mask=kv_mask,
+    )
 
 
 @triton.autotune(**_AUTOTUNE)
 @triton.jit(do_not_specialize=_VARYING)
 def _varlen_attention_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, cu_seqlens_ptr, dq_ptr,
-    total, num_heads, qk_scale, scale, seqlen_bucket,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dt, stride_dh,
-    stride_dqt, stride_dqh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    dout_ptr,
+    lse_ptr,
+    delta_ptr,
+    cu_seqlens_ptr,
+    dq_ptr,
+    total,
+    num_heads,
+    qk_scale,
+    scale,
+    seqlen_bucket,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_dt,
+    stride_dh,
+    stride_dqt,
+    stride_dqh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -186,16 +266,18 @@ def _varlen_attention_bwd_dq_kernel(
         return
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) queries, within the sequence
-    offs_n = tl.arange(0, BLOCK_N)                    # (BLOCK_N,) keys, within a key block
+    offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,) keys, within a key block
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     query_mask = offs_m < seqlen
     q_rows = (seq_start + offs_m).to(tl.int64)
     row_mask = query_mask[:, None] & d_mask[None, :]
-    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=row_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
-    dout = tl.load(dout_ptr + q_rows[:, None] * stride_dt + head * stride_dh + offs_d[None, :],
-                   mask=row_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+    q = tl.load(
+        q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=row_mask, other=0.0
+    )  # (BLOCK_M, BLOCK_D)
+    dout = tl.load(
+        dout_ptr + q_rows[:, None] * stride_dt + head * stride_dh + offs_d[None, :], mask=row_mask, other=0.0
+    )  # (BLOCK_M, BLOCK_D)
     stats = head.to(tl.int64) * total + q_rows
     lse = tl.load(lse_ptr + stats, mask=query_mask, other=float("inf"))
     delta = tl.load(delta_ptr + stats, mask=query_mask, other=0.0)
@@ -204,25 +286,43 @@ def _varlen_attention_bwd_dq_kernel(
     for key_start in range(0, seqlen, BLOCK_N):
         key_mask = key_start + offs_n < seqlen
         key_rows = (seq_start + key_start + offs_n).to(tl.int64)
-        k = tl.load(k_ptr + key_rows[:, None] * stride_kt + head * stride_kh + offs_d[None, :],
-                    mask=key_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(v_ptr + key_rows[None, :] * stride_vt + head * stride_vh + offs_d[:, None],
-                    mask=d_mask[:, None] & key_mask[None, :], other=0.0)  # (BLOCK_D, BLOCK_N): v^T
+        k = tl.load(
+            k_ptr + key_rows[:, None] * stride_kt + head * stride_kh + offs_d[None, :],
+            mask=key_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_D)
+        v = tl.load(
+            v_ptr + key_rows[None, :] * stride_vt + head * stride_vh + offs_d[:, None],
+            mask=d_mask[:, None] & key_mask[None, :],
+            other=0.0,
+        )  # (BLOCK_D, BLOCK_N): v^T
         logits = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N)
         probs = tl.where(key_mask[None, :], tl.math.exp2(logits - lse[:, None]), 0.0)
         dprobs = tl.dot(dout, v, input_precision="ieee")  # (BLOCK_M, BLOCK_N)
         dlogits = probs * (dprobs - delta[:, None])
         dq = tl.dot(dlogits.to(k.dtype), k, dq, input_precision="ieee")
 
-    tl.store(dq_ptr + q_rows[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
-             (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_mask)
+    tl.store(
+        dq_ptr + q_rows[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
+        (dq * scale).to(dq_ptr.dtype.element_ty),
+        mask=row_mask,
+    )
 
 
 @on_input_device
 def launch_varlen_attention_backward(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    cu_seqlens: torch.Tensor, max_seqlen: int, scale: float | None = None,
-    *, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float | None = None,
+    *,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
 ) -> None:
     """Gradients of every packed sequence's attention into dq, dk, dv ((T, heads, d), q's
     dtype, contiguous head dimension), from the forward's ``out``. Rows past
@@ -231,13 +331,15 @@ def launch_varlen_attention_backward(
     check_devices("varlen_attention backward", dout=dout, q=q, out=out, dq=dq, dk=dk, dv=dv)
     for name, t in (("dout", dout), ("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
         if t.shape != q.shape or t.stride(-1) != 1:
-            raise ValueError(f"varlen_attention backward: {name} must have shape {tuple(q.shape)} with a contiguous "
-                             f"head dimension, got shape {tuple(t.shape)}, strides {t.stride()}")
+            raise ValueError(
+                f"varlen_attention backward: {name} must have shape {tuple(q.shape)} with a contiguous "
+                f"head dimension, got shape {tuple(t.shape)}, strides {t.stride()}"
+            )
     T, heads, head_dim = q.shape
     batch = cu_seqlens.shape[0] - 1
     if T == 0 or batch == 0 or max_seqlen == 0 or heads == 0 or head_dim == 0:
         return
-    scale = head_dim ** -0.5 if scale is None else scale
+    scale = head_dim**-0.5 if scale is None else scale
     tiles = dict(HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim))
     qk_scale, bucket = scale * LOG2E, length_bucket(max_seqlen)
     lse = q.new_empty((heads, T), dtype=torch.float32)
@@ -247,32 +349,89 @@ def launch_varlen_attention_backward(
         return (triton.cdiv(max_seqlen, meta["BLOCK_M"]), batch * heads)
 
     _varlen_attention_lse_kernel[query_grid](
-        q, k, cu_seqlens, lse, T, heads, qk_scale, bucket,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        q,
+        k,
+        cu_seqlens,
+        lse,
+        T,
+        heads,
+        qk_scale,
+        bucket,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
         **tiles,
     )
-    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-               dout.stride(0), dout.stride(1))
+    strides = (
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        dout.stride(0),
+        dout.stride(1),
+    )
     _varlen_attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]), batch * heads)](
-        q, k, v, dout, lse, delta, cu_seqlens, dk, dv, T, heads, qk_scale, scale, bucket,
-        *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        cu_seqlens,
+        dk,
+        dv,
+        T,
+        heads,
+        qk_scale,
+        scale,
+        bucket,
+        *strides,
+        dk.stride(0),
+        dk.stride(1),
+        dv.stride(0),
+        dv.stride(1),
         **tiles,
     )
     _varlen_attention_bwd_dq_kernel[query_grid](
-        q, k, v, dout, lse, delta, cu_seqlens, dq, T, heads, qk_scale, scale, bucket,
-        *strides, dq.stride(0), dq.stride(1),
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        cu_seqlens,
+        dq,
+        T,
+        heads,
+        qk_scale,
+        scale,
+        bucket,
+        *strides,
+        dq.stride(0),
+        dq.stride(1),
         **tiles,
     )
 
 
 @torch.library.custom_op("mematte::varlen_attention_backward", mutates_args=())
 def _varlen_attention_backward_op(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    cu_seqlens: torch.Tensor, max_seqlen: int, scale: float | None = None,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # Zeros: rows outside every sequence get no gradient.
     dq, dk, dv = (q.new_zeros(q.shape) for _ in range(3))
-    launch_varlen_attention_backward(dout.contiguous(), q, k, v, out, cu_seqlens, max_seqlen, scale, dq=dq, dk=dk, dv=dv)
+    launch_varlen_attention_backward(
+        dout.contiguous(), q, k, v, out, cu_seqlens, max_seqlen, scale, dq=dq, dk=dk, dv=dv
+    )
     return dq, dk, dv
 
 
