@@ -51,6 +51,17 @@ def checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def vitmatte_checkpoint(tmp_path_factory):
+    """The same for ViTMatte: a randomly initialised ViT-S FastViTMatte checkpoint file."""
+    from mematte import FastViTMatte
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vitmatte") / "random_vitmatte_s.pth"
+    torch.save(FastViTMatte("vit_s").state_dict(), path)
+    return path
+
+
 @pytest.fixture
 def nan_filled_outputs():
     """Every fresh tensor (an op's output included) starts as NaN while the test runs."""

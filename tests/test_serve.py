@@ -441,18 +441,6 @@ def test_load_64_clients_get_200_or_503_and_memory_stays_within_admission(checkp
 # ---------------------------------------------------------------------- SIGTERM, API key
 
 
-@pytest.fixture(scope="module")
-def vitmatte_checkpoint(tmp_path_factory):
-    import torch
-
-    from mematte import FastViTMatte
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("vitmatte") / "random_vitmatte_s.pth"
-    torch.save(FastViTMatte("vit_s").state_dict(), path)
-    return path
-
-
 def test_sigterm_finishes_the_request_in_flight_and_exits_0(vitmatte_checkpoint):
     size = (512, 512)
     image, guide = png_bytes(photo(*size)), png_bytes(trimap(*size))
