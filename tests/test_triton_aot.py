@@ -116,12 +116,15 @@ SIGNATURES = {
         stride_tm=I32_16,
         stride_tc=1,
     ),
+    # Varlen attention writes out, or (the backward's statistics pass) the log-sum-exp alone.
     "_varlen_attention_kernel": dict(
         q_ptr=ACT,
         k_ptr=ACT,
         v_ptr=ACT,
         out_ptr=ACT,
+        lse_ptr="*fp32",
         cu_seqlens_ptr="*i32",
+        num_tokens="i32",
         num_heads="i32",
         qk_scale="fp32",
         seqlen_bucket="i32",
@@ -147,7 +150,7 @@ SIGNATURES = {
         grid_w="i32",
         num_heads="i32",
         qk_scale="fp32",
-        length_bucket="i32",
+        seqlen_bucket="i32",
         stride_qb=I32_16,
         stride_qn=I32_16,
         stride_qh=I32_16,
@@ -169,39 +172,7 @@ SIGNATURES = {
     ),
 }
 # Policy attention: q, k, v (B, N, heads, 64) views of the qkv projection, policy (B, N).
-_POLICY_QKV_STRIDES = dict(
-    stride_qb=I32_16,
-    stride_qn=I32_16,
-    stride_qh=I32_16,
-    stride_kb=I32_16,
-    stride_kn=I32_16,
-    stride_kh=I32_16,
-    stride_vb=I32_16,
-    stride_vn=I32_16,
-    stride_vh=I32_16,
-)
-_POLICY_STATS = dict(row_max_ptr="*fp32", row_argmax_ptr="*i32", denom_ptr="*fp32")
-_POLICY_BACKWARD = dict(
-    q_ptr=ACT,
-    k_ptr=ACT,
-    v_ptr=ACT,
-    policy_ptr=ACT,
-    dout_ptr=ACT,
-    **_POLICY_STATS,
-    delta_ptr="*fp32",
-    dmax_ptr="*fp32",
-    N="i32",
-    seqlen_bucket="i32",
-    num_heads="i32",
-    qk_scale="fp32",
-    scale="fp32",
-    **_POLICY_QKV_STRIDES,
-    stride_db=I32_16,
-    stride_dn=I32_16,
-    stride_dh=I32_16,
-    stride_pb="i32",
-    stride_pn=1,
-)
+_POLICY_QKV_STRIDES = {f"stride_{t}{d}": I32_16 for t in "qkv" for d in "bnh"}
 SIGNATURES.update(
     {
         "_policy_attention_fwd_kernel": dict(
@@ -212,7 +183,9 @@ SIGNATURES.update(
             vsum_ptr="*fp32",
             out_ptr=ACT,
             out_fp32_ptr="*fp32",
-            **_POLICY_STATS,
+            row_max_ptr="*fp32",
+            row_argmax_ptr="*i32",
+            denom_ptr="*fp32",
             N="i32",
             seqlen_bucket="i32",
             num_heads="i32",
@@ -242,107 +215,59 @@ SIGNATURES.update(
             stride_dn=I32_16,
             stride_dh=I32_16,
         ),
-        "_policy_attention_bwd_dkdv_kernel": dict(
-            **_POLICY_BACKWARD,
+    }
+)
+# The backward kernels of both: the policy's launch; varlen's passes None for the policy's
+# tensors and None for cu_seqlens under a policy (BACKWARD_CASES).
+_BACKWARD = dict(
+    q_ptr=ACT,
+    k_ptr=ACT,
+    v_ptr=ACT,
+    dout_ptr=ACT,
+    cu_seqlens_ptr="*i32",
+    row_stat_ptr="*fp32",
+    delta_ptr="*fp32",
+    policy_ptr=ACT,
+    denom_ptr="*fp32",
+    row_argmax_ptr="*i32",
+    dmax_ptr="*fp32",
+    num_tokens="i32",
+    num_heads="i32",
+    qk_scale="fp32",
+    scale="fp32",
+    seqlen_bucket="i32",
+    **{f"stride_{t}{d}": I32_16 for t in "qkvd" for d in "bnh"},
+    stride_pb="i32",
+    stride_pn=1,
+    stride_sb="i32",
+    stride_sh="i32",
+)
+SIGNATURES.update(
+    {
+        "_attention_bwd_dkdv_kernel": dict(
+            **_BACKWARD,
             dk_ptr=ACT,
             dv_ptr=ACT,
             dpolicy_ptr="*fp32",
             eps="fp32",
-            stride_dkb=I32_16,
-            stride_dkn=I32_16,
-            stride_dkh=I32_16,
-            stride_dvb=I32_16,
-            stride_dvn=I32_16,
-            stride_dvh=I32_16,
+            **{f"stride_{t}{d}": I32_16 for t in ("dk", "dv") for d in "bnh"},
         ),
-        "_policy_attention_bwd_dq_kernel": dict(
-            **_POLICY_BACKWARD,
-            dq_ptr=ACT,
-            stride_dqb=I32_16,
-            stride_dqn=I32_16,
-            stride_dqh=I32_16,
-        ),
+        "_attention_bwd_dq_kernel": dict(**_BACKWARD, dq_ptr=ACT, **{f"stride_dq{d}": I32_16 for d in "bnh"}),
     }
 )
-# Varlen attention's backward: packed (T, heads, 64) views, statistics (heads, T) fp32.
-_VARLEN_STRIDES = {f"stride_{t}{d}": I32_16 for t in ("q", "k", "v", "d") for d in ("t", "h")}
-SIGNATURES.update(
-    {
-        "_varlen_attention_lse_kernel": dict(
-            q_ptr=ACT,
-            k_ptr=ACT,
-            cu_seqlens_ptr="*i32",
-            lse_ptr="*fp32",
-            total="i32",
-            num_heads="i32",
-            qk_scale="fp32",
-            seqlen_bucket="i32",
-            stride_qt=I32_16,
-            stride_qh=I32_16,
-            stride_kt=I32_16,
-            stride_kh=I32_16,
-        ),
-        "_varlen_attention_bwd_dkdv_kernel": dict(
-            q_ptr=ACT,
-            k_ptr=ACT,
-            v_ptr=ACT,
-            dout_ptr=ACT,
-            lse_ptr="*fp32",
-            delta_ptr="*fp32",
-            cu_seqlens_ptr="*i32",
-            dk_ptr=ACT,
-            dv_ptr=ACT,
-            total="i32",
-            num_heads="i32",
-            qk_scale="fp32",
-            scale="fp32",
-            seqlen_bucket="i32",
-            **_VARLEN_STRIDES,
-            stride_dkt=I32_16,
-            stride_dkh=I32_16,
-            stride_dvt=I32_16,
-            stride_dvh=I32_16,
-        ),
-        "_varlen_attention_bwd_dq_kernel": dict(
-            q_ptr=ACT,
-            k_ptr=ACT,
-            v_ptr=ACT,
-            dout_ptr=ACT,
-            lse_ptr="*fp32",
-            delta_ptr="*fp32",
-            cu_seqlens_ptr="*i32",
-            dq_ptr=ACT,
-            total="i32",
-            num_heads="i32",
-            qk_scale="fp32",
-            scale="fp32",
-            seqlen_bucket="i32",
-            **_VARLEN_STRIDES,
-            stride_dqt=I32_16,
-            stride_dqh=I32_16,
-        ),
-    }
-)
-VARLEN_BACKWARD = (
-    "_varlen_attention_lse_kernel",
-    "_varlen_attention_bwd_dkdv_kernel",
-    "_varlen_attention_bwd_dq_kernel",
-)
-POLICY_AUTOTUNED = (
-    "_policy_attention_fwd_kernel",
-    "_policy_attention_bwd_dkdv_kernel",
-    "_policy_attention_bwd_dq_kernel",
-)
-AUTOTUNED = ("_varlen_attention_kernel", "_relpos_attention_kernel", *POLICY_AUTOTUNED, *VARLEN_BACKWARD)
-# Kernels whose tl.dot decides between tensor cores and FMA.
-DOT_KERNELS = {
-    "_router_hidden_kernel",
-    "_router_head_kernel",
+POLICY_ONLY = ("policy_ptr", "denom_ptr", "row_argmax_ptr", "dmax_ptr", "dpolicy_ptr")
+BACKWARD_CASES = {"varlen": dict.fromkeys(POLICY_ONLY), "policy": dict(cu_seqlens_ptr=None)}
+BACKWARD_KERNELS = ("_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel")
+# What is compiled: a kernel, or a kernel with some of its tensors left out (a [case]).
+AUTOTUNED = (
     "_varlen_attention_kernel",
+    "_varlen_attention_kernel[statistics]",
     "_relpos_attention_kernel",
-    *POLICY_AUTOTUNED,
-    *VARLEN_BACKWARD,
-}
+    "_policy_attention_fwd_kernel",
+    *(f"{kernel}[{case}]" for kernel in BACKWARD_KERNELS for case in BACKWARD_CASES),
+)
+# Kernels whose tl.dot decides between tensor cores and FMA.
+DOT_KERNELS = {"_router_hidden_kernel", "_router_head_kernel", *AUTOTUNED}
 
 
 def head_tiles(head_dim):
@@ -351,47 +276,61 @@ def head_tiles(head_dim):
     return {"HEAD_DIM": head_dim, "BLOCK_D": head_block(head_dim)}
 
 
-def tuned(kernel, configs, **constexprs):
-    """A variant per config of an autotuned kernel's list (after its per-dtype pruning)."""
+def tuned(name, kernel, direction, torch_dtype, **constexprs):
+    """A variant per config of an autotuned kernel's list for ``torch_dtype``."""
+    import torch
+
+    from mematte_kernels.triton._attention import CONFIGS
+
+    configs = CONFIGS[direction]["fp32" if torch_dtype == torch.float32 else "tensor_core"]
     assert all(config in kernel.configs for config in configs)
     return [
-        (kernel.fn, {**config.kwargs, **constexprs}, config.num_warps, config.num_stages, True) for config in configs
+        (name, kernel.fn, {**config.kwargs, **constexprs}, config.num_warps, config.num_stages, True)
+        for config in configs
     ]
 
 
 def attention_variants(torch_dtype, head_dim):
-    """Every config of the attention kernels at ``head_dim``: (kernel, constexprs, num_warps,
-    num_stages, autotuned)."""
+    """Every config of the attention kernels at ``head_dim``: (name, kernel, constexprs,
+    num_warps, num_stages, autotuned); a tensor left out is a None constexpr."""
     import torch
 
     # The package exports functions of these modules' names.
     pa = importlib.import_module("mematte_kernels.triton.policy_attention")
     relpos = importlib.import_module("mematte_kernels.triton.relpos_attention")
-    from mematte_kernels.triton import varlen_attention_backward as vb
-    from mematte_kernels.triton.varlen_attention import _varlen_attention_kernel, configs_for
+    va = importlib.import_module("mematte_kernels.triton.varlen_attention")
+    backward = importlib.import_module("mematte_kernels.triton.attention_backward")
 
     tiles = head_tiles(head_dim)
-    variants = tuned(_varlen_attention_kernel, configs_for(torch_dtype), **tiles)
-    variants += tuned(relpos._relpos_attention_kernel, relpos.configs_for(torch_dtype), **tiles)
+    name = "_varlen_attention_kernel"
+    variants = tuned(name, va._varlen_attention_kernel, "forward", torch_dtype, lse_ptr=None, **tiles)
+    variants += tuned(f"{name}[statistics]", va._varlen_attention_kernel, "forward", torch_dtype, out_ptr=None, **tiles)
+    variants += tuned("_relpos_attention_kernel", relpos._relpos_attention_kernel, "forward", torch_dtype, **tiles)
     # The forward also writes its output in fp32 for fp16/bf16 inputs.
+    fp32_copy = {"out_fp32_ptr": None} if torch_dtype == torch.float32 else {}
     variants += tuned(
-        pa._policy_attention_fwd_kernel,
-        pa.forward_configs_for(torch_dtype),
-        **tiles,
-        STORE_FP32=torch_dtype != torch.float32,
+        "_policy_attention_fwd_kernel", pa._policy_attention_fwd_kernel, "forward", torch_dtype, **fp32_copy, **tiles
     )
     variants.append(
-        (pa._policy_attention_bwd_preprocess_kernel, {**tiles, "BLOCK_M": pa.PREPROCESS_BLOCK_M}, 4, 3, False)
+        (
+            "_policy_attention_bwd_preprocess_kernel",
+            pa._policy_attention_bwd_preprocess_kernel,
+            {**tiles, "BLOCK_M": pa.PREPROCESS_BLOCK_M},
+            4,
+            3,
+            False,
+        )
     )
-    for kernel in (pa._policy_attention_bwd_dkdv_kernel, pa._policy_attention_bwd_dq_kernel):
-        variants += tuned(kernel, pa.backward_configs_for(torch_dtype), **tiles)
-    for name in VARLEN_BACKWARD:
-        variants += tuned(getattr(vb, name), vb.configs_for(torch_dtype), **tiles)
+    for kernel_name in BACKWARD_KERNELS:
+        kernel = getattr(backward, kernel_name)
+        for case, left_out in BACKWARD_CASES.items():
+            left_out = {arg: None for arg in left_out if arg in kernel.arg_names}
+            variants += tuned(f"{kernel_name}[{case}]", kernel, "backward", torch_dtype, **left_out, **tiles)
     return variants
 
 
 def launch_variants(dtype):
-    """(kernel, constexprs, num_warps, num_stages, autotuned) for every config the wrappers
+    """(name, kernel, constexprs, num_warps, num_stages, autotuned) for every config the wrappers
     launch on ``dtype`` inputs of MEMatte's widths and the head dims of HEAD_DIMS. Runs in the
     compiling subprocess."""
     import torch
@@ -406,18 +345,20 @@ def launch_variants(dtype):
     hidden, hidden_warps = split(router.hidden_tile(torch_dtype))
     fold, fold_warps = split(router.FOLD_TILE)
     head, head_warps = split(router.HEAD_TILE)
+
+    def fixed(kernel, constexprs, num_warps):
+        return (kernel.__name__, kernel, constexprs, num_warps, 3, False)
+
     variants = [
-        (router._router_hidden_kernel, hidden, hidden_warps, 3, False),
-        (router._router_fold_kernel, fold, fold_warps, 3, False),
+        fixed(router._router_hidden_kernel, hidden, hidden_warps),
+        fixed(router._router_fold_kernel, fold, fold_warps),
     ]
     for C in WIDTHS:
-        variants.append(
-            (router._router_head_kernel, {**head, "QUARTER_PAD": router.quarter_pad(C)}, head_warps, 3, False)
-        )
+        variants.append(fixed(router._router_head_kernel, {**head, "QUARTER_PAD": router.quarter_pad(C)}, head_warps))
         rows, rows_warps = split(gather_scatter._row_tile(C))
         variants += [
-            (gather_scatter._gather_layernorm_kernel, rows, rows_warps, 3, False),
-            (gather_scatter._scatter_residual_kernel, rows, rows_warps, 3, False),
+            fixed(gather_scatter._gather_layernorm_kernel, rows, rows_warps),
+            fixed(gather_scatter._scatter_residual_kernel, rows, rows_warps),
         ]
     for head_dim in HEAD_DIMS:
         variants += attention_variants(torch_dtype, head_dim)
@@ -432,7 +373,7 @@ def ast_source(kernel, dtype, constexprs):
     signature, constants, attrs = {}, dict(constexprs), {}
     for position, name in enumerate(kernel.arg_names):
         kind = runtime_args.get(name)
-        if kind is None or isinstance(kind, int):
+        if name in constexprs or kind is None or isinstance(kind, int):
             signature[name] = "constexpr"
             constants.setdefault(name, kind)
         else:
@@ -454,14 +395,14 @@ def compile_plan() -> list[tuple[str, list[int], int, bool]]:
     plan = []
     for dtype in DTYPES:
         groups = {}
-        for index, (kernel, constexprs, _, num_stages, autotuned) in enumerate(launch_variants(dtype)):
+        for index, (name, _, constexprs, _, num_stages, autotuned) in enumerate(launch_variants(dtype)):
             for arch, dtypes in ARCH_DTYPES.items():
                 if dtype not in dtypes:
                     continue
                 if not autotuned or (arch in SWEEP_ARCHS and constexprs["HEAD_DIM"] == SWEEP_HEAD_DIM):
                     plan.append((dtype, [index], arch, False))
                 else:
-                    key = (kernel.__name__, constexprs["HEAD_DIM"], arch)
+                    key = (name, constexprs["HEAD_DIM"], arch)
                     groups.setdefault(key, []).append((shared_memory_estimate(constexprs, num_stages), index))
         plan += [(dtype, [index for _, index in sorted(group)], arch, True) for (*_, arch), group in groups.items()]
     return plan
@@ -480,7 +421,7 @@ def compile_unit(unit) -> list[dict]:
     dtype, indices, arch, first_fit = unit
     records = []
     for index in indices:
-        kernel, constexprs, num_warps, num_stages, autotuned = cached_variants(dtype)[index]
+        name, kernel, constexprs, num_warps, num_stages, autotuned = cached_variants(dtype)[index]
         compiled = triton.compile(
             ast_source(kernel, dtype, constexprs),
             target=GPUTarget("cuda", arch, 32),
@@ -488,7 +429,7 @@ def compile_unit(unit) -> list[dict]:
         )
         records.append(
             dict(
-                kernel=kernel.__name__,
+                kernel=name,
                 dtype=dtype,
                 arch=arch,
                 shared=compiled.metadata.shared,
@@ -539,20 +480,14 @@ def compiled():
 
 def test_every_config_compiles(compiled):
     # Per dtype and target: router 2 + 2 head widths, gather/scatter 2 per width and policy
-    # attention's preprocess per head dim; on the sweep's targets at its head dim, the configs
-    # of the autotuned kernels (varlen and relpos forward, policy attention's forward and two
-    # backward kernels, varlen backward's three).
-    pa = importlib.import_module("mematte_kernels.triton.policy_attention")
-    relpos = importlib.import_module("mematte_kernels.triton.relpos_attention")
-    va = importlib.import_module("mematte_kernels.triton.varlen_attention")
-    vb = importlib.import_module("mematte_kernels.triton.varlen_attention_backward")
+    # attention's preprocess per head dim; on the sweep's targets at its head dim, every
+    # config of the autotuned kernels: four forwards (varlen, its statistics pass, relpos,
+    # policy) and the two backward kernels for varlen and for policy attention.
+    from mematte_kernels.triton._attention import CONFIGS
 
     def autotuned_count(dtype):
         kind = "fp32" if dtype == "fp32" else "tensor_core"
-        forward = len(va.FP32_CONFIGS if dtype == "fp32" else va.TENSOR_CORE_CONFIGS)
-        relpos_forward = len(relpos.FP32_CONFIGS if dtype == "fp32" else relpos.TENSOR_CORE_CONFIGS)
-        policy = len(pa.FORWARD_CONFIGS[kind]) + 2 * len(pa.BACKWARD_CONFIGS[kind])
-        return forward + relpos_forward + policy + 3 * len(vb.CONFIGS[kind])
+        return 4 * len(CONFIGS["forward"][kind]) + 4 * len(CONFIGS["backward"][kind])
 
     swept = [
         r for r in compiled if not r["autotuned"] or (r["arch"] in SWEEP_ARCHS and r["head_dim"] == SWEEP_HEAD_DIM)

@@ -30,16 +30,13 @@ def autotuned_kernels():
     policy = importlib.import_module("mematte_kernels.triton.policy_attention")
     relpos = importlib.import_module("mematte_kernels.triton.relpos_attention")
     varlen = importlib.import_module("mematte_kernels.triton.varlen_attention")
-    varlen_backward = importlib.import_module("mematte_kernels.triton.varlen_attention_backward")
+    backward = importlib.import_module("mematte_kernels.triton.attention_backward")
     return [
         varlen._varlen_attention_kernel,
         relpos._relpos_attention_kernel,
         policy._policy_attention_fwd_kernel,
-        policy._policy_attention_bwd_dkdv_kernel,
-        policy._policy_attention_bwd_dq_kernel,
-        varlen_backward._varlen_attention_lse_kernel,
-        varlen_backward._varlen_attention_bwd_dkdv_kernel,
-        varlen_backward._varlen_attention_bwd_dq_kernel,
+        backward._attention_bwd_dkdv_kernel,
+        backward._attention_bwd_dq_kernel,
     ]
 
 
@@ -75,8 +72,6 @@ def tune(prefer: str, launches: list[tuple[int, int]]) -> dict:
             return [ms] * len(quantiles)
 
         constexprs = {"HEAD_DIM": HEAD_DIM, "BLOCK_D": head_block(HEAD_DIM)}
-        if "STORE_FP32" in kernel.arg_names:
-            constexprs["STORE_FP32"] = True
         runs = []
         with mock.patch.object(kernel.fn, "run", record_launch), mock.patch.object(kernel, "_do_bench", made_up_time):
             for tokens, bucket in launches:
@@ -84,7 +79,7 @@ def tune(prefer: str, launches: list[tuple[int, int]]) -> dict:
                     torch.empty(0, dtype=torch.float16)
                     if name.endswith("_ptr")
                     else bucket
-                    if name in ("seqlen_bucket", "length_bucket")
+                    if name == "seqlen_bucket"
                     else tokens
                     for name in kernel.arg_names
                     if name not in constexprs and name not in ("BLOCK_M", "BLOCK_N")
@@ -119,7 +114,7 @@ def two_processes(tmp_path_factory):
 
 def test_first_process_times_every_config(two_processes):
     first, _ = two_processes
-    assert len(first) == 8  # varlen and relpos forward, policy attention's three, varlen backward's three
+    assert len(first) == 5  # varlen, relpos and policy forward; the dk/dv and dq kernels of both backwards
     for name, [run] in first.items():
         assert run["timed"] > 1, name
 

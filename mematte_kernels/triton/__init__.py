@@ -32,8 +32,3 @@ __all__ = [
     "scatter_residual_",
     "varlen_attention",
 ]
-
-from . import _fixed_configs
-
-if _fixed_configs.requested():
-    _fixed_configs.apply(__name__)

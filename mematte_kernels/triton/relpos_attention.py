@@ -27,9 +27,16 @@ import triton
 import triton.language as tl
 
 from .. import native, reference
+from ._attention import (
+    attend_keys,
+    attention_kernel,
+    length_bucket,
+    load_rows,
+    program_sequence,
+    sequence_base,
+    store_rows,
+)
 from ._common import (
-    AUTOTUNE_OPTIONS,
-    INTERPRET,
     MAX_HEAD_DIM,
     check_attention_out,
     check_devices,
@@ -40,41 +47,21 @@ from ._common import (
     on_input_device,
 )
 
-# The varlen kernel's tiles and autotune key; each program here also holds a (BLOCK_M, BLOCK_N)
-# tile of gathered bias.
-from .varlen_attention import FP32_CONFIGS, TENSOR_CORE_CONFIGS, _prune_configs, configs_for, length_bucket  # noqa: F401
-
 LOG2E = math.log2(math.e)
 # The position tables of one launch (both, in q's dtype) take at most this much, or one grid
 # row's worth where a row alone takes more.
 STRIP_TABLE_BYTES = 64 << 20
 
-# The interpreter would benchmark every config on the CPU: it runs this one alone. Its
+# Each program also holds a (BLOCK_M, BLOCK_N) tile of gathered bias. The interpreter's
 # blocks are smaller than the tests' grids, so they cross rows and leave partial blocks.
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
 
 
-@triton.autotune(
-    configs=[INTERPRETER_CONFIG] if INTERPRET else TENSOR_CORE_CONFIGS + FP32_CONFIGS,
-    key=["HEAD_DIM", "length_bucket"],  # the autotuner adds every tensor argument's dtype to the key
-    prune_configs_by={"early_config_prune": _prune_configs},
-    **AUTOTUNE_OPTIONS,
-)
-# Integer arguments that change with the image size (the tables' strides follow the grid):
-# one compilation for all sizes.
-@triton.jit(
-    do_not_specialize=[
-        "num_queries",
-        "N",
-        "grid_w",
-        "length_bucket",
-        "stride_hb",
-        "stride_hn",
-        "stride_hh",
-        "stride_wb",
-        "stride_wn",
-        "stride_wh",
-    ]
+# The position tables' strides follow the grid: not specialised, one compilation for all sizes.
+@attention_kernel(
+    "forward",
+    do_not_specialize=["num_queries", "N", "grid_w", *(f"stride_{t}{d}" for t in "hw" for d in "bnh")],
+    interpreter_config=INTERPRETER_CONFIG,
 )
 def _relpos_attention_kernel(
     q_ptr,
@@ -88,7 +75,7 @@ def _relpos_attention_kernel(
     grid_w,
     num_heads,
     qk_scale,
-    length_bucket,
+    seqlen_bucket,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -114,65 +101,30 @@ def _relpos_attention_kernel(
 ):
     # Queries: the num_queries rows of q, out and the tables (a strip of the grid); keys: all N.
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    batch = (pid_bh // num_heads).to(tl.int64)
-    head = pid_bh % num_heads
+    batch, head, seq_start, _ = program_sequence(None, N, num_heads)
+    offs_query = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) queries
+    query_mask = offs_query < num_queries
+    q_base = sequence_base(q_ptr, batch, head, seq_start, stride_qb, stride_qn, stride_qh)
+    q = load_rows(q_base, offs_query, stride_qn, query_mask, HEAD_DIM, BLOCK_D)  # (BLOCK_M, BLOCK_D)
+    # Each query's row of the two position tables: (BLOCK_M,) pointers.
+    bias_h_rows = sequence_base(bias_h_ptr, batch, head, seq_start, stride_hb, stride_hn, stride_hh)
+    bias_h_rows += offs_query.to(tl.int64) * stride_hn
+    bias_w_rows = sequence_base(bias_w_ptr, batch, head, seq_start, stride_wb, stride_wn, stride_wh)
+    bias_w_rows += offs_query.to(tl.int64) * stride_wn
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) queries
-    offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,) lanes of the head dimension
-    d_mask = offs_d < HEAD_DIM
-    q_mask = offs_m < num_queries
-    rows_m = offs_m.to(tl.int64)
-    row_mask = q_mask[:, None] & d_mask[None, :]
-
-    q = tl.load(
-        q_ptr + batch * stride_qb + rows_m[:, None] * stride_qn + head * stride_qh + offs_d[None, :],
-        mask=row_mask,
-        other=0.0,
-    )  # (BLOCK_M, BLOCK_D)
-    # Each query's row of the two position tables.
-    bias_h_rows = bias_h_ptr + batch * stride_hb + rows_m * stride_hn + head * stride_hh  # (BLOCK_M,)
-    bias_w_rows = bias_w_ptr + batch * stride_wb + rows_m * stride_wn + head * stride_wh  # (BLOCK_M,)
-    k_base = k_ptr + batch * stride_kb + head * stride_kh
-    v_base = v_ptr + batch * stride_vb + head * stride_vh
-
-    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    row_sum = tl.zeros((BLOCK_M,), tl.float32)
-    for key_start in range(0, N, BLOCK_N):
-        offs_n = key_start + tl.arange(0, BLOCK_N)  # (BLOCK_N,) keys
-        key_mask = offs_n < N
-        rows_n = offs_n.to(tl.int64)
-        k = tl.load(
-            k_base + rows_n[None, :] * stride_kn + offs_d[:, None], mask=d_mask[:, None] & key_mask[None, :], other=0.0
-        )  # (BLOCK_D, BLOCK_N)
-        v = tl.load(
-            v_base + rows_n[:, None] * stride_vn + offs_d[None, :], mask=key_mask[:, None] & d_mask[None, :], other=0.0
-        )  # (BLOCK_N, BLOCK_D)
-        key_row = offs_n // grid_w
-        key_col = offs_n - key_row * grid_w
-        tile_mask = q_mask[:, None] & key_mask[None, :]
-        bias = tl.load(bias_h_rows[:, None] + key_row[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-        bias += tl.load(bias_w_rows[:, None] + key_col[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-        # The fp32 logits are scaled, not a rounded q (as flash-attention does).
-        logits = (
-            tl.dot(q, k, input_precision="ieee") * qk_scale + bias * 1.4426950408889634
-        )  # (BLOCK_M, BLOCK_N), base 2
-        logits = tl.where(key_mask[None, :], logits, float("-inf"))
-        # Every block holds at least one real key, so new_max is finite and no -inf - -inf occurs.
-        new_max = tl.maximum(row_max, tl.max(logits, axis=1))  # (BLOCK_M,)
-        p = tl.math.exp2(logits - new_max[:, None])  # (BLOCK_M, BLOCK_N)
-        rescale = tl.math.exp2(row_max - new_max)  # (BLOCK_M,); 0 on the first block
-        row_sum = row_sum * rescale + tl.sum(p, axis=1)
-        acc = tl.dot(p.to(v.dtype), v, acc * rescale[:, None], input_precision="ieee")  # (BLOCK_M, BLOCK_D)
-        row_max = new_max
-
-    out = acc / row_sum[:, None]  # (BLOCK_M, BLOCK_D)
-    tl.store(
-        out_ptr + batch * stride_ob + rows_m[:, None] * stride_on + head * stride_oh + offs_d[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=row_mask,
+    keys = (
+        sequence_base(k_ptr, batch, head, seq_start, stride_kb, stride_kn, stride_kh),
+        sequence_base(v_ptr, batch, head, seq_start, stride_vb, stride_vn, stride_vh),
+        stride_kn,
+        stride_vn,
+        N,
     )
+    bias = (bias_h_rows, bias_w_rows, grid_w)
+    acc, _, row_sum, _ = attend_keys(
+        (q, offs_query, query_mask), keys, qk_scale, None, bias, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True
+    )
+    out_base = sequence_base(out_ptr, batch, head, seq_start, stride_ob, stride_on, stride_oh)
+    store_rows(out_base, offs_query, stride_on, query_mask, acc / row_sum[:, None], HEAD_DIM, BLOCK_D)
 
 
 def _check_inputs(q, k, v, bias_h, bias_w, out=None) -> None:

@@ -431,35 +431,9 @@ def _router_scores_op(
 
 
 @_router_scores_op.register_fake
-def _(
-    x,
-    norm_weight,
-    norm_bias,
-    in_weight,
-    in_bias,
-    out0_weight,
-    out0_bias,
-    out1_weight,
-    out1_bias,
-    out2_weight,
-    out2_bias,
-    eps,
-):
-    _check_router_inputs(
-        x,
-        (
-            norm_weight,
-            norm_bias,
-            in_weight,
-            in_bias,
-            out0_weight,
-            out0_bias,
-            out1_weight,
-            out1_bias,
-            out2_weight,
-            out2_bias,
-        ),
-    )
+def _(x, *params_and_eps):
+    *params, _ = params_and_eps
+    _check_router_inputs(x, tuple(params))
     B, N, _ = x.shape
     return x.new_empty((B, N, 2), dtype=torch.float32), x.new_empty((B, N), dtype=torch.bool)
 

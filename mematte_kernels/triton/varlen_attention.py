@@ -22,9 +22,16 @@ import triton
 import triton.language as tl
 
 from .. import native
+from ._attention import (
+    attend_keys,
+    attention_kernel,
+    length_bucket,
+    load_rows,
+    program_sequence,
+    sequence_base,
+    store_rows,
+)
 from ._common import (
-    AUTOTUNE_OPTIONS,
-    INTERPRET,
     MAX_HEAD_DIM,
     check_attention_out,
     check_devices,
@@ -34,89 +41,16 @@ from ._common import (
     on_input_device,
 )
 
-# Tensor-core (fp16/bf16) and FMA (fp32) tiles. fp32 dots hold whole operand rows in
-# registers, so its tiles are smaller: these are the ones ptxas compiles without spills for
-# sm_80 and sm_90.
-TENSOR_CORE_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-]
-FP32_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=2),
-]
-# The interpreter would benchmark every config on the CPU: it runs this one alone.
-INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)
 
-
-def configs_for(dtype: torch.dtype) -> list[triton.Config]:
-    """The configs the autotuner tries for q/k/v of ``dtype``."""
-    return FP32_CONFIGS if dtype == torch.float32 else TENSOR_CORE_CONFIGS
-
-
-def length_bucket(max_seqlen: int) -> int:
-    """The autotuning bucket of a launch: max_seqlen rounded up to a power of 2."""
-    return triton.next_power_of_2(max(max_seqlen, 1))
-
-
-def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    return configs_for(named_args["q_ptr"].dtype)
-
-
-@triton.jit
-def _attend_key_block(
-    acc,
-    row_max,
-    row_sum,
-    q,
-    k_ptrs,
-    v_ptrs,
-    d_mask,
-    key_start,
-    seqlen,
-    qk_scale,
-    BLOCK_N: tl.constexpr,
-    MASK_KEYS: tl.constexpr,
-):
-    offs_n = key_start + tl.arange(0, BLOCK_N)  # (BLOCK_N,) keys of this block
-    if MASK_KEYS:
-        key_mask = offs_n < seqlen
-        k = tl.load(k_ptrs, mask=d_mask[:, None] & key_mask[None, :], other=0.0)  # (BLOCK_D, BLOCK_N)
-        v = tl.load(v_ptrs, mask=key_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-    else:
-        k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
-    # Scaled in fp32, as flash-attention does: folding the scale into a bf16 q would round
-    # every logit's factor to 8 bits.
-    logits = tl.dot(q, k, input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
-    if MASK_KEYS:
-        logits = tl.where(key_mask[None, :], logits, float("-inf"))
-    # Every block holds at least one real key, so new_max is finite and no -inf - -inf occurs.
-    new_max = tl.maximum(row_max, tl.max(logits, axis=1))  # (BLOCK_M,)
-    p = tl.math.exp2(logits - new_max[:, None])  # (BLOCK_M, BLOCK_N)
-    rescale = tl.math.exp2(row_max - new_max)  # (BLOCK_M,); 0 on the first block
-    row_sum = row_sum * rescale + tl.sum(p, axis=1)
-    acc = tl.dot(p.to(v.dtype), v, acc * rescale[:, None], input_precision="ieee")  # (BLOCK_M, BLOCK_D)
-    return acc, new_max, row_sum
-
-
-@triton.autotune(
-    configs=[INTERPRETER_CONFIG] if INTERPRET else TENSOR_CORE_CONFIGS + FP32_CONFIGS,
-    # The autotuner adds every tensor argument's dtype. The length bucket keeps a 64-token
-    # warm-up from choosing the tiles of 18,500-token sequences.
-    key=["HEAD_DIM", "seqlen_bucket"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-    **AUTOTUNE_OPTIONS,
-)
-@triton.jit(do_not_specialize=["seqlen_bucket"])
+@attention_kernel("forward", do_not_specialize=["num_tokens"])
 def _varlen_attention_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
     out_ptr,
+    lse_ptr,
     cu_seqlens_ptr,
+    num_tokens,
     num_heads,
     qk_scale,
     seqlen_bucket,
@@ -133,55 +67,31 @@ def _varlen_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # seqlen_bucket is read by the autotuner only (its key), not by the kernel.
+    # Writes the output where out_ptr is given, each row's log-sum-exp (base 2) into lse
+    # (heads, T) where lse_ptr is (the backward's statistics pass: no v, no output).
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    batch = pid_bh // num_heads
-    head = pid_bh % num_heads
-    seq_start = tl.load(cu_seqlens_ptr + batch)
-    seqlen = tl.load(cu_seqlens_ptr + batch + 1) - seq_start
+    batch, head, seq_start, seqlen = program_sequence(cu_seqlens_ptr, num_tokens, num_heads)
     if pid_m * BLOCK_M >= seqlen:
         return
+    offs_query = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) queries, within the sequence
+    query_mask = offs_query < seqlen
+    # Packed (T, heads, d): no batch stride, the sequence starts at row seq_start.
+    q_base = sequence_base(q_ptr, batch, head, seq_start, 0, stride_qt, stride_qh)
+    k_base = sequence_base(k_ptr, batch, head, seq_start, 0, stride_kt, stride_kh)
+    v_base = sequence_base(v_ptr, batch, head, seq_start, 0, stride_vt, stride_vh)
+    q = load_rows(q_base, offs_query, stride_qt, query_mask, HEAD_DIM, BLOCK_D)  # (BLOCK_M, BLOCK_D)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) queries, within the sequence
-    offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,) keys, within a key block
-    offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,) lanes of the head dimension
-    d_mask = offs_d < HEAD_DIM
-    q_mask = offs_m < seqlen
-    # Packed row offsets in int64: T * stride can pass 2**31 for batches of 8K images.
-    q_rows = (seq_start + offs_m).to(tl.int64)
-    key_rows = (seq_start + offs_n).to(tl.int64)
-
-    q = tl.load(
-        q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-        mask=q_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )  # (BLOCK_M, BLOCK_D)
-    k_ptrs = k_ptr + key_rows[None, :] * stride_kt + head * stride_kh + offs_d[:, None]  # (BLOCK_D, BLOCK_N): k^T
-    v_ptrs = v_ptr + key_rows[:, None] * stride_vt + head * stride_vh + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
-
-    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    row_sum = tl.zeros((BLOCK_M,), tl.float32)
-    # Full key blocks need no mask; only the last, partial one does.
-    full_end = (seqlen // BLOCK_N) * BLOCK_N
-    for key_start in range(0, full_end, BLOCK_N):
-        acc, row_max, row_sum = _attend_key_block(
-            acc, row_max, row_sum, q, k_ptrs, v_ptrs, d_mask, key_start, seqlen, qk_scale, BLOCK_N, MASK_KEYS=False
-        )
-        k_ptrs += BLOCK_N * stride_kt
-        v_ptrs += BLOCK_N * stride_vt
-    if full_end < seqlen:
-        acc, row_max, row_sum = _attend_key_block(
-            acc, row_max, row_sum, q, k_ptrs, v_ptrs, d_mask, full_end, seqlen, qk_scale, BLOCK_N, MASK_KEYS=True
-        )
-
-    out = acc / row_sum[:, None]  # (BLOCK_M, BLOCK_D)
-    tl.store(
-        out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=q_mask[:, None] & d_mask[None, :],
+    keys = (k_base, v_base, stride_kt, stride_vt, seqlen)
+    accumulate: tl.constexpr = out_ptr is not None
+    acc, row_max, row_sum, _ = attend_keys(
+        (q, offs_query, query_mask), keys, qk_scale, None, None, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, accumulate
     )
+    if out_ptr is not None:
+        out_base = sequence_base(out_ptr, batch, head, seq_start, 0, stride_ot, stride_oh)
+        store_rows(out_base, offs_query, stride_ot, query_mask, acc / row_sum[:, None], HEAD_DIM, BLOCK_D)
+    if lse_ptr is not None:
+        lse_rows = head.to(tl.int64) * num_tokens + seq_start + offs_query  # (BLOCK_M,) of (heads, T)
+        tl.store(lse_ptr + lse_rows, row_max + tl.math.log2(row_sum), mask=query_mask)
 
 
 def _check_attention_inputs(q, k, v, cu_seqlens, max_seqlen) -> None:
@@ -206,16 +116,22 @@ def launch_varlen_attention(
     max_seqlen: int,
     scale: float | None = None,
     *,
-    out: torch.Tensor,
+    out: torch.Tensor | None,
+    lse: torch.Tensor | None = None,
 ) -> None:
-    """Attention of every packed sequence into ``out`` (T, heads, d), q's dtype.
+    """Attention of every packed sequence into ``out`` (T, heads, d), q's dtype, and where
+    ``lse`` (heads, T) float32 is given each row's log-sum-exp of base-2 logits into it;
+    ``out=None`` computes the log-sum-exp alone (the backward's statistics).
 
     ``max_seqlen`` must be at least the longest sequence and ``cu_seqlens`` must be
     non-decreasing with ``cu_seqlens[-1] <= T``: both are not checked, as that would need a
     host sync. Rows past ``cu_seqlens[-1]`` are left as they are."""
     _check_attention_inputs(q, k, v, cu_seqlens, max_seqlen)
-    check_attention_out("varlen_attention", out, q)
     T, heads, head_dim = q.shape
+    if out is not None:
+        check_attention_out("varlen_attention", out, q)
+    if lse is not None and (lse.shape != (heads, T) or lse.dtype != torch.float32 or not lse.is_contiguous()):
+        raise ValueError(f"varlen_attention: lse must be a contiguous float32 tensor of shape {(heads, T)}")
     batch = cu_seqlens.shape[0] - 1
     if T == 0 or batch == 0 or max_seqlen == 0 or heads == 0 or head_dim == 0:
         return
@@ -224,23 +140,22 @@ def launch_varlen_attention(
     def grid(meta):
         return (triton.cdiv(max_seqlen, meta["BLOCK_M"]), batch * heads)
 
+    out_strides = (0, 0) if out is None else out.stride()[:2]
     _varlen_attention_kernel[grid](
         q,
         k,
         v,
         out,
+        lse,
         cu_seqlens,
+        T,
         heads,
         scale * math.log2(math.e),
         length_bucket(max_seqlen),
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
-        out.stride(0),
-        out.stride(1),
+        *q.stride()[:2],
+        *k.stride()[:2],
+        *v.stride()[:2],
+        *out_strides,
         HEAD_DIM=head_dim,
         BLOCK_D=head_block(head_dim),
     )
