@@ -10,7 +10,8 @@ sm_90; on the other cards, and at head dim 128, its configs are compiled smalles
 one fits, as the autotuner drops a config the card cannot launch (Triton raises
 OutOfResources for it) and needs only one left. The dots must take the intended path:
 tensor-core MMA for fp16/bf16, exact fp32 FMA (no TF32 MMA) for fp32; on Turing FMA for
-every dtype, as this Triton emits MMA from sm_80 on only.
+every dtype, as this Triton emits MMA from sm_80 on only. At head dim 64 on sm_80 and sm_90
+the first config of each autotuned kernel must not spill registers to local memory.
 
 The compiling runs in a subprocess, which runs this file as a script, one compiling process
 per core: the test session sets TRITON_INTERPRET=1 without a GPU, and kernels decorated
@@ -40,6 +41,8 @@ ARCH_DTYPES = {arch: tuple(d for d in DTYPES if not (arch < 80 and d == "bf16"))
 HEAD_DIMS = (64, 128)
 # Where every config of the autotuned kernels is compiled.
 SWEEP_ARCHS, SWEEP_HEAD_DIM = (80, 90), 64
+# Local memory per thread that holds a spilled scalar or two, not a tile.
+SCALAR_SPILL_BYTES = 8
 # MEMatte's widths: ViT-S and ViT-B. They set the router head's padded C/4 and the row tiles.
 WIDTHS = (384, 768)
 
@@ -285,14 +288,14 @@ def tuned(name, kernel, direction, torch_dtype, **constexprs):
     configs = CONFIGS[direction]["fp32" if torch_dtype == torch.float32 else "tensor_core"]
     assert all(config in kernel.configs for config in configs)
     return [
-        (name, kernel.fn, {**config.kwargs, **constexprs}, config.num_warps, config.num_stages, True)
-        for config in configs
+        (name, kernel.fn, {**config.kwargs, **constexprs}, config.num_warps, config.num_stages, rank)
+        for rank, config in enumerate(configs)
     ]
 
 
 def attention_variants(torch_dtype, head_dim):
     """Every config of the attention kernels at ``head_dim``: (name, kernel, constexprs,
-    num_warps, num_stages, autotuned); a tensor left out is a None constexpr."""
+    num_warps, num_stages, rank in the config list); a tensor left out is a None constexpr."""
     import torch
 
     # The package exports functions of these modules' names.
@@ -318,7 +321,7 @@ def attention_variants(torch_dtype, head_dim):
             {**tiles, "BLOCK_M": pa.PREPROCESS_BLOCK_M},
             4,
             3,
-            False,
+            None,
         )
     )
     for kernel_name in BACKWARD_KERNELS:
@@ -330,7 +333,7 @@ def attention_variants(torch_dtype, head_dim):
 
 
 def launch_variants(dtype):
-    """(name, kernel, constexprs, num_warps, num_stages, autotuned) for every config the wrappers
+    """(name, kernel, constexprs, num_warps, num_stages, rank) for every config the wrappers
     launch on ``dtype`` inputs of MEMatte's widths and the head dims of HEAD_DIMS. Runs in the
     compiling subprocess."""
     import torch
@@ -347,7 +350,7 @@ def launch_variants(dtype):
     head, head_warps = split(router.HEAD_TILE)
 
     def fixed(kernel, constexprs, num_warps):
-        return (kernel.__name__, kernel, constexprs, num_warps, 3, False)
+        return (kernel.__name__, kernel, constexprs, num_warps, 3, None)
 
     variants = [
         fixed(router._router_hidden_kernel, hidden, hidden_warps),
@@ -395,7 +398,8 @@ def compile_plan() -> list[tuple[str, list[int], int, bool]]:
     plan = []
     for dtype in DTYPES:
         groups = {}
-        for index, (name, _, constexprs, _, num_stages, autotuned) in enumerate(launch_variants(dtype)):
+        for index, (name, _, constexprs, _, num_stages, rank) in enumerate(launch_variants(dtype)):
+            autotuned = rank is not None
             for arch, dtypes in ARCH_DTYPES.items():
                 if dtype not in dtypes:
                     continue
@@ -421,7 +425,7 @@ def compile_unit(unit) -> list[dict]:
     dtype, indices, arch, first_fit = unit
     records = []
     for index in indices:
-        name, kernel, constexprs, num_warps, num_stages, autotuned = cached_variants(dtype)[index]
+        name, kernel, constexprs, num_warps, num_stages, rank = cached_variants(dtype)[index]
         compiled = triton.compile(
             ast_source(kernel, dtype, constexprs),
             target=GPUTarget("cuda", arch, 32),
@@ -434,14 +438,36 @@ def compile_unit(unit) -> list[dict]:
                 arch=arch,
                 shared=compiled.metadata.shared,
                 head_dim=constexprs.get("HEAD_DIM"),
-                autotuned=autotuned,
+                autotuned=rank is not None,
+                rank=rank,
                 config=f"{constexprs} warps={num_warps} stages={num_stages}",
                 mma="mma" in compiled.asm["ptx"],
+                local_bytes=local_memory(compiled.asm["cubin"]),
             )
         )
         if first_fit and compiled.metadata.shared <= SHARED_MEMORY_LIMIT[arch]:
             break
     return records
+
+
+def local_memory(cubin: bytes) -> int:
+    """Bytes of per-thread local memory (the stack ptxas spills registers to) of a kernel, as
+    cuobjdump reports its resource usage."""
+    import re
+    import tempfile
+
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        usage = subprocess.run(
+            [knobs.nvidia.cuobjdump.path, "--dump-resource-usage", file.name],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    return int(re.search(r"STACK:(\d+)", usage).group(1))
 
 
 def compile_all() -> list[dict]:
@@ -519,6 +545,18 @@ def test_every_autotuned_kernel_has_a_config_that_fits(compiled, arch):
     }
     none_fit = {key: shared for key, shared in lists.items() if min(shared) > SHARED_MEMORY_LIMIT[arch]}
     assert not none_fit, f"no config within {SHARED_MEMORY_LIMIT[arch]} bytes of shared memory: {none_fit}"
+
+
+@pytest.mark.parametrize("arch", [pytest.param(arch, id=f"sm{arch}") for arch in SWEEP_ARCHS])
+def test_first_configs_keep_their_tiles_in_registers(compiled, arch):
+    # At MEMatte's head dim, the first config of every autotuned kernel (the one
+    # MEMATTE_TRITON_AUTOTUNE=0 runs) keeps its tiles in registers. A spilled tile costs
+    # hundreds of bytes of local memory per thread; ptxas parks a scalar or two there in
+    # some configs (4 bytes in varlen's fp32 dk/dv kernel on sm_80), which costs nothing.
+    first = [r for r in compiled if r["arch"] == arch and r["rank"] == 0 and r["head_dim"] == SWEEP_HEAD_DIM]
+    assert {(r["kernel"], r["dtype"]) for r in first} == {(k, d) for k in AUTOTUNED for d in ARCH_DTYPES[arch]}
+    spilled = {(r["kernel"], r["dtype"]): r["local_bytes"] for r in first if r["local_bytes"] > SCALAR_SPILL_BYTES}
+    assert not spilled, f"first configs spill (bytes of local memory per thread): {spilled}"
 
 
 def test_dots_take_the_intended_path(compiled):
