@@ -37,13 +37,7 @@ deterministic. The forward is the online-softmax loop of :mod:`._attention` with
 weighing each key.
 
 q, k, v are (B, N, heads, d), possibly strided views, with a contiguous head dimension; d up
-to 128, held in BLOCK_D lanes (the next power of two). Keys past N are loaded as zeros, so
-their logit is 0 whatever the real ones are: the backward masks their weights to 0
-(``tl.where``), since where every real logit of a query lies below about -88 exp2(0 - max)
-overflows to inf, and inf times a zero-loaded k is NaN.
-Logits are the fp32 dot result times ``scale * log2(e)`` (the exponentials run in base 2);
-fp32 uses exact fp32 dots (``input_precision="ieee"``), fp16/bf16 the tensor cores with fp32
-accumulation.
+to 128, held in BLOCK_D lanes (the next power of two).
 """
 
 from __future__ import annotations

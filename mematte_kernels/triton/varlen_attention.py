@@ -7,10 +7,9 @@ program computes BLOCK_M queries of one (sequence, head) with an online softmax 
 BLOCK_N-key blocks, so memory is O(T) and no n x n matrix exists.
 
 The grid is (query blocks of the longest sequence, B * heads); programs past the end of a
-shorter sequence exit at once. Softmax runs in base 2: the fp32 logits are multiplied by
-``scale * log2(e)``.
-fp32 uses exact fp32 dots (``input_precision="ieee"``); fp16/bf16 use the tensor cores with
-fp32 accumulation.
+shorter sequence exit at once. The loop is the attention kernels' shared one
+(:func:`._attention.attend_keys`). Without an output and with a log-sum-exp tensor the same
+kernel is the backward's statistics pass: no v, no product with it.
 """
 
 from __future__ import annotations
