@@ -31,12 +31,14 @@ def autotuned_kernels():
     relpos = importlib.import_module("mematte_kernels.triton.relpos_attention")
     varlen = importlib.import_module("mematte_kernels.triton.varlen_attention")
     backward = importlib.import_module("mematte_kernels.triton.attention_backward")
+    # (name, kernel, flags): varlen's statistics pass is the forward kernel, tuned apart.
     return [
-        varlen._varlen_attention_kernel,
-        relpos._relpos_attention_kernel,
-        policy._policy_attention_fwd_kernel,
-        backward._attention_bwd_dkdv_kernel,
-        backward._attention_bwd_dq_kernel,
+        ("_varlen_attention_kernel", varlen._varlen_attention_kernel, {"STATS_ONLY": False}),
+        ("_varlen_attention_kernel[statistics]", varlen._varlen_attention_kernel, {"STATS_ONLY": True}),
+        ("_relpos_attention_kernel", relpos._relpos_attention_kernel, {}),
+        ("_policy_attention_fwd_kernel", policy._policy_attention_fwd_kernel, {}),
+        ("_attention_bwd_dkdv_kernel", backward._attention_bwd_dkdv_kernel, {}),
+        ("_attention_bwd_dq_kernel", backward._attention_bwd_dq_kernel, {}),
     ]
 
 
@@ -58,7 +60,7 @@ def tune(prefer: str, launches: list[tuple[int, int]]) -> dict:
     driver.set_active(Ampere())
     sign = {"largest": -1, "smallest": 1}[prefer]
     results = {}
-    for kernel in autotuned_kernels():
+    for name, kernel, flags in autotuned_kernels():
         assert kernel.cache_results
         launched, timed = [], []
 
@@ -71,23 +73,23 @@ def tune(prefer: str, launches: list[tuple[int, int]]) -> dict:
             ms = 1.0 + sign * launched[-1]["BLOCK_M"] * launched[-1]["BLOCK_N"] * launched[-1]["num_warps"] / 1e6
             return [ms] * len(quantiles)
 
-        constexprs = {"HEAD_DIM": HEAD_DIM, "BLOCK_D": head_block(HEAD_DIM)}
+        constexprs = {"HEAD_DIM": HEAD_DIM, "BLOCK_D": head_block(HEAD_DIM), **flags}
         runs = []
         with mock.patch.object(kernel.fn, "run", record_launch), mock.patch.object(kernel, "_do_bench", made_up_time):
             for tokens, bucket in launches:
                 args = [
                     torch.empty(0, dtype=torch.float16)
-                    if name.endswith("_ptr")
+                    if arg.endswith("_ptr")
                     else bucket
-                    if name == "seqlen_bucket"
+                    if arg == "seqlen_bucket"
                     else tokens
-                    for name in kernel.arg_names
-                    if name not in constexprs and name not in ("BLOCK_M", "BLOCK_N")
+                    for arg in kernel.arg_names
+                    if arg not in constexprs and arg not in ("BLOCK_M", "BLOCK_N")
                 ]
                 before = len(timed)
                 kernel[(1,)](*args, **constexprs)
                 runs.append({"timed": len(timed) - before, "launched": launched[-1]})
-        results[kernel.fn.__name__] = runs
+        results[name] = runs
     return results
 
 
@@ -114,7 +116,8 @@ def two_processes(tmp_path_factory):
 
 def test_first_process_times_every_config(two_processes):
     first, _ = two_processes
-    assert len(first) == 5  # varlen, relpos and policy forward; the dk/dv and dq kernels of both backwards
+    # varlen (forward and statistics pass), relpos and policy forward; the dk/dv and dq kernels
+    assert len(first) == 6
     for name, [run] in first.items():
         assert run["timed"] > 1, name
 

@@ -31,9 +31,15 @@ from ._common import AUTOTUNE_OPTIONS, INTERPRET
 
 LOG2E = tl.constexpr(math.log2(math.e))
 
+
+def base2_scale(scale: float) -> float:
+    """The factor of the fp32 q . k products that gives base-2 logits: ``scale * log2(e)``."""
+    return scale * LOG2E.value
+
+
 # Tensor-core (fp16/bf16) and FMA (fp32) tiles. fp32 dots hold whole operand rows in
-# registers, so its tiles are smaller: these are the ones ptxas compiles without spills for
-# sm_80 and sm_90. A backward program holds four (BLOCK_N, d) tiles (k, v and their
+# registers, so its tiles are smaller: at head dim 64 these are ones ptxas compiles without
+# spilling tiles for sm_80 and sm_90. A backward program holds four (BLOCK_N, d) tiles (k, v and their
 # gradients), so the backward's tiles are smaller than the forward's; its 32 x 32
 # tensor-core tiles are the ones within Turing's 64 KiB of shared memory at head dim 128.
 CONFIGS = {
@@ -83,21 +89,25 @@ def length_bucket(max_seqlen: int) -> int:
     return triton.next_power_of_2(max(max_seqlen, 1))
 
 
-def attention_kernel(direction: str, do_not_specialize=(), interpreter_config=INTERPRETER_CONFIG):
+def attention_kernel(direction: str, key=(), do_not_specialize=(), interpreter_config=INTERPRETER_CONFIG):
     """``triton.jit`` and ``triton.autotune`` over the ``direction``'s configs, keyed on the
-    head dimension and the kernel's ``seqlen_bucket`` argument (a 64-token warm-up must not
-    choose the tiles of 18,500-token images; token counts of one bucket share a tuning). The
-    autotuner adds every tensor argument's dtype to the key, so launches with and without an
-    optional tensor (passed as None) are tuned apart. ``do_not_specialize``: the integer
-    arguments that change with the image size, so one compilation serves every size."""
+    head dimension, the kernel's ``seqlen_bucket`` argument (a 64-token warm-up must not
+    choose the tiles of 18,500-token images; token counts of one bucket share a tuning) and
+    the constexpr flags named in ``key``. The autotuner adds every tensor argument's dtype to
+    the key, not whether an optional one is None: a kernel whose launches differ in that
+    names a flag that tells them apart. ``do_not_specialize``: the integer arguments that
+    change with the image size, so one compilation serves every size."""
 
     def prune(configs, named_args: dict, **kwargs) -> list[triton.Config]:
-        return configs_for(direction, named_args["q_ptr"].dtype)
+        if INTERPRET:
+            return configs
+        q = named_args["q_ptr"] if "q_ptr" in named_args else kwargs["q_ptr"]
+        return configs_for(direction, q.dtype)
 
     configs = CONFIGS[direction]
     return lambda fn: triton.autotune(
         configs=[interpreter_config] if INTERPRET else configs["tensor_core"] + configs["fp32"],
-        key=["HEAD_DIM", "seqlen_bucket"],
+        key=["HEAD_DIM", "seqlen_bucket", *key],
         prune_configs_by={"early_config_prune": prune},
         **AUTOTUNE_OPTIONS,
     )(triton.jit(do_not_specialize=["seqlen_bucket", *do_not_specialize])(fn))
@@ -132,11 +142,9 @@ def program_sequence(cu_seqlens_ptr, num_tokens, num_heads):
 @triton.jit
 def load_rows(base, rows, stride_row, row_mask, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """(len(rows), BLOCK_D): row r at ``base + rows[r] * stride_row``, zeros past HEAD_DIM and
-    where ``row_mask`` is false (None: every row is real)."""
+    where ``row_mask`` is false."""
     offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,) lanes of the head dimension
-    mask = offs_d[None, :] < HEAD_DIM
-    if row_mask is not None:
-        mask = mask & row_mask[:, None]
+    mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
     return tl.load(base + rows.to(tl.int64)[:, None] * stride_row + offs_d[None, :], mask=mask, other=0.0)
 
 
@@ -187,7 +195,7 @@ def attend_keys(
     ``queries`` = (q (BLOCK_M, BLOCK_D), their tokens in the sequence (BLOCK_M,), which are
     real (BLOCK_M,)); ``keys`` = (k_base, v_base: token 0 of the sequence's keys and values,
     their token strides, the number of keys). Optional terms, None where absent: ``policy``
-    = (the sequence's (keys,) weights, their stride) weighs each key, and a query keeps
+    = (a pointer to the sequence's (keys,) weights, their stride) weighs each key, and a query keeps
     itself; ``bias`` = (bias_h_rows, bias_w_rows: (BLOCK_M,) pointers to each query's rows of
     the position tables, the width of the key grid) adds a position term per key.
 
@@ -273,7 +281,7 @@ def tile_gradients(q, k, v, dout, query, key, key_mask, qk_scale, stats, policy,
     if policy is None:
         probs = weights
         dlogits = probs * (dprobs - delta)
-        dkeep = dlogits
+        dkeep = tl.zeros_like(dlogits)  # no policy, no keep weights (and unused)
     else:
         keep = tl.where(query == key, 1.0, policy)
         # a / D with a rounded to v's dtype, as the forward summed it into D.

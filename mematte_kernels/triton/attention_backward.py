@@ -21,14 +21,13 @@ statistics are read at ``batch * stride_sb + head * stride_sh + seq_start + t``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from ._attention import (
     attention_kernel,
+    base2_scale,
     length_bucket,
     load_rows,
     program_sequence,
@@ -151,8 +150,9 @@ def _attention_bwd_dkdv_kernel(
         dv = tl.dot(probs_t.to(dout.dtype), dout, dv, input_precision="ieee")
         dk = tl.dot(dlogits_t.to(q.dtype), q, dk, input_precision="ieee")
         if policy_ptr is not None:
+            denom = stats[2]  # (1, BLOCK_M)
             dpolicy += tl.sum(dkeep_t, axis=1)
-            dout_over_denom += tl.sum(dout.to(tl.float32) / tl.trans(stats[2]), axis=0)
+            dout_over_denom += tl.sum(dout.to(tl.float32) / tl.trans(denom), axis=0)
 
     if policy_ptr is not None:
         dv += (eps / num_tokens) * dout_over_denom[None, :]
@@ -274,8 +274,8 @@ def launch_attention_backward(
     tensors and ``cu_seqlens``) or batched ones ((B, N, heads, d) tensors), from the
     forward's statistics per query: ``row_stat`` and ``delta``, (heads, T) packed or
     (B, heads, N) batched; under a ``policy`` (B, N) also ``denom``, ``row_argmax`` and
-    ``dmax``, and its per-head gradient into ``dpolicy`` (B, heads, N). The caller has
-    checked the inputs."""
+    ``dmax``, and its per-head gradient into ``dpolicy`` (B, heads, N). The statistics
+    tensors are contiguous, all of ``row_stat``'s layout; the caller has checked the inputs."""
     heads, head_dim = q.shape[-2:]
     stats_strides = (0, row_stat.stride(0)) if cu_seqlens is not None else row_stat.stride()[:2]
     policy_strides = policy.stride() if policy is not None else (0, 0)
@@ -289,7 +289,7 @@ def launch_attention_backward(
         dmax_ptr=dmax,
         num_tokens=q.shape[0] if cu_seqlens is not None else q.shape[1],
         num_heads=heads,
-        qk_scale=scale * math.log2(math.e),
+        qk_scale=base2_scale(scale),
         scale=scale,
         seqlen_bucket=length_bucket(max_seqlen),
         **dict(zip(("stride_qb", "stride_qn", "stride_qh"), _sequence_strides(q))),

@@ -42,8 +42,6 @@ to 128, held in BLOCK_D lanes (the next power of two).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -52,6 +50,7 @@ from .. import native
 from ._attention import (
     attend_keys,
     attention_kernel,
+    base2_scale,
     length_bucket,
     load_rows,
     program_sequence,
@@ -70,8 +69,16 @@ from ._common import (
 )
 from .attention_backward import launch_attention_backward
 
-LOG2E = math.log2(math.e)
+# Queries per program of the backward's per-row preprocess: it holds (64, d) tiles of out and
+# dout in fp32, and is memory-bound.
 PREPROCESS_BLOCK_M = 64
+
+
+@triton.jit
+def load_column_sum(vsum_ptr, image_head, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """sum_j v_j of one (image, head): (BLOCK_D,) fp32, zeros past HEAD_DIM."""
+    offs_d = tl.arange(0, BLOCK_D)
+    return tl.load(vsum_ptr + image_head * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -117,8 +124,8 @@ def _policy_attention_fwd_kernel(
     # out_fp32_ptr: for fp16/bf16 inputs, the output again in fp32 ((B, N, heads, HEAD_DIM)
     # contiguous, for the backward's delta = dout . out); None for fp32 inputs.
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)  # (image, head)
     batch, head, seq_start, _ = program_sequence(None, N, num_heads)
+    image_head = batch * num_heads + head  # row of the column sums, plane of the statistics
     offs_query = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) queries
     query_mask = offs_query < N
     q_base = sequence_base(q_ptr, batch, head, seq_start, stride_qb, stride_qn, stride_qh)
@@ -134,19 +141,29 @@ def _policy_attention_fwd_kernel(
     )
     policy = (policy_ptr + batch.to(tl.int64) * stride_pb, stride_pn)
     acc, row_max, row_sum, row_argmax = attend_keys(
-        (q, offs_query, query_mask), keys, qk_scale, policy, None, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True
+        (q, offs_query, query_mask),
+        keys,
+        qk_scale,
+        policy=policy,
+        bias=None,
+        HEAD_DIM=HEAD_DIM,
+        BLOCK_D=BLOCK_D,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        ACCUMULATE=True,
     )
-    vsum = tl.load(vsum_ptr + pid_bh * HEAD_DIM + tl.arange(0, BLOCK_D), mask=tl.arange(0, BLOCK_D) < HEAD_DIM)
+    vsum = load_column_sum(vsum_ptr, image_head, HEAD_DIM, BLOCK_D)  # (BLOCK_D,)
     denom = row_sum + eps  # (BLOCK_M,)
     out = (acc + (eps / N) * vsum[None, :]) / denom[:, None]  # (BLOCK_M, BLOCK_D)
     out_base = sequence_base(out_ptr, batch, head, seq_start, stride_ob, stride_on, stride_oh)
     store_rows(out_base, offs_query, stride_on, query_mask, out, HEAD_DIM, BLOCK_D)
     if out_fp32_ptr is not None:
+        row_stride = num_heads * HEAD_DIM
         out_fp32_base = sequence_base(
-            out_fp32_ptr, batch, head, seq_start, N * num_heads * HEAD_DIM, num_heads * HEAD_DIM, HEAD_DIM
+            out_fp32_ptr, batch, head, seq_start, N.to(tl.int64) * row_stride, row_stride, HEAD_DIM
         )
-        store_rows(out_fp32_base, offs_query, num_heads * HEAD_DIM, query_mask, out, HEAD_DIM, BLOCK_D)
-    stats = pid_bh.to(tl.int64) * N + offs_query  # (BLOCK_M,) rows of the (B, heads, N) statistics
+        store_rows(out_fp32_base, offs_query, row_stride, query_mask, out, HEAD_DIM, BLOCK_D)
+    stats = image_head.to(tl.int64) * N + offs_query  # (BLOCK_M,) rows of the (B, heads, N) statistics
     tl.store(row_max_ptr + stats, row_max, mask=query_mask)
     tl.store(row_argmax_ptr + stats, row_argmax, mask=query_mask)
     tl.store(denom_ptr + stats, denom, mask=query_mask)
@@ -179,16 +196,16 @@ def _policy_attention_bwd_preprocess_kernel(
     # Per query: delta = dout . out and the gradient of its row max,
     # dmax = -(eps / D) * (delta - dout . vsum / N).
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)  # (image, head)
     batch, head, seq_start, _ = program_sequence(None, N, num_heads)
+    image_head = batch * num_heads + head
     offs_query = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) queries
     query_mask = offs_query < N
     out_base = sequence_base(out_ptr, batch, head, seq_start, stride_ob, stride_on, stride_oh)
     dout_base = sequence_base(dout_ptr, batch, head, seq_start, stride_db, stride_dn, stride_dh)
     out = load_rows(out_base, offs_query, stride_on, query_mask, HEAD_DIM, BLOCK_D).to(tl.float32)  # (BLOCK_M, BLOCK_D)
     dout = load_rows(dout_base, offs_query, stride_dn, query_mask, HEAD_DIM, BLOCK_D).to(tl.float32)
-    vsum = tl.load(vsum_ptr + pid_bh * HEAD_DIM + tl.arange(0, BLOCK_D), mask=tl.arange(0, BLOCK_D) < HEAD_DIM)
-    stats = pid_bh.to(tl.int64) * N + offs_query
+    vsum = load_column_sum(vsum_ptr, image_head, HEAD_DIM, BLOCK_D)  # (BLOCK_D,)
+    stats = image_head.to(tl.int64) * N + offs_query
     denom = tl.load(denom_ptr + stats, mask=query_mask, other=1.0)  # (BLOCK_M,)
 
     delta = tl.sum(out * dout, axis=1)  # (BLOCK_M,)
@@ -220,9 +237,8 @@ def _column_sum(v: torch.Tensor) -> torch.Tensor:
     return v.sum(dim=1, dtype=torch.float32).reshape(-1, v.shape[-1]).contiguous()
 
 
-def _scales(scale: float | None, head_dim: int) -> tuple[float, float]:
-    scale = head_dim**-0.5 if scale is None else scale
-    return scale, scale * LOG2E
+def _scale(scale: float | None, head_dim: int) -> float:
+    return head_dim**-0.5 if scale is None else scale
 
 
 @on_input_device
@@ -252,7 +268,7 @@ def launch_forward(
             raise ValueError(f"policy_attention: {name} must be a contiguous {dtype} tensor of shape {(B, heads, N)}")
     if B == 0 or N == 0 or heads == 0 or head_dim == 0:
         return
-    scale, qk_scale = _scales(scale, head_dim)
+    qk_scale = base2_scale(_scale(scale, head_dim))
     tiles = dict(HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim))
 
     def grid(meta):
@@ -326,7 +342,7 @@ def launch_backward(
     B, N, heads, head_dim = q.shape
     if B == 0 or N == 0 or heads == 0 or head_dim == 0:
         return
-    scale = _scales(scale, head_dim)[0]
+    scale = _scale(scale, head_dim)
     tiles = dict(HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim))
     vsum = _column_sum(v)
     delta, dmax = _stats(q), _stats(q)

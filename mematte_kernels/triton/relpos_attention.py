@@ -12,15 +12,12 @@ bias) ever exists. :func:`global_attention` launches a strip of grid rows at a t
 tables of that strip alone, as the CPU path does, so the tables stay within STRIP_TABLE_BYTES
 at any image size (whole-grid ones would take 3.3 GB each at 8K in fp32).
 
-One program computes BLOCK_M queries of one (image, head) with an online softmax over
-BLOCK_N-key blocks; the softmax runs in base 2: the fp32 logits are multiplied by
-``scale * log2(e)`` and the bias by ``log2(e)``. fp32 uses exact fp32 dots (``input_precision="ieee"``); fp16/bf16
-use the tensor cores with fp32 accumulation.
+One program computes BLOCK_M queries of one (image, head) with the attention kernels' shared
+online-softmax loop (:func:`._attention.attend_keys`), the position terms added per key
+block.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -30,6 +27,7 @@ from .. import native, reference
 from ._attention import (
     attend_keys,
     attention_kernel,
+    base2_scale,
     length_bucket,
     load_rows,
     program_sequence,
@@ -47,17 +45,17 @@ from ._common import (
     on_input_device,
 )
 
-LOG2E = math.log2(math.e)
 # The position tables of one launch (both, in q's dtype) take at most this much, or one grid
 # row's worth where a row alone takes more.
 STRIP_TABLE_BYTES = 64 << 20
 
-# Each program also holds a (BLOCK_M, BLOCK_N) tile of gathered bias. The interpreter's
-# blocks are smaller than the tests' grids, so they cross rows and leave partial blocks.
+# The interpreter's blocks are smaller than the tests' grids, so they cross grid rows and
+# leave partial blocks.
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
 
 
-# The position tables' strides follow the grid: not specialised, one compilation for all sizes.
+# The query and key counts, the grid width and the tables' strides follow the image size:
+# not specialised, one compilation for all sizes.
 @attention_kernel(
     "forward",
     do_not_specialize=["num_queries", "N", "grid_w", *(f"stride_{t}{d}" for t in "hw" for d in "bnh")],
@@ -121,7 +119,16 @@ def _relpos_attention_kernel(
     )
     bias = (bias_h_rows, bias_w_rows, grid_w)
     acc, _, row_sum, _ = attend_keys(
-        (q, offs_query, query_mask), keys, qk_scale, None, bias, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True
+        (q, offs_query, query_mask),
+        keys,
+        qk_scale,
+        policy=None,
+        bias=bias,
+        HEAD_DIM=HEAD_DIM,
+        BLOCK_D=BLOCK_D,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        ACCUMULATE=True,
     )
     out_base = sequence_base(out_ptr, batch, head, seq_start, stride_ob, stride_on, stride_oh)
     store_rows(out_base, offs_query, stride_on, query_mask, acc / row_sum[:, None], HEAD_DIM, BLOCK_D)
@@ -185,7 +192,7 @@ def launch_relpos_attention(q, k, v, bias_h, bias_w, scale: float | None = None,
         N,
         bias_w.shape[-1],
         heads,
-        scale * LOG2E,
+        base2_scale(scale),
         length_bucket(N),
         *q.stride()[:3],
         *k.stride()[:3],

@@ -14,8 +14,6 @@ kernel is the backward's statistics pass: no v, no product with it.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -24,6 +22,7 @@ from .. import native
 from ._attention import (
     attend_keys,
     attention_kernel,
+    base2_scale,
     length_bucket,
     load_rows,
     program_sequence,
@@ -41,7 +40,8 @@ from ._common import (
 )
 
 
-@attention_kernel("forward", do_not_specialize=["num_tokens"])
+# The statistics pass is tuned apart from the forward: it loads no v.
+@attention_kernel("forward", key=["STATS_ONLY"], do_not_specialize=["num_tokens"])
 def _varlen_attention_kernel(
     q_ptr,
     k_ptr,
@@ -65,9 +65,10 @@ def _varlen_attention_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    STATS_ONLY: tl.constexpr,
 ):
-    # Writes the output where out_ptr is given, each row's log-sum-exp (base 2) into lse
-    # (heads, T) where lse_ptr is (the backward's statistics pass: no v, no output).
+    # Writes the output, and each row's log-sum-exp (base 2) into lse (heads, T) where lse_ptr
+    # is given; with STATS_ONLY the log-sum-exp alone (the backward's statistics pass: no v).
     pid_m = tl.program_id(0)
     batch, head, seq_start, seqlen = program_sequence(cu_seqlens_ptr, num_tokens, num_heads)
     if pid_m * BLOCK_M >= seqlen:
@@ -81,11 +82,19 @@ def _varlen_attention_kernel(
     q = load_rows(q_base, offs_query, stride_qt, query_mask, HEAD_DIM, BLOCK_D)  # (BLOCK_M, BLOCK_D)
 
     keys = (k_base, v_base, stride_kt, stride_vt, seqlen)
-    accumulate: tl.constexpr = out_ptr is not None
     acc, row_max, row_sum, _ = attend_keys(
-        (q, offs_query, query_mask), keys, qk_scale, None, None, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, accumulate
+        (q, offs_query, query_mask),
+        keys,
+        qk_scale,
+        policy=None,
+        bias=None,
+        HEAD_DIM=HEAD_DIM,
+        BLOCK_D=BLOCK_D,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        ACCUMULATE=not STATS_ONLY,
     )
-    if out_ptr is not None:
+    if not STATS_ONLY:
         out_base = sequence_base(out_ptr, batch, head, seq_start, 0, stride_ot, stride_oh)
         store_rows(out_base, offs_query, stride_ot, query_mask, acc / row_sum[:, None], HEAD_DIM, BLOCK_D)
     if lse_ptr is not None:
@@ -127,10 +136,14 @@ def launch_varlen_attention(
     host sync. Rows past ``cu_seqlens[-1]`` are left as they are."""
     _check_attention_inputs(q, k, v, cu_seqlens, max_seqlen)
     T, heads, head_dim = q.shape
+    if out is None and lse is None:
+        raise ValueError("varlen_attention: give out, lse or both")
     if out is not None:
         check_attention_out("varlen_attention", out, q)
-    if lse is not None and (lse.shape != (heads, T) or lse.dtype != torch.float32 or not lse.is_contiguous()):
-        raise ValueError(f"varlen_attention: lse must be a contiguous float32 tensor of shape {(heads, T)}")
+    if lse is not None:
+        if lse.shape != (heads, T) or lse.dtype != torch.float32 or not lse.is_contiguous():
+            raise ValueError(f"varlen_attention: lse must be a contiguous float32 tensor of shape {(heads, T)}")
+        check_devices("varlen_attention", q=q, lse=lse)
     batch = cu_seqlens.shape[0] - 1
     if T == 0 or batch == 0 or max_seqlen == 0 or heads == 0 or head_dim == 0:
         return
@@ -149,7 +162,7 @@ def launch_varlen_attention(
         cu_seqlens,
         T,
         heads,
-        scale * math.log2(math.e),
+        base2_scale(scale),
         length_bucket(max_seqlen),
         *q.stride()[:2],
         *k.stride()[:2],
@@ -157,6 +170,7 @@ def launch_varlen_attention(
         *out_strides,
         HEAD_DIM=head_dim,
         BLOCK_D=head_block(head_dim),
+        STATS_ONLY=out is None,
     )
 
 
