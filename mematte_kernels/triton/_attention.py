@@ -101,7 +101,7 @@ def attention_kernel(direction: str, key=(), do_not_specialize=(), interpreter_c
     def prune(configs, named_args: dict, **kwargs) -> list[triton.Config]:
         if INTERPRET:
             return configs
-        q = named_args["q_ptr"] if "q_ptr" in named_args else kwargs["q_ptr"]
+        q = kwargs["q_ptr"] if "q_ptr" in kwargs else named_args["q_ptr"]
         return configs_for(direction, q.dtype)
 
     configs = CONFIGS[direction]
