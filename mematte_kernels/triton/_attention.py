@@ -32,6 +32,11 @@ from ._common import AUTOTUNE_OPTIONS, INTERPRET
 LOG2E = tl.constexpr(math.log2(math.e))
 
 
+def softmax_scale(scale: float | None, head_dim: int) -> float:
+    """The logits' scale: ``scale``, or head_dim ** -0.5 where it is None."""
+    return head_dim**-0.5 if scale is None else scale
+
+
 def base2_scale(scale: float) -> float:
     """The factor of the fp32 q . k products that gives base-2 logits: ``scale * log2(e)``."""
     return scale * LOG2E.value

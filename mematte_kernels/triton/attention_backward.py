@@ -243,9 +243,11 @@ def _attention_bwd_dq_kernel(
     store_rows(dq_base, offs_query, stride_dqn, query_mask, dq * scale, HEAD_DIM, BLOCK_D)
 
 
-def _sequence_strides(t: torch.Tensor) -> tuple[int, int, int]:
-    """(batch, token, head) strides: packed (T, heads, d) tensors have no batch stride."""
-    return (0, *t.stride()[:2]) if t.dim() == 3 else t.stride()[:3]
+def _sequence_strides(name: str, t: torch.Tensor) -> dict[str, int]:
+    """The kernels' ``stride_<name>b/n/h`` arguments of ``t``: (batch, token, head) strides,
+    the batch's 0 for packed (T, heads, d) tensors."""
+    strides = (0, *t.stride()[:2]) if t.dim() == 3 else t.stride()[:3]
+    return {f"stride_{name}{axis}": stride for axis, stride in zip("bnh", strides)}
 
 
 def launch_attention_backward(
@@ -292,10 +294,10 @@ def launch_attention_backward(
         qk_scale=base2_scale(scale),
         scale=scale,
         seqlen_bucket=length_bucket(max_seqlen),
-        **dict(zip(("stride_qb", "stride_qn", "stride_qh"), _sequence_strides(q))),
-        **dict(zip(("stride_kb", "stride_kn", "stride_kh"), _sequence_strides(k))),
-        **dict(zip(("stride_vb", "stride_vn", "stride_vh"), _sequence_strides(v))),
-        **dict(zip(("stride_db", "stride_dn", "stride_dh"), _sequence_strides(dout))),
+        **_sequence_strides("q", q),
+        **_sequence_strides("k", k),
+        **_sequence_strides("v", v),
+        **_sequence_strides("d", dout),
         stride_pb=policy_strides[0],
         stride_pn=policy_strides[1],
         stride_sb=stats_strides[0],
@@ -312,8 +314,8 @@ def launch_attention_backward(
         dv,
         dpolicy_ptr=dpolicy,
         eps=eps,
-        **dict(zip(("stride_dkb", "stride_dkn", "stride_dkh"), _sequence_strides(dk))),
-        **dict(zip(("stride_dvb", "stride_dvn", "stride_dvh"), _sequence_strides(dv))),
+        **_sequence_strides("dk", dk),
+        **_sequence_strides("dv", dv),
         **common,
     )
     _attention_bwd_dq_kernel[lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), num_sequences * heads)](
@@ -322,6 +324,6 @@ def launch_attention_backward(
         v,
         dout,
         dq,
-        **dict(zip(("stride_dqb", "stride_dqn", "stride_dqh"), _sequence_strides(dq))),
+        **_sequence_strides("dq", dq),
         **common,
     )

@@ -55,6 +55,7 @@ from ._attention import (
     load_rows,
     program_sequence,
     sequence_base,
+    softmax_scale,
     store_rows,
 )
 from ._common import (
@@ -237,10 +238,6 @@ def _column_sum(v: torch.Tensor) -> torch.Tensor:
     return v.sum(dim=1, dtype=torch.float32).reshape(-1, v.shape[-1]).contiguous()
 
 
-def _scale(scale: float | None, head_dim: int) -> float:
-    return head_dim**-0.5 if scale is None else scale
-
-
 @on_input_device
 def launch_forward(
     q, k, v, policy, scale: float | None, eps: float, *, out, out_fp32, row_max, row_argmax, denom
@@ -268,7 +265,7 @@ def launch_forward(
             raise ValueError(f"policy_attention: {name} must be a contiguous {dtype} tensor of shape {(B, heads, N)}")
     if B == 0 or N == 0 or heads == 0 or head_dim == 0:
         return
-    qk_scale = base2_scale(_scale(scale, head_dim))
+    qk_scale = base2_scale(softmax_scale(scale, head_dim))
     tiles = dict(HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim))
 
     def grid(meta):
@@ -342,7 +339,7 @@ def launch_backward(
     B, N, heads, head_dim = q.shape
     if B == 0 or N == 0 or heads == 0 or head_dim == 0:
         return
-    scale = _scale(scale, head_dim)
+    scale = softmax_scale(scale, head_dim)
     tiles = dict(HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim))
     vsum = _column_sum(v)
     delta, dmax = _stats(q), _stats(q)

@@ -32,6 +32,7 @@ from ._attention import (
     load_rows,
     program_sequence,
     sequence_base,
+    softmax_scale,
     store_rows,
 )
 from ._common import (
@@ -176,7 +177,7 @@ def launch_relpos_attention(q, k, v, bias_h, bias_w, scale: float | None = None,
     N = k.shape[1]
     if B == 0 or n == 0 or heads == 0 or head_dim == 0:
         return
-    scale = head_dim**-0.5 if scale is None else scale
+    scale = softmax_scale(scale, head_dim)
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_M"]), B * heads)

@@ -27,6 +27,7 @@ from ._attention import (
     load_rows,
     program_sequence,
     sequence_base,
+    softmax_scale,
     store_rows,
 )
 from ._common import (
@@ -147,7 +148,7 @@ def launch_varlen_attention(
     batch = cu_seqlens.shape[0] - 1
     if T == 0 or batch == 0 or max_seqlen == 0 or heads == 0 or head_dim == 0:
         return
-    scale = head_dim**-0.5 if scale is None else scale
+    scale = softmax_scale(scale, head_dim)
 
     def grid(meta):
         return (triton.cdiv(max_seqlen, meta["BLOCK_M"]), batch * heads)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ._attention import softmax_scale
 from ._common import check_devices, on_input_device
 from .attention_backward import launch_attention_backward
 from .varlen_attention import _check_attention_inputs, launch_varlen_attention
@@ -45,7 +46,7 @@ def launch_varlen_attention_backward(
     batch = cu_seqlens.shape[0] - 1
     if T == 0 or batch == 0 or max_seqlen == 0 or heads == 0 or head_dim == 0:
         return
-    scale = head_dim**-0.5 if scale is None else scale
+    scale = softmax_scale(scale, head_dim)
     lse = q.new_empty((heads, T), dtype=torch.float32)
     launch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, out=None, lse=lse)
     delta = (out.float() * dout.float()).sum(-1).t().contiguous()  # (heads, T)
